@@ -53,7 +53,14 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A new error of `kind` with a human-readable message.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into(), path: None, offset: None, operation: None, source: None }
+        Error {
+            kind,
+            message: message.into(),
+            path: None,
+            offset: None,
+            operation: None,
+            source: None,
+        }
     }
 
     /// The image contradicts its format.
@@ -147,7 +154,9 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_ref().map(|e| e as &(dyn std::error::Error + 'static))
+        self.source
+            .as_ref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -182,7 +191,9 @@ mod tests {
 
     #[test]
     fn innermost_context_wins() {
-        let e = Error::corrupt("x").at_path(Path::new("/child")).at_path(Path::new("/parent"));
+        let e = Error::corrupt("x")
+            .at_path(Path::new("/child"))
+            .at_path(Path::new("/parent"));
         assert_eq!(e.path(), Some(Path::new("/child")));
     }
 }

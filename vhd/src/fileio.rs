@@ -23,7 +23,11 @@ impl ImageFile {
             .write(writable)
             .open(path)
             .map_err(|e| Error::io(e, "open").at_path(path))?;
-        Ok(ImageFile { file, path: path.to_path_buf(), writable })
+        Ok(ImageFile {
+            file,
+            path: path.to_path_buf(),
+            writable,
+        })
     }
 
     /// Create a new file; fails if it exists (images are never clobbered silently).
@@ -34,7 +38,11 @@ impl ImageFile {
             .create_new(true)
             .open(path)
             .map_err(|e| Error::io(e, "create").at_path(path))?;
-        Ok(ImageFile { file, path: path.to_path_buf(), writable: true })
+        Ok(ImageFile {
+            file,
+            path: path.to_path_buf(),
+            writable: true,
+        })
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -71,7 +79,10 @@ impl ImageFile {
     pub(crate) fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.file.read_exact_at(buf, offset).map_err(|e| {
             let err = if e.kind() == io::ErrorKind::UnexpectedEof {
-                Error::corrupt(format!("file ends before {} bytes could be read", buf.len()))
+                Error::corrupt(format!(
+                    "file ends before {} bytes could be read",
+                    buf.len()
+                ))
             } else {
                 Error::io(e, "read")
             };
@@ -94,12 +105,16 @@ impl ImageFile {
         if !self.writable {
             return Ok(());
         }
-        self.file.sync_data().map_err(|e| Error::io(e, "fdatasync").at_path(&self.path))
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io(e, "fdatasync").at_path(&self.path))
     }
 
     /// Truncate or extend the file.
     pub(crate) fn set_len(&self, len: u64) -> Result<()> {
-        self.file.set_len(len).map_err(|e| Error::io(e, "truncate").at_path(&self.path))
+        self.file
+            .set_len(len)
+            .map_err(|e| Error::io(e, "truncate").at_path(&self.path))
     }
 
     /// Read a little-endian or big-endian structure of `N` bytes.

@@ -245,15 +245,51 @@ mod tests {
     #[test]
     fn extents_merge() {
         let mut map = Vec::new();
-        push_extent(&mut map, Extent { offset: 0, length: 10, allocated: true });
-        push_extent(&mut map, Extent { offset: 10, length: 5, allocated: true });
-        push_extent(&mut map, Extent { offset: 15, length: 0, allocated: false });
-        push_extent(&mut map, Extent { offset: 15, length: 5, allocated: false });
+        push_extent(
+            &mut map,
+            Extent {
+                offset: 0,
+                length: 10,
+                allocated: true,
+            },
+        );
+        push_extent(
+            &mut map,
+            Extent {
+                offset: 10,
+                length: 5,
+                allocated: true,
+            },
+        );
+        push_extent(
+            &mut map,
+            Extent {
+                offset: 15,
+                length: 0,
+                allocated: false,
+            },
+        );
+        push_extent(
+            &mut map,
+            Extent {
+                offset: 15,
+                length: 5,
+                allocated: false,
+            },
+        );
         assert_eq!(
             map,
             vec![
-                Extent { offset: 0, length: 15, allocated: true },
-                Extent { offset: 15, length: 5, allocated: false }
+                Extent {
+                    offset: 0,
+                    length: 15,
+                    allocated: true
+                },
+                Extent {
+                    offset: 15,
+                    length: 5,
+                    allocated: false
+                }
             ]
         );
     }

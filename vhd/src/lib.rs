@@ -59,12 +59,18 @@ pub struct OpenOptions {
 impl OpenOptions {
     /// Read-only.
     pub fn read_only() -> Self {
-        OpenOptions { writable: false, sync: SyncPolicy::Ordered }
+        OpenOptions {
+            writable: false,
+            sync: SyncPolicy::Ordered,
+        }
     }
 
     /// Read-write with ordered (crash-safe) metadata updates.
     pub fn read_write() -> Self {
-        OpenOptions { writable: true, sync: SyncPolicy::Ordered }
+        OpenOptions {
+            writable: true,
+            sync: SyncPolicy::Ordered,
+        }
     }
 }
 
@@ -169,8 +175,8 @@ pub(crate) mod testutil {
         pub(crate) fn new(tag: &str) -> Self {
             static NEXT: AtomicU64 = AtomicU64::new(0);
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let dir = std::env::temp_dir()
-                .join(format!("ferry-vhd-{tag}-{}-{n}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("ferry-vhd-{tag}-{}-{n}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).expect("create scratch dir");
             TempDir(dir)
@@ -178,10 +184,6 @@ pub(crate) mod testutil {
 
         pub(crate) fn path(&self, name: &str) -> PathBuf {
             self.0.join(name)
-        }
-
-        pub(crate) fn dir(&self) -> &Path {
-            &self.0
         }
     }
 

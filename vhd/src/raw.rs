@@ -87,12 +87,26 @@ impl Image for RawImage {
         let mut pos = offset;
         while pos < end {
             let data = self.seek(pos, libc::SEEK_DATA).unwrap_or(end).min(end);
-            push_extent(&mut map, Extent { offset: pos, length: data - pos, allocated: false });
+            push_extent(
+                &mut map,
+                Extent {
+                    offset: pos,
+                    length: data - pos,
+                    allocated: false,
+                },
+            );
             if data >= end {
                 break;
             }
             let hole = self.seek(data, libc::SEEK_HOLE).unwrap_or(end).min(end);
-            push_extent(&mut map, Extent { offset: data, length: hole - data, allocated: true });
+            push_extent(
+                &mut map,
+                Extent {
+                    offset: data,
+                    length: hole - data,
+                    allocated: true,
+                },
+            );
             pos = hole;
         }
         Ok(map)

@@ -84,8 +84,11 @@ impl DynamicVhd {
         let parent_file = ImageFile::open(parent, false)?;
         let parent_footer = read_footer(&parent_file)
             .map_err(|e| {
-                Error::new(ErrorKind::Parent, format!("parent is not a usable VHD: {e}"))
-                    .at_path(parent)
+                Error::new(
+                    ErrorKind::Parent,
+                    format!("parent is not a usable VHD: {e}"),
+                )
+                .at_path(parent)
             })?
             .footer;
         if size != 0 && size != parent_footer.current_size {
@@ -95,10 +98,14 @@ impl DynamicVhd {
             ))
             .at_path(path));
         }
-        let parent_abs = parent.canonicalize().map_err(|e| Error::io(e, "open").at_path(parent))?;
+        let parent_abs = parent
+            .canonicalize()
+            .map_err(|e| Error::io(e, "open").at_path(parent))?;
         let child_dir = absolute_dir_of(path)?;
         let relative = relative_path(&child_dir, &parent_abs);
-        let name = parent_abs.file_name().map(|n| n.to_string_lossy().into_owned());
+        let name = parent_abs
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
         let fields = ParentFields {
             uuid: parent_footer.unique_id,
             timestamp: parent_footer.timestamp,
@@ -109,8 +116,11 @@ impl DynamicVhd {
             (PLATFORM_W2KU, utf16le(&parent_abs.to_string_lossy())),
         ];
         let file = ImageFile::create_new(path)?;
-        let footer =
-            Footer::new(DiskType::Differencing, parent_footer.current_size, random_bytes()?);
+        let footer = Footer::new(
+            DiskType::Differencing,
+            parent_footer.current_size,
+            random_bytes()?,
+        );
         write_layout(&file, &footer, fields, &locators, options.sync)?;
         Self::reopen(file, options.sync)
     }
@@ -118,8 +128,16 @@ impl DynamicVhd {
     fn reopen(file: ImageFile, sync: SyncPolicy) -> Result<Self> {
         let found = read_footer(&file)?;
         let path = file.path().to_path_buf();
-        Self::open(file, found, OpenOptions { writable: true, sync }, &mut Vec::new())
-            .path_ctx(&path)
+        Self::open(
+            file,
+            found,
+            OpenOptions {
+                writable: true,
+                sync,
+            },
+            &mut Vec::new(),
+        )
+        .path_ctx(&path)
     }
 
     /// Open a dynamic or differencing VHD whose footer was already read.
@@ -133,7 +151,10 @@ impl DynamicVhd {
         let len = file.len()?;
         let footer = found.footer;
         let header_offset = footer.data_offset;
-        if header_offset.checked_add(HEADER_SIZE as u64).is_none_or(|end| end > len) {
+        if header_offset
+            .checked_add(HEADER_SIZE as u64)
+            .is_none_or(|end| end > len)
+        {
             return Err(Error::corrupt(format!(
                 "dynamic header offset {header_offset} lies beyond the end of the file ({len})"
             ))
@@ -152,16 +173,22 @@ impl DynamicVhd {
         }
         let bat_bytes = u64::from(header.max_table_entries) * 4;
         let table_offset = header.table_offset;
-        if table_offset.checked_add(bat_bytes).is_none_or(|end| end > len) {
+        if table_offset
+            .checked_add(bat_bytes)
+            .is_none_or(|end| end > len)
+        {
             return Err(Error::corrupt(format!(
                 "BAT of {bat_bytes} bytes at {table_offset} runs past the end of the file ({len})"
             ))
             .at_offset(header_offset + H_TABLE_OFFSET as u64));
         }
         // Bounded by the file length checked above.
-        let mut raw_bat = vec![0u8; usize::try_from(blocks * 4).map_err(|_| {
-            Error::unsupported("BAT too large for this machine's address space")
-        })?];
+        let mut raw_bat = vec![
+            0u8;
+            usize::try_from(blocks * 4).map_err(|_| {
+                Error::unsupported("BAT too large for this machine's address space")
+            })?
+        ];
         file.read_exact_at(&mut raw_bat, table_offset)?;
         let bat: Vec<u32> = raw_bat
             .chunks_exact(4)
@@ -170,14 +197,31 @@ impl DynamicVhd {
 
         let bitmap_size = round_up_sector(block_size / SECTOR / 8);
         let mut metadata = vec![
-            Region { start: header_offset, end: header_offset + HEADER_SIZE as u64, what: "header" },
-            Region { start: table_offset, end: round_up_sector(table_offset + bat_bytes), what: "BAT" },
+            Region {
+                start: header_offset,
+                end: header_offset + HEADER_SIZE as u64,
+                what: "header",
+            },
+            Region {
+                start: table_offset,
+                end: round_up_sector(table_offset + bat_bytes),
+                what: "BAT",
+            },
         ];
         if found.at_end || footer.data_offset >= FOOTER_SIZE as u64 {
-            metadata.push(Region { start: 0, end: FOOTER_SIZE as u64, what: "footer copy" });
+            metadata.push(Region {
+                start: 0,
+                end: FOOTER_SIZE as u64,
+                what: "footer copy",
+            });
         }
         if footer.disk_type == DiskType::Differencing {
-            for (i, loc) in header.locators.iter().enumerate().filter(|(_, l)| l.code != 0) {
+            for (i, loc) in header
+                .locators
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.code != 0)
+            {
                 let at = header_offset + (H_PARENT_LOCATORS + i * PARENT_LOCATOR_SIZE) as u64;
                 let end = loc
                     .data_offset
@@ -190,16 +234,39 @@ impl DynamicVhd {
                         ))
                         .at_offset(at)
                     })?;
-                metadata.push(Region { start: loc.data_offset, end, what: "parent locator" });
+                metadata.push(Region {
+                    start: loc.data_offset,
+                    end,
+                    what: "parent locator",
+                });
             }
         }
-        let data_end = if found.at_end { len - FOOTER_SIZE as u64 } else { len };
-        let blocks_end = validate_bat(&bat, table_offset, block_size + bitmap_size, &metadata, data_end)?;
-        let meta_end = metadata.iter().map(|r| round_up_sector(r.end)).max().unwrap_or(0);
+        let data_end = if found.at_end {
+            len - FOOTER_SIZE as u64
+        } else {
+            len
+        };
+        let blocks_end = validate_bat(
+            &bat,
+            table_offset,
+            block_size + bitmap_size,
+            &metadata,
+            data_end,
+        )?;
+        let meta_end = metadata
+            .iter()
+            .map(|r| round_up_sector(r.end))
+            .max()
+            .unwrap_or(0);
         let next = round_up_sector(blocks_end.max(meta_end));
 
         let parent = if footer.disk_type == DiskType::Differencing {
-            Some(resolve_parent(&file, &header, footer.current_size, visited)?)
+            Some(resolve_parent(
+                &file,
+                &header,
+                footer.current_size,
+                visited,
+            )?)
         } else {
             None
         };
@@ -228,7 +295,8 @@ impl DynamicVhd {
     /// and put the footer back at the end.
     fn rewrite_end_footer(&mut self) -> Result<()> {
         self.file.set_len(self.append_at)?;
-        self.file.write_all_at(&self.footer.encode(), self.append_at)?;
+        self.file
+            .write_all_at(&self.footer.encode(), self.append_at)?;
         self.file.sync_data()?;
         self.footer_problem = None;
         Ok(())
@@ -260,7 +328,9 @@ impl DynamicVhd {
     fn bitmap(&mut self, index: usize) -> Result<&[u8]> {
         let key = u32::try_from(index).expect("BAT index fits u32");
         if !self.bitmaps.contains_key(&key) {
-            let offset = self.block_offset(index).expect("bitmap of an allocated block");
+            let offset = self
+                .block_offset(index)
+                .expect("bitmap of an allocated block");
             let len = usize::try_from(self.bitmap_size).expect("bitmap size is small");
             let mut bitmap = vec![0u8; len].into_boxed_slice();
             self.file.read_exact_at(&mut bitmap, offset)?;
@@ -287,7 +357,12 @@ impl DynamicVhd {
             let n = (block_size - in_block).min(end - pos);
             let at = usize::try_from(pos - offset).expect("buffer offset fits usize");
             pos += n;
-            Some((index, in_block, at, usize::try_from(n).expect("piece fits usize")))
+            Some((
+                index,
+                in_block,
+                at,
+                usize::try_from(n).expect("piece fits usize"),
+            ))
         })
     }
 
@@ -333,8 +408,15 @@ impl DynamicVhd {
         Ok(())
     }
 
-    fn write_allocated(&mut self, index: usize, block: u64, in_block: u64, data: &[u8]) -> Result<()> {
-        self.file.write_all_at(data, block + self.bitmap_size + in_block)?;
+    fn write_allocated(
+        &mut self,
+        index: usize,
+        block: u64,
+        in_block: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        self.file
+            .write_all_at(data, block + self.bitmap_size + in_block)?;
         let first = usize::try_from(in_block / SECTOR).expect("small");
         let count = data.len() / usize::try_from(SECTOR).expect("small");
         if all_set(self.bitmap(index)?, first, count) {
@@ -361,7 +443,8 @@ impl DynamicVhd {
     fn allocate_block(&mut self, index: usize, in_block: u64, data: &[u8]) -> Result<()> {
         let at = self.append_at;
         let sector = u32::try_from(at / SECTOR).map_err(|_| {
-            Error::unsupported("VHD file would exceed the format's 2 TiB limit").at_path(self.file.path())
+            Error::unsupported("VHD file would exceed the format's 2 TiB limit")
+                .at_path(self.file.path())
         })?;
         let mut bitmap = vec![0u8; usize::try_from(self.bitmap_size).expect("small")];
         if self.is_diff() {
@@ -372,19 +455,24 @@ impl DynamicVhd {
         }
         let new_end = at + self.bitmap_size + self.block_size;
         self.file.write_all_at(&bitmap, at)?;
-        self.file.write_all_at(data, at + self.bitmap_size + in_block)?;
+        self.file
+            .write_all_at(data, at + self.bitmap_size + in_block)?;
         self.file.write_all_at(&self.footer.encode(), new_end)?;
         if self.sync == SyncPolicy::Ordered {
             self.file.sync_data()?;
         }
         let entry_offset = self.header.table_offset + index as u64 * 4;
-        self.file.write_all_at(&sector.to_be_bytes(), entry_offset)?;
+        self.file
+            .write_all_at(&sector.to_be_bytes(), entry_offset)?;
         self.bat[index] = sector;
         self.append_at = new_end;
         if self.bitmaps.len() >= BITMAP_CACHE_LIMIT {
             self.bitmaps.clear();
         }
-        self.bitmaps.insert(u32::try_from(index).expect("fits"), bitmap.into_boxed_slice());
+        self.bitmaps.insert(
+            u32::try_from(index).expect("fits"),
+            bitmap.into_boxed_slice(),
+        );
         Ok(())
     }
 
@@ -395,7 +483,14 @@ impl DynamicVhd {
                     push_extent(map, e);
                 }
             }
-            None => push_extent(map, Extent { offset, length, allocated: false }),
+            None => push_extent(
+                map,
+                Extent {
+                    offset,
+                    length,
+                    allocated: false,
+                },
+            ),
         }
         Ok(())
     }
@@ -453,7 +548,12 @@ impl Image for DynamicVhd {
     }
 
     fn map(&mut self, offset: u64, length: u64) -> Result<Vec<Extent>> {
-        check_range(self.size(), offset, usize::try_from(length).unwrap_or(usize::MAX), "map")?;
+        check_range(
+            self.size(),
+            offset,
+            usize::try_from(length).unwrap_or(usize::MAX),
+            "map",
+        )?;
         let mut map = Vec::new();
         let pieces: Vec<_> = self.pieces(offset, length).collect();
         for (index, in_block, _, n) in pieces {
@@ -462,11 +562,25 @@ impl Image for DynamicVhd {
             if self.block_offset(index).is_none() {
                 self.map_below(&mut map, base + in_block, n)?;
             } else if !self.is_diff() {
-                push_extent(&mut map, Extent { offset: base + in_block, length: n, allocated: true });
+                push_extent(
+                    &mut map,
+                    Extent {
+                        offset: base + in_block,
+                        length: n,
+                        allocated: true,
+                    },
+                );
             } else {
                 for (start, len, present) in sector_runs(self.bitmap(index)?, in_block, n) {
                     if present {
-                        push_extent(&mut map, Extent { offset: base + start, length: len, allocated: true });
+                        push_extent(
+                            &mut map,
+                            Extent {
+                                offset: base + start,
+                                length: len,
+                                allocated: true,
+                            },
+                        );
                     } else {
                         self.map_below(&mut map, base + start, len)?;
                     }
@@ -487,12 +601,19 @@ impl Image for DynamicVhd {
     fn check(&mut self) -> Result<Vec<Problem>> {
         let mut problems = Vec::new();
         if let Some(what) = &self.footer_problem {
-            problems.push(Problem { offset: self.append_at, what: what.clone(), damage: true });
+            problems.push(Problem {
+                offset: self.append_at,
+                what: what.clone(),
+                damage: true,
+            });
         }
         if self.leaked > 0 {
             problems.push(Problem {
                 offset: self.append_at - self.leaked,
-                what: format!("{} bytes after the last block are not referenced (leaked)", self.leaked),
+                what: format!(
+                    "{} bytes after the last block are not referenced (leaked)",
+                    self.leaked
+                ),
                 damage: false,
             });
         }
@@ -590,7 +711,11 @@ struct ParentFields {
 }
 
 fn empty_parent_fields() -> ParentFields {
-    ParentFields { uuid: [0; 16], timestamp: 0, name: String::new() }
+    ParentFields {
+        uuid: [0; 16],
+        timestamp: 0,
+        name: String::new(),
+    }
 }
 
 /// Write a new dynamic/differencing image: footer copy, header, BAT (all
@@ -613,7 +738,8 @@ fn write_layout(
         *slot = ParentLocator {
             code: *code,
             data_space: u32::try_from(space).map_err(|_| Error::invalid("parent path too long"))?,
-            data_length: u32::try_from(data.len()).map_err(|_| Error::invalid("parent path too long"))?,
+            data_length: u32::try_from(data.len())
+                .map_err(|_| Error::invalid("parent path too long"))?,
             data_offset: next,
         };
         file.write_all_at(data, next)?;
@@ -631,7 +757,8 @@ fn write_layout(
     let encoded_footer = footer.encode();
     file.write_all_at(&encoded_footer, 0)?;
     file.write_all_at(&header.encode(), HEADER_OFFSET)?;
-    let bat = vec![0xffu8; usize::try_from(bat_bytes).map_err(|_| Error::invalid("BAT too large"))?];
+    let bat =
+        vec![0xffu8; usize::try_from(bat_bytes).map_err(|_| Error::invalid("BAT too large"))?];
     file.write_all_at(&bat, TABLE_OFFSET)?;
     file.write_all_at(&encoded_footer, next)?;
     if sync == SyncPolicy::Ordered {
@@ -649,14 +776,19 @@ fn absolute_dir_of(path: &Path) -> Result<PathBuf> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    dir.canonicalize().map_err(|e| Error::io(e, "resolve directory").at_path(&dir))
+    dir.canonicalize()
+        .map_err(|e| Error::io(e, "resolve directory").at_path(&dir))
 }
 
 /// `to` expressed relative to the directory `from` (both absolute).
 fn relative_path(from: &Path, to: &Path) -> PathBuf {
     let from: Vec<_> = from.components().collect();
     let to_parts: Vec<_> = to.components().collect();
-    let common = from.iter().zip(&to_parts).take_while(|(a, b)| a == b).count();
+    let common = from
+        .iter()
+        .zip(&to_parts)
+        .take_while(|(a, b)| a == b)
+        .count();
     let mut out = PathBuf::from(".");
     for _ in common..from.len() {
         out.push("..");
@@ -681,8 +813,10 @@ fn parent_candidates(file: &ImageFile, header: &DynamicHeader) -> Result<Vec<Pat
                 let s = String::from_utf8_lossy(&data).into_owned();
                 s.strip_prefix("file://").map(str::to_owned).unwrap_or(s)
             } else {
-                let units: Vec<u16> =
-                    data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+                let units: Vec<u16> = data
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect();
                 String::from_utf16_lossy(&units).replace('\\', "/")
             };
             let text = text.trim_end_matches('\0');
@@ -712,7 +846,11 @@ fn resolve_parent(
             format!(
                 "parent image {:?} not found (looked at: {})",
                 header.parent_name,
-                if tried.is_empty() { "no locators".to_string() } else { tried.join(", ") }
+                if tried.is_empty() {
+                    "no locators".to_string()
+                } else {
+                    tried.join(", ")
+                }
             ),
         ));
     };
@@ -743,7 +881,11 @@ fn resolve_parent(
     if parent.size() != size {
         return Err(Error::new(
             ErrorKind::Parent,
-            format!("parent {} is {} bytes, this disk {size}", found.display(), parent.size()),
+            format!(
+                "parent {} is {} bytes, this disk {size}",
+                found.display(),
+                parent.size()
+            ),
         ));
     }
     Ok(parent)

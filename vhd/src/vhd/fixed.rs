@@ -26,7 +26,11 @@ impl FixedVhd {
         file.write_all_at(&footer.encode(), size)?;
         file.sync_data()?;
         let file_len = size + FOOTER_SIZE as u64;
-        Ok(FixedVhd { data: RawImage::from_file(file, size), footer, file_len })
+        Ok(FixedVhd {
+            data: RawImage::from_file(file, size),
+            footer,
+            file_len,
+        })
     }
 
     /// Open a fixed VHD whose footer was already read.
@@ -41,7 +45,11 @@ impl FixedVhd {
             .at_offset(file_len - FOOTER_SIZE as u64)
             .at_path(file.path()));
         }
-        Ok(FixedVhd { data: RawImage::from_file(file, size), footer: found.footer, file_len })
+        Ok(FixedVhd {
+            data: RawImage::from_file(file, size),
+            footer: found.footer,
+            file_len,
+        })
     }
 
     /// The decoded footer.

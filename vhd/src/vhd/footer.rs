@@ -142,7 +142,11 @@ impl Footer {
     /// A new footer for a disk of `size` bytes, with a fresh unique id.
     pub fn new(disk_type: DiskType, size: u64, unique_id: [u8; 16]) -> Self {
         Footer {
-            data_offset: if disk_type == DiskType::Fixed { NO_DATA_OFFSET } else { 512 },
+            data_offset: if disk_type == DiskType::Fixed {
+                NO_DATA_OFFSET
+            } else {
+                512
+            },
             timestamp: now_timestamp(),
             creator_app: *CREATOR_APP,
             original_size: size,
@@ -316,7 +320,12 @@ impl DynamicHeader {
         b[H_PARENT_UUID..H_PARENT_UUID + 16].copy_from_slice(&self.parent_uuid);
         put_be_u32(&mut b, H_PARENT_TIMESTAMP, self.parent_timestamp);
         let name = &mut b[H_PARENT_NAME..H_PARENT_NAME + H_PARENT_NAME_LEN];
-        for (i, unit) in self.parent_name.encode_utf16().take(H_PARENT_NAME_LEN / 2).enumerate() {
+        for (i, unit) in self
+            .parent_name
+            .encode_utf16()
+            .take(H_PARENT_NAME_LEN / 2)
+            .enumerate()
+        {
             name[2 * i..2 * i + 2].copy_from_slice(&unit.to_be_bytes());
         }
         for (i, loc) in self.locators.iter().enumerate() {

@@ -48,8 +48,10 @@ pub(crate) struct FoundFooter {
 pub(crate) fn read_footer(file: &ImageFile) -> Result<FoundFooter> {
     let len = file.len()?;
     if len < FOOTER_SIZE as u64 {
-        return Err(Error::corrupt(format!("file of {len} bytes is too short for a VHD"))
-            .at_path(file.path()));
+        return Err(
+            Error::corrupt(format!("file of {len} bytes is too short for a VHD"))
+                .at_path(file.path()),
+        );
     }
     let end_offset = len - FOOTER_SIZE as u64;
     let end = Footer::decode(&file.read_array::<FOOTER_SIZE>(end_offset)?)
@@ -60,12 +62,20 @@ pub(crate) fn read_footer(file: &ImageFile) -> Result<FoundFooter> {
         (Ok(end), Ok(copy)) => {
             let other_problem = (end != copy && end.disk_type != DiskType::Fixed)
                 .then(|| "footer copy at offset 0 differs from the footer at the end".to_string());
-            Ok(FoundFooter { footer: end, at_end: true, other_problem })
+            Ok(FoundFooter {
+                footer: end,
+                at_end: true,
+                other_problem,
+            })
         }
         (Ok(end), Err(e)) => {
             let other_problem = (end.disk_type != DiskType::Fixed)
                 .then(|| format!("footer copy at offset 0 is unusable: {}", e.message()));
-            Ok(FoundFooter { footer: end, at_end: true, other_problem })
+            Ok(FoundFooter {
+                footer: end,
+                at_end: true,
+                other_problem,
+            })
         }
         (Err(end_err), Ok(copy)) if copy.disk_type != DiskType::Fixed => Ok(FoundFooter {
             footer: copy,
@@ -105,7 +115,9 @@ pub(crate) fn open_chained(
     options: OpenOptions,
     visited: &mut Vec<PathBuf>,
 ) -> Result<Box<dyn Image>> {
-    let canonical = path.canonicalize().map_err(|e| Error::io(e, "open").at_path(path))?;
+    let canonical = path
+        .canonicalize()
+        .map_err(|e| Error::io(e, "open").at_path(path))?;
     if visited.contains(&canonical) {
         return Err(Error::new(
             ErrorKind::Parent,
@@ -146,7 +158,9 @@ pub fn create(
             let parent = options.parent.as_deref().ok_or_else(|| {
                 Error::invalid("a vhd-diff image needs a parent (--parent)").at_path(path)
             })?;
-            Box::new(dynamic::DynamicVhd::create_child(path, parent, size, options)?)
+            Box::new(dynamic::DynamicVhd::create_child(
+                path, parent, size, options,
+            )?)
         }
         _ => return Err(Error::invalid(format!("{format} is not a VHD format")).at_path(path)),
     })
@@ -155,7 +169,11 @@ pub fn create(
 /// Check (or round) a requested virtual size against the format's rules.
 /// A differencing disk passes 0 to mean "the parent's size".
 pub fn settle_size(format: Format, size: u64, round: bool) -> Result<u64> {
-    let unit = if format == Format::VhdFixed { AZURE_ALIGNMENT } else { crate::SECTOR };
+    let unit = if format == Format::VhdFixed {
+        AZURE_ALIGNMENT
+    } else {
+        crate::SECTOR
+    };
     let rounded = size.div_ceil(unit) * unit;
     if rounded != size && !round {
         let what = if format == Format::VhdFixed {
@@ -184,10 +202,16 @@ mod tests {
 
     #[test]
     fn fixed_sizes_follow_azure_rule() {
-        assert_eq!(settle_size(Format::VhdFixed, 64 << 20, false).unwrap(), 64 << 20);
+        assert_eq!(
+            settle_size(Format::VhdFixed, 64 << 20, false).unwrap(),
+            64 << 20
+        );
         let e = settle_size(Format::VhdFixed, (64 << 20) + 512, false).unwrap_err();
         assert!(e.to_string().contains("--round"), "{e}");
-        assert_eq!(settle_size(Format::VhdFixed, (64 << 20) + 512, true).unwrap(), 65 << 20);
+        assert_eq!(
+            settle_size(Format::VhdFixed, (64 << 20) + 512, true).unwrap(),
+            65 << 20
+        );
         assert_eq!(settle_size(Format::VhdDynamic, 1000, true).unwrap(), 1024);
         assert!(settle_size(Format::VhdDynamic, 3 << 40, true).is_err());
         assert!(settle_size(Format::VhdDynamic, 0, false).is_err());

@@ -72,6 +72,7 @@ pub(crate) const FLAG_VALID_NEWLINE: u32 = 1 << 0;
 /// `flags` bit 1: a redundant grain directory and tables are kept.
 pub(crate) const FLAG_REDUNDANT_GT: u32 = 1 << 1;
 /// `flags` bit 2: GTE value 1 means "zeroed grain".
+#[allow(dead_code)]
 pub(crate) const FLAG_ZEROED_GTE: u32 = 1 << 2;
 /// `flags` bit 16: grains are compressed.
 pub(crate) const FLAG_COMPRESSED: u32 = 1 << 16;
@@ -86,7 +87,7 @@ pub(crate) const GTE_ZEROED: u32 = 1;
 /// Entries per grain table: the only value VMware and qemu use.
 pub(crate) const GTES_PER_GT: u32 = 512;
 /// Bytes of one grain table.
-pub(crate) const GT_BYTES: u64 = GTES_PER_GT as u64 * 4;
+pub(crate) const GT_BYTES: u64 = 512 * 4;
 /// Sectors of one grain table.
 pub(crate) const GT_SECTORS: u64 = GT_BYTES / SECTOR;
 /// Default grain: 128 sectors (64 KiB).
@@ -142,7 +143,10 @@ impl SparseHeader {
     pub(crate) fn decode(b: &[u8; hdr::LEN], file: &ImageFile, at: u64) -> Result<Self> {
         let bad = |field: usize, msg: String| corrupt_at(file, at + field as u64, msg);
         if &b[hdr::MAGIC..hdr::MAGIC + 4] != MAGIC {
-            return Err(bad(hdr::MAGIC, "no KDMV magic: not a sparse VMDK header".into()));
+            return Err(bad(
+                hdr::MAGIC,
+                "no KDMV magic: not a sparse VMDK header".into(),
+            ));
         }
         let h = SparseHeader {
             version: le_u32(b, hdr::VERSION),
@@ -158,7 +162,10 @@ impl SparseHeader {
             compress_algorithm: le_u16(b, hdr::COMPRESS_ALGORITHM),
         };
         if !(1..=3).contains(&h.version) {
-            return Err(bad(hdr::VERSION, format!("unknown sparse header version {}", h.version)));
+            return Err(bad(
+                hdr::VERSION,
+                format!("unknown sparse header version {}", h.version),
+            ));
         }
         if h.flags & FLAG_VALID_NEWLINE != 0
             && b[hdr::NEWLINE_CHARS..hdr::NEWLINE_CHARS + 4] != NEWLINE_CHARS
@@ -189,7 +196,10 @@ impl SparseHeader {
         if h.capacity > MAX_CAPACITY_SECTORS {
             return Err(bad(
                 hdr::CAPACITY,
-                format!("capacity of {} sectors is beyond the 64 TiB limit", h.capacity),
+                format!(
+                    "capacity of {} sectors is beyond the 64 TiB limit",
+                    h.capacity
+                ),
             ));
         }
         if h.compress_algorithm > COMPRESS_DEFLATE {
@@ -259,7 +269,9 @@ pub(crate) fn sector_bytes(sectors: u64) -> Option<u64> {
 
 /// Whether `count` bytes at sector `sector` lie inside a file of `len` bytes.
 pub(crate) fn fits(sector: u64, count: u64, len: u64) -> bool {
-    sector_bytes(sector).and_then(|s| s.checked_add(count)).is_some_and(|end| end <= len)
+    sector_bytes(sector)
+        .and_then(|s| s.checked_add(count))
+        .is_some_and(|end| end <= len)
 }
 
 /// Read `count` little-endian u32 entries at sector `sector`, refusing a
@@ -288,6 +300,46 @@ pub(crate) fn read_table(
 /// Encode u32 entries little-endian.
 pub(crate) fn encode_table(entries: &[u32]) -> Vec<u8> {
     entries.iter().flat_map(|e| e.to_le_bytes()).collect()
+}
+
+/// Splits a byte range of the disk at grain boundaries: yields
+/// `(grain index, offset inside the grain, range of the caller's buffer)`.
+#[derive(Debug)]
+pub(crate) struct GrainChunks {
+    pos: u64,
+    end: u64,
+    base: u64,
+    grain: u64,
+}
+
+impl GrainChunks {
+    /// Chunks of `len` bytes at disk offset `offset` for grains of `grain` bytes.
+    pub(crate) fn new(offset: u64, len: usize, grain: u64) -> Self {
+        GrainChunks {
+            pos: offset,
+            end: offset + len as u64,
+            base: offset,
+            grain,
+        }
+    }
+}
+
+impl Iterator for GrainChunks {
+    type Item = (u64, u64, std::ops::Range<usize>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.pos >= self.end {
+            return None;
+        }
+        let g = self.pos / self.grain;
+        let in_off = self.pos % self.grain;
+        let n = (self.grain - in_off).min(self.end - self.pos);
+        // Both ends lie inside the caller's buffer, whose length is a usize.
+        let from = usize::try_from(self.pos - self.base).ok()?;
+        let to = usize::try_from(self.pos - self.base + n).ok()?;
+        self.pos += n;
+        Some((g, in_off, from..to))
+    }
 }
 
 /// A region of the file claimed by a table or grain, for overlap checks.
@@ -335,8 +387,9 @@ pub(crate) fn capacity_for(path: &Path, size: u64, round: bool) -> Result<u64> {
         .at_path(path));
     };
     if sectors > MAX_CAPACITY_SECTORS {
-        return Err(Error::invalid(format!("VMDK size {size} is beyond the 64 TiB limit"))
-            .at_path(path));
+        return Err(
+            Error::invalid(format!("VMDK size {size} is beyond the 64 TiB limit")).at_path(path),
+        );
     }
     Ok(sectors)
 }
@@ -345,7 +398,11 @@ pub(crate) fn capacity_for(path: &Path, size: u64, round: bool) -> Result<u64> {
 pub(crate) fn read_header(file: &ImageFile) -> Result<SparseHeader> {
     let len = file.len()?;
     if len < SECTOR {
-        return Err(corrupt_at(file, 0, format!("file of {len} bytes is too short for a header")));
+        return Err(corrupt_at(
+            file,
+            0,
+            format!("file of {len} bytes is too short for a header"),
+        ));
     }
     let b: [u8; hdr::LEN] = file.read_array(0)?;
     SparseHeader::decode(&b, file, 0)
@@ -354,7 +411,11 @@ pub(crate) fn read_header(file: &ImageFile) -> Result<SparseHeader> {
 /// Tell sparse from stream-optimized by the header flags of a `KDMV` file.
 pub(crate) fn detect_sparse(file: &ImageFile) -> Result<Format> {
     let header = read_header(file)?;
-    Ok(if header.is_stream() { Format::VmdkStream } else { Format::VmdkSparse })
+    Ok(if header.is_stream() {
+        Format::VmdkStream
+    } else {
+        Format::VmdkSparse
+    })
 }
 
 /// Open a VMDK of any supported kind.
@@ -378,16 +439,22 @@ pub fn open(path: &Path, options: OpenOptions) -> Result<Box<dyn Image>> {
                 Ok(Box::new(stream::StreamReader::open(probe)?))
             }
             _ => {
-                let file = if options.writable { ImageFile::open(path, true)? } else { probe };
+                let file = if options.writable {
+                    ImageFile::open(path, true)?
+                } else {
+                    probe
+                };
                 Ok(Box::new(sparse::SparseImage::open(file, options.sync)?))
             }
         }
     } else if head.starts_with(b"# Disk DescriptorFile") {
         flat::open(probe, options)
     } else {
-        Err(Error::corrupt("neither a KDMV sparse header nor a text descriptor: not a VMDK")
-            .at_offset(0)
-            .at_path(path))
+        Err(
+            Error::corrupt("neither a KDMV sparse header nor a text descriptor: not a VMDK")
+                .at_offset(0)
+                .at_path(path),
+        )
     }
 }
 
@@ -400,9 +467,17 @@ pub fn create(
 ) -> Result<Box<dyn Image>> {
     let capacity = capacity_for(path, size, options.round)?;
     match format {
-        Format::VmdkSparse => Ok(Box::new(sparse::SparseImage::create(path, capacity, options.sync)?)),
+        Format::VmdkSparse => Ok(Box::new(sparse::SparseImage::create(
+            path,
+            capacity,
+            options.sync,
+        )?)),
         Format::VmdkFlat => Ok(Box::new(flat::FlatImage::create(path, capacity)?)),
-        Format::VmdkStream => Ok(Box::new(stream::StreamWriter::create(path, capacity, options.sync)?)),
+        Format::VmdkStream => Ok(Box::new(stream::StreamWriter::create(
+            path,
+            capacity,
+            options.sync,
+        )?)),
         other => Err(Error::invalid(format!("{other} is not a VMDK format")).at_path(path)),
     }
 }
@@ -434,8 +509,8 @@ pub(crate) mod testutil {
         pub(crate) fn new(tag: &str) -> Self {
             static N: AtomicU32 = AtomicU32::new(0);
             let n = N.fetch_add(1, Ordering::Relaxed);
-            let dir = std::env::temp_dir()
-                .join(format!("ferry-vmdk-{}-{tag}-{n}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("ferry-vmdk-{}-{tag}-{n}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
             TempDir(dir)
@@ -463,7 +538,7 @@ pub(crate) mod testutil {
         (0..len)
             .map(|i| {
                 if (i / 700) % 3 == 0 {
-                    (i % 251) as u8
+                    u8::try_from(i % 251).unwrap()
                 } else {
                     x ^= x << 13;
                     x ^= x >> 7;
@@ -476,12 +551,18 @@ pub(crate) mod testutil {
 
     /// Whether qemu-img is installed (cross-checks are skipped otherwise).
     pub(crate) fn have_qemu_img() -> bool {
-        std::process::Command::new("qemu-img").arg("--version").output().is_ok()
+        std::process::Command::new("qemu-img")
+            .arg("--version")
+            .output()
+            .is_ok()
     }
 
     /// Run qemu-img and return (success, stdout+stderr).
     pub(crate) fn qemu_img(args: &[&str]) -> (bool, String) {
-        let out = std::process::Command::new("qemu-img").args(args).output().unwrap();
+        let out = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .unwrap();
         let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
         text.push_str(&String::from_utf8_lossy(&out.stderr));
         (out.status.success(), text)
@@ -515,5 +596,47 @@ mod tests {
         let e = SparseHeader::decode(&bad, &f, 0).unwrap_err();
         assert_eq!(e.kind(), crate::ErrorKind::Corrupt);
         assert_eq!(e.offset(), Some(73));
+    }
+}
+
+#[cfg(test)]
+mod manual {
+    use super::*;
+
+    /// Leaves images in $VMDK_OUT for inspection with qemu-img.
+    #[test]
+    #[ignore]
+    fn manual_artifacts() {
+        let dir = std::path::PathBuf::from(std::env::var("VMDK_OUT").unwrap());
+        let size: u64 = std::env::var("VMDK_SIZE")
+            .map(|s| s.parse().unwrap())
+            .unwrap_or(100 << 20);
+        let src = std::fs::read(dir.join("src.raw")).unwrap();
+        assert_eq!(src.len() as u64, size);
+        for (name, fmt, sync) in [
+            ("s.vmdk", Format::VmdkSparse, crate::SyncPolicy::Ordered),
+            ("f.vmdk", Format::VmdkFlat, crate::SyncPolicy::Ordered),
+            ("st.vmdk", Format::VmdkStream, crate::SyncPolicy::Deferred),
+        ] {
+            let p = dir.join(name);
+            let t = std::time::Instant::now();
+            let mut img = create(
+                &p,
+                fmt,
+                size,
+                &CreateOptions {
+                    sync,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            for (i, chunk) in src.chunks(4 << 20).enumerate() {
+                if fmt == Format::VmdkFlat || !crate::is_zero(chunk) {
+                    img.write_at(chunk, (i as u64) << 22).unwrap();
+                }
+            }
+            img.finish().unwrap();
+            eprintln!("{name}: {:?}", t.elapsed());
+        }
     }
 }

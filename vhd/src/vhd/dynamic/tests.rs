@@ -12,7 +12,10 @@ fn read_all(img: &mut dyn Image) -> Vec<u8> {
 }
 
 fn diff_options(parent: &Path) -> CreateOptions {
-    CreateOptions { parent: Some(parent.to_path_buf()), ..CreateOptions::default() }
+    CreateOptions {
+        parent: Some(parent.to_path_buf()),
+        ..CreateOptions::default()
+    }
 }
 
 #[test]
@@ -23,9 +26,14 @@ fn dynamic_round_trip_at_odd_offsets() {
     let mut model = vec![0u8; usize::try_from(size).unwrap()];
     {
         let mut img = create(&path, Format::VhdDynamic, size, &CreateOptions::default()).unwrap();
-        for (i, (off, len)) in [(0u64, 512usize), (1000, 3000), (2 * MIB - 7, 20), (5 * MIB + 3, 2 * MIB as usize)]
-            .into_iter()
-            .enumerate()
+        for (i, (off, len)) in [
+            (0u64, 512usize),
+            (1000, 3000),
+            (2 * MIB - 7, 20),
+            (5 * MIB + 3, 2 * MIB as usize),
+        ]
+        .into_iter()
+        .enumerate()
         {
             let data = pattern(i as u64, len);
             img.write_at(&data, off).unwrap();
@@ -39,16 +47,34 @@ fn dynamic_round_trip_at_odd_offsets() {
     assert_eq!(read_all(img.as_mut()), model);
     assert!(img.check().unwrap().is_empty());
     let map = img.map(0, size).unwrap();
-    assert_eq!(map.iter().filter(|e| e.allocated).map(|e| e.length).sum::<u64>(), 4 * 2 * MIB);
+    assert_eq!(
+        map.iter()
+            .filter(|e| e.allocated)
+            .map(|e| e.length)
+            .sum::<u64>(),
+        4 * 2 * MIB
+    );
 }
 
 #[test]
 fn reads_and_writes_past_the_end_are_refused() {
     let dir = TempDir::new("dyn-range");
-    let mut img = create(&dir.path("a.vhd"), Format::VhdDynamic, 4 * MIB, &CreateOptions::default()).unwrap();
+    let mut img = create(
+        &dir.path("a.vhd"),
+        Format::VhdDynamic,
+        4 * MIB,
+        &CreateOptions::default(),
+    )
+    .unwrap();
     let mut buf = [0u8; 512];
-    assert_eq!(img.read_at(&mut buf, 4 * MIB - 256).unwrap_err().kind(), ErrorKind::InvalidInput);
-    assert_eq!(img.write_at(&buf, u64::MAX - 10).unwrap_err().kind(), ErrorKind::InvalidInput);
+    assert_eq!(
+        img.read_at(&mut buf, 4 * MIB - 256).unwrap_err().kind(),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        img.write_at(&buf, u64::MAX - 10).unwrap_err().kind(),
+        ErrorKind::InvalidInput
+    );
 }
 
 #[test]
@@ -85,8 +111,20 @@ fn differencing_finds_parent_after_the_pair_is_moved() {
     let dir = TempDir::new("diff-move");
     let sub = dir.path("a");
     std::fs::create_dir(&sub).unwrap();
-    create(&sub.join("base.vhd"), Format::VhdDynamic, 2 * MIB, &CreateOptions::default()).unwrap();
-    create(&sub.join("child.vhd"), Format::VhdDiff, 0, &diff_options(&sub.join("base.vhd"))).unwrap();
+    create(
+        &sub.join("base.vhd"),
+        Format::VhdDynamic,
+        2 * MIB,
+        &CreateOptions::default(),
+    )
+    .unwrap();
+    create(
+        &sub.join("child.vhd"),
+        Format::VhdDiff,
+        0,
+        &diff_options(&sub.join("base.vhd")),
+    )
+    .unwrap();
     let moved = dir.path("b");
     std::fs::rename(&sub, &moved).unwrap();
     let img = open(&moved.join("child.vhd"), OpenOptions::read_only()).unwrap();
@@ -98,14 +136,26 @@ fn missing_or_replaced_parent_is_a_parent_error() {
     let dir = TempDir::new("diff-missing");
     let base = dir.path("base.vhd");
     let child = dir.path("child.vhd");
-    create(&base, Format::VhdDynamic, 2 * MIB, &CreateOptions::default()).unwrap();
+    create(
+        &base,
+        Format::VhdDynamic,
+        2 * MIB,
+        &CreateOptions::default(),
+    )
+    .unwrap();
     create(&child, Format::VhdDiff, 0, &diff_options(&base)).unwrap();
     std::fs::remove_file(&base).unwrap();
     let e = open(&child, OpenOptions::read_only()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Parent, "{e}");
     assert!(e.to_string().contains("not found"), "{e}");
     // A different disk under the same name has another unique id.
-    create(&base, Format::VhdDynamic, 2 * MIB, &CreateOptions::default()).unwrap();
+    create(
+        &base,
+        Format::VhdDynamic,
+        2 * MIB,
+        &CreateOptions::default(),
+    )
+    .unwrap();
     let e = open(&child, OpenOptions::read_only()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Parent);
     assert!(e.to_string().contains("unique id"), "{e}");
@@ -116,12 +166,19 @@ fn a_disk_that_names_itself_as_parent_is_a_loop() {
     let dir = TempDir::new("diff-loop");
     let base = dir.path("base.vhd");
     let child = dir.path("child.vhd");
-    create(&base, Format::VhdDynamic, 2 * MIB, &CreateOptions::default()).unwrap();
+    create(
+        &base,
+        Format::VhdDynamic,
+        2 * MIB,
+        &CreateOptions::default(),
+    )
+    .unwrap();
     create(&child, Format::VhdDiff, 0, &diff_options(&base)).unwrap();
     // Point the child at itself: its own uuid and timestamp, locators at its own name.
     let file = ImageFile::open(&child, true).unwrap();
     let footer = read_footer(&file).unwrap().footer;
-    let mut header = DynamicHeader::decode(&file.read_array::<HEADER_SIZE>(HEADER_OFFSET).unwrap()).unwrap();
+    let mut header =
+        DynamicHeader::decode(&file.read_array::<HEADER_SIZE>(HEADER_OFFSET).unwrap()).unwrap();
     header.parent_uuid = footer.unique_id;
     header.parent_timestamp = footer.timestamp;
     header.parent_name = "child.vhd".into();
@@ -135,7 +192,13 @@ fn a_disk_that_names_itself_as_parent_is_a_loop() {
 /// Bytes of a small dynamic image with two allocated blocks.
 fn two_block_image(dir: &TempDir) -> (PathBuf, Vec<u8>) {
     let path = dir.path("two.vhd");
-    let mut img = create(&path, Format::VhdDynamic, 8 * MIB, &CreateOptions::default()).unwrap();
+    let mut img = create(
+        &path,
+        Format::VhdDynamic,
+        8 * MIB,
+        &CreateOptions::default(),
+    )
+    .unwrap();
     let data = pattern(3, 4096);
     img.write_at(&data, 0).unwrap();
     img.write_at(&data, 4 * MIB).unwrap();
@@ -154,12 +217,25 @@ fn hostile_bat_entries_are_refused_with_their_offset() {
     let dir = TempDir::new("dyn-hostile");
     let (path, good) = two_block_image(&dir);
     let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
-        ("past the end", Box::new(|b: &mut Vec<u8>| b[bat_entry_offset(1)..][..4].copy_from_slice(&0x00ff_0000u32.to_be_bytes()))),
-        ("over the header", Box::new(|b: &mut Vec<u8>| b[bat_entry_offset(1)..][..4].copy_from_slice(&1u32.to_be_bytes()))),
-        ("overlapping", Box::new(|b: &mut Vec<u8>| {
-            let first: [u8; 4] = b[bat_entry_offset(0)..][..4].try_into().unwrap();
-            b[bat_entry_offset(2)..][..4].copy_from_slice(&first);
-        })),
+        (
+            "past the end",
+            Box::new(|b: &mut Vec<u8>| {
+                b[bat_entry_offset(1)..][..4].copy_from_slice(&0x00ff_0000u32.to_be_bytes())
+            }),
+        ),
+        (
+            "over the header",
+            Box::new(|b: &mut Vec<u8>| {
+                b[bat_entry_offset(1)..][..4].copy_from_slice(&1u32.to_be_bytes())
+            }),
+        ),
+        (
+            "overlapping",
+            Box::new(|b: &mut Vec<u8>| {
+                let first: [u8; 4] = b[bat_entry_offset(0)..][..4].try_into().unwrap();
+                b[bat_entry_offset(2)..][..4].copy_from_slice(&first);
+            }),
+        ),
     ];
     for (what, mutate) in cases {
         let mut bytes = good.clone();
@@ -181,7 +257,15 @@ fn bad_checksums_and_truncation_are_errors_not_panics() {
     std::fs::write(&path, &bytes).unwrap();
     let e = open(&path, OpenOptions::read_only()).unwrap_err();
     assert!(e.to_string().contains("checksum"), "{e}");
-    for cut in [0usize, 100, 511, 513, 1600, good.len() - 513, good.len() - 1] {
+    for cut in [
+        0usize,
+        100,
+        511,
+        513,
+        1600,
+        good.len() - 513,
+        good.len() - 1,
+    ] {
         std::fs::write(&path, &good[..cut]).unwrap();
         if let Ok(mut img) = open(&path, OpenOptions::read_only()) {
             // Whatever opens must read without panicking.
@@ -213,7 +297,12 @@ fn interrupted_allocation_keeps_flushed_data_and_repairs() {
     img.read_at(&mut got, 0).unwrap();
     assert_eq!(got, expected);
     let problems = img.check().unwrap();
-    assert!(problems.iter().any(|p| p.damage && p.what.contains("copy at offset 0")), "{problems:?}");
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.damage && p.what.contains("copy at offset 0")),
+        "{problems:?}"
+    );
     drop(img);
     // A read-write open puts the footer back; the image is clean again.
     let mut img = open(&path, OpenOptions::read_write()).unwrap();
@@ -244,7 +333,10 @@ fn block_written_but_not_linked_reads_as_before() {
     assert!(crate::is_zero(&buf));
     let problems = img.check().unwrap();
     assert!(problems.iter().all(|p| !p.damage), "{problems:?}");
-    assert!(problems.iter().any(|p| p.what.contains("leaked")), "{problems:?}");
+    assert!(
+        problems.iter().any(|p| p.what.contains("leaked")),
+        "{problems:?}"
+    );
 }
 
 fn apply_writes(img: &mut dyn Image, model: &mut [u8], writes: &[(u64, usize, u64)]) {

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The project's test command (README, .ci/run): `scripts/test.sh [quick|rig|all]`.
+#   quick: unit, property and golden-byte tests; no external tools, no root.
+#   rig:   end-to-end tests that drive the real `ferry` binary against
+#          qemu-img (and later nbdfuse, loop devices, file systems, qemu).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tier=${1:-all}
+
+quick() {
+    echo "== quick tier: unit, property and golden tests"
+    cargo test --workspace --exclude ferry-tests --locked
+}
+
+rig() {
+    echo "== rig tier: real binaries against qemu-img"
+    command -v qemu-img >/dev/null || { echo "qemu-img missing: apt-get install qemu-utils" >&2; exit 1; }
+    cargo build --locked -p ferry
+    FERRY_BIN="$PWD/target/debug/ferry" cargo test --locked -p ferry-tests
+}
+
+case "$tier" in
+    quick) quick ;;
+    rig) rig ;;
+    all) quick; rig ;;
+    *) echo "usage: $0 [quick|rig|all]" >&2; exit 2 ;;
+esac
