@@ -107,6 +107,10 @@ pub struct Footer {
     pub timestamp: u32,
     /// Creator application tag.
     pub creator_app: [u8; 4],
+    /// Creator application version.
+    pub creator_version: u32,
+    /// Creator host OS.
+    pub creator_os: u32,
     /// Size at creation.
     pub original_size: u64,
     /// Virtual size.
@@ -149,6 +153,8 @@ impl Footer {
             },
             timestamp: now_timestamp(),
             creator_app: *CREATOR_APP,
+            creator_version: VERSION_1_0,
+            creator_os: CREATOR_OS_WI2K,
             original_size: size,
             current_size: size,
             geometry: FORCE_SIZE_GEOMETRY,
@@ -166,8 +172,8 @@ impl Footer {
         put_be_u64(&mut b, F_DATA_OFFSET, self.data_offset);
         put_be_u32(&mut b, F_TIMESTAMP, self.timestamp);
         b[F_CREATOR_APP..F_CREATOR_APP + 4].copy_from_slice(&self.creator_app);
-        put_be_u32(&mut b, F_CREATOR_VERSION, VERSION_1_0);
-        put_be_u32(&mut b, F_CREATOR_OS, CREATOR_OS_WI2K);
+        put_be_u32(&mut b, F_CREATOR_VERSION, self.creator_version);
+        put_be_u32(&mut b, F_CREATOR_OS, self.creator_os);
         put_be_u64(&mut b, F_ORIGINAL_SIZE, self.original_size);
         put_be_u64(&mut b, F_CURRENT_SIZE, self.current_size);
         put_be_u16(&mut b, F_CYLINDERS, self.geometry.0);
@@ -214,6 +220,8 @@ impl Footer {
             data_offset: be_u64(b, F_DATA_OFFSET),
             timestamp: be_u32(b, F_TIMESTAMP),
             creator_app,
+            creator_version: be_u32(b, F_CREATOR_VERSION),
+            creator_os: be_u32(b, F_CREATOR_OS),
             original_size: be_u64(b, F_ORIGINAL_SIZE),
             current_size,
             geometry: (be_u16(b, F_CYLINDERS), b[F_HEADS], b[F_SECTORS]),

@@ -376,7 +376,7 @@ pub(crate) fn check_overlaps(file: &ImageFile, claims: &mut [Claim]) -> Result<(
 
 /// Validate a size for a new VMDK and return its capacity in sectors.
 pub(crate) fn capacity_for(path: &Path, size: u64, round: bool) -> Result<u64> {
-    let sectors = if size % SECTOR == 0 {
+    let sectors = if size / SECTOR * SECTOR == size {
         size / SECTOR
     } else if round {
         size.div_ceil(SECTOR)
@@ -636,7 +636,21 @@ mod manual {
                 }
             }
             img.finish().unwrap();
-            eprintln!("{name}: {:?}", t.elapsed());
+            eprintln!("{name}: write {:?}", t.elapsed());
+            drop(img);
+            let t = std::time::Instant::now();
+            let mut img = open(&p, OpenOptions::read_only()).unwrap();
+            let mut buf = vec![0u8; 4 << 20];
+            for (i, chunk) in src.chunks(4 << 20).enumerate() {
+                img.read_at(&mut buf[..chunk.len()], (i as u64) << 22)
+                    .unwrap();
+                assert!(buf[..chunk.len()] == *chunk, "{name} chunk {i}");
+            }
+            eprintln!(
+                "{name}: read {:?} problems {:?}",
+                t.elapsed(),
+                img.check().unwrap()
+            );
         }
     }
 }

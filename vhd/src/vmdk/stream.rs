@@ -77,7 +77,7 @@ fn metadata_marker(sectors: u64, kind: u32) -> [u8; 512] {
 }
 
 fn pad_to_sector(out: &mut Vec<u8>) {
-    out.resize(out.len().next_multiple_of(SECTOR as usize), 0);
+    out.resize(out.len().next_multiple_of(512), 0);
 }
 
 /// Largest compressed grain accepted: twice the grain (deflate's worst case
@@ -861,10 +861,10 @@ mod tests {
         let mut model = vec![0u8; to_usize(size)];
         let pieces: Vec<(u64, usize)> = vec![
             (0, 512),
-            (513, 1000),                 // same grain, after a gap
-            (70_000, 3),                 // next grain
-            (MIB - 17, 200_000),         // spans grains
-            (5 * MIB, 8 * MIB as usize), // many grains: several batches, crosses a GT span
+            (513, 1000),                  // same grain, after a gap
+            (70_000, 3),                  // next grain
+            (MIB - 17, 200_000),          // spans grains
+            (5 * MIB, to_usize(8 * MIB)), // many grains: several batches, crosses a GT span
             (33 * MIB + 1, 65_536),
             (40 * MIB, 65_536), // an all-zero grain written explicitly
             (size - 10, 10),
@@ -984,7 +984,7 @@ mod tests {
         let dir = TempDir::new("stream-bad");
         let p = dir.path("u.vmdk");
         let mut w = StreamWriter::create(&p, 8 * MIB / SECTOR, SyncPolicy::Deferred).unwrap();
-        w.write_at(&pattern(3 * MIB as usize, 1), 0).unwrap();
+        w.write_at(&pattern(to_usize(3 * MIB), 1), 0).unwrap();
         w.flush().unwrap();
         drop(w); // no finish
         let e = super::super::open(&p, OpenOptions::read_only()).unwrap_err();
@@ -992,7 +992,7 @@ mod tests {
 
         let p = dir.path("g.vmdk");
         let mut w = StreamWriter::create(&p, 8 * MIB / SECTOR, SyncPolicy::Deferred).unwrap();
-        w.write_at(&pattern(3 * MIB as usize, 1), 0).unwrap();
+        w.write_at(&pattern(to_usize(3 * MIB), 1), 0).unwrap();
         w.finish().unwrap();
         drop(w);
         // Damage the first grain's compressed bytes: open works, read fails cleanly.
