@@ -61,11 +61,10 @@ impl Descriptor {
                 })?);
                 continue;
             }
+            // Lines that are neither key=value nor extents carry nothing
+            // this library needs; tools differ, so they are skipped.
             let Some((key, value)) = line.split_once('=') else {
-                return Err(Error::corrupt(format!(
-                    "descriptor line {}: neither key=value nor an extent: {line:?}",
-                    n + 1
-                )));
+                continue;
             };
             let key = key.trim();
             let value = unquote(value.trim());
@@ -231,16 +230,16 @@ RDONLY 10 ZERO\n\n#DDB\nddb.adapterType = \"lsilogic\"\n\0\0\0";
 
     #[test]
     fn garbage_is_corrupt_not_panic() {
-        for t in [
-            &b"RW x FLAT"[..],
-            b"hello",
-            b"CID=zz",
-            b"RW 1 FLAT \"unterminated",
-        ] {
+        for t in [&b"RW x FLAT"[..], b"CID=zz", b"RW 1 FLAT \"unterminated"] {
             assert_eq!(
                 Descriptor::parse(t).unwrap_err().kind(),
                 crate::ErrorKind::Corrupt
             );
         }
+        // Unknown non-key lines are skipped.
+        assert!(Descriptor::parse(b"hello\ncreateType=\"x\"")
+            .unwrap()
+            .create_type
+            .is_some());
     }
 }

@@ -29,79 +29,79 @@ use crate::{CreateOptions, OpenOptions};
 
 /// Field offsets of the 512-byte little-endian `SparseExtentHeader`
 /// (VMDK 5.0 specification, "Hosted Sparse Extent Header").
-pub(crate) mod hdr {
+pub mod hdr {
     /// `magicNumber`: u32, the bytes "KDMV".
-    pub(crate) const MAGIC: usize = 0;
+    pub const MAGIC: usize = 0;
     /// `version`: u32, 1 (plain), 2 (zeroed-grain GTEs) or 3 (stream / CBT).
-    pub(crate) const VERSION: usize = 4;
+    pub const VERSION: usize = 4;
     /// `flags`: u32, see the `FLAG_*` constants.
-    pub(crate) const FLAGS: usize = 8;
+    pub const FLAGS: usize = 8;
     /// `capacity`: u64, virtual disk size in sectors.
-    pub(crate) const CAPACITY: usize = 12;
+    pub const CAPACITY: usize = 12;
     /// `grainSize`: u64, sectors per grain (a power of two, 128 = 64 KiB).
-    pub(crate) const GRAIN_SIZE: usize = 20;
+    pub const GRAIN_SIZE: usize = 20;
     /// `descriptorOffset`: u64, sector of the embedded descriptor (0 = none).
-    pub(crate) const DESC_OFFSET: usize = 28;
+    pub const DESC_OFFSET: usize = 28;
     /// `descriptorSize`: u64, sectors reserved for the embedded descriptor.
-    pub(crate) const DESC_SIZE: usize = 36;
+    pub const DESC_SIZE: usize = 36;
     /// `numGTEsPerGT`: u32, entries per grain table (always 512).
-    pub(crate) const NUM_GTES_PER_GT: usize = 44;
+    pub const NUM_GTES_PER_GT: usize = 44;
     /// `rgdOffset`: u64, sector of the redundant grain directory.
-    pub(crate) const RGD_OFFSET: usize = 48;
+    pub const RGD_OFFSET: usize = 48;
     /// `gdOffset`: u64, sector of the grain directory ([`GD_AT_END`] = in the footer).
-    pub(crate) const GD_OFFSET: usize = 56;
+    pub const GD_OFFSET: usize = 56;
     /// `overHead`: u64, sectors of metadata before the first grain.
-    pub(crate) const OVERHEAD: usize = 64;
+    pub const OVERHEAD: usize = 64;
     /// `uncleanShutdown`: u8, set while the image is open for writing.
-    pub(crate) const UNCLEAN_SHUTDOWN: usize = 72;
+    pub const UNCLEAN_SHUTDOWN: usize = 72;
     /// `singleEndLineChar`, `nonEndLineChar`, `doubleEndLineChar1/2`: the
     /// bytes `\n`, ` `, `\r`, `\n` that reveal a text-mode (CR/LF) transfer.
-    pub(crate) const NEWLINE_CHARS: usize = 73;
+    pub const NEWLINE_CHARS: usize = 73;
     /// `compressAlgorithm`: u16, 0 = none, 1 = deflate.
-    pub(crate) const COMPRESS_ALGORITHM: usize = 77;
+    pub const COMPRESS_ALGORITHM: usize = 77;
     /// Bytes 79..512 are padding.
-    pub(crate) const LEN: usize = 512;
+    pub const LEN: usize = 512;
 }
 
 /// The header's magic number as stored on disk.
-pub(crate) const MAGIC: &[u8; 4] = b"KDMV";
+pub const MAGIC: &[u8; 4] = b"KDMV";
 /// The newline-detection bytes.
-pub(crate) const NEWLINE_CHARS: [u8; 4] = *b"\n \r\n";
+pub const NEWLINE_CHARS: [u8; 4] = *b"\n \r\n";
 /// `flags` bit 0: the newline-detection bytes are valid.
-pub(crate) const FLAG_VALID_NEWLINE: u32 = 1 << 0;
+pub const FLAG_VALID_NEWLINE: u32 = 1 << 0;
 /// `flags` bit 1: a redundant grain directory and tables are kept.
-pub(crate) const FLAG_REDUNDANT_GT: u32 = 1 << 1;
+pub const FLAG_REDUNDANT_GT: u32 = 1 << 1;
 /// `flags` bit 2: GTE value 1 means "zeroed grain".
 #[allow(dead_code)]
-pub(crate) const FLAG_ZEROED_GTE: u32 = 1 << 2;
+pub const FLAG_ZEROED_GTE: u32 = 1 << 2;
 /// `flags` bit 16: grains are compressed.
-pub(crate) const FLAG_COMPRESSED: u32 = 1 << 16;
+pub const FLAG_COMPRESSED: u32 = 1 << 16;
 /// `flags` bit 17: grains and metadata carry markers (stream-optimized).
-pub(crate) const FLAG_MARKERS: u32 = 1 << 17;
+pub const FLAG_MARKERS: u32 = 1 << 17;
 /// `compressAlgorithm` deflate (zlib, RFC 1950).
-pub(crate) const COMPRESS_DEFLATE: u16 = 1;
+pub const COMPRESS_DEFLATE: u16 = 1;
 /// `gdOffset` in a stream-optimized leading header: the GD is found via the footer.
-pub(crate) const GD_AT_END: u64 = u64::MAX;
+pub const GD_AT_END: u64 = u64::MAX;
 /// GTE value of a grain that reads as zeros without being stored.
-pub(crate) const GTE_ZEROED: u32 = 1;
+pub const GTE_ZEROED: u32 = 1;
 /// Entries per grain table: the only value VMware and qemu use.
-pub(crate) const GTES_PER_GT: u32 = 512;
+pub const GTES_PER_GT: u32 = 512;
 /// Bytes of one grain table.
-pub(crate) const GT_BYTES: u64 = 512 * 4;
+pub const GT_BYTES: u64 = 512 * 4;
 /// Sectors of one grain table.
-pub(crate) const GT_SECTORS: u64 = GT_BYTES / SECTOR;
+pub const GT_SECTORS: u64 = GT_BYTES / SECTOR;
 /// Default grain: 128 sectors (64 KiB).
-pub(crate) const DEFAULT_GRAIN_SECTORS: u64 = 128;
+pub const DEFAULT_GRAIN_SECTORS: u64 = 128;
 /// Largest grain accepted: 2048 sectors (1 MiB). Grain buffers are this big.
-pub(crate) const MAX_GRAIN_SECTORS: u64 = 2048;
+pub const MAX_GRAIN_SECTORS: u64 = 2048;
 /// Largest virtual size accepted or created: 64 TiB.
-pub(crate) const MAX_CAPACITY_SECTORS: u64 = (64u64 << 40) / SECTOR;
+pub const MAX_CAPACITY_SECTORS: u64 = (64u64 << 40) / SECTOR;
 /// Largest embedded or standalone descriptor read: 64 KiB.
-pub(crate) const MAX_DESCRIPTOR_BYTES: u64 = 64 * 1024;
+pub const MAX_DESCRIPTOR_BYTES: u64 = 64 * 1024;
 /// Sector of the embedded descriptor in images we create.
-pub(crate) const DESC_SECTOR: u64 = 1;
+pub const DESC_SECTOR: u64 = 1;
 /// Sectors reserved for the embedded descriptor in images we create.
-pub(crate) const DESC_SECTORS: u64 = 20;
+pub const DESC_SECTORS: u64 = 20;
 
 /// A decoded and validated `SparseExtentHeader`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -574,6 +574,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn zero_and_unaligned_sizes_through_the_crate_api() {
+        let dir = testutil::TempDir::new("api");
+        for f in [Format::VmdkSparse, Format::VmdkFlat, Format::VmdkStream] {
+            let p = dir.path(&format!("zero-{}.vmdk", f.name()));
+            let mut img = crate::create(&p, f, 0, &CreateOptions::default()).unwrap();
+            img.finish().unwrap();
+            drop(img);
+            let mut img = crate::open(&p, OpenOptions::read_only()).unwrap();
+            assert_eq!((img.format(), img.size()), (f, 0));
+            assert!(img.map(0, 0).unwrap().is_empty());
+            assert!(img.check().unwrap().iter().all(|p| !p.damage));
+
+            let p = dir.path(&format!("odd-{}.vmdk", f.name()));
+            let e = crate::create(&p, f, 1000, &CreateOptions::default()).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::InvalidInput);
+            let opts = CreateOptions {
+                round: true,
+                ..Default::default()
+            };
+            let mut img = crate::create(&p, f, 1000, &opts).unwrap();
+            assert_eq!(img.size(), 1024);
+            img.write_at(b"xyz", 1021).unwrap();
+            img.finish().unwrap();
+            drop(img);
+            let mut img = crate::open(&p, OpenOptions::read_only()).unwrap();
+            let mut b = [0u8; 4];
+            img.read_at(&mut b, 1020).unwrap();
+            assert_eq!(&b, b"\0xyz");
+            let e = crate::create(&p, f, 1 << 20, &CreateOptions::default()).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Io, "never clobbers");
+        }
+        let e = crate::create(
+            &dir.path("big.vmdk"),
+            Format::VmdkSparse,
+            65 << 40,
+            &CreateOptions::default(),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidInput);
+    }
+
+    #[test]
     fn header_round_trips_with_documented_offsets() {
         let mut h = SparseHeader::new(2048);
         h.rgd_offset = 21;
@@ -596,61 +638,5 @@ mod tests {
         let e = SparseHeader::decode(&bad, &f, 0).unwrap_err();
         assert_eq!(e.kind(), crate::ErrorKind::Corrupt);
         assert_eq!(e.offset(), Some(73));
-    }
-}
-
-#[cfg(test)]
-mod manual {
-    use super::*;
-
-    /// Leaves images in $VMDK_OUT for inspection with qemu-img.
-    #[test]
-    #[ignore]
-    fn manual_artifacts() {
-        let dir = std::path::PathBuf::from(std::env::var("VMDK_OUT").unwrap());
-        let size: u64 = std::env::var("VMDK_SIZE")
-            .map(|s| s.parse().unwrap())
-            .unwrap_or(100 << 20);
-        let src = std::fs::read(dir.join("src.raw")).unwrap();
-        assert_eq!(src.len() as u64, size);
-        for (name, fmt, sync) in [
-            ("s.vmdk", Format::VmdkSparse, crate::SyncPolicy::Ordered),
-            ("f.vmdk", Format::VmdkFlat, crate::SyncPolicy::Ordered),
-            ("st.vmdk", Format::VmdkStream, crate::SyncPolicy::Deferred),
-        ] {
-            let p = dir.join(name);
-            let t = std::time::Instant::now();
-            let mut img = create(
-                &p,
-                fmt,
-                size,
-                &CreateOptions {
-                    sync,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-            for (i, chunk) in src.chunks(4 << 20).enumerate() {
-                if fmt == Format::VmdkFlat || !crate::is_zero(chunk) {
-                    img.write_at(chunk, (i as u64) << 22).unwrap();
-                }
-            }
-            img.finish().unwrap();
-            eprintln!("{name}: write {:?}", t.elapsed());
-            drop(img);
-            let t = std::time::Instant::now();
-            let mut img = open(&p, OpenOptions::read_only()).unwrap();
-            let mut buf = vec![0u8; 4 << 20];
-            for (i, chunk) in src.chunks(4 << 20).enumerate() {
-                img.read_at(&mut buf[..chunk.len()], (i as u64) << 22)
-                    .unwrap();
-                assert!(buf[..chunk.len()] == *chunk, "{name} chunk {i}");
-            }
-            eprintln!(
-                "{name}: read {:?} problems {:?}",
-                t.elapsed(),
-                img.check().unwrap()
-            );
-        }
     }
 }

@@ -170,7 +170,7 @@ impl SparseImage {
         }
         let n = header.num_gts();
         let grain_size = header.grain_size;
-        let gd_at = header.gd_offset * SECTOR;
+        let gd_at = header.gd_offset.saturating_mul(SECTOR);
         let (gd, rgd) = if n == 0 {
             (Vec::new(), None)
         } else {
@@ -263,10 +263,10 @@ impl SparseImage {
             let entries: Box<[u32]> = raw.chunks_exact(4).map(|c| le_u32(c, 0)).collect();
             let mut any = false;
             for (i, &e) in entries.iter().enumerate() {
+                any |= e != 0;
                 if e <= GTE_ZEROED {
                     continue;
                 }
-                any = true;
                 let e = u64::from(e);
                 let e_at = at + i as u64 * 4;
                 if e < header.overhead {
@@ -942,6 +942,62 @@ mod tests {
         corrupt_case("desc", |f, _| {
             f.write_all_at(&1000u64.to_le_bytes(), 36).unwrap()
         });
+    }
+
+    /// Random damage to the metadata never panics: open fails cleanly or
+    /// the image reads, maps, checks and even takes writes.
+    #[test]
+    fn random_metadata_damage_never_panics() {
+        let dir = TempDir::new("sparse-fuzz");
+        let good = dir.path("good.vmdk");
+        let mut img = create(&good, 40 * MIB + 512);
+        img.write_at(&pattern(300_000, 1), 7).unwrap();
+        img.write_at(&pattern(70_000, 2), 33 * MIB).unwrap();
+        img.flush().unwrap();
+        drop(img);
+        let bytes = std::fs::read(&good).unwrap();
+        let meta = to_usize(128 * SECTOR);
+        let mut x = 0x1234_5678_9abc_def1u64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let p = dir.path("bad.vmdk");
+        for round in 0..300 {
+            let mut b = bytes.clone();
+            for _ in 0..1 + rnd() % 4 {
+                // Mostly header fields, sometimes GD/GT bytes.
+                let at = if round % 2 == 0 {
+                    rnd() % 80
+                } else {
+                    rnd() % meta as u64
+                };
+                let v = match rnd() % 4 {
+                    0 => 0,
+                    1 => 0xff,
+                    _ => rnd().to_le_bytes()[0],
+                };
+                b[to_usize(at)] = v;
+            }
+            if round % 7 == 0 {
+                b.truncate(to_usize(rnd() % b.len() as u64));
+            }
+            let _ = std::fs::remove_file(&p);
+            std::fs::write(&p, &b).unwrap();
+            if let Ok(mut img) = open(&p, true) {
+                let size = img.size();
+                let mut buf = vec![0u8; to_usize(size.min(2 * MIB))];
+                let _ = img.read_at(&mut buf, 0);
+                let _ = img.map(0, size);
+                let _ = img.check();
+                let _ = img.allocated_bytes();
+                if size > 0 {
+                    let _ = img.write_at(&[1u8; 3000], size.saturating_sub(3000) / 2);
+                }
+            }
+        }
     }
 
     #[test]

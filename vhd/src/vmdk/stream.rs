@@ -150,7 +150,7 @@ impl StreamReader {
             }
             let footer_bytes: &[u8; 512] = tail[512..1024]
                 .try_into()
-                .map_err(|_| Error::corrupt("footer"))?;
+                .map_err(|_| corrupt_at(&file, tail_at, "footer"))?;
             let footer = SparseHeader::decode(footer_bytes, &file, tail_at + 512)?;
             if footer.gd_offset == GD_AT_END {
                 return Err(corrupt_at(
@@ -268,15 +268,14 @@ impl StreamReader {
     }
 
     /// Inflate grain `g` (stored behind the marker at sector `gte`) into the
-    /// cache; returns the LBA its marker names.
-    fn load(&mut self, g: u64, gte: u32) -> Result<u64> {
-        let at = u64::from(gte) * SECTOR;
-        let m: [u8; 12] = self.file.read_array(at)?;
-        let lba = le_u64(&m, marker::VAL);
+    /// cache, unless it is there already.
+    fn load(&mut self, g: u64, gte: u32) -> Result<()> {
         if self.cached == Some(g) {
-            return Ok(lba);
+            return Ok(());
         }
         self.cached = None;
+        let at = u64::from(gte) * SECTOR;
+        let m: [u8; 12] = self.file.read_array(at)?;
         let csize = u64::from(le_u32(&m, marker::SIZE));
         if csize == 0 || csize > max_compressed(self.grain_bytes) {
             return Err(corrupt_at(
@@ -327,7 +326,7 @@ impl StreamReader {
         }
         self.cache[out..].fill(0);
         self.cached = Some(g);
-        Ok(lba)
+        Ok(())
     }
 
     fn read(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -389,16 +388,18 @@ impl StreamReader {
                 continue;
             }
             self.cached = None;
+            let at = u64::from(gte) * SECTOR;
+            let lba = le_u64(&self.file.read_array::<8>(at)?, marker::VAL);
             match self.load(g, gte) {
-                Ok(lba) if lba != g * self.header.grain_size => problems.push(Problem {
-                    offset: u64::from(gte) * SECTOR,
+                Ok(()) if lba != g * self.header.grain_size => problems.push(Problem {
+                    offset: at,
                     what: format!(
                         "grain {g}'s marker names sector {lba}, expected {}",
                         g * self.header.grain_size
                     ),
                     damage: true,
                 }),
-                Ok(_) => {}
+                Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::Corrupt => problems.push(Problem {
                     offset: e.offset().unwrap_or(u64::from(gte) * SECTOR),
                     what: e.message().to_string(),
@@ -532,15 +533,17 @@ pub(crate) struct StreamWriter {
     batch_limit: usize,
     workers: usize,
     stored_grains: u64,
-    sync: SyncPolicy,
     state: State,
     /// After `finish`: the image reopened for reads, map and check.
     reader: Option<StreamReader>,
 }
 
 impl StreamWriter {
-    /// Create a new stream-optimized image of `capacity` sectors.
-    pub(crate) fn create(path: &Path, capacity: u64, sync: SyncPolicy) -> Result<Self> {
+    /// Create a new stream-optimized image of `capacity` sectors. Nothing
+    /// points at grain data before the footer is written, so the sync policy
+    /// changes nothing: `flush` and `finish` always sync. Dropping the
+    /// writer without `finish` leaves an incomplete image that will not open.
+    pub(crate) fn create(path: &Path, capacity: u64, _sync: SyncPolicy) -> Result<Self> {
         let mut header = SparseHeader::new(capacity);
         header.version = STREAM_VERSION;
         header.flags = FLAG_VALID_NEWLINE | FLAG_COMPRESSED | FLAG_MARKERS;
@@ -590,7 +593,6 @@ impl StreamWriter {
             batch_limit: (workers * GRAINS_PER_WORKER).max(MIN_BATCH),
             workers,
             stored_grains: 0,
-            sync,
             state: State::Writing,
             reader: None,
         })
@@ -834,14 +836,6 @@ impl Image for StreamWriter {
     }
 }
 
-impl Drop for StreamWriter {
-    fn drop(&mut self) {
-        // An unfinished stream is left as it is (no footer: it will not
-        // open); `sync` only matters for what `flush`/`finish` promise.
-        let _ = self.sync;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::testutil::{have_qemu_img, pattern, qemu_img, TempDir};
@@ -1030,6 +1024,49 @@ mod tests {
             .map(|_| ())
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Corrupt);
+    }
+
+    /// Random damage anywhere never panics.
+    #[test]
+    fn random_damage_never_panics() {
+        let dir = TempDir::new("stream-fuzz");
+        let good = dir.path("good.vmdk");
+        let mut w =
+            StreamWriter::create(&good, (34 * MIB + 512) / SECTOR, SyncPolicy::Deferred).unwrap();
+        w.write_at(&pattern(200_000, 1), 5).unwrap();
+        w.write_at(&pattern(100_000, 2), 33 * MIB).unwrap();
+        w.finish().unwrap();
+        drop(w);
+        let bytes = std::fs::read(&good).unwrap();
+        let mut x = 0x0bad_5eed_u64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let p = dir.path("bad.vmdk");
+        let n = bytes.len() as u64;
+        for round in 0..300 {
+            let mut b = bytes.clone();
+            for _ in 0..1 + rnd() % 4 {
+                let at = match round % 3 {
+                    0 => rnd() % 80,
+                    1 => n - 1 - rnd() % 4096,
+                    _ => rnd() % n,
+                };
+                b[to_usize(at)] = rnd().to_le_bytes()[0];
+            }
+            let _ = std::fs::remove_file(&p);
+            std::fs::write(&p, &b).unwrap();
+            if let Ok(mut img) = super::super::open(&p, OpenOptions::read_only()) {
+                let size = img.size();
+                let mut buf = vec![0u8; to_usize(size.min(MIB))];
+                let _ = img.read_at(&mut buf, 0);
+                let _ = img.map(0, size);
+                let _ = img.check();
+            }
+        }
     }
 
     #[test]
