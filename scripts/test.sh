@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run): `scripts/test.sh [quick|rig|all]`.
-#   quick: unit, property and golden-byte tests; no external tools, no root.
+#   quick: rustfmt and clippy (lints denied), unit, property and golden-byte
+#          tests; no external tools, no root.
 #   rig:   end-to-end tests that drive the real `ferry` binary against
 #          qemu-img (and later nbdfuse, loop devices, file systems, qemu).
 set -euo pipefail
@@ -8,7 +9,9 @@ cd "$(dirname "$0")/.."
 tier=${1:-all}
 
 quick() {
-    echo "== quick tier: unit, property and golden tests"
+    echo "== quick tier: format, lints (the [workspace.lints] table), unit, property and golden tests"
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets --locked -- -D warnings
     cargo test --workspace --exclude ferry-tests --locked
 }
 

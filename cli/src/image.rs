@@ -373,7 +373,7 @@ fn human(bytes: u64) -> String {
         .find(|&u| bytes >> (10 * u) > 0)
         .unwrap_or(0);
     let scale = 1u64 << (10 * unit);
-    if bytes % scale == 0 {
+    if bytes.is_multiple_of(scale) {
         return format!("{} {}", bytes / scale, UNITS[unit]);
     }
     let tenths = (bytes % scale) * 10 / scale;

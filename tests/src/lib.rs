@@ -117,9 +117,9 @@ pub fn write_half_full_raw(path: &Path, size: u64, seed: u64) {
     let mut i = seed;
     while pos < size {
         i += 1;
-        let step = 1 << 20 | (i * 7919 % 997) * 512;
+        let step = (1 << 20) | ((i * 7919 % 997) * 512);
         let len = usize::try_from((step / 2 + i % 5000).min(size - pos)).expect("len");
-        let data = if i % 7 == 0 {
+        let data = if i.is_multiple_of(7) {
             vec![0u8; len]
         } else {
             pattern(i, len)

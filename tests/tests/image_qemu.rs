@@ -82,13 +82,13 @@ fn sparse_targets_leave_zero_blocks_unallocated() {
         .unwrap()
         .set_len(64 * MIB)
         .unwrap();
-    std::fs::write(dir.path("chunk"), ferry_tests::pattern(3, MIB as usize)).unwrap();
+    std::fs::write(dir.path("chunk"), ferry_tests::pattern(3, 1 << 20)).unwrap();
     let data = std::fs::read(dir.path("chunk")).unwrap();
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
         f.write_all_at(&data, 10 * MIB).unwrap();
-        f.write_all_at(&vec![0u8; MIB as usize], 20 * MIB).unwrap(); // allocated zeros
+        f.write_all_at(&vec![0u8; 1 << 20], 20 * MIB).unwrap(); // allocated zeros
     }
     for format in ["vhd-dynamic", "vmdk-sparse", "vmdk-stream"] {
         let dst = dir.path(&format!("o-{format}"));

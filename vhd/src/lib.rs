@@ -164,7 +164,7 @@ pub fn chain(image: &dyn Image) -> Vec<(PathBuf, Format)> {
 /// Helpers shared by the unit tests of every format.
 #[cfg(test)]
 pub(crate) mod testutil {
-    use std::path::{Path, PathBuf};
+    use std::path::PathBuf;
     use std::sync::atomic::{AtomicU64, Ordering};
 
     /// A scratch directory removed when dropped.

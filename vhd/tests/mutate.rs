@@ -21,7 +21,10 @@ struct Seed {
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
-        .map(|i| seed.wrapping_mul(31).wrapping_add(i as u8 ^ (i >> 9) as u8))
+        .map(|i| {
+            seed.wrapping_mul(31)
+                .wrapping_add((i ^ (i >> 9)).to_le_bytes()[0])
+        })
         .collect()
 }
 

@@ -528,7 +528,7 @@ impl Image for DynamicVhd {
             return Err(Error::invalid("image is open read-only").at_path(self.file.path()));
         }
         let end = offset + buf.len() as u64;
-        if offset % SECTOR == 0 && end % SECTOR == 0 {
+        if offset.is_multiple_of(SECTOR) && end.is_multiple_of(SECTOR) {
             return self.write_aligned(buf, offset);
         }
         // Read-modify-write of the partial sectors at either edge.

@@ -104,7 +104,11 @@ impl Image for FixedVhd {
                 damage: true,
             });
         }
-        if self.footer.current_size % super::AZURE_ALIGNMENT != 0 {
+        if !self
+            .footer
+            .current_size
+            .is_multiple_of(super::AZURE_ALIGNMENT)
+        {
             problems.push(Problem {
                 offset: data_len + super::footer::F_CURRENT_SIZE as u64,
                 what: "virtual size is not a whole MiB: Azure will refuse this disk".into(),

@@ -206,7 +206,7 @@ impl Footer {
                 .at_offset(F_DISK_TYPE as u64)
         })?;
         let current_size = be_u64(b, F_CURRENT_SIZE);
-        if current_size % 512 != 0 {
+        if !current_size.is_multiple_of(512) {
             return Err(Error::corrupt(format!(
                 "VHD virtual size {current_size} is not a whole number of sectors"
             ))

@@ -30,14 +30,15 @@ fn dynamic_round_trip_at_odd_offsets() {
             (0u64, 512usize),
             (1000, 3000),
             (2 * MIB - 7, 20),
-            (5 * MIB + 3, 2 * MIB as usize),
+            (5 * MIB + 3, 2 << 20),
         ]
         .into_iter()
         .enumerate()
         {
             let data = pattern(i as u64, len);
             img.write_at(&data, off).unwrap();
-            model[off as usize..off as usize + len].copy_from_slice(&data);
+            let at = usize::try_from(off).unwrap();
+            model[at..at + len].copy_from_slice(&data);
         }
         img.flush().unwrap();
         assert_eq!(read_all(img.as_mut()), model);
@@ -216,7 +217,8 @@ fn bat_entry_offset(index: usize) -> usize {
 fn hostile_bat_entries_are_refused_with_their_offset() {
     let dir = TempDir::new("dyn-hostile");
     let (path, good) = two_block_image(&dir);
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    type Mutation = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(&str, Mutation)> = vec![
         (
             "past the end",
             Box::new(|b: &mut Vec<u8>| {
