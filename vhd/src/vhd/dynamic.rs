@@ -799,6 +799,13 @@ fn relative_path(from: &Path, to: &Path) -> PathBuf {
     out
 }
 
+/// `a/./b` as `a/b` (for display; `..` is left for the file system to resolve).
+fn without_dot_components(path: &Path) -> PathBuf {
+    path.components()
+        .filter(|c| *c != std::path::Component::CurDir)
+        .collect()
+}
+
 /// Candidate parent paths from the locators and the parent name, in order
 /// of preference: relative, absolute, Mac URL, bare name beside the child.
 fn parent_candidates(file: &ImageFile, header: &DynamicHeader) -> Result<Vec<PathBuf>> {
@@ -821,12 +828,14 @@ fn parent_candidates(file: &ImageFile, header: &DynamicHeader) -> Result<Vec<Pat
             };
             let text = text.trim_end_matches('\0');
             if !text.is_empty() {
-                candidates.push(child_dir.join(text));
+                candidates.push(without_dot_components(&child_dir.join(text)));
             }
         }
     }
     if !header.parent_name.is_empty() {
-        candidates.push(child_dir.join(header.parent_name.replace('\\', "/")));
+        candidates.push(without_dot_components(
+            &child_dir.join(header.parent_name.replace('\\', "/")),
+        ));
     }
     Ok(candidates)
 }
