@@ -22,9 +22,17 @@ rig() {
     FERRY_BIN="$PWD/target/debug/ferry" cargo test --locked -p ferry-tests
 }
 
+log=$(mktemp /tmp/ferry-test.XXXXXX)
+trap 'rm -f "$log"' EXIT
+set +e
 case "$tier" in
     quick) quick ;;
     rig) rig ;;
     all) quick; rig ;;
     *) echo "usage: $0 [quick|rig|all]" >&2; exit 2 ;;
-esac
+esac 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole run (cargo prints one per test binary).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "%s: %d passed, %d failed\n", "'"$tier"'", p, f }' "$log"
+exit "$status"

@@ -205,4 +205,42 @@ pub(crate) mod testutil {
             })
             .collect()
     }
+
+    /// Deterministic data that is partly compressible (runs of a counter
+    /// between pseudo-random stretches), for the stream-optimized writer.
+    pub(crate) fn compressible_pattern(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|i| {
+                if (i / 700) % 3 == 0 {
+                    u8::try_from(i % 251).unwrap()
+                } else {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x.to_le_bytes()[0]
+                }
+            })
+            .collect()
+    }
+
+    /// Whether qemu-img is installed: unit tests cross-check with it when it
+    /// is (the rig tier always does).
+    pub(crate) fn have_qemu_img() -> bool {
+        std::process::Command::new("qemu-img")
+            .arg("--version")
+            .output()
+            .is_ok()
+    }
+
+    /// Run qemu-img and return (success, stdout+stderr).
+    pub(crate) fn qemu_img(args: &[&str]) -> (bool, String) {
+        let out = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .unwrap();
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
 }

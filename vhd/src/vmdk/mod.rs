@@ -497,85 +497,12 @@ impl Drop for RemoveOnError<'_> {
 }
 
 #[cfg(test)]
-pub(crate) mod testutil {
-    use std::path::{Path, PathBuf};
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    /// A temporary directory removed on drop.
-    #[derive(Debug)]
-    pub(crate) struct TempDir(PathBuf);
-
-    impl TempDir {
-        pub(crate) fn new(tag: &str) -> Self {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let n = N.fetch_add(1, Ordering::Relaxed);
-            let dir =
-                std::env::temp_dir().join(format!("ferry-vmdk-{}-{tag}-{n}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            TempDir(dir)
-        }
-
-        pub(crate) fn path(&self, name: &str) -> PathBuf {
-            self.0.join(name)
-        }
-
-        #[allow(dead_code)]
-        pub(crate) fn dir(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    /// Deterministic pseudo-random, partly compressible test data.
-    pub(crate) fn pattern(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|i| {
-                if (i / 700) % 3 == 0 {
-                    u8::try_from(i % 251).unwrap()
-                } else {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x.to_le_bytes()[0]
-                }
-            })
-            .collect()
-    }
-
-    /// Whether qemu-img is installed (cross-checks are skipped otherwise).
-    pub(crate) fn have_qemu_img() -> bool {
-        std::process::Command::new("qemu-img")
-            .arg("--version")
-            .output()
-            .is_ok()
-    }
-
-    /// Run qemu-img and return (success, stdout+stderr).
-    pub(crate) fn qemu_img(args: &[&str]) -> (bool, String) {
-        let out = std::process::Command::new("qemu-img")
-            .args(args)
-            .output()
-            .unwrap();
-        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.push_str(&String::from_utf8_lossy(&out.stderr));
-        (out.status.success(), text)
-    }
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn zero_and_unaligned_sizes_through_the_crate_api() {
-        let dir = testutil::TempDir::new("api");
+        let dir = crate::testutil::TempDir::new("api");
         for f in [Format::VmdkSparse, Format::VmdkFlat, Format::VmdkStream] {
             let p = dir.path(&format!("zero-{}.vmdk", f.name()));
             let mut img = crate::create(&p, f, 0, &CreateOptions::default()).unwrap();
@@ -628,7 +555,7 @@ mod tests {
         assert_eq!(le_u64(&b, 20), 128);
         assert_eq!(le_u32(&b, 44), 512);
         assert_eq!(&b[73..77], b"\n \r\n");
-        let dir = testutil::TempDir::new("hdr");
+        let dir = crate::testutil::TempDir::new("hdr");
         let p = dir.path("h");
         std::fs::write(&p, b).unwrap();
         let f = ImageFile::open(&p, false).unwrap();

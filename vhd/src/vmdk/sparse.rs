@@ -713,8 +713,8 @@ impl Drop for SparseImage {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::{have_qemu_img, pattern, qemu_img, TempDir};
     use super::*;
+    use crate::testutil::{compressible_pattern as pattern, have_qemu_img, qemu_img, TempDir};
     use crate::ErrorKind;
 
     const MIB: u64 = 1 << 20;
