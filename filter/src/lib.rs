@@ -1,0 +1,3 @@
+//! ferry-filter: the write interceptor (being written).
+
+pub mod nbd;

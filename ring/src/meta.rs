@@ -1,0 +1,1 @@
+//! Per-disk persistent tracking metadata (being written).

@@ -1,0 +1,1 @@
+//! The shared-memory write-order ring (being written).
