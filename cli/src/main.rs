@@ -1,6 +1,7 @@
 //! `ferry`: the one installed binary. Each daemon and each user verb is a
 //! subcommand; this file only parses the command line and dispatches.
 
+mod filter;
 mod image;
 
 use std::process::ExitCode;
@@ -21,12 +22,31 @@ enum Command {
     /// (raw, VHD fixed/dynamic/differencing, VMDK sparse/flat/stream-optimized).
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// The write interceptor: serve protected disks over NBD and record
+    /// every write in write order (`ferry filter --help`).
+    Filter(filter::FilterArgs),
+}
+
+/// Logs to stderr; `FERRY_LOG` = error|warn|info|debug|trace (default info).
+fn init_logging() {
+    let level = match std::env::var("FERRY_LOG").as_deref() {
+        Ok("error") => tracing::Level::ERROR,
+        Ok("warn") => tracing::Level::WARN,
+        Ok("debug") => tracing::Level::DEBUG,
+        Ok("trace") => tracing::Level::TRACE,
+        _ => tracing::Level::INFO,
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Image(cmd) => image::run(cmd),
+        Command::Filter(args) => filter::run(args),
     };
     match outcome {
         Ok(code) => code,

@@ -1,6 +1,24 @@
-//! ferry-filter: the write interceptor (being written).
+//! ferry-filter: the write interceptor.
+//!
+//! `ferry filter` serves each protected disk over NBD ([`nbd`], adapted by
+//! [`export`]) and records every write in write order ([`order`]) into the
+//! disk's shared-memory ring, falling back from data to metadata to bitmap
+//! tracking when the ring overflows ([`tracker`]), with an activity log and
+//! dirty bitmap on disk for crash safety ([`disk`], `ferry_ring::meta`).
+//! Backing I/O goes through io_uring ([`uring`]); [`control`] answers
+//! `ferry filter status` and `ferry filter tag`; [`freeze`] makes tags
+//! app-consistent; [`daemon`] ties it together.
 
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod disk;
+pub mod error;
+pub mod export;
+pub mod freeze;
 pub mod nbd;
 pub mod order;
 pub mod tracker;
 pub mod uring;
+
+pub use error::{Error, ErrorKind, Result};

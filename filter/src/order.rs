@@ -87,7 +87,11 @@ pub struct OrderGate {
 impl OrderGate {
     /// A gate drawing sequence numbers from the host's sequencer.
     pub fn new(sequencer: Arc<Sequencer>) -> Self {
-        OrderGate { state: Mutex::new(GateState::default()), changed: Condvar::new(), sequencer }
+        OrderGate {
+            state: Mutex::new(GateState::default()),
+            changed: Condvar::new(),
+            sequencer,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, GateState> {
@@ -115,6 +119,24 @@ impl OrderGate {
             }
         }
         Ticket { number, seq }
+    }
+
+    /// A ticket with a sequence number chosen by the caller, who holds a
+    /// barrier on this gate (host-wide tags take one number for all disks).
+    pub fn begin_at(&self, seq: u64) -> Ticket {
+        let mut state = self.lock();
+        let number = state.next_ticket;
+        state.next_ticket += 1;
+        state.active.insert(number, None);
+        Ticket { number, seq }
+    }
+
+    /// Wait until every earlier ticket has published (this one is next).
+    pub fn wait_turn(&self, ticket: &Ticket) {
+        let mut state = self.lock();
+        while state.next_publish != ticket.number {
+            state = self.changed.wait(state).expect("order gate lock");
+        }
     }
 
     /// Run `record` in ticket order (holding the gate), then retire the ticket.
@@ -200,10 +222,16 @@ mod tests {
             g.publish(t, || l.lock().unwrap().push("second published"));
         });
         std::thread::sleep(Duration::from_millis(50));
-        assert!(log.lock().unwrap().is_empty(), "second must wait for the overlap");
+        assert!(
+            log.lock().unwrap().is_empty(),
+            "second must wait for the overlap"
+        );
         gate.publish(first, || log.lock().unwrap().push("first published"));
         second.join().unwrap();
-        assert_eq!(*log.lock().unwrap(), ["first published", "second began", "second published"]);
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["first published", "second began", "second published"]
+        );
     }
 
     #[test]
@@ -215,7 +243,10 @@ mod tests {
         let (g, l) = (Arc::clone(&gate), Arc::clone(&log));
         let h = std::thread::spawn(move || g.publish(second, || l.lock().unwrap().push(2)));
         std::thread::sleep(Duration::from_millis(30));
-        assert!(log.lock().unwrap().is_empty(), "publish waits for the earlier ticket");
+        assert!(
+            log.lock().unwrap().is_empty(),
+            "publish waits for the earlier ticket"
+        );
         gate.publish(first, || log.lock().unwrap().push(1));
         h.join().unwrap();
         assert_eq!(*log.lock().unwrap(), [1, 2]);
@@ -257,7 +288,9 @@ mod tests {
                 s.spawn(move || {
                     let mut x = t + 1;
                     for _ in 0..300 {
-                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        x = x
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
                         let off = (x >> 33) % 60;
                         let len = 1 + (x >> 50) % 4;
                         let ticket = gate.begin(r(off, len));
@@ -275,7 +308,10 @@ mod tests {
             }
         });
         let records = records.lock().unwrap();
-        assert!(records.windows(2).all(|w| w[0].0 < w[1].0), "ring order is sequence order");
+        assert!(
+            records.windows(2).all(|w| w[0].0 < w[1].0),
+            "ring order is sequence order"
+        );
         let mut replay = vec![0u64; 64];
         for &(seq, off, len) in records.iter() {
             for c in off..off + len {

@@ -124,7 +124,11 @@ pub struct Tracker {
 
 impl Default for Tracker {
     fn default() -> Self {
-        Tracker { state: State::Data, reason: Reason::Started, transitions: 0 }
+        Tracker {
+            state: State::Data,
+            reason: Reason::Started,
+            transitions: 0,
+        }
     }
 }
 
@@ -153,14 +157,24 @@ impl Tracker {
             (State::Data | State::Metadata, Event::RingFull { slots }) => {
                 (State::Bitmap, Reason::RingFull { slots })
             }
-            (State::Metadata | State::Bitmap, Event::Occupancy { free_slots, slots, free_payload, payload })
-                if free_slots * 2 >= slots && free_payload * 2 >= payload =>
-            {
+            (
+                State::Metadata | State::Bitmap,
+                Event::Occupancy {
+                    free_slots,
+                    slots,
+                    free_payload,
+                    payload,
+                },
+            ) if free_slots * 2 >= slots && free_payload * 2 >= payload => {
                 (State::Data, Reason::Drained)
             }
             _ => return None,
         };
-        let transition = Transition { from: self.state, to, reason };
+        let transition = Transition {
+            from: self.state,
+            to,
+            reason,
+        };
         self.state = to;
         self.reason = reason;
         self.transitions += 1;
@@ -176,16 +190,30 @@ mod tests {
     const PAYLOAD: u64 = 1 << 20;
 
     fn occupancy(free_slots: u64, free_payload: u64) -> Event {
-        Event::Occupancy { free_slots, slots: SLOTS, free_payload, payload: PAYLOAD }
+        Event::Occupancy {
+            free_slots,
+            slots: SLOTS,
+            free_payload,
+            payload: PAYLOAD,
+        }
     }
 
     #[test]
     fn overflow_goes_data_metadata_bitmap_and_drains_back() {
         let mut t = Tracker::default();
         assert_eq!(t.state(), State::Data);
-        let tr = t.on(Event::PayloadFull { needed: 4096, free: 100 }).unwrap();
+        let tr = t
+            .on(Event::PayloadFull {
+                needed: 4096,
+                free: 100,
+            })
+            .unwrap();
         assert_eq!((tr.from, tr.to), (State::Data, State::Metadata));
-        assert_eq!(t.on(Event::PayloadFull { needed: 1, free: 0 }), None, "already there");
+        assert_eq!(
+            t.on(Event::PayloadFull { needed: 1, free: 0 }),
+            None,
+            "already there"
+        );
         let tr = t.on(Event::RingFull { slots: SLOTS }).unwrap();
         assert_eq!((tr.from, tr.to), (State::Metadata, State::Bitmap));
         assert!(t.reason().describe().contains("1024 record slots"));
@@ -193,7 +221,10 @@ mod tests {
         assert_eq!(t.on(occupancy(SLOTS / 2 - 1, PAYLOAD)), None);
         assert_eq!(t.on(occupancy(SLOTS, PAYLOAD / 2 - 1)), None);
         let tr = t.on(occupancy(SLOTS / 2, PAYLOAD / 2)).unwrap();
-        assert_eq!((tr.from, tr.to, tr.reason), (State::Bitmap, State::Data, Reason::Drained));
+        assert_eq!(
+            (tr.from, tr.to, tr.reason),
+            (State::Bitmap, State::Data, Reason::Drained)
+        );
         assert_eq!(t.transitions(), 3);
     }
 
@@ -203,7 +234,11 @@ mod tests {
         assert_eq!(t.on(occupancy(0, 0)), None);
         let tr = t.on(Event::RingFull { slots: SLOTS }).unwrap();
         assert_eq!((tr.from, tr.to), (State::Data, State::Bitmap));
-        assert_eq!(t.on(Event::PayloadFull { needed: 1, free: 0 }), None, "bitmap is the floor");
+        assert_eq!(
+            t.on(Event::PayloadFull { needed: 1, free: 0 }),
+            None,
+            "bitmap is the floor"
+        );
     }
 
     #[test]

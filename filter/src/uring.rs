@@ -23,10 +23,29 @@ const QUEUE_DEPTH: u32 = 256;
 /// One backing-device operation.
 #[derive(Debug, Clone, Copy)]
 enum Op {
-    Read { fd: RawFd, ptr: *mut u8, len: u32, offset: u64 },
-    Write { fd: RawFd, ptr: *const u8, len: u32, offset: u64, dsync: bool },
-    Fsync { fd: RawFd, datasync: bool },
-    Fallocate { fd: RawFd, mode: i32, offset: u64, len: u64 },
+    Read {
+        fd: RawFd,
+        ptr: *mut u8,
+        len: u32,
+        offset: u64,
+    },
+    Write {
+        fd: RawFd,
+        ptr: *const u8,
+        len: u32,
+        offset: u64,
+        dsync: bool,
+    },
+    Fsync {
+        fd: RawFd,
+        datasync: bool,
+    },
+    Fallocate {
+        fd: RawFd,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    },
 }
 
 // SAFETY: the raw pointers in an Op refer to a buffer that the submitting
@@ -82,14 +101,21 @@ impl Uring {
         let engine = std::thread::Builder::new()
             .name(format!("uring-{name}"))
             .spawn(move || run(ring, rx, wake_fd))?;
-        Ok(Arc::new(Uring { tx: Mutex::new(tx), wake, engine: Mutex::new(Some(engine)) }))
+        Ok(Arc::new(Uring {
+            tx: Mutex::new(tx),
+            wake,
+            engine: Mutex::new(Some(engine)),
+        }))
     }
 
     /// Submit `op` and wait for its result.
     fn call(&self, op: Op) -> io::Result<usize> {
         SLOT.with(|slot| {
             *slot.result.lock().expect("slot lock") = None;
-            let request = Request { op, slot: Arc::clone(slot) };
+            let request = Request {
+                op,
+                slot: Arc::clone(slot),
+            };
             self.tx
                 .lock()
                 .expect("sender lock")
@@ -97,9 +123,8 @@ impl Uring {
                 .map_err(|_| io::Error::other("io_uring engine stopped"))?;
             let one: u64 = 1;
             // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
-            let n = unsafe {
-                libc::write(self.wake.as_raw_fd(), std::ptr::from_ref(&one).cast(), 8)
-            };
+            let n =
+                unsafe { libc::write(self.wake.as_raw_fd(), std::ptr::from_ref(&one).cast(), 8) };
             if n != 8 {
                 // The engine may still pick the request up on its next wake;
                 // waiting below stays correct either way.
@@ -122,7 +147,12 @@ impl Uring {
         while done < buf.len() {
             let rest = &mut buf[done..];
             let len = u32::try_from(rest.len()).unwrap_or(u32::MAX & !4095);
-            let n = self.call(Op::Read { fd, ptr: rest.as_mut_ptr(), len, offset: offset + done as u64 })?;
+            let n = self.call(Op::Read {
+                fd,
+                ptr: rest.as_mut_ptr(),
+                len,
+                offset: offset + done as u64,
+            })?;
             if n == 0 {
                 rest.fill(0);
                 return Ok(());
@@ -138,9 +168,18 @@ impl Uring {
         while done < buf.len() {
             let rest = &buf[done..];
             let len = u32::try_from(rest.len()).unwrap_or(u32::MAX & !4095);
-            let n = self.call(Op::Write { fd, ptr: rest.as_ptr(), len, offset: offset + done as u64, dsync })?;
+            let n = self.call(Op::Write {
+                fd,
+                ptr: rest.as_ptr(),
+                len,
+                offset: offset + done as u64,
+                dsync,
+            })?;
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::WriteZero, "backing device took no bytes"));
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "backing device took no bytes",
+                ));
             }
             done += n;
         }
@@ -154,7 +193,13 @@ impl Uring {
 
     /// fallocate (punch hole, zero range) through the ring.
     pub fn fallocate(&self, fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Result<()> {
-        self.call(Op::Fallocate { fd, mode, offset, len }).map(drop)
+        self.call(Op::Fallocate {
+            fd,
+            mode,
+            offset,
+            len,
+        })
+        .map(drop)
     }
 
     /// Stop the engine after the operations already submitted complete.
@@ -237,21 +282,44 @@ fn run(mut ring: IoUring, rx: mpsc::Receiver<Request>, wake_fd: RawFd) {
 
 fn build(op: Op) -> io_uring::squeue::Entry {
     match op {
-        Op::Read { fd, ptr, len, offset } => {
-            opcode::Read::new(types::Fd(fd), ptr, len).offset(offset).build()
-        }
-        Op::Write { fd, ptr, len, offset, dsync } => {
+        Op::Read {
+            fd,
+            ptr,
+            len,
+            offset,
+        } => opcode::Read::new(types::Fd(fd), ptr, len)
+            .offset(offset)
+            .build(),
+        Op::Write {
+            fd,
+            ptr,
+            len,
+            offset,
+            dsync,
+        } => {
             let flags = if dsync { libc::RWF_DSYNC } else { 0 };
-            opcode::Write::new(types::Fd(fd), ptr, len).offset(offset).rw_flags(flags).build()
+            opcode::Write::new(types::Fd(fd), ptr, len)
+                .offset(offset)
+                .rw_flags(flags)
+                .build()
         }
         Op::Fsync { fd, datasync } => {
-            let flags =
-                if datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
+            let flags = if datasync {
+                types::FsyncFlags::DATASYNC
+            } else {
+                types::FsyncFlags::empty()
+            };
             opcode::Fsync::new(types::Fd(fd)).flags(flags).build()
         }
-        Op::Fallocate { fd, mode, offset, len } => {
-            opcode::Fallocate::new(types::Fd(fd), len).offset(offset).mode(mode).build()
-        }
+        Op::Fallocate {
+            fd,
+            mode,
+            offset,
+            len,
+        } => opcode::Fallocate::new(types::Fd(fd), len)
+            .offset(offset)
+            .mode(mode)
+            .build(),
     }
 }
 
@@ -267,7 +335,13 @@ mod tests {
     #[test]
     fn write_read_sync_and_punch_through_the_ring() {
         let path = scratch("rw");
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
         let uring = Uring::start("test").unwrap();
         let fd = file.as_raw_fd();
         let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
@@ -277,7 +351,14 @@ mod tests {
         let mut back = vec![0u8; data.len()];
         uring.read_exact(fd, &mut back, 4096).unwrap();
         assert!(back == data);
-        uring.fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 4096, 8192).unwrap();
+        uring
+            .fallocate(
+                fd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                4096,
+                8192,
+            )
+            .unwrap();
         let mut hole = vec![1u8; 8192];
         file.read_exact_at(&mut hole, 4096).unwrap();
         assert!(hole.iter().all(|&b| b == 0));
@@ -292,7 +373,13 @@ mod tests {
     #[test]
     fn many_threads_share_one_engine() {
         let path = scratch("mt");
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
         let uring = Uring::start("test-mt").unwrap();
         let fd = file.as_raw_fd();
         std::thread::scope(|s| {

@@ -1,0 +1,239 @@
+//! `ferry filter`: the write interceptor daemon and its user verbs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use ferry_filter::config::{parse_size, DiskConfig, FilterConfig, Listen};
+use ferry_filter::control::{self, Request, TagRequest};
+
+/// `ferry filter [DAEMON FLAGS]` or `ferry filter status|tag ...`.
+#[derive(Debug, Args)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  \
+    ferry filter --disk data=./disk.img --listen unix:./web01/nbd.sock --state ./web01\n  \
+    ferry filter --config /etc/ferry/filter.toml\n  \
+    ferry filter status --state ./web01\n  \
+    ferry filter tag before-upgrade --state ./web01 --app --mount /srv --pre 'sync'"
+)]
+pub struct FilterArgs {
+    #[command(subcommand)]
+    command: Option<FilterCommand>,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum FilterCommand {
+    /// Per-disk tracking state, ring fill, lag and counters of a running filter.
+    Status(StatusArgs),
+    /// Insert a tag (recovery point) across all disks of the host.
+    Tag(TagArgs),
+}
+
+/// Run the daemon: serve each disk over NBD and record its writes.
+#[derive(Debug, Args)]
+struct DaemonArgs {
+    /// TOML configuration instead of --disk/--listen/--state (see docs/ARCHITECTURE.md).
+    #[arg(long, conflicts_with_all = ["disk", "listen", "state"])]
+    config: Option<PathBuf>,
+    /// A protected disk: NAME=PATH (block device or file); repeat for more.
+    #[arg(long, value_name = "NAME=PATH")]
+    disk: Vec<String>,
+    /// Where to serve NBD: unix:SOCKET or tcp:ADDR:PORT; repeat for more.
+    #[arg(long, value_name = "unix:SOCKET|tcp:ADDR")]
+    listen: Vec<String>,
+    /// State directory: control socket, tracking metadata, ring links.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Payload area of each disk's ring (e.g. 64M).
+    #[arg(long, value_parser = size)]
+    ring_size: Option<u64>,
+    /// Record slots per ring (default: one per 4 KiB of ring size).
+    #[arg(long)]
+    ring_slots: Option<u32>,
+    /// Dirty-bitmap granularity (default 4K, 16K above 512 GiB).
+    #[arg(long, value_parser = size)]
+    granularity: Option<u64>,
+    /// Activity-log extent size (default 4M).
+    #[arg(long, value_parser = size)]
+    al_extent: Option<u64>,
+    /// Activity-log slots (default 1024).
+    #[arg(long)]
+    al_slots: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// State directory of the filter.
+    #[arg(long)]
+    state: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct TagArgs {
+    /// Tag name.
+    name: String,
+    /// State directory of the filter.
+    #[arg(long)]
+    state: PathBuf,
+    /// App-consistent: freeze the --mount file systems around the tag.
+    #[arg(long)]
+    app: bool,
+    /// Mount point to freeze with --app; repeat for more.
+    #[arg(long, requires = "app")]
+    mount: Vec<PathBuf>,
+    /// Command run before freezing (sh -c).
+    #[arg(long, requires = "app")]
+    pre: Option<String>,
+    /// Command run after thawing, always (sh -c).
+    #[arg(long, requires = "app")]
+    post: Option<String>,
+    /// Limit for each script and for the freeze, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn size(text: &str) -> Result<u64, String> {
+    parse_size(text).map_err(|e| e.to_string())
+}
+
+/// Run `ferry filter ...`.
+pub fn run(args: FilterArgs) -> Result<ExitCode> {
+    match args.command {
+        Some(FilterCommand::Status(s)) => status(s),
+        Some(FilterCommand::Tag(t)) => tag(t),
+        None => daemon(args.daemon),
+    }
+}
+
+fn daemon(args: DaemonArgs) -> Result<ExitCode> {
+    let mut config = match &args.config {
+        Some(path) => FilterConfig::from_file(path)?,
+        None => {
+            let Some(state) = args.state.clone() else {
+                bail!("give --state DIR (or --config FILE); see `ferry filter --help`");
+            };
+            let disks = args
+                .disk
+                .iter()
+                .map(|d| DiskConfig::parse(d))
+                .collect::<Result<Vec<_>, _>>()?;
+            let listen = args
+                .listen
+                .iter()
+                .map(|l| Listen::parse(l))
+                .collect::<Result<Vec<_>, _>>()?;
+            FilterConfig::new(disks, listen, state)
+        }
+    };
+    if let Some(size) = args.ring_size {
+        config.set_ring_size(size);
+    }
+    if let Some(slots) = args.ring_slots {
+        config.ring_slots = slots;
+    }
+    if let Some(g) = args.granularity {
+        config.granularity = Some(g);
+    }
+    if let Some(e) = args.al_extent {
+        config.al_extent = e;
+    }
+    if let Some(s) = args.al_slots {
+        config.al_slots = s;
+    }
+    crate::init_logging();
+    ferry_filter::daemon::run(config, Arc::new(AtomicBool::new(false)))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(args: StatusArgs) -> Result<ExitCode> {
+    let response = control::call(&args.state, &Request::Status, Duration::from_secs(10))?;
+    let status = response.status.context("filter sent no status")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "filter pid {} state {} next seq {}",
+        status.pid,
+        status.state.display(),
+        status.next_seq
+    );
+    for d in &status.disks {
+        println!("disk {} ({}, {} bytes)", d.name, d.path.display(), d.size);
+        println!("  tracking:  {} ({})", d.tracking, d.reason);
+        println!(
+            "  ring:      {}/{} slots, {}/{} payload bytes",
+            d.ring_slots_used, d.ring_slots, d.ring_payload_used, d.ring_payload
+        );
+        println!(
+            "  lag:       {} records, {} bytes, {:.3} s",
+            d.lag_records, d.lag_bytes, d.lag_seconds
+        );
+        println!("  dirty:     {} bytes awaiting resync", d.dirty_bytes);
+        let c = &d.counters;
+        println!(
+            "  counters:  {} writes ({} bytes), {} reads, {} flushes, {} trims, {} zeroes",
+            c.writes, c.write_bytes, c.reads, c.flushes, c.trims, c.zeroes
+        );
+        println!(
+            "             {} data records, {} metadata records, {} bitmap writes, {} AL syncs, {} I/O errors",
+            c.data_records, c.metadata_records, c.bitmap_writes, c.al_syncs, c.io_errors
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn tag(args: TagArgs) -> Result<ExitCode> {
+    if !(args.timeout.is_finite() && args.timeout > 0.0) {
+        bail!("--timeout must be a positive number of seconds");
+    }
+    let request = TagRequest {
+        name: args.name,
+        app: args.app,
+        mounts: args.mount,
+        pre: args.pre,
+        post: args.post,
+        timeout_ms: Duration::from_secs_f64(args.timeout)
+            .as_millis()
+            .try_into()
+            .unwrap_or(u64::MAX),
+    };
+    let wait = Duration::from_secs_f64(args.timeout * 3.0 + 10.0);
+    let response = control::call(&args.state, &Request::Tag(request), wait)?;
+    let tag = response.tag.context("filter sent no tag")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&tag)?);
+    } else {
+        println!(
+            "tag {} at seq {} on {} ({}; writes held {} us{})",
+            tag.name,
+            tag.seq,
+            tag.disks.join(", "),
+            if tag.app {
+                "app-consistent"
+            } else {
+                "crash-consistent"
+            },
+            tag.barrier_us,
+            if tag.app {
+                format!(", frozen {} us", tag.frozen_us)
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,338 @@
+//! `ferry filter` configuration: from command-line flags or a TOML file.
+//!
+//! ```toml
+//! state = "/var/lib/ferry/web01"     # meeting point with the sidecar
+//! listen = ["unix:/run/ferry/web01.sock", "tcp:127.0.0.1:10809"]
+//! ring_size = "64M"                  # payload area of each disk's ring
+//! [[disk]]
+//! name = "data"
+//! path = "/dev/vg0/data"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Default payload area of each disk's ring.
+pub const DEFAULT_RING_SIZE: u64 = 64 << 20;
+/// Payload bytes per record slot: rings get one slot per this many bytes
+/// (at least [`MIN_SLOTS`]), enough for 4 KiB writes to fill the payload
+/// area before the slots run out.
+pub const BYTES_PER_SLOT: u64 = 4096;
+/// Fewest record slots in a ring.
+pub const MIN_SLOTS: u64 = 1024;
+/// Activity-log extent size (DRBD's default).
+pub const DEFAULT_AL_EXTENT: u64 = 4 << 20;
+/// Activity-log slots.
+pub const DEFAULT_AL_SLOTS: u32 = 1024;
+
+/// Where the filter listens for NBD clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A unix socket path.
+    Unix(PathBuf),
+    /// A TCP address.
+    Tcp(SocketAddr),
+}
+
+impl Listen {
+    /// Parse `unix:PATH` or `tcp:ADDR:PORT`.
+    pub fn parse(text: &str) -> Result<Listen> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(Error::config(format!("empty socket path in {text:?}")));
+            }
+            return Ok(Listen::Unix(PathBuf::from(path)));
+        }
+        if let Some(addr) = text.strip_prefix("tcp:") {
+            return addr
+                .parse()
+                .map(Listen::Tcp)
+                .map_err(|e| Error::config(format!("bad TCP address {addr:?}: {e}")));
+        }
+        Err(Error::config(format!(
+            "listen address {text:?} must start with unix: or tcp:"
+        )))
+    }
+}
+
+/// One protected disk.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct DiskConfig {
+    /// Export name (and the disk's name everywhere else).
+    pub name: String,
+    /// Backing block device or file.
+    pub path: PathBuf,
+}
+
+impl DiskConfig {
+    /// Parse `NAME=PATH`.
+    pub fn parse(text: &str) -> Result<DiskConfig> {
+        let (name, path) = text
+            .split_once('=')
+            .ok_or_else(|| Error::config(format!("--disk {text:?}: expected NAME=PATH")))?;
+        let disk = DiskConfig {
+            name: name.to_string(),
+            path: PathBuf::from(path),
+        };
+        disk.validate()?;
+        Ok(disk)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && !self.name.starts_with('.');
+        if !ok {
+            return Err(Error::config(format!(
+                "disk name {:?}: use 1-64 letters, digits, '-', '_' or '.'",
+                self.name
+            )));
+        }
+        if self.path.as_os_str().is_empty() {
+            return Err(Error::config(format!(
+                "disk {:?} has an empty path",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The whole filter configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilterConfig {
+    /// Protected disks.
+    pub disks: Vec<DiskConfig>,
+    /// Listening addresses.
+    pub listen: Vec<Listen>,
+    /// State directory.
+    pub state: PathBuf,
+    /// Payload area of each ring, bytes.
+    pub ring_size: u64,
+    /// Record slots of each ring (derived from the ring size unless set).
+    pub ring_slots: u32,
+    /// Dirty-bitmap granularity (None: 4 KiB up to 512 GiB, 16 KiB above).
+    pub granularity: Option<u64>,
+    /// Activity-log extent size.
+    pub al_extent: u64,
+    /// Activity-log slots.
+    pub al_slots: u32,
+}
+
+/// The TOML file's shape.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    state: PathBuf,
+    #[serde(default)]
+    listen: Vec<String>,
+    ring_size: Option<String>,
+    ring_slots: Option<u32>,
+    granularity: Option<String>,
+    al_extent: Option<String>,
+    al_slots: Option<u32>,
+    #[serde(default)]
+    disk: Vec<DiskConfig>,
+}
+
+/// Parse sizes like `64M` (K/M/G/T, powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64> {
+    let text = text.trim();
+    let (digits, shift) = match text.chars().last() {
+        Some(c) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(Error::config(format!("unknown size suffix in {text:?}"))),
+            };
+            (&text[..text.len() - 1], shift)
+        }
+        _ => (text, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|v| v.checked_mul(1 << shift))
+        .ok_or_else(|| Error::config(format!("not a size: {text:?}")))
+}
+
+/// Record slots for a payload area: one per [`BYTES_PER_SLOT`], a power of two.
+pub fn slots_for(ring_size: u64) -> u32 {
+    let slots = (ring_size / BYTES_PER_SLOT)
+        .max(MIN_SLOTS)
+        .next_power_of_two();
+    u32::try_from(slots).unwrap_or(1 << 31)
+}
+
+impl FilterConfig {
+    /// A configuration with defaults for everything but disks, listeners and state.
+    pub fn new(disks: Vec<DiskConfig>, listen: Vec<Listen>, state: PathBuf) -> Self {
+        FilterConfig {
+            disks,
+            listen,
+            state,
+            ring_size: DEFAULT_RING_SIZE,
+            ring_slots: slots_for(DEFAULT_RING_SIZE),
+            granularity: None,
+            al_extent: DEFAULT_AL_EXTENT,
+            al_slots: DEFAULT_AL_SLOTS,
+        }
+    }
+
+    /// Read a TOML configuration file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(e, "read config").with_path(path))?;
+        let file: FileConfig =
+            toml::from_str(&text).map_err(|e| Error::config(format!("{}: {e}", path.display())))?;
+        let listen = file
+            .listen
+            .iter()
+            .map(|l| Listen::parse(l))
+            .collect::<Result<Vec<_>>>()?;
+        for disk in &file.disk {
+            disk.validate()?;
+        }
+        let mut config = FilterConfig::new(file.disk, listen, file.state);
+        if let Some(size) = file.ring_size {
+            config.set_ring_size(parse_size(&size)?);
+        }
+        if let Some(slots) = file.ring_slots {
+            config.ring_slots = slots;
+        }
+        config.granularity = file.granularity.map(|g| parse_size(&g)).transpose()?;
+        if let Some(extent) = file.al_extent {
+            config.al_extent = parse_size(&extent)?;
+        }
+        if let Some(slots) = file.al_slots {
+            config.al_slots = slots;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Set the payload area and derive the slot count from it.
+    pub fn set_ring_size(&mut self, size: u64) {
+        self.ring_size = size;
+        self.ring_slots = slots_for(size);
+    }
+
+    /// Check the whole configuration.
+    pub fn validate(&self) -> Result<()> {
+        if self.disks.is_empty() {
+            return Err(Error::config(
+                "no disks: give at least one --disk NAME=PATH",
+            ));
+        }
+        if self.listen.is_empty() {
+            return Err(Error::config(
+                "nowhere to listen: give --listen unix:SOCKET or tcp:ADDR",
+            ));
+        }
+        let mut names: Vec<&str> = self.disks.iter().map(|d| d.name.as_str()).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::config(format!("disk name {:?} given twice", w[0])));
+        }
+        if self.ring_size < (1 << 20) || self.ring_size % 4096 != 0 {
+            return Err(Error::config(format!(
+                "ring size {} must be a multiple of 4 KiB and at least 1 MiB",
+                self.ring_size
+            )));
+        }
+        if !self.ring_slots.is_power_of_two() || self.ring_slots < 16 {
+            return Err(Error::config(
+                "ring slots must be a power of two, at least 16",
+            ));
+        }
+        if let Some(g) = self.granularity {
+            if !g.is_power_of_two() || !(512..=(1 << 20)).contains(&g) {
+                return Err(Error::config(
+                    "granularity must be a power of two from 512 B to 1 MiB",
+                ));
+            }
+        }
+        if !self.al_extent.is_power_of_two() || self.al_extent < (64 << 10) {
+            return Err(Error::config(
+                "activity-log extent must be a power of two, at least 64 KiB",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse() {
+        assert_eq!(
+            Listen::parse("unix:/x/s").unwrap(),
+            Listen::Unix("/x/s".into())
+        );
+        assert_eq!(
+            Listen::parse("tcp:127.0.0.1:10809").unwrap(),
+            Listen::Tcp("127.0.0.1:10809".parse().unwrap())
+        );
+        assert!(Listen::parse("udp:1").is_err());
+        assert!(Listen::parse("unix:").is_err());
+        let d = DiskConfig::parse("data=/dev/vg0/data").unwrap();
+        assert_eq!(
+            (d.name.as_str(), d.path.as_path()),
+            ("data", Path::new("/dev/vg0/data"))
+        );
+        assert!(DiskConfig::parse("nopath").is_err());
+        assert!(DiskConfig::parse("bad/name=/x").is_err());
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert!(parse_size("12X").is_err());
+    }
+
+    #[test]
+    fn slots_follow_ring_size() {
+        assert_eq!(slots_for(64 << 20), 16384);
+        assert_eq!(slots_for(1 << 20), 1024);
+        assert!(slots_for(3 << 20).is_power_of_two());
+    }
+
+    #[test]
+    fn toml_file_loads_and_validates() {
+        let dir = std::env::temp_dir().join(format!("ferry-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("filter.toml");
+        std::fs::write(
+            &path,
+            "state = \"/tmp/st\"\nlisten = [\"unix:/tmp/st/nbd.sock\"]\nring_size = \"8M\"\n\
+             [[disk]]\nname = \"data\"\npath = \"/tmp/disk.img\"\n",
+        )
+        .unwrap();
+        let c = FilterConfig::from_file(&path).unwrap();
+        assert_eq!(c.ring_size, 8 << 20);
+        assert_eq!(c.ring_slots, 2048);
+        assert_eq!(c.disks[0].name, "data");
+        std::fs::write(&path, "state = \"/tmp/st\"\nbogus = 1\n").unwrap();
+        assert!(
+            FilterConfig::from_file(&path).is_err(),
+            "unknown keys are refused"
+        );
+        std::fs::write(
+            &path,
+            "state = \"/s\"\nlisten = [\"unix:/s/x\"]\n[[disk]]\nname = \"a\"\npath = \"/x\"\n\
+             [[disk]]\nname = \"a\"\npath = \"/y\"\n",
+        )
+        .unwrap();
+        let e = FilterConfig::from_file(&path).unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,414 @@
+//! The filter's control socket: a small versioned protocol of JSON lines.
+//!
+//! One request per line, one response per line, on `STATE/control.sock`:
+//!
+//! ```text
+//! -> {"version":1,"op":"status"}
+//! <- {"version":1,"ok":true,"status":{...HostStatus...}}
+//! -> {"version":1,"op":"tag","name":"before-upgrade","app":true,"mounts":["/srv"],...}
+//! <- {"version":1,"ok":true,"tag":{"name":"before-upgrade","seq":1234,...}}
+//! <- {"version":1,"ok":false,"error":"..."}
+//! ```
+//!
+//! A request with another `version` is answered with an error naming the
+//! versions this side speaks; unknown fields are ignored so that newer
+//! clients can add optional ones.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Protocol version spoken by this build.
+pub const VERSION: u32 = 1;
+/// File name of the control socket in the state directory.
+pub const SOCKET_NAME: &str = "control.sock";
+/// Longest request line accepted.
+const MAX_LINE: u64 = 64 * 1024;
+
+/// A request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// Per-disk tracking state, ring fill, lag and counters.
+    Status,
+    /// Insert a tag across all disks.
+    Tag(TagRequest),
+}
+
+/// What `ferry filter tag` asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRequest {
+    /// Tag name.
+    pub name: String,
+    /// App-consistent: freeze `mounts` and run the scripts around the tag.
+    #[serde(default)]
+    pub app: bool,
+    /// Mount points to freeze (FIFREEZE) with `app`.
+    #[serde(default)]
+    pub mounts: Vec<PathBuf>,
+    /// Command run (through `sh -c`) before freezing.
+    #[serde(default)]
+    pub pre: Option<String>,
+    /// Command run after thawing (always, even when something failed).
+    #[serde(default)]
+    pub post: Option<String>,
+    /// Limit for each script and for the time file systems stay frozen, ms.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+/// What a tag became.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagOutcome {
+    /// Tag name.
+    pub name: String,
+    /// Host-wide sequence number of the tag records.
+    pub seq: u64,
+    /// Whether it is app-consistent.
+    pub app: bool,
+    /// Disks the tag was recorded on.
+    pub disks: Vec<String>,
+    /// How long writes were held back for the tag, microseconds.
+    pub barrier_us: u64,
+    /// How long file systems were frozen, microseconds (0 without `app`).
+    pub frozen_us: u64,
+}
+
+/// Status of the whole host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostStatus {
+    /// Filter process id.
+    pub pid: u32,
+    /// State directory.
+    pub state: PathBuf,
+    /// Next host-wide sequence number.
+    pub next_seq: u64,
+    /// Per disk.
+    pub disks: Vec<DiskStatus>,
+}
+
+/// Status of one protected disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskStatus {
+    /// Disk name.
+    pub name: String,
+    /// Backing device or file.
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub size: u64,
+    /// `data`, `metadata` or `bitmap`.
+    pub tracking: String,
+    /// Why the disk is in that state.
+    pub reason: String,
+    /// Tracking-state changes since start.
+    pub transitions: u64,
+    /// Record slots in the ring and in use.
+    pub ring_slots: u64,
+    /// Slots holding unconsumed records.
+    pub ring_slots_used: u64,
+    /// Payload area and bytes in use.
+    pub ring_payload: u64,
+    /// Payload bytes held for the consumer.
+    pub ring_payload_used: u64,
+    /// Unconsumed records.
+    pub lag_records: u64,
+    /// Bytes written by unconsumed records.
+    pub lag_bytes: u64,
+    /// Age of the oldest unconsumed record, seconds.
+    pub lag_seconds: f64,
+    /// Bytes marked dirty (bitmap state, crash recovery) awaiting resync.
+    pub dirty_bytes: u64,
+    /// Counters since start.
+    pub counters: Counters,
+}
+
+/// Per-disk counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Write requests.
+    pub writes: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
+    /// Read requests.
+    pub reads: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Flush requests.
+    pub flushes: u64,
+    /// Trim requests.
+    pub trims: u64,
+    /// Write-zeroes requests.
+    pub zeroes: u64,
+    /// Records published with payload.
+    pub data_records: u64,
+    /// Records published without payload.
+    pub metadata_records: u64,
+    /// Writes tracked only in the bitmap.
+    pub bitmap_writes: u64,
+    /// Activity-log syncs paid by writes to cold extents.
+    pub al_syncs: u64,
+    /// Backing-device errors.
+    pub io_errors: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope<T> {
+    version: u32,
+    #[serde(flatten)]
+    body: T,
+}
+
+/// A response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    /// Protocol version.
+    pub version: u32,
+    /// Success.
+    pub ok: bool,
+    /// Error message when not ok.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Answer to `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<HostStatus>,
+    /// Answer to `tag`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<TagOutcome>,
+}
+
+impl Response {
+    fn error(message: impl Into<String>) -> Self {
+        Response {
+            version: VERSION,
+            ok: false,
+            error: Some(message.into()),
+            status: None,
+            tag: None,
+        }
+    }
+}
+
+/// What the daemon does with requests.
+pub trait Handler: Send + Sync {
+    /// Current status.
+    fn status(&self) -> HostStatus;
+    /// Insert a tag.
+    fn tag(&self, request: &TagRequest) -> Result<TagOutcome>;
+}
+
+/// Decode one request line and produce the response line.
+pub fn answer(line: &str, handler: &dyn Handler) -> String {
+    let response = match serde_json::from_str::<serde_json::Value>(line) {
+        Err(e) => Response::error(format!("request is not JSON: {e}")),
+        Ok(value) => match value.get("version").and_then(serde_json::Value::as_u64) {
+            Some(v) if v == u64::from(VERSION) => match serde_json::from_value::<Request>(value) {
+                Err(e) => Response::error(format!("bad request: {e}")),
+                Ok(Request::Status) => Response {
+                    version: VERSION,
+                    ok: true,
+                    error: None,
+                    status: Some(handler.status()),
+                    tag: None,
+                },
+                Ok(Request::Tag(tag)) => match handler.tag(&tag) {
+                    Ok(outcome) => Response {
+                        version: VERSION,
+                        ok: true,
+                        error: None,
+                        status: None,
+                        tag: Some(outcome),
+                    },
+                    Err(e) => Response::error(e.to_string()),
+                },
+            },
+            other => Response::error(format!(
+                "control protocol version {other:?} not spoken here (this filter speaks {VERSION})"
+            )),
+        },
+    };
+    serde_json::to_string(&response).expect("responses serialize")
+}
+
+/// Serve the control socket until `stop` is set. Runs on its own thread.
+pub fn serve(listener: UnixListener, handler: Arc<dyn Handler>, stop: Arc<AtomicBool>) {
+    listener
+        .set_nonblocking(true)
+        .expect("nonblocking control socket");
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let handler = Arc::clone(&handler);
+                let spawned = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || serve_connection(stream, handler.as_ref()));
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot start a control connection thread");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket accept failed");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+fn serve_connection(stream: UnixStream, handler: &dyn Handler) {
+    let _ = stream.set_nonblocking(false);
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(std::io::Read::take(stream, u64::MAX));
+    loop {
+        let mut line = String::new();
+        reader.get_mut().set_limit(MAX_LINE);
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) if !line.ends_with('\n') => {
+                let _ = writeln!(
+                    writer,
+                    "{}",
+                    serde_json::to_string(&Response::error("request line too long"))
+                        .unwrap_or_default()
+                );
+                return;
+            }
+            Ok(_) => {
+                let reply = answer(line.trim_end(), handler);
+                if writeln!(writer, "{reply}").is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Client side: send one request to the filter whose state directory is `state`.
+pub fn call(state: &Path, request: &Request, timeout: Duration) -> Result<Response> {
+    let path = state.join(SOCKET_NAME);
+    let stream = UnixStream::connect(&path).map_err(|e| {
+        Error::io(
+            e,
+            "connect to the filter's control socket (is `ferry filter` running?)",
+        )
+        .with_path(&path)
+    })?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| Error::io(e, "set timeout"))?;
+    let mut writer = stream
+        .try_clone()
+        .map_err(|e| Error::io(e, "clone socket"))?;
+    let line = serde_json::to_string(&Envelope {
+        version: VERSION,
+        body: request,
+    })
+    .map_err(|e| Error::control(e.to_string()))?;
+    writeln!(writer, "{line}").map_err(|e| Error::io(e, "send request").with_path(&path))?;
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .map_err(|e| Error::io(e, "read response").with_path(&path))?;
+    let response: Response = serde_json::from_str(&reply)
+        .map_err(|e| Error::control(format!("malformed response {reply:?}: {e}")))?;
+    if !response.ok {
+        return Err(Error::control(
+            response.error.unwrap_or_else(|| "request failed".into()),
+        ));
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fake;
+
+    impl Handler for Fake {
+        fn status(&self) -> HostStatus {
+            HostStatus {
+                pid: 7,
+                state: "/s".into(),
+                next_seq: 42,
+                disks: Vec::new(),
+            }
+        }
+        fn tag(&self, request: &TagRequest) -> Result<TagOutcome> {
+            if request.name.is_empty() {
+                return Err(Error::control("empty tag name"));
+            }
+            Ok(TagOutcome {
+                name: request.name.clone(),
+                seq: 9,
+                app: request.app,
+                disks: vec!["d".into()],
+                barrier_us: 1,
+                frozen_us: 0,
+            })
+        }
+    }
+
+    #[test]
+    fn requests_and_versions() {
+        let ok: Response =
+            serde_json::from_str(&answer(r#"{"version":1,"op":"status"}"#, &Fake)).unwrap();
+        assert!(ok.ok);
+        assert_eq!(ok.status.unwrap().next_seq, 42);
+        let bad: Response =
+            serde_json::from_str(&answer(r#"{"version":2,"op":"status"}"#, &Fake)).unwrap();
+        assert!(!bad.ok);
+        assert!(bad.error.unwrap().contains("speaks 1"));
+        let junk: Response = serde_json::from_str(&answer("{nope", &Fake)).unwrap();
+        assert!(!junk.ok);
+        let tag: Response = serde_json::from_str(&answer(
+            r#"{"version":1,"op":"tag","name":"t1","future_field":3}"#,
+            &Fake,
+        ))
+        .unwrap();
+        assert_eq!(tag.tag.unwrap().seq, 9);
+        let failed: Response =
+            serde_json::from_str(&answer(r#"{"version":1,"op":"tag","name":""}"#, &Fake)).unwrap();
+        assert_eq!(failed.error.as_deref(), Some("empty tag name"));
+    }
+
+    #[test]
+    fn socket_round_trip() {
+        let dir = std::env::temp_dir().join(format!("ferry-control-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(SOCKET_NAME);
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || serve(listener, Arc::new(Fake), stop))
+        };
+        let r = call(&dir, &Request::Status, Duration::from_secs(5)).unwrap();
+        assert_eq!(r.status.unwrap().pid, 7);
+        let e = call(
+            &dir,
+            &Request::Tag(TagRequest::default()),
+            Duration::from_secs(5),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("empty tag name"));
+        stop.store(true, Ordering::Relaxed);
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

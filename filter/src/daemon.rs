@@ -1,0 +1,624 @@
+//! `ferry filter`: the daemon. Opens the disks, serves them over NBD,
+//! answers the control socket, keeps tracking state moving, and stops
+//! cleanly on SIGTERM.
+//!
+//! State directory layout (the meeting point with the sidecar):
+//!
+//! ```text
+//! STATE/filter.lock          flock: one filter per state directory
+//! STATE/filter.json          pid, listeners, disks and their ring paths
+//! STATE/control.sock         control socket (status, tag)
+//! STATE/seq                  host-wide sequence numbers reserved so far
+//! STATE/tags.jsonl           tag names by sequence number (the ring holds ids)
+//! STATE/disks/NAME/meta      activity log + dirty bitmap + clean flag
+//! STATE/disks/NAME/ring  ->  /dev/shm/ferry-<id>/NAME.ring
+//! ```
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::config::{FilterConfig, Listen};
+use crate::control::{self, HostStatus, TagOutcome, TagRequest};
+use crate::disk::Disk;
+use crate::error::{Error, Result};
+use crate::export::Exports;
+use crate::freeze::{run_script, Frozen};
+use crate::nbd::{self, ServeOptions};
+use crate::order::Sequencer;
+use crate::tracker::State;
+use crate::uring::Uring;
+
+/// Sequence numbers reserved on disk at a time: a restart continues above
+/// the reservation, so numbers never repeat even after kill -9.
+const SEQ_BLOCK: u64 = 1 << 20;
+/// How often housekeeping runs.
+const HOUSEKEEPING: Duration = Duration::from_millis(100);
+/// How long a clean stop waits for connections to finish their requests.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// The host: every disk, the sequencer, the state directory.
+#[derive(Debug)]
+pub struct Host {
+    disks: Vec<Arc<Disk>>,
+    sequencer: Arc<Sequencer>,
+    state: PathBuf,
+    seq_file: File,
+    seq_reserved: AtomicU64,
+    tag_lock: Mutex<()>,
+}
+
+impl Host {
+    /// Reserve sequence numbers ahead of use (durably).
+    fn reserve_seq(&self) -> Result<()> {
+        let next = self.sequencer.peek();
+        if next + SEQ_BLOCK / 2 < self.seq_reserved.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let reserved = next + SEQ_BLOCK;
+        write_seq(&self.seq_file, reserved)?;
+        self.seq_reserved.store(reserved, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn housekeep(&self) {
+        for disk in &self.disks {
+            disk.housekeep();
+        }
+        if let Err(e) = self.reserve_seq() {
+            tracing::error!(error = %e, "cannot reserve sequence numbers");
+        }
+    }
+
+    fn record_tag_name(&self, seq: u64, request: &TagRequest) -> Result<()> {
+        #[derive(Serialize)]
+        struct Line<'a> {
+            seq: u64,
+            name: &'a str,
+            app: bool,
+            time_ns: u64,
+        }
+        let path = self.state.join("tags.jsonl");
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(e, "open tag log").with_path(&path))?;
+        let time_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let line = serde_json::to_string(&Line {
+            seq,
+            name: &request.name,
+            app: request.app,
+            time_ns,
+        })
+        .map_err(|e| Error::control(e.to_string()))?;
+        writeln!(file, "{line}").map_err(|e| Error::io(e, "write tag log").with_path(&path))?;
+        file.sync_data()
+            .map_err(|e| Error::io(e, "sync tag log").with_path(&path))
+    }
+
+    /// Hold every disk's write path, take one sequence number, record the
+    /// tag on every disk, release.
+    fn insert_tag(&self, request: &TagRequest) -> Result<(u64, Duration)> {
+        let started = Instant::now();
+        let barriers: Vec<_> = self.disks.iter().map(|d| d.gate().barrier()).collect();
+        if let Some(d) = self.disks.iter().find(|d| d.state() != State::Data) {
+            return Err(Error::control(format!(
+                "disk {} is in {:?} state: no consistent point can be tagged until it drains",
+                d.name(),
+                d.state()
+            )));
+        }
+        let seq = self.sequencer.next();
+        self.record_tag_name(seq, request)?;
+        for disk in &self.disks {
+            disk.tag(seq, seq)?;
+        }
+        drop(barriers);
+        Ok((seq, started.elapsed()))
+    }
+}
+
+impl control::Handler for Host {
+    fn status(&self) -> HostStatus {
+        HostStatus {
+            pid: std::process::id(),
+            state: self.state.clone(),
+            next_seq: self.sequencer.peek(),
+            disks: self.disks.iter().map(|d| d.status()).collect(),
+        }
+    }
+
+    fn tag(&self, request: &TagRequest) -> Result<TagOutcome> {
+        if request.name.is_empty()
+            || request.name.len() > 128
+            || request.name.contains(['\n', '\0'])
+        {
+            return Err(Error::control(
+                "a tag name is 1-128 characters without newlines",
+            ));
+        }
+        let _one_at_a_time = self.tag_lock.lock().expect("tag lock");
+        let timeout = Duration::from_millis(request.timeout_ms.max(1));
+        if !request.app {
+            let (seq, barrier) = self.insert_tag(request)?;
+            return Ok(self.outcome(request, seq, barrier, Duration::ZERO));
+        }
+        // App-consistent: pre -> freeze -> tag -> thaw -> post; post and thaw always.
+        let result = (|| {
+            if let Some(pre) = &request.pre {
+                run_script("pre", pre, timeout)?;
+            }
+            let frozen = Frozen::freeze(&request.mounts, timeout)?;
+            let tagged = self.insert_tag(request);
+            let expired = frozen.expired();
+            let frozen_for = frozen.thaw()?;
+            let (seq, barrier) = tagged?;
+            if expired {
+                return Err(Error::control(format!(
+                    "file systems were thawed by the {timeout:?} deadline before the tag was taken"
+                )));
+            }
+            Ok(self.outcome(request, seq, barrier, frozen_for))
+        })();
+        let post = request
+            .post
+            .as_ref()
+            .map(|post| run_script("post", post, timeout));
+        match (result, post) {
+            (Ok(outcome), None | Some(Ok(()))) => Ok(outcome),
+            (Ok(outcome), Some(Err(e))) => {
+                tracing::warn!(tag = %outcome.name, error = %e, "post script failed after the tag was taken");
+                Err(Error::control(format!(
+                    "tag {} taken at seq {}, but {e}",
+                    outcome.name, outcome.seq
+                )))
+            }
+            (Err(e), _) => Err(e),
+        }
+    }
+}
+
+impl Host {
+    fn outcome(
+        &self,
+        request: &TagRequest,
+        seq: u64,
+        barrier: Duration,
+        frozen: Duration,
+    ) -> TagOutcome {
+        TagOutcome {
+            name: request.name.clone(),
+            seq,
+            app: request.app,
+            disks: self.disks.iter().map(|d| d.name().to_string()).collect(),
+            barrier_us: u64::try_from(barrier.as_micros()).unwrap_or(u64::MAX),
+            frozen_us: u64::try_from(frozen.as_micros()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+fn write_seq(file: &File, value: u64) -> Result<()> {
+    file.write_all_at(&value.to_le_bytes(), 0)
+        .map_err(|e| Error::io(e, "write seq"))?;
+    file.sync_data().map_err(|e| Error::io(e, "sync seq"))
+}
+
+fn read_seq(file: &File) -> u64 {
+    let mut bytes = [0u8; 8];
+    match file.read_exact_at(&mut bytes, 0) {
+        Ok(()) => u64::from_le_bytes(bytes),
+        Err(_) => 1,
+    }
+}
+
+/// Take the state directory's lock, so two filters never share it.
+fn lock_state(state: &Path) -> Result<File> {
+    let path = state.join("filter.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(e, "open lock").with_path(&path))?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(Error::config(format!(
+            "another ferry filter is using {} (lock held on {})",
+            state.display(),
+            path.display()
+        )));
+    }
+    Ok(file)
+}
+
+/// Directory in shared memory for this state directory's rings.
+fn ring_dir(state: &Path) -> PathBuf {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    state.hash(&mut h);
+    PathBuf::from("/dev/shm").join(format!("ferry-{:016x}", h.finish()))
+}
+
+/// Best effort: the kernel must not wait on this process's own I/O to free
+/// memory (we sit in a block device's write path).
+fn become_io_flusher() {
+    const PR_SET_IO_FLUSHER: libc::c_int = 57;
+    // SAFETY: prctl with integer arguments only.
+    let rc = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "PR_SET_IO_FLUSHER not set");
+    }
+}
+
+/// Live NBD connections, so a stop can end their request loops.
+#[derive(Debug, Default)]
+struct Connections {
+    next: AtomicU64,
+    live: Mutex<HashMap<u64, Stream>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+#[derive(Debug)]
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn shutdown_read(&self) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(Shutdown::Read),
+            Stream::Tcp(s) => s.shutdown(Shutdown::Read),
+        };
+    }
+}
+
+/// Description of the running filter, for the sidecar and humans.
+#[derive(Debug, Serialize)]
+struct FilterInfo<'a> {
+    pid: u32,
+    listen: Vec<String>,
+    disks: Vec<DiskInfo<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+struct DiskInfo<'a> {
+    name: &'a str,
+    size: u64,
+    ring: &'a Path,
+}
+
+/// Run the filter until `stop` is set (SIGTERM/SIGINT set it too).
+pub fn run(config: FilterConfig, stop: Arc<AtomicBool>) -> Result<()> {
+    config.validate()?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))
+        .map_err(|e| Error::io(e, "SIGTERM handler"))?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))
+        .map_err(|e| Error::io(e, "SIGINT handler"))?;
+    let state = &config.state;
+    std::fs::create_dir_all(state)
+        .map_err(|e| Error::io(e, "create state dir").with_path(state))?;
+    let state = state
+        .canonicalize()
+        .map_err(|e| Error::io(e, "resolve state dir").with_path(state))?;
+    let _lock = lock_state(&state)?;
+    become_io_flusher();
+
+    let seq_path = state.join("seq");
+    let seq_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&seq_path)
+        .map_err(|e| Error::io(e, "open seq").with_path(&seq_path))?;
+    let first = read_seq(&seq_file).max(1);
+    let sequencer = Sequencer::new(first);
+    write_seq(&seq_file, first + SEQ_BLOCK)?;
+
+    let rings = ring_dir(&state);
+    std::fs::create_dir_all(&rings)
+        .map_err(|e| Error::io(e, "create ring dir").with_path(&rings))?;
+    let uring = Uring::start("filter").map_err(|e| Error::io(e, "io_uring setup"))?;
+    let mut disks = Vec::new();
+    for disk in &config.disks {
+        let opened = Disk::open(
+            disk,
+            &config,
+            &state,
+            &rings,
+            Arc::clone(&sequencer),
+            Arc::clone(&uring),
+        )?;
+        tracing::info!(disk = %disk.name, path = %disk.path.display(), size = opened.size(), ring = %opened.ring_path().display(), "disk protected");
+        disks.push(Arc::new(opened));
+    }
+    let host = Arc::new(Host {
+        disks: disks.clone(),
+        sequencer,
+        state: state.clone(),
+        seq_file,
+        seq_reserved: AtomicU64::new(first + SEQ_BLOCK),
+        tag_lock: Mutex::new(()),
+    });
+    write_info(&state, &config, &disks)?;
+
+    let control_path = state.join(control::SOCKET_NAME);
+    let _ = std::fs::remove_file(&control_path);
+    let control_listener = UnixListener::bind(&control_path)
+        .map_err(|e| Error::io(e, "bind control socket").with_path(&control_path))?;
+    let control_thread = {
+        let (handler, stop) = (
+            Arc::clone(&host) as Arc<dyn control::Handler>,
+            Arc::clone(&stop),
+        );
+        spawn("control", move || {
+            control::serve(control_listener, handler, stop)
+        })?
+    };
+    let housekeeping = {
+        let (host, stop) = (Arc::clone(&host), Arc::clone(&stop));
+        spawn("housekeeping", move || {
+            while !stop.load(Ordering::Relaxed) {
+                host.housekeep();
+                std::thread::sleep(HOUSEKEEPING);
+            }
+        })?
+    };
+
+    let exports = Arc::new(Exports::new(disks.clone()));
+    let connections = Arc::new(Connections::default());
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let mut acceptors = Vec::new();
+    let mut unix_paths = Vec::new();
+    for listen in &config.listen {
+        acceptors.push(listen_on(
+            listen,
+            &exports,
+            &connections,
+            &stop,
+            &shutdown,
+            &mut unix_paths,
+        )?);
+    }
+    tracing::info!(state = %state.display(), disks = disks.len(), "ferry filter running");
+
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tracing::info!("stopping: finishing in-flight requests");
+    for a in acceptors {
+        let _ = a.join();
+    }
+    for stream in connections.live.lock().expect("connections").values() {
+        stream.shutdown_read();
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    let threads: Vec<_> = connections
+        .threads
+        .lock()
+        .expect("threads")
+        .drain(..)
+        .collect();
+    for t in threads {
+        while !t.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        } else {
+            shutdown.store(true, Ordering::Relaxed);
+            tracing::warn!("a connection did not finish within the grace period");
+        }
+    }
+    let _ = housekeeping.join();
+    let _ = control_thread.join();
+    host.housekeep();
+    drop(exports);
+    let Ok(host) = Arc::try_unwrap(host) else {
+        return Err(Error::control(
+            "connections still hold the disks; not marking them clean",
+        ));
+    };
+    drop(disks);
+    let mut result = Ok(());
+    for disk in host.disks {
+        let name = disk.name().to_string();
+        match Arc::try_unwrap(disk) {
+            Ok(disk) => {
+                if let Err(e) = disk.close() {
+                    tracing::error!(disk = %name, error = %e, "clean close failed");
+                    result = Err(e);
+                }
+            }
+            Err(_) => tracing::error!(disk = %name, "disk still in use at stop; left unclean"),
+        }
+    }
+    uring.stop();
+    for path in unix_paths.iter().chain([&control_path]) {
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::info!("ferry filter stopped");
+    result
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|e| Error::io(e, "spawn thread"))
+}
+
+fn write_info(state: &Path, config: &FilterConfig, disks: &[Arc<Disk>]) -> Result<()> {
+    let info = FilterInfo {
+        pid: std::process::id(),
+        listen: config
+            .listen
+            .iter()
+            .map(|l| match l {
+                Listen::Unix(p) => format!("unix:{}", p.display()),
+                Listen::Tcp(a) => format!("tcp:{a}"),
+            })
+            .collect(),
+        disks: disks
+            .iter()
+            .map(|d| DiskInfo {
+                name: d.name(),
+                size: d.size(),
+                ring: d.ring_path(),
+            })
+            .collect(),
+    };
+    let path = state.join("filter.json");
+    let text = serde_json::to_string_pretty(&info).map_err(|e| Error::control(e.to_string()))?;
+    std::fs::write(&path, text).map_err(|e| Error::io(e, "write filter.json").with_path(&path))
+}
+
+/// Bind one listener and start its accept thread.
+fn listen_on(
+    listen: &Listen,
+    exports: &Arc<Exports>,
+    connections: &Arc<Connections>,
+    stop: &Arc<AtomicBool>,
+    shutdown: &Arc<AtomicBool>,
+    unix_paths: &mut Vec<PathBuf>,
+) -> Result<JoinHandle<()>> {
+    let (exports, connections, stop, shutdown) = (
+        Arc::clone(exports),
+        Arc::clone(connections),
+        Arc::clone(stop),
+        Arc::clone(shutdown),
+    );
+    match listen {
+        Listen::Unix(path) => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| Error::io(e, "create socket dir").with_path(dir))?;
+            }
+            let _ = std::fs::remove_file(path);
+            let listener = UnixListener::bind(path)
+                .map_err(|e| Error::io(e, "bind NBD socket").with_path(path))?;
+            listener
+                .set_nonblocking(true)
+                .map_err(|e| Error::io(e, "nonblocking"))?;
+            unix_paths.push(path.clone());
+            spawn("accept-unix", move || {
+                accept_loop(
+                    &stop,
+                    || match listener.accept() {
+                        Ok((s, _)) => Some(Ok(s)),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+                        Err(e) => Some(Err(e)),
+                    },
+                    |s: UnixStream| {
+                        let _ = s.set_nonblocking(false);
+                        let clone = s.try_clone().ok().map(Stream::Unix);
+                        serve_connection(s, clone, &exports, &connections, &shutdown);
+                    },
+                );
+            })
+        }
+        Listen::Tcp(addr) => {
+            let listener =
+                TcpListener::bind(addr).map_err(|e| Error::io(e, "bind NBD TCP address"))?;
+            listener
+                .set_nonblocking(true)
+                .map_err(|e| Error::io(e, "nonblocking"))?;
+            spawn("accept-tcp", move || {
+                accept_loop(
+                    &stop,
+                    || match listener.accept() {
+                        Ok((s, _)) => Some(Ok(s)),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+                        Err(e) => Some(Err(e)),
+                    },
+                    |s: TcpStream| {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_nodelay(true);
+                        let clone = s.try_clone().ok().map(Stream::Tcp);
+                        serve_connection(s, clone, &exports, &connections, &shutdown);
+                    },
+                );
+            })
+        }
+    }
+}
+
+fn accept_loop<S>(
+    stop: &AtomicBool,
+    mut accept: impl FnMut() -> Option<std::io::Result<S>>,
+    mut serve: impl FnMut(S),
+) {
+    while !stop.load(Ordering::Relaxed) {
+        match accept() {
+            Some(Ok(stream)) => serve(stream),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn serve_connection<S: std::io::Read + std::io::Write + Send + 'static>(
+    stream: S,
+    clone: Option<Stream>,
+    exports: &Arc<Exports>,
+    connections: &Arc<Connections>,
+    shutdown: &Arc<AtomicBool>,
+) {
+    let id = connections.next.fetch_add(1, Ordering::Relaxed);
+    if let Some(clone) = clone {
+        connections
+            .live
+            .lock()
+            .expect("connections")
+            .insert(id, clone);
+    }
+    let (exports, conns, shutdown) = (
+        Arc::clone(exports),
+        Arc::clone(connections),
+        Arc::clone(shutdown),
+    );
+    let options = ServeOptions {
+        shutdown: Some(shutdown),
+        ..ServeOptions::default()
+    };
+    let thread = std::thread::Builder::new()
+        .name(format!("nbd-conn-{id}"))
+        .spawn(move || {
+            match nbd::serve(stream, exports.as_ref(), options) {
+                Ok(()) => tracing::debug!(conn = id, "NBD client disconnected"),
+                Err(e) => tracing::info!(conn = id, error = %e, "NBD connection ended"),
+            }
+            conns.live.lock().expect("connections").remove(&id);
+        });
+    match thread {
+        Ok(t) => {
+            let mut threads = connections.threads.lock().expect("threads");
+            threads.retain(|t| !t.is_finished());
+            threads.push(t);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start a connection thread");
+            connections.live.lock().expect("connections").remove(&id);
+        }
+    }
+}

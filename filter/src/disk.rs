@@ -1,0 +1,795 @@
+//! One protected disk: backing device, order gate, ring, tracking state,
+//! activity log and dirty bitmap.
+//!
+//! The write path, for a write of `range`:
+//! 1. the payload lands from the socket in a ring slot reserved by
+//!    [`Disk::write_buffer`] (data state), or in a heap buffer;
+//! 2. [`OrderGate::begin`] gives the write its ticket and host-wide
+//!    sequence number and waits out earlier overlapping writes;
+//! 3. the activity log covers the range durably ([`MetaFile::before_write`]);
+//! 4. the data goes to the backing device through io_uring (RWF_DSYNC for FUA);
+//! 5. in ticket order, the record is published: with payload (data state),
+//!    without (metadata state), or as dirty bits (bitmap state);
+//! 6. only then is the write acknowledged.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ferry_ring::meta::{MetaFile, MetaGeometry, Range as MetaRange};
+use ferry_ring::ring::{Geometry, NewRecord, PayloadSlot, Producer, RecordKind, FLAG_FUA};
+
+use crate::config::{DiskConfig, FilterConfig};
+use crate::control::{Counters, DiskStatus};
+use crate::error::{Error, Result};
+use crate::order::{OrderGate, Range, Sequencer, Ticket};
+use crate::tracker::{Event, Reason, State, Tracker, Transition};
+use crate::uring::Uring;
+
+/// `_IOR(0x12, 114, size_t)`: size of a block device in bytes (linux/fs.h).
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+/// Buffer a write's payload is read into.
+#[derive(Debug)]
+pub enum WriteData {
+    /// A slot in the disk's ring (data state): zero copies after the socket.
+    Ring(PayloadSlot),
+    /// Plain memory; `full` says why no ring slot was used, if the ring was full.
+    Heap {
+        /// The bytes.
+        data: Vec<u8>,
+        /// (needed, free) payload bytes when a reservation failed.
+        full: Option<(u64, u64)>,
+    },
+}
+
+impl WriteData {
+    /// The payload bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            WriteData::Ring(slot) => slot.as_slice(),
+            WriteData::Heap { data, .. } => data,
+        }
+    }
+
+    /// The payload bytes, writable (the protocol layer reads into them).
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            WriteData::Ring(slot) => slot.as_mut_slice(),
+            WriteData::Heap { data, .. } => data,
+        }
+    }
+}
+
+/// A published, not yet committed record: what the dirty map and the
+/// activity-log release need to know about it.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    index: u64,
+    seq: u64,
+    range: Range,
+    timestamp_ns: u64,
+}
+
+/// State touched when records are published (always under the order gate).
+#[derive(Debug)]
+struct Tracking {
+    producer: Producer,
+    tracker: Tracker,
+    pending: VecDeque<Pending>,
+    last_transition: Option<(Transition, u64)>,
+}
+
+/// Why a disk request failed (mapped to NBD errors by the export).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoFailure {
+    /// The backing device failed.
+    Io,
+    /// Tracking could not record the write safely.
+    Tracking,
+}
+
+/// One protected disk.
+#[derive(Debug)]
+pub struct Disk {
+    name: String,
+    path: PathBuf,
+    size: u64,
+    file: File,
+    is_block_device: bool,
+    uring: Arc<Uring>,
+    gate: OrderGate,
+    tracking: Mutex<Tracking>,
+    meta: Mutex<MetaFile>,
+    ring_path: PathBuf,
+    counters: AtomicCounters,
+}
+
+#[derive(Debug, Default)]
+struct AtomicCounters {
+    writes: AtomicU64,
+    write_bytes: AtomicU64,
+    reads: AtomicU64,
+    read_bytes: AtomicU64,
+    flushes: AtomicU64,
+    trims: AtomicU64,
+    zeroes: AtomicU64,
+    data_records: AtomicU64,
+    metadata_records: AtomicU64,
+    bitmap_writes: AtomicU64,
+    io_errors: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn meta_range(range: Range) -> MetaRange {
+    MetaRange {
+        offset: range.offset,
+        len: range.len,
+    }
+}
+
+/// Size of a block device or regular file.
+fn device_size(file: &File, path: &Path) -> Result<(u64, bool)> {
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(e, "stat backing device").with_path(path))?;
+    if meta.file_type().is_block_device() {
+        let mut size: u64 = 0;
+        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which
+        // points at a live local; the descriptor is open.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size) };
+        if rc < 0 {
+            return Err(Error::io(std::io::Error::last_os_error(), "BLKGETSIZE64").with_path(path));
+        }
+        Ok((size, true))
+    } else if meta.is_file() {
+        Ok((meta.len(), false))
+    } else {
+        Err(Error::config(format!(
+            "{} is neither a block device nor a file",
+            path.display()
+        )))
+    }
+}
+
+impl Disk {
+    /// Open a disk's backing device, its tracking metadata (reporting what a
+    /// crash left possibly unshipped as dirty) and a fresh ring.
+    pub fn open(
+        disk: &DiskConfig,
+        config: &FilterConfig,
+        state_dir: &Path,
+        ring_dir: &Path,
+        sequencer: Arc<Sequencer>,
+        uring: Arc<Uring>,
+    ) -> Result<Disk> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk.path)
+            .map_err(|e| Error::io(e, "open backing device").with_path(&disk.path))?;
+        let (size, is_block_device) = device_size(&file, &disk.path)?;
+        let dir = state_dir.join("disks").join(&disk.name);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(e, "create disk state dir").with_path(&dir))?;
+        let meta_path = dir.join("meta");
+        let meta = open_meta(&meta_path, size, config)?;
+        let ring_path = ring_dir.join(format!("{}.ring", disk.name));
+        let geometry = Geometry {
+            slots: config.ring_slots,
+            payload_bytes: config.ring_size,
+        };
+        let producer = Producer::create(&ring_path, geometry, &disk.name, size)?;
+        link_ring(&dir, &ring_path)?;
+        Ok(Disk {
+            name: disk.name.clone(),
+            path: disk.path.clone(),
+            size,
+            file,
+            is_block_device,
+            uring,
+            gate: OrderGate::new(sequencer),
+            tracking: Mutex::new(Tracking {
+                producer,
+                tracker: Tracker::default(),
+                pending: VecDeque::new(),
+                last_transition: None,
+            }),
+            meta: Mutex::new(meta),
+            ring_path,
+            counters: AtomicCounters::default(),
+        })
+    }
+
+    /// Disk name (the NBD export name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The ring file in shared memory.
+    pub fn ring_path(&self) -> &Path {
+        &self.ring_path
+    }
+
+    fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    fn tracking(&self) -> MutexGuard<'_, Tracking> {
+        self.tracking.lock().expect("tracking lock")
+    }
+
+    fn meta(&self) -> MutexGuard<'_, MetaFile> {
+        self.meta.lock().expect("meta lock")
+    }
+
+    /// The order gate (for host-wide barriers).
+    pub fn gate(&self) -> &OrderGate {
+        &self.gate
+    }
+
+    /// Current tracking state.
+    pub fn state(&self) -> State {
+        self.tracking().tracker.state()
+    }
+
+    /// A buffer for a write of `len` bytes: a ring slot in data state.
+    pub fn write_buffer(&self, len: usize) -> WriteData {
+        let mut tracking = self.tracking();
+        if tracking.tracker.state() == State::Data && len > 0 {
+            if let Some(slot) = tracking.producer.reserve(len) {
+                return WriteData::Ring(slot);
+            }
+            let free = tracking.producer.free_payload_bytes();
+            return WriteData::Heap {
+                data: vec![0u8; len],
+                full: Some((len as u64, free)),
+            };
+        }
+        WriteData::Heap {
+            data: vec![0u8; len],
+            full: None,
+        }
+    }
+
+    /// Read through io_uring.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> std::result::Result<(), IoFailure> {
+        bump(&self.counters.reads, 1);
+        bump(&self.counters.read_bytes, buf.len() as u64);
+        self.uring
+            .read_exact(self.fd(), buf, offset)
+            .map_err(|e| self.io_failed("read", &e))
+    }
+
+    fn io_failed(&self, what: &str, e: &std::io::Error) -> IoFailure {
+        bump(&self.counters.io_errors, 1);
+        tracing::warn!(disk = %self.name, op = what, error = %e, "backing device error");
+        IoFailure::Io
+    }
+
+    /// The write path (see the module docs).
+    pub fn write(
+        &self,
+        offset: u64,
+        data: WriteData,
+        fua: bool,
+    ) -> std::result::Result<(), IoFailure> {
+        let range = Range {
+            offset,
+            len: data.as_slice().len() as u64,
+        };
+        bump(&self.counters.writes, 1);
+        bump(&self.counters.write_bytes, range.len);
+        let ticket = self.gate.begin(Some(range));
+        if let Err(e) = self.meta().before_write(meta_range(range), ticket.seq) {
+            tracing::error!(disk = %self.name, error = %e, "activity log update failed");
+            self.abandon(ticket, range);
+            return Err(IoFailure::Tracking);
+        }
+        let checksum = crc32c::crc32c(data.as_slice());
+        if let Err(e) = self
+            .uring
+            .write_all(self.fd(), data.as_slice(), offset, fua)
+        {
+            let failure = self.io_failed("write", &e);
+            self.abandon(ticket, range);
+            return Err(failure);
+        }
+        let flags = if fua { FLAG_FUA } else { 0 };
+        self.record(
+            ticket,
+            RecordKind::Write,
+            range,
+            checksum,
+            flags,
+            Some(data),
+        )
+    }
+
+    /// A ticket whose request failed: its range may hold anything now, so
+    /// it is tracked as dirty; no record is published.
+    fn abandon(&self, ticket: Ticket, range: Range) {
+        self.gate.publish(ticket, || {
+            if let Err(e) = self.meta().set_dirty(meta_range(range)) {
+                tracing::error!(disk = %self.name, error = %e, "cannot mark a failed request's range dirty");
+            }
+        });
+    }
+
+    /// Publish the record of a completed request in ticket order.
+    fn record(
+        &self,
+        ticket: Ticket,
+        kind: RecordKind,
+        range: Range,
+        checksum: u32,
+        flags: u8,
+        data: Option<WriteData>,
+    ) -> std::result::Result<(), IoFailure> {
+        let seq = ticket.seq;
+        self.gate.publish(ticket, || {
+            self.publish_locked(seq, kind, range, checksum, flags, data, 0)
+        })
+    }
+
+    /// Publish one record according to the tracking state (caller holds the gate's turn).
+    #[allow(clippy::too_many_arguments)]
+    fn publish_locked(
+        &self,
+        seq: u64,
+        kind: RecordKind,
+        range: Range,
+        checksum: u32,
+        flags: u8,
+        data: Option<WriteData>,
+        aux: u64,
+    ) -> std::result::Result<(), IoFailure> {
+        let mut tracking = self.tracking();
+        let (slot, full) = match data {
+            Some(WriteData::Ring(slot)) => (Some(slot), None),
+            Some(WriteData::Heap { full, .. }) => (None, full),
+            None => (None, None),
+        };
+        if let Some((needed, free)) = full {
+            self.transition(&mut tracking, Event::PayloadFull { needed, free });
+        }
+        let state = tracking.tracker.state();
+        if state == State::Bitmap {
+            return self.to_bitmap(range);
+        }
+        let payload = if state == State::Data { slot } else { None };
+        let has_payload = payload.is_some();
+        let timestamp_ns = now_ns();
+        let record = NewRecord {
+            seq,
+            timestamp_ns,
+            kind,
+            flags,
+            offset: range.offset,
+            length: range.len,
+            checksum,
+            aux,
+            payload,
+        };
+        match tracking.producer.publish(record) {
+            Ok(index) => {
+                tracking.pending.push_back(Pending {
+                    index,
+                    seq,
+                    range,
+                    timestamp_ns,
+                });
+                if kind == RecordKind::Write {
+                    if has_payload {
+                        bump(&self.counters.data_records, 1);
+                    } else {
+                        bump(&self.counters.metadata_records, 1);
+                    }
+                }
+                Ok(())
+            }
+            Err(_) => {
+                let slots = u64::from(tracking.producer.geometry().slots);
+                self.transition(&mut tracking, Event::RingFull { slots });
+                drop(tracking);
+                self.to_bitmap(range)
+            }
+        }
+    }
+
+    fn to_bitmap(&self, range: Range) -> std::result::Result<(), IoFailure> {
+        if range.len > 0 {
+            bump(&self.counters.bitmap_writes, 1);
+            self.meta().set_dirty(meta_range(range)).map_err(|e| {
+                tracing::error!(disk = %self.name, error = %e, "dirty bitmap update failed");
+                IoFailure::Tracking
+            })?;
+        }
+        Ok(())
+    }
+
+    fn transition(&self, tracking: &mut Tracking, event: Event) {
+        if let Some(t) = tracking.tracker.on(event) {
+            tracing::info!(disk = %self.name, from = ?t.from, to = ?t.to, reason = %t.reason.describe(), "tracking state changed");
+            tracking.last_transition = Some((t, now_ns()));
+        }
+    }
+
+    /// FLUSH: every write acknowledged before it is durable once it returns.
+    pub fn flush(&self) -> std::result::Result<(), IoFailure> {
+        bump(&self.counters.flushes, 1);
+        let ticket = self.gate.begin(None);
+        // Writes with earlier tickets must have reached the device before the
+        // sync, or the flush record would claim more than the sync covered.
+        self.gate.wait_turn(&ticket);
+        if let Err(e) = self.uring.sync(self.fd(), true) {
+            let failure = self.io_failed("fdatasync", &e);
+            self.gate.publish(ticket, || ());
+            return Err(failure);
+        }
+        self.record(
+            ticket,
+            RecordKind::Flush,
+            Range { offset: 0, len: 0 },
+            0,
+            0,
+            None,
+        )
+    }
+
+    /// TRIM (punch a hole) or WRITE_ZEROES.
+    pub fn discard(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: RecordKind,
+        fua: bool,
+        keep_allocated: bool,
+    ) -> std::result::Result<(), IoFailure> {
+        let counter = if kind == RecordKind::Trim {
+            &self.counters.trims
+        } else {
+            &self.counters.zeroes
+        };
+        bump(counter, 1);
+        let range = Range { offset, len };
+        let ticket = self.gate.begin(Some(range));
+        if self
+            .meta()
+            .before_write(meta_range(range), ticket.seq)
+            .is_err()
+        {
+            self.abandon(ticket, range);
+            return Err(IoFailure::Tracking);
+        }
+        let result = self
+            .punch(offset, len, kind, keep_allocated)
+            .and_then(|()| {
+                if fua {
+                    self.uring.sync(self.fd(), true)
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(e) = result {
+            let failure = self.io_failed("discard", &e);
+            self.abandon(ticket, range);
+            return Err(failure);
+        }
+        self.record(ticket, kind, range, 0, if fua { FLAG_FUA } else { 0 }, None)
+    }
+
+    fn punch(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: RecordKind,
+        keep_allocated: bool,
+    ) -> std::io::Result<()> {
+        let mode = match (kind, keep_allocated) {
+            (RecordKind::WriteZeroes, true) => libc::FALLOC_FL_ZERO_RANGE,
+            _ => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        };
+        match self.uring.fallocate(self.fd(), mode, offset, len) {
+            Ok(()) => Ok(()),
+            // Devices without hole support: zeroes must still read back as zeroes.
+            Err(e)
+                if kind == RecordKind::WriteZeroes
+                    && e.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+            {
+                self.write_zero_bytes(offset, len)
+            }
+            Err(e) if kind == RecordKind::Trim && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn write_zero_bytes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let zeros = vec![0u8; 1 << 20];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64);
+            self.uring.write_all(
+                self.fd(),
+                &zeros[..usize::try_from(n).unwrap_or(0)],
+                offset + done,
+                false,
+            )?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Insert a tag record (caller holds a barrier on every disk).
+    pub fn tag(&self, seq: u64, tag_id: u64) -> Result<()> {
+        let ticket = self.gate.begin_at(seq);
+        self.gate
+            .publish(ticket, || {
+                self.publish_locked(
+                    seq,
+                    RecordKind::Tag,
+                    Range { offset: 0, len: 0 },
+                    0,
+                    0,
+                    None,
+                    tag_id,
+                )
+            })
+            .map_err(|_| Error::control(format!("disk {}: tag record not recorded", self.name)))
+    }
+
+    /// Housekeeping: learn what the consumer committed, release activity-log
+    /// extents, leave overflow states once the ring drained.
+    pub fn housekeep(&self) {
+        let committed_seq = {
+            let mut tracking = self.tracking();
+            let committed = tracking.producer.committed();
+            let mut last = None;
+            while tracking
+                .pending
+                .front()
+                .is_some_and(|p| p.index < committed)
+            {
+                last = tracking.pending.pop_front().map(|p| p.seq);
+            }
+            last
+        };
+        if let Some(seq) = committed_seq {
+            self.meta().release(seq);
+        }
+        if self.state() != State::Data {
+            let ticket = self.gate.begin(None);
+            let seq = ticket.seq;
+            let _ = self.gate.publish(ticket, || {
+                let mut tracking = self.tracking();
+                let event = Event::Occupancy {
+                    free_slots: tracking.producer.free_slots(),
+                    slots: u64::from(tracking.producer.geometry().slots),
+                    free_payload: tracking.producer.free_payload_bytes(),
+                    payload: tracking.producer.geometry().payload_bytes,
+                };
+                let before = tracking.tracker.transitions();
+                self.transition(&mut tracking, event);
+                if tracking.tracker.transitions() != before {
+                    drop(tracking);
+                    // Tell the consumer: dirty regions now need a resync.
+                    let _ = self.publish_locked(
+                        seq,
+                        RecordKind::StateChange,
+                        Range { offset: 0, len: 0 },
+                        0,
+                        0,
+                        None,
+                        u64::from(Reason::Drained.code()),
+                    );
+                }
+            });
+        }
+        if let Err(e) = self.meta().flush() {
+            tracing::warn!(disk = %self.name, error = %e, "tracking metadata flush failed");
+        }
+    }
+
+    /// Allocation of `[offset, offset + len)` as (length, allocated) runs:
+    /// holes of a backing file via SEEK_DATA/SEEK_HOLE; a block device is
+    /// all allocated.
+    pub fn allocation(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+        let end = offset.saturating_add(len).min(self.size);
+        if self.is_block_device {
+            return vec![(end.saturating_sub(offset), true)];
+        }
+        let mut runs = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let data = self.seek(pos, libc::SEEK_DATA).unwrap_or(end).min(end);
+            if data > pos {
+                runs.push((data - pos, false));
+            }
+            if data >= end {
+                break;
+            }
+            let hole = self.seek(data, libc::SEEK_HOLE).unwrap_or(end).min(end);
+            runs.push((hole - data, true));
+            pos = hole;
+        }
+        runs
+    }
+
+    fn seek(&self, from: u64, whence: libc::c_int) -> Option<u64> {
+        let from = libc::off_t::try_from(from).ok()?;
+        // SAFETY: lseek on our own open descriptor has no memory-safety
+        // preconditions. It moves the file offset, which nothing here uses
+        // (all I/O is positioned).
+        let at = unsafe { libc::lseek(self.fd(), from, whence) };
+        u64::try_from(at).ok()
+    }
+
+    /// Regions not yet confirmed at the recovery site: unconsumed records
+    /// plus dirty bits (bitmap state, crash recovery), merged.
+    pub fn dirty_ranges(&self) -> Vec<Range> {
+        let mut ranges: Vec<Range> = self
+            .tracking()
+            .pending
+            .iter()
+            .map(|p| p.range)
+            .filter(|r| r.len > 0)
+            .collect();
+        ranges.extend(self.meta().dirty_ranges().into_iter().map(|r| Range {
+            offset: r.offset,
+            len: r.len,
+        }));
+        merge(ranges)
+    }
+
+    /// Status for `ferry filter status`.
+    pub fn status(&self) -> DiskStatus {
+        let mut tracking = self.tracking();
+        let free_payload = tracking.producer.free_payload_bytes();
+        let producer = &tracking.producer;
+        let now = now_ns();
+        let lag_records = u64::try_from(tracking.pending.len()).unwrap_or(u64::MAX);
+        let lag_bytes = tracking.pending.iter().map(|p| p.range.len).sum();
+        #[allow(clippy::cast_precision_loss)]
+        let lag_seconds = tracking
+            .pending
+            .front()
+            .map_or(0.0, |p| now.saturating_sub(p.timestamp_ns) as f64 / 1e9);
+        let slots = u64::from(producer.geometry().slots);
+        let payload = producer.geometry().payload_bytes;
+        let status = DiskStatus {
+            name: self.name.clone(),
+            path: self.path.clone(),
+            size: self.size,
+            tracking: format!("{:?}", tracking.tracker.state()).to_lowercase(),
+            reason: tracking.tracker.reason().describe(),
+            transitions: tracking.tracker.transitions(),
+            ring_slots: slots,
+            ring_slots_used: slots - producer.free_slots(),
+            ring_payload: payload,
+            ring_payload_used: payload - free_payload,
+            lag_records,
+            lag_bytes,
+            lag_seconds,
+            dirty_bytes: 0,
+            counters: Counters::default(),
+        };
+        drop(tracking);
+        let meta = self.meta();
+        let dirty_bytes = meta.dirty_ranges().iter().map(|r| r.len).sum();
+        let al_syncs = meta.stats().syncs;
+        drop(meta);
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        DiskStatus {
+            dirty_bytes,
+            counters: Counters {
+                writes: load(&c.writes),
+                write_bytes: load(&c.write_bytes),
+                reads: load(&c.reads),
+                read_bytes: load(&c.read_bytes),
+                flushes: load(&c.flushes),
+                trims: load(&c.trims),
+                zeroes: load(&c.zeroes),
+                data_records: load(&c.data_records),
+                metadata_records: load(&c.metadata_records),
+                bitmap_writes: load(&c.bitmap_writes),
+                al_syncs,
+                io_errors: load(&c.io_errors),
+            },
+            ..status
+        }
+    }
+
+    /// Clean stop: flush the device, keep what the consumer has not
+    /// committed as dirty (the ring does not survive a reboot), mark clean.
+    pub fn close(self) -> Result<()> {
+        self.uring
+            .sync(self.fd(), true)
+            .map_err(|e| Error::io(e, "fdatasync").with_path(&self.path))?;
+        let tracking = self.tracking.into_inner().expect("tracking lock");
+        let mut meta = self.meta.into_inner().expect("meta lock");
+        let committed = tracking.producer.committed();
+        for p in tracking
+            .pending
+            .iter()
+            .filter(|p| p.index >= committed && p.range.len > 0)
+        {
+            meta.set_dirty(meta_range(p.range))?;
+        }
+        meta.close_clean()?;
+        Ok(())
+    }
+}
+
+/// Merge overlapping or touching ranges.
+pub fn merge(mut ranges: Vec<Range>) -> Vec<Range> {
+    ranges.sort_unstable_by_key(|r| r.offset);
+    let mut out: Vec<Range> = Vec::new();
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if r.offset <= last.offset + last.len => {
+                let end = (last.offset + last.len).max(r.offset + r.len);
+                last.len = end - last.offset;
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+fn open_meta(path: &Path, size: u64, config: &FilterConfig) -> Result<MetaFile> {
+    if path.exists() {
+        // Opening folds what a crash left in the activity log into dirty
+        // bits, so those regions stay tracked until the sidecar resyncs them.
+        let (meta, recovery) = MetaFile::open(path)?;
+        if !recovery.was_clean {
+            tracing::warn!(path = %path.display(), regions = recovery.possibly_unshipped.len(), "unclean shutdown: possibly unshipped regions kept dirty");
+        }
+        if meta.geometry().disk_size != size {
+            return Err(Error::config(format!(
+                "{} tracks a disk of {} bytes, but the backing device has {size}; remove it to start over (full resync)",
+                path.display(),
+                meta.geometry().disk_size
+            )));
+        }
+        return Ok(meta);
+    }
+    let geometry = MetaGeometry {
+        disk_size: size,
+        granularity: config
+            .granularity
+            .unwrap_or_else(|| ferry_ring::meta::default_granularity(size)),
+        extent_size: config.al_extent,
+        al_slots: config.al_slots,
+    };
+    Ok(MetaFile::create(path, geometry)?)
+}
+
+/// `STATE/disks/NAME/ring` -> the ring in shared memory, for the sidecar.
+fn link_ring(dir: &Path, ring: &Path) -> Result<()> {
+    let link = dir.join("ring");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(ring, &link).map_err(|e| Error::io(e, "link ring").with_path(&link))
+}

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# A protected volume on a machine without the nbd kernel module:
+#   backing file -> ferry filter -> nbdfuse (export as a file) -> losetup -> mkfs -> mount
+#
+# Usage:
+#   scripts/rig/volume.sh up   DIR [--size 512M] [--fs ext4|xfs|none] [--ring-size 16M] [-- FILTER FLAGS...]
+#   scripts/rig/volume.sh down DIR      # always safe to run, also after a failed `up`
+#
+# Layout under DIR: disk.img (backing file), state/ (filter state), nbd.sock,
+# filter.log, filter.pid, fuse/disk (nbdfuse file), loop (device name), mnt/.
+# Needs root, FUSE, loop devices, nbdfuse (libnbd-bin) and the ferry binary
+# ($FERRY_BIN, else target/debug/ferry).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+ferry=${FERRY_BIN:-$root/target/debug/ferry}
+
+wait_for() { # wait_for SECONDS TEST...
+    local deadline=$((SECONDS + $1)); shift
+    until "$@"; do
+        [ "$SECONDS" -lt "$deadline" ] || return 1
+        sleep 0.05
+    done
+}
+
+up() {
+    local dir=$1; shift
+    local size=512M fs=ext4 ring=16M extra=()
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --size) size=$2; shift 2 ;;
+            --fs) fs=$2; shift 2 ;;
+            --ring-size) ring=$2; shift 2 ;;
+            --) shift; extra=("$@"); break ;;
+            *) echo "unknown option $1" >&2; exit 2 ;;
+        esac
+    done
+    mkdir -p "$dir/mnt" "$dir/fuse"
+    dir=$(cd "$dir" && pwd)
+    [ -f "$dir/disk.img" ] || truncate -s "$size" "$dir/disk.img"
+    FERRY_LOG=${FERRY_LOG:-info} "$ferry" filter --disk "data=$dir/disk.img" --listen "unix:$dir/nbd.sock" \
+        --state "$dir/state" --ring-size "$ring" "${extra[@]}" >>"$dir/filter.log" 2>&1 &
+    echo $! >"$dir/filter.pid"
+    wait_for 20 test -S "$dir/nbd.sock" || { echo "filter did not start:" >&2; tail "$dir/filter.log" >&2; exit 1; }
+    nbdfuse -P "$dir/nbdfuse.pid" "$dir/fuse/disk" "nbd+unix:///data?socket=$dir/nbd.sock" &
+    wait_for 20 test -s "$dir/nbdfuse.pid" || { echo "nbdfuse did not start" >&2; exit 1; }
+    wait_for 20 test -f "$dir/fuse/disk" || { echo "nbdfuse file missing" >&2; exit 1; }
+    losetup --find --show --direct-io=off "$dir/fuse/disk" >"$dir/loop"
+    local loop; loop=$(cat "$dir/loop")
+    case "$fs" in
+        ext4) mkfs.ext4 -q -F "$loop" ;;
+        xfs) mkfs.xfs -q -f "$loop" ;;
+        none) return 0 ;;
+        *) echo "unknown file system $fs" >&2; exit 2 ;;
+    esac
+    mount "$loop" "$dir/mnt"
+}
+
+down() {
+    local dir=$1
+    [ -d "$dir" ] || return 0
+    if mountpoint -q "$dir/mnt" 2>/dev/null; then
+        umount "$dir/mnt" || umount -l "$dir/mnt" || true
+    fi
+    if [ -s "$dir/loop" ]; then
+        losetup -d "$(cat "$dir/loop")" 2>/dev/null || true
+        rm -f "$dir/loop"
+    fi
+    if mountpoint -q "$dir/fuse" 2>/dev/null; then
+        umount "$dir/fuse" 2>/dev/null || umount -l "$dir/fuse" 2>/dev/null || true
+    fi
+    if [ -s "$dir/nbdfuse.pid" ]; then
+        kill "$(cat "$dir/nbdfuse.pid")" 2>/dev/null || true
+        rm -f "$dir/nbdfuse.pid"
+    fi
+    if [ -s "$dir/filter.pid" ]; then
+        local pid; pid=$(cat "$dir/filter.pid")
+        kill -TERM "$pid" 2>/dev/null || true
+        wait_for 30 bash -c "! kill -0 $pid 2>/dev/null" || kill -KILL "$pid" 2>/dev/null || true
+        rm -f "$dir/filter.pid"
+    fi
+}
+
+case "${1:-}" in
+    up) shift; up "$@" ;;
+    down) shift; down "$@" ;;
+    *) echo "usage: $0 up|down DIR [options]" >&2; exit 2 ;;
+esac
