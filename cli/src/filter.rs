@@ -34,6 +34,28 @@ enum FilterCommand {
     Status(StatusArgs),
     /// Insert a tag (recovery point) across all disks of the host.
     Tag(TagArgs),
+    /// A minimal consumer: read a disk's ring in order, verify payload
+    /// checksums, commit (a stand-in for the sidecar in tests and benchmarks).
+    Drain(DrainArgs),
+}
+
+#[derive(Debug, Args)]
+struct DrainArgs {
+    /// State directory of the filter.
+    #[arg(long)]
+    state: PathBuf,
+    /// Disk whose ring to drain.
+    #[arg(long, default_value = "data")]
+    disk: String,
+    /// Keep draining until interrupted (SIGINT/SIGTERM) instead of stopping when empty.
+    #[arg(long)]
+    follow: bool,
+    /// Print each record as a JSON line on stdout.
+    #[arg(long)]
+    print: bool,
+    /// Read records without committing them (they stay in the ring).
+    #[arg(long)]
+    no_commit: bool,
 }
 
 /// Run the daemon: serve each disk over NBD and record its writes.
@@ -114,6 +136,7 @@ pub fn run(args: FilterArgs) -> Result<ExitCode> {
     match args.command {
         Some(FilterCommand::Status(s)) => status(s),
         Some(FilterCommand::Tag(t)) => tag(t),
+        Some(FilterCommand::Drain(d)) => drain(d),
         None => daemon(args.daemon),
     }
 }
@@ -236,4 +259,48 @@ fn tag(args: TagArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn drain(args: DrainArgs) -> Result<ExitCode> {
+    use ferry_ring::ring::Consumer;
+    use std::io::Write;
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
+    let path = args.state.join("disks").join(&args.disk).join("ring");
+    let mut consumer = Consumer::open(&path).with_context(|| format!("opening ring {}", path.display()))?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let (mut records, mut bytes, mut bad) = (0u64, 0u64, 0u64);
+    loop {
+        let mut end = None;
+        while let Some(view) = consumer.next()? {
+            let r = view.record;
+            let ok = view.verify_payload().is_ok();
+            bad += u64::from(!ok);
+            records += 1;
+            bytes += view.payload.map_or(0, |p| p.len() as u64);
+            if args.print {
+                writeln!(
+                    out,
+                    "{{\"seq\":{},\"kind\":\"{:?}\",\"offset\":{},\"length\":{},\"checksum\":{},\"payload\":{},\"payload_ok\":{},\"fua\":{},\"aux\":{},\"timestamp_ns\":{}}}",
+                    r.seq, r.kind, r.offset, r.length, r.checksum, view.payload.is_some(), ok, r.fua(), r.aux, r.timestamp_ns
+                )?;
+            }
+            end = Some(view.index + 1);
+        }
+        out.flush()?;
+        if let (Some(end), false) = (end, args.no_commit) {
+            consumer.commit(end)?;
+        }
+        if stop.load(std::sync::atomic::Ordering::Relaxed) || (!args.follow && end.is_none()) {
+            break;
+        }
+        if args.follow {
+            consumer.check_generation()?;
+            consumer.wait(Duration::from_millis(100))?;
+        }
+    }
+    eprintln!("drained {records} records, {bytes} payload bytes, {bad} bad checksums");
+    Ok(if bad == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

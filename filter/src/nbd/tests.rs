@@ -1243,6 +1243,7 @@ fn interop_qemu() {
     // Read-only export.
     let ro = run("qemu-img", &["info", &uri(&path, "ro")]);
     assert!(ro.contains("64 KiB"), "{ro}");
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
 #[test]
@@ -1284,4 +1285,5 @@ fn interop_nbdinfo() {
         .map(|l| l.split_whitespace().collect())
         .collect();
     assert_eq!(rows[1][..3], ["8192", "4096", "1"], "{map}");
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
