@@ -88,6 +88,10 @@ struct DaemonArgs {
     /// Activity-log slots (default 1024).
     #[arg(long)]
     al_slots: Option<u32>,
+    /// Minimum NBD block size advertised (default: the device's logical
+    /// block size, 1 for files).
+    #[arg(long)]
+    block_size: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -175,6 +179,9 @@ fn daemon(args: DaemonArgs) -> Result<ExitCode> {
     }
     if let Some(s) = args.al_slots {
         config.al_slots = s;
+    }
+    if let Some(b) = args.block_size {
+        config.block_size = Some(b);
     }
     crate::init_logging();
     ferry_filter::daemon::run(config, Arc::new(AtomicBool::new(false)))?;
@@ -268,7 +275,8 @@ fn drain(args: DrainArgs) -> Result<ExitCode> {
     signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
     let path = args.state.join("disks").join(&args.disk).join("ring");
-    let mut consumer = Consumer::open(&path).with_context(|| format!("opening ring {}", path.display()))?;
+    let mut consumer =
+        Consumer::open(&path).with_context(|| format!("opening ring {}", path.display()))?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let (mut records, mut bytes, mut bad) = (0u64, 0u64, 0u64);
@@ -302,5 +310,9 @@ fn drain(args: DrainArgs) -> Result<ExitCode> {
         }
     }
     eprintln!("drained {records} records, {bytes} payload bytes, {bad} bad checksums");
-    Ok(if bad == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

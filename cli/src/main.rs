@@ -24,7 +24,7 @@ enum Command {
     Image(image::ImageCommand),
     /// The write interceptor: serve protected disks over NBD and record
     /// every write in write order (`ferry filter --help`).
-    Filter(filter::FilterArgs),
+    Filter(Box<filter::FilterArgs>),
 }
 
 /// Logs to stderr; `FERRY_LOG` = error|warn|info|debug|trace (default info).
@@ -46,7 +46,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Image(cmd) => image::run(cmd),
-        Command::Filter(args) => filter::run(args),
+        Command::Filter(args) => filter::run(*args),
     };
     match outcome {
         Ok(code) => code,

@@ -125,6 +125,9 @@ pub struct FilterConfig {
     pub al_extent: u64,
     /// Activity-log slots.
     pub al_slots: u32,
+    /// Minimum NBD block size advertised (None: the device's logical block
+    /// size, 1 for files).
+    pub block_size: Option<u32>,
 }
 
 /// The TOML file's shape.
@@ -139,6 +142,7 @@ struct FileConfig {
     granularity: Option<String>,
     al_extent: Option<String>,
     al_slots: Option<u32>,
+    block_size: Option<u32>,
     #[serde(default)]
     disk: Vec<DiskConfig>,
 }
@@ -186,6 +190,7 @@ impl FilterConfig {
             granularity: None,
             al_extent: DEFAULT_AL_EXTENT,
             al_slots: DEFAULT_AL_SLOTS,
+            block_size: None,
         }
     }
 
@@ -217,6 +222,7 @@ impl FilterConfig {
         if let Some(slots) = file.al_slots {
             config.al_slots = slots;
         }
+        config.block_size = file.block_size;
         config.validate()?;
         Ok(config)
     }
@@ -244,7 +250,7 @@ impl FilterConfig {
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
             return Err(Error::config(format!("disk name {:?} given twice", w[0])));
         }
-        if self.ring_size < (1 << 20) || self.ring_size % 4096 != 0 {
+        if self.ring_size < (1 << 20) || !self.ring_size.is_multiple_of(4096) {
             return Err(Error::config(format!(
                 "ring size {} must be a multiple of 4 KiB and at least 1 MiB",
                 self.ring_size
@@ -259,6 +265,13 @@ impl FilterConfig {
             if !g.is_power_of_two() || !(512..=(1 << 20)).contains(&g) {
                 return Err(Error::config(
                     "granularity must be a power of two from 512 B to 1 MiB",
+                ));
+            }
+        }
+        if let Some(b) = self.block_size {
+            if !b.is_power_of_two() || b > 65536 {
+                return Err(Error::config(
+                    "block size must be a power of two up to 64 KiB",
                 ));
             }
         }

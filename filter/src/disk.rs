@@ -33,6 +33,8 @@ use crate::uring::Uring;
 
 /// `_IOR(0x12, 114, size_t)`: size of a block device in bytes (linux/fs.h).
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+/// `_IO(0x12, 104)`: logical block size of a block device (linux/fs.h).
+const BLKSSZGET: libc::c_ulong = 0x1268;
 
 /// Buffer a write's payload is read into.
 #[derive(Debug)]
@@ -107,6 +109,7 @@ pub struct Disk {
     tracking: Mutex<Tracking>,
     meta: Mutex<MetaFile>,
     ring_path: PathBuf,
+    block_size: u32,
     counters: AtomicCounters,
 }
 
@@ -167,6 +170,17 @@ fn device_size(file: &File, path: &Path) -> Result<(u64, bool)> {
     }
 }
 
+fn logical_block_size(file: &File, path: &Path) -> Result<u32> {
+    let mut size: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which points at
+    // a live local; the descriptor is open.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET, &mut size) };
+    if rc < 0 {
+        return Err(Error::io(std::io::Error::last_os_error(), "BLKSSZGET").with_path(path));
+    }
+    Ok(u32::try_from(size).unwrap_or(512).max(1))
+}
+
 impl Disk {
     /// Open a disk's backing device, its tracking metadata (reporting what a
     /// crash left possibly unshipped as dirty) and a fresh ring.
@@ -184,6 +198,11 @@ impl Disk {
             .open(&disk.path)
             .map_err(|e| Error::io(e, "open backing device").with_path(&disk.path))?;
         let (size, is_block_device) = device_size(&file, &disk.path)?;
+        let block_size = match config.block_size {
+            Some(b) => b,
+            None if is_block_device => logical_block_size(&file, &disk.path)?,
+            None => 1,
+        };
         let dir = state_dir.join("disks").join(&disk.name);
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::io(e, "create disk state dir").with_path(&dir))?;
@@ -212,6 +231,7 @@ impl Disk {
             }),
             meta: Mutex::new(meta),
             ring_path,
+            block_size,
             counters: AtomicCounters::default(),
         })
     }
@@ -224,6 +244,11 @@ impl Disk {
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Smallest I/O unit advertised to NBD clients.
+    pub fn block_size(&self) -> u32 {
+        self.block_size
     }
 
     /// The ring file in shared memory.
@@ -582,7 +607,7 @@ impl Disk {
         if self.state() != State::Data {
             let ticket = self.gate.begin(None);
             let seq = ticket.seq;
-            let _ = self.gate.publish(ticket, || {
+            self.gate.publish(ticket, || {
                 let mut tracking = self.tracking();
                 let event = Event::Occupancy {
                     free_slots: tracking.producer.free_slots(),

@@ -146,7 +146,7 @@ impl Uring {
         let mut done = 0;
         while done < buf.len() {
             let rest = &mut buf[done..];
-            let len = u32::try_from(rest.len()).unwrap_or(u32::MAX & !4095);
+            let len = u32::try_from(rest.len()).unwrap_or(!4095);
             let n = self.call(Op::Read {
                 fd,
                 ptr: rest.as_mut_ptr(),
@@ -167,7 +167,7 @@ impl Uring {
         let mut done = 0;
         while done < buf.len() {
             let rest = &buf[done..];
-            let len = u32::try_from(rest.len()).unwrap_or(u32::MAX & !4095);
+            let len = u32::try_from(rest.len()).unwrap_or(!4095);
             let n = self.call(Op::Write {
                 fd,
                 ptr: rest.as_ptr(),
