@@ -44,8 +44,8 @@ impl Backend for Exports {
         info.can_multi_conn = true;
         info.dirty_bitmap = true;
         info.block_sizes = BlockSizes {
-            min: 1,
-            preferred: 4096,
+            min: disk.block_size(),
+            preferred: disk.block_size().max(4096),
             max: crate::nbd::DEFAULT_MAX_BLOCK,
         };
         info.description = Some(format!("ferry-protected disk {name}"));

@@ -38,10 +38,11 @@ up() {
     dir=$(cd "$dir" && pwd)
     [ -f "$dir/disk.img" ] || truncate -s "$size" "$dir/disk.img"
     FERRY_LOG=${FERRY_LOG:-info} "$ferry" filter --disk "data=$dir/disk.img" --listen "unix:$dir/nbd.sock" \
-        --state "$dir/state" --ring-size "$ring" "${extra[@]}" >>"$dir/filter.log" 2>&1 &
+        --state "$dir/state" --ring-size "$ring" "${extra[@]}" </dev/null >>"$dir/filter.log" 2>&1 &
     echo $! >"$dir/filter.pid"
     wait_for 20 test -S "$dir/nbd.sock" || { echo "filter did not start:" >&2; tail "$dir/filter.log" >&2; exit 1; }
-    nbdfuse -P "$dir/nbdfuse.pid" "$dir/fuse/disk" "nbd+unix:///data?socket=$dir/nbd.sock" &
+    nbdfuse -P "$dir/nbdfuse.pid" "$dir/fuse/disk" "nbd+unix:///data?socket=$dir/nbd.sock" \
+        </dev/null >>"$dir/nbdfuse.log" 2>&1 &
     wait_for 20 test -s "$dir/nbdfuse.pid" || { echo "nbdfuse did not start" >&2; exit 1; }
     wait_for 20 test -f "$dir/fuse/disk" || { echo "nbdfuse file missing" >&2; exit 1; }
     losetup --find --show --direct-io=off "$dir/fuse/disk" >"$dir/loop"

@@ -161,3 +161,217 @@ pub mod crash_writer {
         super::pattern(i + 1, RECORD)
     }
 }
+
+/// Poll `check` every 20 ms until it returns true or `timeout` passes.
+pub fn wait_until(timeout: std::time::Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A running `ferry filter`, stopped (SIGTERM, then SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct FilterProcess {
+    child: Option<Child>,
+    /// State directory.
+    pub state: PathBuf,
+    /// NBD unix socket.
+    pub socket: PathBuf,
+    /// The filter's stderr log.
+    pub log: PathBuf,
+}
+
+impl FilterProcess {
+    /// Start `ferry filter --disk NAME=PATH... --listen unix:DIR/nbd.sock
+    /// --state DIR/state EXTRA...` and wait for its socket.
+    pub fn start(dir: &Path, disks: &[(&str, &Path)], extra: &[&str]) -> FilterProcess {
+        let state = dir.join("state");
+        let socket = dir.join("nbd.sock");
+        let log = dir.join("filter.log");
+        std::fs::create_dir_all(dir).expect("filter dir");
+        let _ = std::fs::remove_file(&socket);
+        let mut cmd = Command::new(ferry_bin());
+        cmd.arg("filter");
+        for (name, path) in disks {
+            cmd.arg("--disk").arg(format!("{name}={}", path.display()));
+        }
+        cmd.arg("--listen")
+            .arg(format!("unix:{}", socket.display()));
+        cmd.arg("--state").arg(&state);
+        cmd.args(extra);
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log");
+        cmd.stdout(std::process::Stdio::null()).stderr(log_file);
+        let child = cmd.spawn().expect("spawn ferry filter");
+        let mut filter = FilterProcess {
+            child: Some(child),
+            state,
+            socket,
+            log,
+        };
+        let up = wait_until(std::time::Duration::from_secs(20), || {
+            filter.socket.exists() && filter.state.join("control.sock").exists()
+        });
+        if !up {
+            let log = std::fs::read_to_string(&filter.log).unwrap_or_default();
+            filter.kill9();
+            panic!("ferry filter did not start:\n{log}");
+        }
+        filter
+    }
+
+    /// NBD URI of an export.
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    /// `ferry filter status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        let out = ferry([
+            "filter",
+            "status",
+            "--json",
+            "--state",
+            self.state.to_str().expect("utf-8"),
+        ]);
+        expect_code(&out, 0, "ferry filter status");
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// SIGKILL, no cleanup (the crash case).
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = libc::pid_t::try_from(child.id()).expect("pid");
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let mut status = None;
+        wait_until(std::time::Duration::from_secs(30), || {
+            status = child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        if status.is_none() {
+            let _ = child.kill();
+            status = child.wait().ok();
+        }
+        status
+    }
+}
+
+impl Drop for FilterProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Run a command, returning its output (panics if it cannot start).
+pub fn run<I, S>(program: &str, args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"))
+}
+
+/// A protected volume from `scripts/rig/volume.sh` (backing file -> ferry
+/// filter -> nbdfuse -> loop -> file system -> mount), torn down on drop.
+#[derive(Debug)]
+pub struct Volume {
+    /// The rig directory.
+    pub dir: PathBuf,
+}
+
+fn volume_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/rig/volume.sh")
+}
+
+impl Volume {
+    /// Bring a volume up under `dir` with file system `fs` (ext4, xfs, none).
+    pub fn up(dir: &Path, fs: &str, size: &str, filter_args: &[&str]) -> Volume {
+        let volume = Volume {
+            dir: dir.to_path_buf(),
+        };
+        let mut cmd = Command::new(volume_script());
+        cmd.args([
+            "up",
+            dir.to_str().expect("utf-8"),
+            "--fs",
+            fs,
+            "--size",
+            size,
+        ]);
+        if !filter_args.is_empty() {
+            cmd.arg("--").args(filter_args);
+        }
+        cmd.env("FERRY_BIN", ferry_bin());
+        let out = cmd.output().expect("run volume.sh up");
+        if !out.status.success() {
+            let log = std::fs::read_to_string(dir.join("filter.log")).unwrap_or_default();
+            panic!(
+                "volume.sh up failed:\n{}\n{}\nfilter log:\n{log}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        volume
+    }
+
+    /// The mounted file system.
+    pub fn mnt(&self) -> PathBuf {
+        self.dir.join("mnt")
+    }
+
+    /// The filter's state directory.
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// The loop device.
+    pub fn loop_device(&self) -> String {
+        std::fs::read_to_string(self.dir.join("loop"))
+            .expect("loop device")
+            .trim()
+            .to_string()
+    }
+
+    /// Unmount the file system (the loop device and filter stay up).
+    pub fn unmount(&self) {
+        let out = Command::new("umount")
+            .arg(self.mnt())
+            .output()
+            .expect("umount");
+        assert!(
+            out.status.success(),
+            "umount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        let _ = Command::new(volume_script())
+            .args(["down", self.dir.to_str().unwrap_or_default()])
+            .output();
+    }
+}
