@@ -577,7 +577,7 @@ fn accept_loop<S>(
     }
 }
 
-fn serve_connection<S: std::io::Read + std::io::Write + Send + 'static>(
+fn serve_connection<S: nbd::Connection + Send + 'static>(
     stream: S,
     clone: Option<Stream>,
     exports: &Arc<Exports>,

@@ -499,25 +499,41 @@ fn one_sequence_space_across_disks_and_tags_at_one_point() {
     let (a, b) = (dir.path("a.img"), dir.path("b.img"));
     sparse_file(&a, 64 * MIB);
     sparse_file(&b, 64 * MIB);
-    let filter = FilterProcess::start(&dir.path(""), &[("a", &a), ("b", &b)], &["--ring-size", "8M"]);
+    let filter = FilterProcess::start(
+        &dir.path(""),
+        &[("a", &a), ("b", &b)],
+        &["--ring-size", "8M"],
+    );
     for i in 0..10u64 {
         qemu_io(&filter.uri("a"), &[format!("write -P 1 {} 4k", i * 8192)]);
         qemu_io(&filter.uri("b"), &[format!("write -P 2 {} 4k", i * 8192)]);
     }
-    let out = ferry(["filter", "tag", "both", "--state", s(&filter.state), "--json"]);
+    let out = ferry([
+        "filter",
+        "tag",
+        "both",
+        "--state",
+        s(&filter.state),
+        "--json",
+    ]);
     expect_code(&out, 0, "tag");
     let tag: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let tag_seq = tag["seq"].as_u64().unwrap();
     let mut all = Vec::new();
     for disk in ["a", "b"] {
-        let mut consumer = Consumer::open(&filter.state.join(format!("disks/{disk}/ring"))).unwrap();
+        let mut consumer =
+            Consumer::open(&filter.state.join(format!("disks/{disk}/ring"))).unwrap();
         let mut last = 0;
         let mut tagged = false;
         while let Some(v) = consumer.next().unwrap() {
             assert!(v.record.seq > last, "increasing within a ring");
             last = v.record.seq;
             if v.record.kind == RecordKind::Tag {
-                assert_eq!((v.record.seq, v.record.aux), (tag_seq, tag_seq), "one tag sequence on every disk");
+                assert_eq!(
+                    (v.record.seq, v.record.aux),
+                    (tag_seq, tag_seq),
+                    "one tag sequence on every disk"
+                );
                 tagged = true;
             } else {
                 all.push((v.record.seq, v.record.timestamp_ns));
@@ -528,10 +544,19 @@ fn one_sequence_space_across_disks_and_tags_at_one_point() {
     // Host-wide: no number is used twice, and ordering by number is
     // ordering by time (the writes alternated between the disks).
     all.sort_unstable();
-    assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "no sequence number used twice");
-    assert!(all.windows(2).all(|w| w[0].1 <= w[1].1), "sequence order is time order");
+    assert!(
+        all.windows(2).all(|w| w[0].0 < w[1].0),
+        "no sequence number used twice"
+    );
+    assert!(
+        all.windows(2).all(|w| w[0].1 <= w[1].1),
+        "sequence order is time order"
+    );
     let names = std::fs::read_to_string(filter.state.join("tags.jsonl")).unwrap();
-    assert!(names.contains("\"name\":\"both\"") && names.contains(&format!("\"seq\":{tag_seq}")), "{names}");
+    assert!(
+        names.contains("\"name\":\"both\"") && names.contains(&format!("\"seq\":{tag_seq}")),
+        "{names}"
+    );
 }
 
 #[test]
@@ -539,15 +564,29 @@ fn clean_stop_after_a_drain_leaves_nothing_dirty() {
     let dir = Scratch::new("filter-clean-stop");
     let disk = dir.path("disk.img");
     sparse_file(&disk, 64 * MIB);
-    let mut filter = FilterProcess::start(&dir.path(""), &[("data", &disk)], &["--ring-size", "8M"]);
-    qemu_io(&filter.uri("data"), &["write -P 3 0 1M".into(), "write -P 4 40M 64k".into()]);
-    expect_code(&ferry(["filter", "drain", "--state", s(&filter.state)]), 0, "drain");
+    let mut filter =
+        FilterProcess::start(&dir.path(""), &[("data", &disk)], &["--ring-size", "8M"]);
+    qemu_io(
+        &filter.uri("data"),
+        &["write -P 3 0 1M".into(), "write -P 4 40M 64k".into()],
+    );
+    expect_code(
+        &ferry(["filter", "drain", "--state", s(&filter.state)]),
+        0,
+        "drain",
+    );
     // Let housekeeping see the commit and release the activity log.
-    assert!(wait_until(Duration::from_secs(10), || filter.status()["disks"][0]["lag_records"] == 0));
+    assert!(wait_until(Duration::from_secs(10), || filter.status()
+        ["disks"][0]["lag_records"]
+        == 0));
     let status = filter.stop().expect("stopped");
     assert!(status.success(), "clean exit: {status:?}");
     let filter = FilterProcess::start(&dir.path(""), &[("data", &disk)], &["--ring-size", "8M"]);
-    assert_eq!(dirty_map(&filter.uri("data")), Vec::<(u64, u64)>::new(), "nothing possibly unshipped");
+    assert_eq!(
+        dirty_map(&filter.uri("data")),
+        Vec::<(u64, u64)>::new(),
+        "nothing possibly unshipped"
+    );
     // An undrained write before a clean stop stays dirty across it.
     qemu_io(&filter.uri("data"), &["write -P 5 20M 4k".into()]);
     drop(filter);

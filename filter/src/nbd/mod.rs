@@ -359,6 +359,9 @@ pub struct ServeOptions {
     /// When set, further options get `NBD_REP_ERR_SHUTDOWN` and further requests
     /// `NBD_ESHUTDOWN` (spec, "Terminating the transmission phase").
     pub shutdown: Option<Arc<AtomicBool>>,
+    /// Worker threads per connection executing requests concurrently (the client's queue
+    /// depth is served in parallel up to this many).
+    pub workers: usize,
 }
 
 impl Default for ServeOptions {
@@ -367,6 +370,7 @@ impl Default for ServeOptions {
             max_option_len: 64 << 10,
             max_payload: 64 << 20,
             shutdown: None,
+            workers: 8,
         }
     }
 }
@@ -407,10 +411,29 @@ pub enum ServeError {
     PayloadTooLarge(u32),
 }
 
+/// A connected socket whose write half can be handed to another thread, so requests can be
+/// read on one thread while workers send replies.
+pub trait Connection: Read + Write {
+    /// A second handle on the same socket, for writing replies.
+    fn reply_half(&self) -> io::Result<Box<dyn Write + Send>>;
+}
+
+impl Connection for std::os::unix::net::UnixStream {
+    fn reply_half(&self) -> io::Result<Box<dyn Write + Send>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+}
+
+impl Connection for std::net::TcpStream {
+    fn reply_half(&self) -> io::Result<Box<dyn Write + Send>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+}
+
 /// Serves one NBD connection: handshake, then requests until `NBD_CMD_DISC`.
 ///
 /// Returns `Ok(())` after `NBD_OPT_ABORT` or `NBD_CMD_DISC`. Never panics on client input.
-pub fn serve<S: Read + Write>(
+pub fn serve<S: Connection>(
     mut stream: S,
     backend: &dyn Backend,
     options: ServeOptions,
@@ -418,7 +441,8 @@ pub fn serve<S: Read + Write>(
     match handshake::negotiate(&mut stream, backend, &options)? {
         handshake::Outcome::Aborted => Ok(()),
         handshake::Outcome::Transmission(session) => {
-            transmission::run(&mut stream, session, &options)
+            let writer = stream.reply_half()?;
+            transmission::run(&mut stream, writer, session, &options)
         }
     }
 }
@@ -430,7 +454,7 @@ pub fn serve<S: Read + Write>(
 /// only, no metadata contexts. `info` gives size, flags and the enforced block sizes.
 ///
 /// Returns `Ok(())` after `NBD_CMD_DISC`. Never panics on client input.
-pub fn serve_transmission<S: Read + Write>(
+pub fn serve_transmission<S: Connection>(
     mut stream: S,
     export: Arc<dyn Export>,
     mut info: ExportInfo,
@@ -445,7 +469,8 @@ pub fn serve_transmission<S: Read + Write>(
         structured: false,
         contexts: Vec::new(),
     };
-    transmission::run(&mut stream, session, &options)
+    let writer = stream.reply_half()?;
+    transmission::run(&mut stream, writer, session, &options)
 }
 
 /// The transmission flags this server advertises for an export (spec, "Transmission flags"):

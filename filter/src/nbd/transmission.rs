@@ -1,9 +1,11 @@
 //! Transmission phase: the request loop (NetworkBlockDevice/nbd `doc/proto.md`,
 //! "Transmission", "Request types", "Error values", "Block size constraints").
 //!
-//! Requests are executed in order on the calling thread. Each reply is built in one buffer and
-//! written with one `write_all`; a concurrent version would put the write half behind a `Mutex`
-//! and call [`Replier`]'s encoders from worker threads.
+//! The calling thread reads requests (and write payloads) in order and hands them to a few
+//! worker threads of the connection, which execute them and reply; replies may therefore go
+//! out of order, as the spec allows. Each reply is built and written while holding the
+//! connection's writer lock, so replies never interleave. `NBD_CMD_DISC` is answered by
+//! closing once every earlier request has been answered.
 //!
 //! Validation, in this order, each failure answered and the connection kept:
 //! 1. command flags not valid for the command (unknown bits, `NO_HOLE` outside
@@ -21,8 +23,12 @@
 //! service). A bad request magic drops the connection (it cannot be resynchronised).
 
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex};
 
 use tracing::{debug, trace, warn};
+
+use super::WriteBuffer;
 
 use super::handshake::{discard, read_message, Session};
 use super::wire;
@@ -86,7 +92,7 @@ impl Replier {
 
     /// Success without payload: a simple reply (allowed for every command but READ even with
     /// structured replies).
-    fn ok<W: Write>(&self, w: &mut W, handle: u64) -> io::Result<()> {
+    fn ok<W: Write + ?Sized>(&self, w: &mut W, handle: u64) -> io::Result<()> {
         let mut buf = [0u8; wire::SIMPLE_REPLY_LEN];
         Self::simple_header(&mut buf, 0, handle);
         w.write_all(&buf)?;
@@ -95,7 +101,7 @@ impl Replier {
 
     /// Error: a structured `NBD_REPLY_TYPE_ERROR` chunk with a message once negotiated (the
     /// spec prefers it, and READ must not get a simple reply then), else a simple reply.
-    fn error<W: Write>(&self, w: &mut W, req: &Request, r: &Refusal) -> io::Result<()> {
+    fn error<W: Write + ?Sized>(&self, w: &mut W, req: &Request, r: &Refusal) -> io::Result<()> {
         debug!(
             kind = req.kind,
             offset = req.offset,
@@ -141,7 +147,12 @@ impl Replier {
     /// Sends `buf` = prefix + data as one simple reply or one final `OFFSET_DATA` chunk (the
     /// data is fully read before sending, so no error can follow: `DONE` is allowed on it, and
     /// `NBD_CMD_FLAG_DF` is always honoured).
-    fn read_data<W: Write>(&self, w: &mut W, req: &Request, buf: &mut [u8]) -> io::Result<()> {
+    fn read_data<W: Write + ?Sized>(
+        &self,
+        w: &mut W,
+        req: &Request,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
         if self.structured {
             let data_len = buf.len() - self.read_prefix();
             if data_len == 0 {
@@ -175,7 +186,7 @@ impl Replier {
     }
 
     /// One `NBD_REPLY_TYPE_BLOCK_STATUS` chunk per context, `DONE` on the last.
-    fn block_status<W: Write>(
+    fn block_status<W: Write + ?Sized>(
         &self,
         w: &mut W,
         req: &Request,
@@ -206,43 +217,74 @@ impl Replier {
     }
 }
 
-struct Conn<'a, S> {
-    stream: &'a mut S,
-    session: Session,
+/// The shared half of a connection: session, reply writer, encoders. Workers use it through
+/// `&self`.
+struct Conn<'a> {
+    out: &'a Mutex<Box<dyn Write + Send>>,
+    session: &'a Session,
     options: &'a ServeOptions,
     replier: Replier,
-    /// Reused read buffer (reply header prefix + data).
-    read_buf: Vec<u8>,
+    /// Set when a reply could not be written: the reader stops.
+    broken: &'a AtomicBool,
 }
 
-pub(crate) fn run<S: Read + Write>(
-    stream: &mut S,
+/// A request handed to a worker (writes come with their payload, already read).
+enum Job {
+    Write(Request, WriteBuffer),
+    Other(Request),
+}
+
+pub(crate) fn run<R: Read>(
+    reader: &mut R,
+    writer: Box<dyn Write + Send>,
     session: Session,
     options: &ServeOptions,
 ) -> Result<(), ServeError> {
-    let replier = Replier {
-        structured: session.structured,
-    };
-    let mut conn = Conn {
-        stream,
-        session,
+    let out = Mutex::new(writer);
+    let broken = AtomicBool::new(false);
+    let conn = Conn {
+        out: &out,
+        session: &session,
         options,
-        replier,
-        read_buf: Vec::new(),
+        replier: Replier {
+            structured: session.structured,
+        },
+        broken: &broken,
     };
-    loop {
-        let mut hdr = [0u8; wire::REQUEST_LEN];
-        read_message(conn.stream, &mut hdr)?;
-        let req = parse_request(&hdr)?;
-        trace!(?req, "NBD request");
-        if req.kind == wire::NBD_CMD_DISC {
-            // No reply; every earlier request has been answered (sequential handling).
-            debug!(export = conn.session.name, "NBD_CMD_DISC");
-            let _ = conn.stream.flush();
-            return Ok(());
+    let workers = options.workers.clamp(1, 64);
+    let (tx, rx) = mpsc::sync_channel::<Job>(workers);
+    let rx = Mutex::new(rx);
+    std::thread::scope(|scope| {
+        let mut handles = Vec::with_capacity(workers);
+        for i in 0..workers {
+            let (conn, rx) = (&conn, &rx);
+            let spawned = std::thread::Builder::new()
+                .name(format!("nbd-worker-{i}"))
+                .spawn_scoped(scope, move || conn.work(rx));
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) if handles.is_empty() => return Err(ServeError::Io(e)),
+                Err(e) => warn!(error = %e, "fewer NBD workers than asked"),
+            }
         }
-        conn.handle(&req)?;
-    }
+        let result = conn.read_requests(reader, &tx);
+        // Closing the queue lets the workers finish what they hold and stop: every request
+        // read before a DISC is answered before the connection is dropped.
+        drop(tx);
+        let mut result = result;
+        for h in handles {
+            let worker = h
+                .join()
+                .unwrap_or_else(|_| Err(ServeError::Io(io::Error::other("NBD worker panicked"))));
+            if result.is_ok() {
+                result = worker;
+            }
+        }
+        if let Ok(mut w) = out.lock() {
+            let _ = w.flush();
+        }
+        result
+    })
 }
 
 fn parse_request(hdr: &[u8; wire::REQUEST_LEN]) -> Result<Request, ServeError> {
@@ -261,11 +303,69 @@ fn parse_request(hdr: &[u8; wire::REQUEST_LEN]) -> Result<Request, ServeError> {
     })
 }
 
-impl<S: Read + Write> Conn<'_, S> {
-    fn handle(&mut self, req: &Request) -> Result<(), ServeError> {
-        if req.kind == wire::NBD_CMD_WRITE {
-            return self.write(req);
+impl Conn<'_> {
+    /// Hold the writer for one whole reply.
+    fn reply(
+        &self,
+        encode: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    ) -> Result<(), ServeError> {
+        let mut out = self
+            .out
+            .lock()
+            .map_err(|_| ServeError::Io(io::Error::other("reply writer poisoned")))?;
+        encode(&mut *out).map_err(|e| {
+            self.broken.store(true, Ordering::Relaxed);
+            ServeError::Io(e)
+        })
+    }
+
+    /// The reader: requests in order; write payloads are read here, execution is the workers'.
+    fn read_requests<R: Read>(
+        &self,
+        reader: &mut R,
+        jobs: &mpsc::SyncSender<Job>,
+    ) -> Result<(), ServeError> {
+        loop {
+            if self.broken.load(Ordering::Relaxed) {
+                return Err(ServeError::Io(io::Error::from(io::ErrorKind::BrokenPipe)));
+            }
+            let mut hdr = [0u8; wire::REQUEST_LEN];
+            read_message(reader, &mut hdr)?;
+            let req = parse_request(&hdr)?;
+            trace!(?req, "NBD request");
+            let job = match req.kind {
+                wire::NBD_CMD_DISC => {
+                    debug!(export = self.session.name, "NBD_CMD_DISC");
+                    return Ok(());
+                }
+                wire::NBD_CMD_WRITE => match self.receive_write(reader, &req)? {
+                    Some(buf) => Job::Write(req, buf),
+                    None => continue,
+                },
+                _ => Job::Other(req),
+            };
+            if jobs.send(job).is_err() {
+                return Err(ServeError::Io(io::Error::other("NBD workers stopped")));
+            }
         }
+    }
+
+    /// A worker: execute jobs until the queue closes.
+    fn work(&self, jobs: &Mutex<mpsc::Receiver<Job>>) -> Result<(), ServeError> {
+        loop {
+            let job = match jobs.lock() {
+                Ok(rx) => rx.recv(),
+                Err(_) => return Ok(()),
+            };
+            match job {
+                Ok(Job::Write(req, buf)) => self.execute_write(&req, buf)?,
+                Ok(Job::Other(req)) => self.handle(&req)?,
+                Err(_) => return Ok(()),
+            }
+        }
+    }
+
+    fn handle(&self, req: &Request) -> Result<(), ServeError> {
         let result = if shutting_down(self.options) {
             Err(refuse(NbdError::Shutdown, "server shutting down"))
         } else {
@@ -280,10 +380,9 @@ impl<S: Read + Write> Conn<'_, S> {
             }
         };
         match result {
-            Ok(()) => self.replier.ok(self.stream, req.handle)?,
-            Err(r) => self.replier.error(self.stream, req, &r)?,
+            Ok(()) => self.reply(|w| self.replier.ok(w, req.handle)),
+            Err(r) => self.reply(|w| self.replier.error(w, req, &r)),
         }
-        Ok(())
     }
 
     fn check_flags(&self, req: &Request, allowed: u16) -> Result<(), Refusal> {
@@ -340,7 +439,7 @@ impl<S: Read + Write> Conn<'_, S> {
         req.flags & wire::NBD_CMD_FLAG_FUA != 0
     }
 
-    fn read(&mut self, req: &Request) -> Result<(), ServeError> {
+    fn read(&self, req: &Request) -> Result<(), ServeError> {
         let mut allowed = wire::NBD_CMD_FLAG_FUA;
         if self.session.flags & wire::NBD_FLAG_SEND_DF != 0 {
             allowed |= wire::NBD_CMD_FLAG_DF;
@@ -353,36 +452,33 @@ impl<S: Read + Write> Conn<'_, S> {
                 .and_then(|()| self.check_range(req, NbdError::Inval))
         };
         if let Err(r) = checked {
-            self.replier.error(self.stream, req, &r)?;
-            return Ok(());
+            return self.reply(|w| self.replier.error(w, req, &r));
         }
         // check_max bounds len by the advertised maximum (<= 1 GiB).
         let len = usize::try_from(req.len).unwrap_or(usize::MAX);
         let prefix = self.replier.read_prefix();
         let total = prefix.saturating_add(len);
-        self.read_buf.resize(total, 0);
+        let mut buf = vec![0u8; total];
         let result = if len == 0 {
             Ok(())
         } else {
             self.session
                 .export
-                .read(req.offset, &mut self.read_buf[prefix..total])
+                .read(req.offset, &mut buf[prefix..total])
         };
         match result {
-            Ok(()) => {
-                self.replier
-                    .read_data(self.stream, req, &mut self.read_buf[..total])?;
-            }
-            Err(e) => self.replier.error(self.stream, req, &e.into())?,
+            Ok(()) => self.reply(|w| self.replier.read_data(w, req, &mut buf)),
+            Err(e) => self.reply(|w| self.replier.error(w, req, &e.into())),
         }
-        // Do not keep a huge buffer around after an occasional large read.
-        if self.read_buf.capacity() > (4 << 20) {
-            self.read_buf = Vec::new();
-        }
-        Ok(())
     }
 
-    fn write(&mut self, req: &Request) -> Result<(), ServeError> {
+    /// Validate a WRITE and read its payload (on the reader thread, keeping the stream in
+    /// sync). `None`: the request was refused and answered.
+    fn receive_write<R: Read>(
+        &self,
+        reader: &mut R,
+        req: &Request,
+    ) -> Result<Option<WriteBuffer>, ServeError> {
         if req.len > self.options.max_payload {
             warn!(
                 len = req.len,
@@ -401,8 +497,8 @@ impl<S: Read + Write> Conn<'_, S> {
         let len = usize::try_from(req.len).unwrap_or(usize::MAX);
         let buffer = match checked {
             Ok(()) if len == 0 => {
-                self.replier.ok(self.stream, req.handle)?;
-                return Ok(());
+                self.reply(|w| self.replier.ok(w, req.handle))?;
+                return Ok(None);
             }
             Ok(()) => match self.session.export.write_buffer(len) {
                 Ok(b) if b.len() == len => Ok(b),
@@ -421,21 +517,25 @@ impl<S: Read + Write> Conn<'_, S> {
         match buffer {
             Err(r) => {
                 // Keep the stream in sync: the payload follows the header regardless.
-                discard(self.stream, u64::from(req.len)).map_err(eof_in_message)?;
-                self.replier.error(self.stream, req, &r)?;
+                discard(reader, u64::from(req.len)).map_err(eof_in_message)?;
+                self.reply(|w| self.replier.error(w, req, &r))?;
+                Ok(None)
             }
             Ok(mut buf) => {
-                read_message(self.stream, buf.as_mut_slice()).map_err(eof_in_message)?;
-                match self.session.export.write(req.offset, buf, Self::fua(req)) {
-                    Ok(()) => self.replier.ok(self.stream, req.handle)?,
-                    Err(e) => self.replier.error(self.stream, req, &e.into())?,
-                }
+                read_message(reader, buf.as_mut_slice()).map_err(eof_in_message)?;
+                Ok(Some(buf))
             }
         }
-        Ok(())
     }
 
-    fn flush(&mut self, req: &Request) -> Result<(), Refusal> {
+    fn execute_write(&self, req: &Request, buf: WriteBuffer) -> Result<(), ServeError> {
+        match self.session.export.write(req.offset, buf, Self::fua(req)) {
+            Ok(()) => self.reply(|w| self.replier.ok(w, req.handle)),
+            Err(e) => self.reply(|w| self.replier.error(w, req, &e.into())),
+        }
+    }
+
+    fn flush(&self, req: &Request) -> Result<(), Refusal> {
         self.check_flags(req, wire::NBD_CMD_FLAG_FUA)?;
         // "For a flush request, *length* and *offset* are reserved, and MUST be set to
         // all-zero."
@@ -448,7 +548,7 @@ impl<S: Read + Write> Conn<'_, S> {
         Ok(self.session.export.flush()?)
     }
 
-    fn trim(&mut self, req: &Request) -> Result<(), Refusal> {
+    fn trim(&self, req: &Request) -> Result<(), Refusal> {
         self.check_flags(req, wire::NBD_CMD_FLAG_FUA)?;
         if !self.session.info.can_trim {
             return Err(refuse(NbdError::Inval, "trim not supported"));
@@ -463,7 +563,7 @@ impl<S: Read + Write> Conn<'_, S> {
         Ok(self.session.export.trim(req.offset, len, Self::fua(req))?)
     }
 
-    fn cache(&mut self, req: &Request) -> Result<(), Refusal> {
+    fn cache(&self, req: &Request) -> Result<(), Refusal> {
         self.check_flags(req, wire::NBD_CMD_FLAG_FUA)?;
         if !self.session.info.can_cache {
             return Err(refuse(NbdError::Inval, "cache not supported"));
@@ -476,7 +576,7 @@ impl<S: Read + Write> Conn<'_, S> {
         Ok(self.session.export.cache(req.offset, u64::from(req.len))?)
     }
 
-    fn write_zeroes(&mut self, req: &Request) -> Result<(), Refusal> {
+    fn write_zeroes(&self, req: &Request) -> Result<(), Refusal> {
         // NBD_CMD_FLAG_FAST_ZERO is refused: NBD_FLAG_SEND_FAST_ZERO is not advertised, and
         // the spec says to fail the flag with NBD_EINVAL then.
         self.check_flags(req, wire::NBD_CMD_FLAG_FUA | wire::NBD_CMD_FLAG_NO_HOLE)?;
@@ -497,15 +597,14 @@ impl<S: Read + Write> Conn<'_, S> {
             .write_zeroes(req.offset, len, Self::fua(req), no_hole)?)
     }
 
-    fn block_status(&mut self, req: &Request) -> Result<(), ServeError> {
+    fn block_status(&self, req: &Request) -> Result<(), ServeError> {
         match self.block_status_extents(req) {
-            Ok(chunks) => self.replier.block_status(self.stream, req, &chunks)?,
-            Err(r) => self.replier.error(self.stream, req, &r)?,
+            Ok(chunks) => self.reply(|w| self.replier.block_status(w, req, &chunks)),
+            Err(r) => self.reply(|w| self.replier.error(w, req, &r)),
         }
-        Ok(())
     }
 
-    fn block_status_extents(&mut self, req: &Request) -> Result<Vec<StatusChunk>, Refusal> {
+    fn block_status_extents(&self, req: &Request) -> Result<Vec<StatusChunk>, Refusal> {
         self.check_flags(req, wire::NBD_CMD_FLAG_FUA | wire::NBD_CMD_FLAG_REQ_ONE)?;
         if !self.session.structured || self.session.contexts.is_empty() {
             return Err(refuse(NbdError::Inval, "no metadata context negotiated"));
