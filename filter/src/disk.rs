@@ -4,13 +4,14 @@
 //! The write path, for a write of `range`:
 //! 1. the payload lands from the socket in a ring slot reserved by
 //!    [`Disk::write_buffer`] (data state), or in a heap buffer;
-//! 2. [`OrderGate::begin`] gives the write its ticket and host-wide
-//!    sequence number and waits out earlier overlapping writes;
+//! 2. [`OrderGate::begin`] waits out earlier overlapping writes;
 //! 3. the activity log covers the range durably ([`MetaFile::before_write`]);
 //! 4. the data goes to the backing device through io_uring (RWF_DSYNC for FUA);
-//! 5. in ticket order, the record is published: with payload (data state),
-//!    without (metadata state), or as dirty bits (bitmap state);
-//! 6. only then is the write acknowledged.
+//! 5. under the tracking lock the write takes its host-wide sequence number
+//!    and its record is published: with payload (data state), without
+//!    (metadata state), or as dirty bits (bitmap state);
+//! 6. the ticket finishes (later overlapping writes may go) and only then
+//!    is the write acknowledged.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -22,7 +23,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ferry_ring::meta::{MetaFile, MetaGeometry, Range as MetaRange};
-use ferry_ring::ring::{Geometry, NewRecord, PayloadSlot, Producer, RecordKind, FLAG_FUA};
+use ferry_ring::ring::{
+    Geometry, NewRecord, PayloadSlot, Producer, PublishError, RecordKind, FLAG_FUA,
+};
 
 use crate::config::{DiskConfig, FilterConfig};
 use crate::control::{Counters, DiskStatus};
@@ -110,6 +113,7 @@ pub struct Disk {
     meta: Mutex<MetaFile>,
     ring_path: PathBuf,
     block_size: u32,
+    sequencer: Arc<Sequencer>,
     counters: AtomicCounters,
 }
 
@@ -222,7 +226,7 @@ impl Disk {
             file,
             is_block_device,
             uring,
-            gate: OrderGate::new(sequencer),
+            gate: OrderGate::new(),
             tracking: Mutex::new(Tracking {
                 producer,
                 tracker: Tracker::default(),
@@ -232,6 +236,7 @@ impl Disk {
             meta: Mutex::new(meta),
             ring_path,
             block_size,
+            sequencer,
             counters: AtomicCounters::default(),
         })
     }
@@ -326,7 +331,12 @@ impl Disk {
         bump(&self.counters.writes, 1);
         bump(&self.counters.write_bytes, range.len);
         let ticket = self.gate.begin(Some(range));
-        if let Err(e) = self.meta().before_write(meta_range(range), ticket.seq) {
+        // Durable activity-log coverage before the data can reach the device;
+        // the sequence number is provisional (the record's is at least this).
+        if let Err(e) = self
+            .meta()
+            .before_write(meta_range(range), self.sequencer.peek())
+        {
             tracing::error!(disk = %self.name, error = %e, "activity log update failed");
             self.abandon(ticket, range);
             return Err(IoFailure::Tracking);
@@ -341,47 +351,35 @@ impl Disk {
             return Err(failure);
         }
         let flags = if fua { FLAG_FUA } else { 0 };
-        self.record(
-            ticket,
+        let recorded = self.publish(
+            None,
             RecordKind::Write,
             range,
             checksum,
             flags,
             Some(data),
-        )
+            0,
+        );
+        self.gate.finish(ticket);
+        recorded
     }
 
-    /// A ticket whose request failed: its range may hold anything now, so
-    /// it is tracked as dirty; no record is published.
+    /// A request that failed: its range may hold anything now, so it is
+    /// tracked as dirty; no record is published.
     fn abandon(&self, ticket: Ticket, range: Range) {
-        self.gate.publish(ticket, || {
-            if let Err(e) = self.meta().set_dirty(meta_range(range)) {
-                tracing::error!(disk = %self.name, error = %e, "cannot mark a failed request's range dirty");
-            }
-        });
+        if let Err(e) = self.meta().set_dirty(meta_range(range)) {
+            tracing::error!(disk = %self.name, error = %e, "cannot mark a failed request's range dirty");
+        }
+        self.gate.finish(ticket);
     }
 
-    /// Publish the record of a completed request in ticket order.
-    fn record(
-        &self,
-        ticket: Ticket,
-        kind: RecordKind,
-        range: Range,
-        checksum: u32,
-        flags: u8,
-        data: Option<WriteData>,
-    ) -> std::result::Result<(), IoFailure> {
-        let seq = ticket.seq;
-        self.gate.publish(ticket, || {
-            self.publish_locked(seq, kind, range, checksum, flags, data, 0)
-        })
-    }
-
-    /// Publish one record according to the tracking state (caller holds the gate's turn).
+    /// Publish one record according to the tracking state. `seq` None: take
+    /// the next host-wide number now, under the tracking lock, so numbers
+    /// increase in ring order.
     #[allow(clippy::too_many_arguments)]
-    fn publish_locked(
+    fn publish(
         &self,
-        seq: u64,
+        seq: Option<u64>,
         kind: RecordKind,
         range: Range,
         checksum: u32,
@@ -390,6 +388,7 @@ impl Disk {
         aux: u64,
     ) -> std::result::Result<(), IoFailure> {
         let mut tracking = self.tracking();
+        let seq = seq.unwrap_or_else(|| self.sequencer.next());
         let (slot, full) = match data {
             Some(WriteData::Ring(slot)) => (Some(slot), None),
             Some(WriteData::Heap { full, .. }) => (None, full),
@@ -401,6 +400,17 @@ impl Disk {
         let state = tracking.tracker.state();
         if state == State::Bitmap {
             return self.to_bitmap(range);
+        }
+        if range.len > 0 {
+            // The extent may leave the activity log only once this record is
+            // committed: note its real sequence number before the consumer
+            // can see it (a hot extent: memory only).
+            self.meta()
+                .before_write(meta_range(range), seq)
+                .map_err(|e| {
+                    tracing::error!(disk = %self.name, error = %e, "activity log update failed");
+                    IoFailure::Tracking
+                })?;
         }
         let payload = if state == State::Data { slot } else { None };
         let has_payload = payload.is_some();
@@ -433,11 +443,17 @@ impl Disk {
                 }
                 Ok(())
             }
-            Err(_) => {
+            Err(PublishError::Full(_)) => {
                 let slots = u64::from(tracking.producer.geometry().slots);
                 self.transition(&mut tracking, Event::RingFull { slots });
                 drop(tracking);
                 self.to_bitmap(range)
+            }
+            Err(PublishError::Invalid(e)) => {
+                tracing::error!(disk = %self.name, error = %e, seq, "ring refused a record");
+                drop(tracking);
+                self.to_bitmap(range)?;
+                Err(IoFailure::Tracking)
             }
         }
     }
@@ -461,25 +477,25 @@ impl Disk {
     }
 
     /// FLUSH: every write acknowledged before it is durable once it returns.
+    /// Its record follows every write that arrived before it.
     pub fn flush(&self) -> std::result::Result<(), IoFailure> {
         bump(&self.counters.flushes, 1);
         let ticket = self.gate.begin(None);
-        // Writes with earlier tickets must have reached the device before the
-        // sync, or the flush record would claim more than the sync covered.
-        self.gate.wait_turn(&ticket);
-        if let Err(e) = self.uring.sync(self.fd(), true) {
-            let failure = self.io_failed("fdatasync", &e);
-            self.gate.publish(ticket, || ());
-            return Err(failure);
-        }
-        self.record(
-            ticket,
-            RecordKind::Flush,
-            Range { offset: 0, len: 0 },
-            0,
-            0,
-            None,
-        )
+        self.gate.wait_prior(&ticket);
+        let result = match self.uring.sync(self.fd(), true) {
+            Ok(()) => self.publish(
+                None,
+                RecordKind::Flush,
+                Range { offset: 0, len: 0 },
+                0,
+                0,
+                None,
+                0,
+            ),
+            Err(e) => Err(self.io_failed("fdatasync", &e)),
+        };
+        self.gate.finish(ticket);
+        result
     }
 
     /// TRIM (punch a hole) or WRITE_ZEROES.
@@ -501,7 +517,7 @@ impl Disk {
         let ticket = self.gate.begin(Some(range));
         if self
             .meta()
-            .before_write(meta_range(range), ticket.seq)
+            .before_write(meta_range(range), self.sequencer.peek())
             .is_err()
         {
             self.abandon(ticket, range);
@@ -521,7 +537,17 @@ impl Disk {
             self.abandon(ticket, range);
             return Err(failure);
         }
-        self.record(ticket, kind, range, 0, if fua { FLAG_FUA } else { 0 }, None)
+        let recorded = self.publish(
+            None,
+            kind,
+            range,
+            0,
+            if fua { FLAG_FUA } else { 0 },
+            None,
+            0,
+        );
+        self.gate.finish(ticket);
+        recorded
     }
 
     fn punch(
@@ -567,22 +593,19 @@ impl Disk {
         Ok(())
     }
 
-    /// Insert a tag record (caller holds a barrier on every disk).
+    /// Insert a tag record (caller holds a barrier on every disk, so
+    /// nothing else is in flight and `seq` is the newest number).
     pub fn tag(&self, seq: u64, tag_id: u64) -> Result<()> {
-        let ticket = self.gate.begin_at(seq);
-        self.gate
-            .publish(ticket, || {
-                self.publish_locked(
-                    seq,
-                    RecordKind::Tag,
-                    Range { offset: 0, len: 0 },
-                    0,
-                    0,
-                    None,
-                    tag_id,
-                )
-            })
-            .map_err(|_| Error::control(format!("disk {}: tag record not recorded", self.name)))
+        self.publish(
+            Some(seq),
+            RecordKind::Tag,
+            Range { offset: 0, len: 0 },
+            0,
+            0,
+            None,
+            tag_id,
+        )
+        .map_err(|_| Error::control(format!("disk {}: tag record not recorded", self.name)))
     }
 
     /// Housekeeping: learn what the consumer committed, release activity-log
@@ -605,9 +628,7 @@ impl Disk {
             self.meta().release(seq);
         }
         if self.state() != State::Data {
-            let ticket = self.gate.begin(None);
-            let seq = ticket.seq;
-            self.gate.publish(ticket, || {
+            let changed = {
                 let mut tracking = self.tracking();
                 let event = Event::Occupancy {
                     free_slots: tracking.producer.free_slots(),
@@ -617,20 +638,24 @@ impl Disk {
                 };
                 let before = tracking.tracker.transitions();
                 self.transition(&mut tracking, event);
-                if tracking.tracker.transitions() != before {
-                    drop(tracking);
-                    // Tell the consumer: dirty regions now need a resync.
-                    let _ = self.publish_locked(
-                        seq,
-                        RecordKind::StateChange,
-                        Range { offset: 0, len: 0 },
-                        0,
-                        0,
-                        None,
-                        u64::from(Reason::Drained.code()),
-                    );
-                }
-            });
+                tracking.tracker.transitions() != before
+            };
+            if changed {
+                // Tell the consumer: dirty regions now need a resync. A
+                // ticket keeps this out of a tag's barrier.
+                let ticket = self.gate.begin(None);
+                let aux = u64::from(Reason::Drained.code());
+                let _ = self.publish(
+                    None,
+                    RecordKind::StateChange,
+                    Range { offset: 0, len: 0 },
+                    0,
+                    0,
+                    None,
+                    aux,
+                );
+                self.gate.finish(ticket);
+            }
         }
         if let Err(e) = self.meta().flush() {
             tracing::warn!(disk = %self.name, error = %e, "tracking metadata flush failed");

@@ -1,21 +1,19 @@
-//! The order gate of one disk: where a request gets its place in the write
-//! order.
+//! The order gate of one disk: overlapping requests reach the backing
+//! device, and the ring, in the order they arrived.
 //!
-//! `begin` hands out tickets in arrival order and, inside the same critical
-//! section, the request's host-wide sequence number. A request that
-//! overlaps an earlier, still unpublished one waits for it, so overlapping
-//! writes reach the backing device in ticket order. `publish` runs the
-//! caller's recording step strictly in ticket order. Together: the ring
-//! order is a valid linearization of acknowledged writes, and for
-//! overlapping writes the one recorded later is the one left on disk.
+//! `begin` hands out tickets in arrival order and waits until no earlier,
+//! unfinished request overlaps the new one. A request records itself in the
+//! ring (taking its host-wide sequence number there, under the disk's
+//! tracking lock) *before* it calls `finish` and before it is acknowledged.
+//! So for overlapping writes the one recorded later is the one left on the
+//! device, and non-overlapping writes, which were in flight together, are
+//! recorded in completion order: the ring is a valid linearization of
+//! acknowledged writes, without making a fast write wait for a slow,
+//! unrelated one.
 //!
-//! A request is acknowledged only after its ticket published, so a
-//! request's ack may wait for an earlier, slower, non-overlapping one (head
-//! of line). That keeps every ring prefix a state the disk really passed
-//! through, which is what makes every prefix crash-consistent.
-//!
-//! `barrier` stops new tickets and waits until every issued one published:
-//! the host-wide tag takes its sequence number there.
+//! `wait_prior` lets a FLUSH wait until every request that arrived before it
+//! has been recorded; `barrier` stops new tickets and waits until every
+//! issued one finished: host-wide tags take their sequence number there.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,18 +37,15 @@ impl Range {
 
 /// A request's place in the order.
 #[derive(Debug)]
-#[must_use = "a ticket must be published or abandoned, or the disk stalls"]
+#[must_use = "a ticket must be finished, or the disk stalls"]
 pub struct Ticket {
     number: u64,
-    /// Host-wide sequence number of the request's record.
-    pub seq: u64,
 }
 
 #[derive(Debug, Default)]
 struct GateState {
     next_ticket: u64,
-    next_publish: u64,
-    /// Issued, unpublished tickets and the range each covers.
+    /// Issued, unfinished tickets and the range each covers.
     active: BTreeMap<u64, Option<Range>>,
     barrier: bool,
 }
@@ -77,28 +72,23 @@ impl Sequencer {
 }
 
 /// The order gate of one disk.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct OrderGate {
     state: Mutex<GateState>,
     changed: Condvar,
-    sequencer: Arc<Sequencer>,
 }
 
 impl OrderGate {
-    /// A gate drawing sequence numbers from the host's sequencer.
-    pub fn new(sequencer: Arc<Sequencer>) -> Self {
-        OrderGate {
-            state: Mutex::new(GateState::default()),
-            changed: Condvar::new(),
-            sequencer,
-        }
+    /// An open gate.
+    pub fn new() -> Self {
+        OrderGate::default()
     }
 
     fn lock(&self) -> MutexGuard<'_, GateState> {
         self.state.lock().expect("order gate lock")
     }
 
-    /// Take a place in the order; returns once no earlier unpublished request
+    /// Take a place in the order; returns once no earlier unfinished request
     /// overlaps `range` (None: no range, e.g. a flush).
     pub fn begin(&self, range: Option<Range>) -> Ticket {
         let mut state = self.lock();
@@ -107,7 +97,6 @@ impl OrderGate {
         }
         let number = state.next_ticket;
         state.next_ticket += 1;
-        let seq = self.sequencer.next();
         state.active.insert(number, range);
         if let Some(range) = range {
             while state
@@ -118,42 +107,24 @@ impl OrderGate {
                 state = self.changed.wait(state).expect("order gate lock");
             }
         }
-        Ticket { number, seq }
+        Ticket { number }
     }
 
-    /// A ticket with a sequence number chosen by the caller, who holds a
-    /// barrier on this gate (host-wide tags take one number for all disks).
-    pub fn begin_at(&self, seq: u64) -> Ticket {
+    /// Wait until every request that arrived before `ticket` has finished.
+    pub fn wait_prior(&self, ticket: &Ticket) {
         let mut state = self.lock();
-        let number = state.next_ticket;
-        state.next_ticket += 1;
-        state.active.insert(number, None);
-        Ticket { number, seq }
-    }
-
-    /// Wait until every earlier ticket has published (this one is next).
-    pub fn wait_turn(&self, ticket: &Ticket) {
-        let mut state = self.lock();
-        while state.next_publish != ticket.number {
+        while state.active.range(..ticket.number).next().is_some() {
             state = self.changed.wait(state).expect("order gate lock");
         }
     }
 
-    /// Run `record` in ticket order (holding the gate), then retire the ticket.
-    pub fn publish<T>(&self, ticket: Ticket, record: impl FnOnce() -> T) -> T {
-        let mut state = self.lock();
-        while state.next_publish != ticket.number {
-            state = self.changed.wait(state).expect("order gate lock");
-        }
-        let out = record();
-        state.next_publish += 1;
-        state.active.remove(&ticket.number);
-        drop(state);
+    /// The request is recorded (or abandoned): later overlapping ones may go.
+    pub fn finish(&self, ticket: Ticket) {
+        self.lock().active.remove(&ticket.number);
         self.changed.notify_all();
-        out
     }
 
-    /// Stop new tickets and wait until every issued ticket has published.
+    /// Stop new tickets and wait until every issued ticket has finished.
     /// Returns a guard that reopens the gate when dropped.
     pub fn barrier(&self) -> Barrier<'_> {
         let mut state = self.lock();
@@ -167,7 +138,7 @@ impl OrderGate {
         Barrier { gate: self }
     }
 
-    /// Unpublished tickets (requests in flight).
+    /// Unfinished tickets (requests in flight).
     pub fn in_flight(&self) -> usize {
         self.lock().active.len()
     }
@@ -197,77 +168,77 @@ mod tests {
     }
 
     #[test]
-    fn sequence_numbers_follow_ticket_order_across_gates() {
+    fn sequence_numbers_are_unique_and_increasing() {
         let seq = Sequencer::new(100);
-        let a = OrderGate::new(Arc::clone(&seq));
-        let b = OrderGate::new(Arc::clone(&seq));
-        let t1 = a.begin(r(0, 10));
-        let t2 = b.begin(r(0, 10));
-        let t3 = a.begin(r(20, 10));
-        assert_eq!((t1.seq, t2.seq, t3.seq), (100, 101, 102));
-        a.publish(t1, || ());
-        b.publish(t2, || ());
-        a.publish(t3, || ());
+        assert_eq!((seq.next(), seq.next(), seq.peek()), (100, 101, 102));
     }
 
     #[test]
     fn overlapping_request_waits_for_the_earlier_one() {
-        let gate = Arc::new(OrderGate::new(Sequencer::new(0)));
+        let gate = Arc::new(OrderGate::new());
         let log = Arc::new(StdMutex::new(Vec::new()));
         let first = gate.begin(r(0, 4096));
         let (g, l) = (Arc::clone(&gate), Arc::clone(&log));
         let second = std::thread::spawn(move || {
             let t = g.begin(r(2048, 4096));
             l.lock().unwrap().push("second began");
-            g.publish(t, || l.lock().unwrap().push("second published"));
+            g.finish(t);
         });
         std::thread::sleep(Duration::from_millis(50));
         assert!(
             log.lock().unwrap().is_empty(),
             "second must wait for the overlap"
         );
-        gate.publish(first, || log.lock().unwrap().push("first published"));
+        log.lock().unwrap().push("first recorded");
+        gate.finish(first);
         second.join().unwrap();
-        assert_eq!(
-            *log.lock().unwrap(),
-            ["first published", "second began", "second published"]
-        );
+        assert_eq!(*log.lock().unwrap(), ["first recorded", "second began"]);
     }
 
     #[test]
-    fn disjoint_requests_proceed_but_publish_in_order() {
-        let gate = Arc::new(OrderGate::new(Sequencer::new(0)));
+    fn disjoint_requests_finish_in_any_order() {
+        let gate = OrderGate::new();
         let first = gate.begin(r(0, 10));
         let second = gate.begin(r(100, 10)); // does not wait
-        let log = Arc::new(StdMutex::new(Vec::new()));
-        let (g, l) = (Arc::clone(&gate), Arc::clone(&log));
-        let h = std::thread::spawn(move || g.publish(second, || l.lock().unwrap().push(2)));
+        gate.finish(second); // nor does it wait to finish
+        assert_eq!(gate.in_flight(), 1);
+        gate.finish(first);
+    }
+
+    #[test]
+    fn flush_waits_for_everything_before_it_only() {
+        let gate = Arc::new(OrderGate::new());
+        let write = gate.begin(r(0, 10));
+        let flush = gate.begin(None);
+        let later = gate.begin(r(50, 10));
+        let g = Arc::clone(&gate);
+        let waiter = std::thread::spawn(move || {
+            g.wait_prior(&flush);
+            g.finish(flush);
+        });
         std::thread::sleep(Duration::from_millis(30));
-        assert!(
-            log.lock().unwrap().is_empty(),
-            "publish waits for the earlier ticket"
-        );
-        gate.publish(first, || log.lock().unwrap().push(1));
-        h.join().unwrap();
-        assert_eq!(*log.lock().unwrap(), [1, 2]);
+        assert!(!waiter.is_finished(), "the earlier write is unfinished");
+        gate.finish(write);
+        waiter.join().unwrap(); // `later` did not hold it up
+        gate.finish(later);
     }
 
     #[test]
     fn barrier_waits_for_in_flight_and_blocks_new_tickets() {
-        let gate = Arc::new(OrderGate::new(Sequencer::new(0)));
+        let gate = Arc::new(OrderGate::new());
         let t = gate.begin(r(0, 1));
         let g = Arc::clone(&gate);
-        let publisher = std::thread::spawn(move || {
+        let finisher = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(30));
-            g.publish(t, || ());
+            g.finish(t);
         });
         let barrier = gate.barrier();
         assert_eq!(gate.in_flight(), 0);
-        publisher.join().unwrap();
+        finisher.join().unwrap();
         let g = Arc::clone(&gate);
         let late = std::thread::spawn(move || {
             let t = g.begin(None);
-            g.publish(t, || ());
+            g.finish(t);
         });
         std::thread::sleep(Duration::from_millis(30));
         assert!(!late.is_finished(), "no tickets behind a barrier");
@@ -277,45 +248,48 @@ mod tests {
 
     #[test]
     fn random_concurrent_writes_leave_the_last_recorded_value() {
-        // Many threads write overlapping ranges of a tiny "disk"; the value
-        // left in each cell must be the one of the last record covering it.
-        let gate = Arc::new(OrderGate::new(Sequencer::new(1)));
+        // Threads write overlapping ranges of a tiny "disk" and record
+        // themselves (taking a sequence number) before finishing. Replaying
+        // the records in sequence order must give the disk's final content.
+        let gate = Arc::new(OrderGate::new());
+        let seq = Sequencer::new(1);
         let disk = Arc::new(StdMutex::new(vec![0u64; 64]));
         let records = Arc::new(StdMutex::new(Vec::new()));
         std::thread::scope(|s| {
             for t in 0..6u64 {
-                let (gate, disk, records) = (&gate, &disk, &records);
+                let (gate, disk, records, seq) = (&gate, &disk, &records, &seq);
                 s.spawn(move || {
                     let mut x = t + 1;
-                    for _ in 0..300 {
+                    for i in 0..300u64 {
                         x = x
                             .wrapping_mul(6364136223846793005)
                             .wrapping_add(1442695040888963407);
                         let off = (x >> 33) % 60;
                         let len = 1 + (x >> 50) % 4;
                         let ticket = gate.begin(r(off, len));
-                        let seq = ticket.seq;
+                        let value = t * 1000 + i + 1;
                         {
                             let mut d = disk.lock().unwrap();
                             for c in off..off + len {
-                                d[usize::try_from(c).unwrap()] = seq;
+                                d[usize::try_from(c).unwrap()] = value;
                             }
                         }
                         std::thread::yield_now();
-                        gate.publish(ticket, || records.lock().unwrap().push((seq, off, len)));
+                        {
+                            let mut recs = records.lock().unwrap();
+                            recs.push((seq.next(), off, len, value));
+                        }
+                        gate.finish(ticket);
                     }
                 });
             }
         });
-        let records = records.lock().unwrap();
-        assert!(
-            records.windows(2).all(|w| w[0].0 < w[1].0),
-            "ring order is sequence order"
-        );
+        let mut records = records.lock().unwrap().clone();
+        records.sort_unstable();
         let mut replay = vec![0u64; 64];
-        for &(seq, off, len) in records.iter() {
+        for &(_, off, len, value) in &records {
             for c in off..off + len {
-                replay[usize::try_from(c).unwrap()] = seq;
+                replay[usize::try_from(c).unwrap()] = value;
             }
         }
         assert_eq!(*disk.lock().unwrap(), replay);

@@ -1,144 +1,72 @@
 //! Backing-device I/O through io_uring.
 //!
-//! One engine thread owns the ring. Callers (one thread per NBD connection)
-//! hand it an operation on a buffer they keep borrowed and block until the
-//! completion is reaped, so a buffer stays owned (and alive) for as long as
-//! the kernel may touch it. New submissions wake the engine through an
-//! eventfd that the engine keeps a read armed on inside the ring.
+//! Every thread that does backing I/O (the NBD connection workers) owns a
+//! small ring of its own, created on first use: it submits one operation
+//! and waits for its completion in the same system call, so a request costs
+//! no hand-off to another thread. The buffer of an operation is borrowed by
+//! the caller for the whole call, and the call returns only after the
+//! completion was reaped: the buffer stays owned and alive for as long as
+//! the kernel may touch it.
 
-use std::collections::HashMap;
+use std::cell::RefCell;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
 
-/// user_data of the eventfd read that wakes the engine.
-const WAKE_TOKEN: u64 = u64::MAX;
-/// Submission queue entries.
-const QUEUE_DEPTH: u32 = 256;
-
-/// One backing-device operation.
-#[derive(Debug, Clone, Copy)]
-enum Op {
-    Read {
-        fd: RawFd,
-        ptr: *mut u8,
-        len: u32,
-        offset: u64,
-    },
-    Write {
-        fd: RawFd,
-        ptr: *const u8,
-        len: u32,
-        offset: u64,
-        dsync: bool,
-    },
-    Fsync {
-        fd: RawFd,
-        datasync: bool,
-    },
-    Fallocate {
-        fd: RawFd,
-        mode: i32,
-        offset: u64,
-        len: u64,
-    },
-}
-
-// SAFETY: the raw pointers in an Op refer to a buffer that the submitting
-// thread keeps borrowed, and does not touch, until the operation's
-// completion has been delivered back to it (see `Uring::run`).
-unsafe impl Send for Op {}
-
-/// Where the engine delivers a result (a negative errno or a byte count).
-#[derive(Debug, Default)]
-struct Slot {
-    result: Mutex<Option<i32>>,
-    ready: Condvar,
-}
-
-struct Request {
-    op: Op,
-    slot: Arc<Slot>,
-}
-
-/// Handle to the io_uring engine thread; cheap to share behind an `Arc`.
-#[derive(Debug)]
-pub struct Uring {
-    tx: Mutex<mpsc::Sender<Request>>,
-    wake: OwnedFd,
-    engine: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl std::fmt::Debug for Request {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Request").field("op", &self.op).finish()
-    }
-}
+/// Entries of each thread's ring (one operation is in flight per thread).
+const QUEUE_DEPTH: u32 = 4;
 
 thread_local! {
-    /// Each caller thread reuses one completion slot (one operation in flight per thread).
-    static SLOT: Arc<Slot> = Arc::new(Slot::default());
+    static RING: RefCell<Option<IoUring>> = const { RefCell::new(None) };
+}
+
+/// Backing-device I/O through per-thread io_uring instances.
+#[derive(Debug, Default)]
+pub struct Uring {
+    operations: AtomicU64,
 }
 
 impl Uring {
-    /// Start the engine thread.
-    pub fn start(name: &str) -> io::Result<Arc<Uring>> {
-        let ring = IoUring::new(QUEUE_DEPTH)?;
-        // SAFETY: eventfd has no memory-safety preconditions; the returned
-        // descriptor (checked below) is owned by the OwnedFd.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh, valid descriptor nobody else owns.
-        let wake = unsafe { OwnedFd::from_raw_fd(raw) };
-        let (tx, rx) = mpsc::channel();
-        let wake_fd = wake.as_raw_fd();
-        let engine = std::thread::Builder::new()
-            .name(format!("uring-{name}"))
-            .spawn(move || run(ring, rx, wake_fd))?;
-        Ok(Arc::new(Uring {
-            tx: Mutex::new(tx),
-            wake,
-            engine: Mutex::new(Some(engine)),
-        }))
+    /// Check that io_uring works here (the first ring of this thread).
+    pub fn start(_name: &str) -> io::Result<Arc<Uring>> {
+        RING.with(|ring| ensure_ring(&mut ring.borrow_mut()).map(drop))?;
+        Ok(Arc::new(Uring::default()))
     }
 
-    /// Submit `op` and wait for its result.
-    fn call(&self, op: Op) -> io::Result<usize> {
-        SLOT.with(|slot| {
-            *slot.result.lock().expect("slot lock") = None;
-            let request = Request {
-                op,
-                slot: Arc::clone(slot),
-            };
-            self.tx
-                .lock()
-                .expect("sender lock")
-                .send(request)
-                .map_err(|_| io::Error::other("io_uring engine stopped"))?;
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
-            let n =
-                unsafe { libc::write(self.wake.as_raw_fd(), std::ptr::from_ref(&one).cast(), 8) };
-            if n != 8 {
-                // The engine may still pick the request up on its next wake;
-                // waiting below stays correct either way.
-                tracing::warn!(error = %io::Error::last_os_error(), "eventfd write failed");
+    /// Operations completed so far.
+    pub fn operations(&self) -> u64 {
+        self.operations.load(Ordering::Relaxed)
+    }
+
+    /// Submit one entry and wait for its result (bytes, or the errno as an error).
+    ///
+    /// # Safety
+    /// Every buffer the entry names must stay valid, and not be used by
+    /// anything else, until this returns.
+    unsafe fn call(&self, entry: squeue::Entry) -> io::Result<usize> {
+        let res = RING.with(|cell| -> io::Result<i32> {
+            let mut slot = cell.borrow_mut();
+            let ring = ensure_ring(&mut slot)?;
+            // SAFETY: the caller guarantees the entry's buffers outlive this
+            // call, and we do not return before its completion is reaped.
+            unsafe { ring.submission().push(&entry) }
+                .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+            loop {
+                match ring.submit_and_wait(1) {
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    Err(e) => return Err(e),
+                }
+                if let Some(cqe) = ring.completion().next() {
+                    return Ok(cqe.result());
+                }
             }
-            let mut result = slot.result.lock().expect("slot lock");
-            // The buffer behind `op` is borrowed by our caller until this
-            // returns: never return before the completion arrived.
-            while result.is_none() {
-                result = slot.ready.wait(result).expect("slot lock");
-            }
-            let res = result.take().expect("checked above");
-            usize::try_from(res).map_err(|_| io::Error::from_raw_os_error(-res))
-        })
+        })?;
+        self.operations.fetch_add(1, Ordering::Relaxed);
+        usize::try_from(res).map_err(|_| io::Error::from_raw_os_error(-res))
     }
 
     /// Read exactly `buf.len()` bytes at `offset` (bytes past the end of a file read as zeros).
@@ -146,13 +74,12 @@ impl Uring {
         let mut done = 0;
         while done < buf.len() {
             let rest = &mut buf[done..];
-            let len = u32::try_from(rest.len()).unwrap_or(!4095);
-            let n = self.call(Op::Read {
-                fd,
-                ptr: rest.as_mut_ptr(),
-                len,
-                offset: offset + done as u64,
-            })?;
+            let len = u32::try_from(rest.len()).unwrap_or(1 << 30);
+            let entry = opcode::Read::new(types::Fd(fd), rest.as_mut_ptr(), len)
+                .offset(offset + done as u64)
+                .build();
+            // SAFETY: `rest` is borrowed mutably for the whole call.
+            let n = unsafe { self.call(entry) }?;
             if n == 0 {
                 rest.fill(0);
                 return Ok(());
@@ -165,16 +92,16 @@ impl Uring {
     /// Write all of `buf` at `offset`; with `dsync`, durable before returning (FUA).
     pub fn write_all(&self, fd: RawFd, buf: &[u8], offset: u64, dsync: bool) -> io::Result<()> {
         let mut done = 0;
+        let flags = if dsync { libc::RWF_DSYNC } else { 0 };
         while done < buf.len() {
             let rest = &buf[done..];
-            let len = u32::try_from(rest.len()).unwrap_or(!4095);
-            let n = self.call(Op::Write {
-                fd,
-                ptr: rest.as_ptr(),
-                len,
-                offset: offset + done as u64,
-                dsync,
-            })?;
+            let len = u32::try_from(rest.len()).unwrap_or(1 << 30);
+            let entry = opcode::Write::new(types::Fd(fd), rest.as_ptr(), len)
+                .offset(offset + done as u64)
+                .rw_flags(flags)
+                .build();
+            // SAFETY: `rest` is borrowed for the whole call.
+            let n = unsafe { self.call(entry) }?;
             if n == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::WriteZero,
@@ -188,144 +115,41 @@ impl Uring {
 
     /// fdatasync (or fsync) through the ring.
     pub fn sync(&self, fd: RawFd, datasync: bool) -> io::Result<()> {
-        self.call(Op::Fsync { fd, datasync }).map(drop)
+        let flags = if datasync {
+            types::FsyncFlags::DATASYNC
+        } else {
+            types::FsyncFlags::empty()
+        };
+        let entry = opcode::Fsync::new(types::Fd(fd)).flags(flags).build();
+        // SAFETY: no buffers.
+        unsafe { self.call(entry) }.map(drop)
     }
 
     /// fallocate (punch hole, zero range) through the ring.
     pub fn fallocate(&self, fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Result<()> {
-        self.call(Op::Fallocate {
-            fd,
-            mode,
-            offset,
-            len,
-        })
-        .map(drop)
-    }
-
-    /// Stop the engine after the operations already submitted complete.
-    pub fn stop(&self) {
-        // Replacing the sender drops the only one: the engine drains and exits.
-        let (dead, _) = mpsc::channel();
-        *self.tx.lock().expect("sender lock") = dead;
-        let one: u64 = 1;
-        // SAFETY: as in `call`.
-        unsafe { libc::write(self.wake.as_raw_fd(), std::ptr::from_ref(&one).cast(), 8) };
-        if let Some(engine) = self.engine.lock().expect("engine lock").take() {
-            let _ = engine.join();
-        }
-    }
-}
-
-/// The engine: move requests into the submission queue, reap completions.
-fn run(mut ring: IoUring, rx: mpsc::Receiver<Request>, wake_fd: RawFd) {
-    let mut wake_buf = [0u8; 8];
-    let mut in_flight: HashMap<u64, Arc<Slot>> = HashMap::new();
-    let mut backlog: Vec<Request> = Vec::new();
-    let mut next_id = 0u64;
-    let mut wake_armed = false;
-    let mut closed = false;
-    loop {
-        if !wake_armed && !closed {
-            let read = opcode::Read::new(types::Fd(wake_fd), wake_buf.as_mut_ptr(), 8)
-                .build()
-                .user_data(WAKE_TOKEN);
-            // SAFETY: `wake_buf` lives on this thread's stack for the whole
-            // loop, which outlives every submission made from it.
-            if unsafe { ring.submission().push(&read) }.is_ok() {
-                wake_armed = true;
-            }
-        }
-        loop {
-            match rx.try_recv() {
-                Ok(req) => backlog.push(req),
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    closed = true;
-                    break;
-                }
-            }
-        }
-        let mut pushed = Vec::new();
-        for req in backlog.drain(..) {
-            let id = next_id;
-            next_id = next_id.wrapping_add(1) % WAKE_TOKEN;
-            let entry = build(req.op).user_data(id);
-            // SAFETY: the buffers named by the entry stay borrowed by the
-            // submitting thread until we deliver this entry's completion.
-            if unsafe { ring.submission().push(&entry) }.is_err() {
-                pushed.push(req);
-                continue;
-            }
-            in_flight.insert(id, req.slot);
-        }
-        backlog = pushed;
-        if closed && in_flight.is_empty() && backlog.is_empty() {
-            return;
-        }
-        if let Err(e) = ring.submit_and_wait(1) {
-            if e.raw_os_error() != Some(libc::EINTR) && e.raw_os_error() != Some(libc::EBUSY) {
-                tracing::error!(error = %e, "io_uring submit failed");
-            }
-        }
-        for cqe in ring.completion() {
-            if cqe.user_data() == WAKE_TOKEN {
-                wake_armed = false;
-                continue;
-            }
-            if let Some(slot) = in_flight.remove(&cqe.user_data()) {
-                *slot.result.lock().expect("slot lock") = Some(cqe.result());
-                slot.ready.notify_one();
-            }
-        }
-    }
-}
-
-fn build(op: Op) -> io_uring::squeue::Entry {
-    match op {
-        Op::Read {
-            fd,
-            ptr,
-            len,
-            offset,
-        } => opcode::Read::new(types::Fd(fd), ptr, len)
-            .offset(offset)
-            .build(),
-        Op::Write {
-            fd,
-            ptr,
-            len,
-            offset,
-            dsync,
-        } => {
-            let flags = if dsync { libc::RWF_DSYNC } else { 0 };
-            opcode::Write::new(types::Fd(fd), ptr, len)
-                .offset(offset)
-                .rw_flags(flags)
-                .build()
-        }
-        Op::Fsync { fd, datasync } => {
-            let flags = if datasync {
-                types::FsyncFlags::DATASYNC
-            } else {
-                types::FsyncFlags::empty()
-            };
-            opcode::Fsync::new(types::Fd(fd)).flags(flags).build()
-        }
-        Op::Fallocate {
-            fd,
-            mode,
-            offset,
-            len,
-        } => opcode::Fallocate::new(types::Fd(fd), len)
+        let entry = opcode::Fallocate::new(types::Fd(fd), len)
             .offset(offset)
             .mode(mode)
-            .build(),
+            .build();
+        // SAFETY: no buffers.
+        unsafe { self.call(entry) }.map(drop)
     }
+
+    /// Nothing to stop: each thread's ring goes with its thread.
+    pub fn stop(&self) {}
+}
+
+fn ensure_ring(slot: &mut Option<IoUring>) -> io::Result<&mut IoUring> {
+    if slot.is_none() {
+        *slot = Some(IoUring::new(QUEUE_DEPTH)?);
+    }
+    Ok(slot.as_mut().expect("just set"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
 
     fn scratch(name: &str) -> std::path::PathBuf {
@@ -344,7 +168,9 @@ mod tests {
             .unwrap();
         let uring = Uring::start("test").unwrap();
         let fd = file.as_raw_fd();
-        let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..1u32 << 20)
+            .map(|i| u8::try_from(i % 251).unwrap())
+            .collect();
         uring.write_all(fd, &data, 4096, false).unwrap();
         uring.write_all(fd, &data[..512], 0, true).unwrap();
         uring.sync(fd, true).unwrap();
@@ -366,12 +192,12 @@ mod tests {
         let mut tail = vec![1u8; 4096];
         uring.read_exact(fd, &mut tail, 1 << 30).unwrap();
         assert!(tail.iter().all(|&b| b == 0));
-        uring.stop();
+        assert!(uring.operations() >= 5);
         let _ = std::fs::remove_file(&path);
     }
 
     #[test]
-    fn many_threads_share_one_engine() {
+    fn many_threads_each_with_their_ring() {
         let path = scratch("mt");
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -397,7 +223,7 @@ mod tests {
                 });
             }
         });
-        uring.stop();
+        assert_eq!(uring.operations(), 8 * 200 * 2);
         let _ = std::fs::remove_file(&path);
     }
 
@@ -406,6 +232,5 @@ mod tests {
         let uring = Uring::start("test-err").unwrap();
         let e = uring.sync(-1, true).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EBADF));
-        uring.stop();
     }
 }
