@@ -122,7 +122,7 @@ fn interop_with_nbd_clients() {
 
     // nbdcopy in and out.
     let src = dir.path("src.raw");
-    std::fs::write(&src, pattern(11, (24 * MIB) as usize)).unwrap();
+    std::fs::write(&src, pattern(11, 24 << 20)).unwrap();
     expect_code(&run("nbdcopy", [s(&src), uri.as_str()]), 0, "nbdcopy in");
     let out_file = dir.path("out.raw");
     expect_code(
@@ -132,7 +132,7 @@ fn interop_with_nbd_clients() {
     );
     let copied = std::fs::read(&out_file).unwrap();
     assert!(
-        copied[..(24 * MIB) as usize] == std::fs::read(&src).unwrap()[..],
+        copied[..24 << 20] == std::fs::read(&src).unwrap()[..],
         "nbdcopy round trip"
     );
 

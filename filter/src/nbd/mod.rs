@@ -430,6 +430,9 @@ impl Connection for std::net::TcpStream {
     }
 }
 
+/// Read buffer of a connection in transmission.
+const READ_BUFFER: usize = 128 << 10;
+
 /// Serves one NBD connection: handshake, then requests until `NBD_CMD_DISC`.
 ///
 /// Returns `Ok(())` after `NBD_OPT_ABORT` or `NBD_CMD_DISC`. Never panics on client input.
@@ -442,7 +445,9 @@ pub fn serve<S: Connection>(
         handshake::Outcome::Aborted => Ok(()),
         handshake::Outcome::Transmission(session) => {
             let writer = stream.reply_half()?;
-            transmission::run(&mut stream, writer, session, &options)
+            // Buffered: a request header and a small payload usually arrive in one read.
+            let mut reader = io::BufReader::with_capacity(READ_BUFFER, stream);
+            transmission::run(&mut reader, writer, session, &options)
         }
     }
 }
@@ -455,7 +460,7 @@ pub fn serve<S: Connection>(
 ///
 /// Returns `Ok(())` after `NBD_CMD_DISC`. Never panics on client input.
 pub fn serve_transmission<S: Connection>(
-    mut stream: S,
+    stream: S,
     export: Arc<dyn Export>,
     mut info: ExportInfo,
     options: ServeOptions,
@@ -470,7 +475,8 @@ pub fn serve_transmission<S: Connection>(
         contexts: Vec::new(),
     };
     let writer = stream.reply_half()?;
-    transmission::run(&mut stream, writer, session, &options)
+    let mut reader = io::BufReader::with_capacity(READ_BUFFER, stream);
+    transmission::run(&mut reader, writer, session, &options)
 }
 
 /// The transmission flags this server advertises for an export (spec, "Transmission flags"):
