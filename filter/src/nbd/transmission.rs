@@ -14,7 +14,7 @@
 //! 2. command not advertised (trim / zeroes / cache disabled; block status without a selected
 //!    metadata context): `NBD_EINVAL`; FLUSH with nonzero offset or length: `NBD_EINVAL`;
 //! 3. write, trim or zeroes on a read-only export: `NBD_EPERM`;
-//! 4. length above the maximum block size (read, write, cache, zeroes): `NBD_EINVAL`;
+//! 4. length above the maximum block size (read, write, cache): `NBD_EINVAL`;
 //! 5. beyond the end of the export: `NBD_ENOSPC` for write and zeroes, `NBD_EINVAL` otherwise;
 //! 6. offset or length not a multiple of the minimum block size: `NBD_EINVAL`.
 //!
@@ -584,7 +584,9 @@ impl Conn<'_> {
             return Err(refuse(NbdError::Inval, "write zeroes not supported"));
         }
         self.check_writable()?;
-        self.check_max(req)?;
+        // No maximum block size for zeroes: the length is not a payload (spec, "Block size
+        // constraints": the maximum applies to payload-carrying requests; nbdcopy and the
+        // kernel send zero requests of many MiB).
         self.check_range(req, NbdError::NoSpc)?;
         if req.len == 0 {
             return Ok(());
