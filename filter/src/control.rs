@@ -240,20 +240,26 @@ pub fn answer(line: &str, handler: &dyn Handler) -> String {
     serde_json::to_string(&response).expect("responses serialize")
 }
 
-/// Serve the control socket until `stop` is set. Runs on its own thread.
+/// Serve the control socket until `stop` is set. Runs on its own thread and
+/// returns only after every connection thread ended (they hold the handler).
 pub fn serve(listener: UnixListener, handler: Arc<dyn Handler>, stop: Arc<AtomicBool>) {
     listener
         .set_nonblocking(true)
         .expect("nonblocking control socket");
+    let mut connections: Vec<std::thread::JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
+        connections.retain(|c| !c.is_finished());
         match listener.accept() {
             Ok((stream, _)) => {
-                let handler = Arc::clone(&handler);
+                let (handler, stop) = (Arc::clone(&handler), Arc::clone(&stop));
                 let spawned = std::thread::Builder::new()
                     .name("control-conn".into())
-                    .spawn(move || serve_connection(stream, handler.as_ref()));
-                if let Err(e) = spawned {
-                    tracing::warn!(error = %e, "cannot start a control connection thread");
+                    .spawn(move || serve_connection(stream, handler.as_ref(), &stop));
+                match spawned {
+                    Ok(c) => connections.push(c),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot start a control connection thread")
+                    }
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -265,34 +271,47 @@ pub fn serve(listener: UnixListener, handler: Arc<dyn Handler>, stop: Arc<Atomic
             }
         }
     }
+    for c in connections {
+        let _ = c.join();
+    }
 }
 
-fn serve_connection(stream: UnixStream, handler: &dyn Handler) {
+/// One client: request lines in, response lines out, until it hangs up or
+/// the filter stops (checked between reads, every 200 ms).
+fn serve_connection(mut stream: UnixStream, handler: &dyn Handler, stop: &AtomicBool) {
+    use std::io::Read;
     let _ = stream.set_nonblocking(false);
-    let Ok(mut writer) = stream.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(std::io::Read::take(stream, u64::MAX));
-    loop {
-        let mut line = String::new();
-        reader.get_mut().set_limit(MAX_LINE);
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) if !line.ends_with('\n') => {
-                let _ = writeln!(
-                    writer,
-                    "{}",
-                    serde_json::to_string(&Response::error("request line too long"))
-                        .unwrap_or_default()
-                );
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut pending: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        match stream.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => pending.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(_) => return,
+        }
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let reply = answer(String::from_utf8_lossy(&line).trim_end(), handler);
+            if writeln!(stream, "{reply}").is_err() {
                 return;
             }
-            Ok(_) => {
-                let reply = answer(line.trim_end(), handler);
-                if writeln!(writer, "{reply}").is_err() {
-                    return;
-                }
-            }
+        }
+        if pending.len() as u64 > MAX_LINE {
+            let reply = serde_json::to_string(&Response::error("request line too long"))
+                .unwrap_or_default();
+            let _ = writeln!(stream, "{reply}");
+            return;
         }
     }
 }

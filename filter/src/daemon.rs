@@ -37,7 +37,6 @@ use crate::export::Exports;
 use crate::freeze::{run_script, Frozen};
 use crate::nbd::{self, ServeOptions};
 use crate::order::Sequencer;
-use crate::tracker::State;
 use crate::uring::Uring;
 
 /// Sequence numbers reserved on disk at a time: a restart continues above
@@ -116,12 +115,8 @@ impl Host {
     fn insert_tag(&self, request: &TagRequest) -> Result<(u64, Duration)> {
         let started = Instant::now();
         let barriers: Vec<_> = self.disks.iter().map(|d| d.gate().barrier()).collect();
-        if let Some(d) = self.disks.iter().find(|d| d.state() != State::Data) {
-            return Err(Error::control(format!(
-                "disk {} is in {:?} state: no consistent point can be tagged until it drains",
-                d.name(),
-                d.state()
-            )));
+        if let Some(why) = self.disks.iter().find_map(|d| d.unfit_for_tag()) {
+            return Err(Error::control(why));
         }
         let seq = self.sequencer.next();
         self.record_tag_name(seq, request)?;

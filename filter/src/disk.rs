@@ -13,7 +13,7 @@
 //! 6. the ticket finishes (later overlapping writes may go) and only then
 //!    is the write acknowledged.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
@@ -79,6 +79,8 @@ struct Pending {
     seq: u64,
     range: Range,
     timestamp_ns: u64,
+    /// A write recorded without its payload (metadata state).
+    without_payload: bool,
 }
 
 /// State touched when records are published (always under the order gate).
@@ -114,6 +116,9 @@ pub struct Disk {
     ring_path: PathBuf,
     block_size: u32,
     sequencer: Arc<Sequencer>,
+    /// Provisional sequence numbers of requests between their activity-log
+    /// update and their record (with counts).
+    inflight: Mutex<BTreeMap<u64, usize>>,
     counters: AtomicCounters,
 }
 
@@ -237,6 +242,7 @@ impl Disk {
             ring_path,
             block_size,
             sequencer,
+            inflight: Mutex::new(BTreeMap::new()),
             counters: AtomicCounters::default(),
         })
     }
@@ -281,6 +287,32 @@ impl Disk {
     /// Current tracking state.
     pub fn state(&self) -> State {
         self.tracking().tracker.state()
+    }
+
+    /// Why no consistent point can be tagged on this disk now, if so: not
+    /// in data state, or records without payload not yet consumed (their
+    /// data will be re-read, so the ring does not hold that prefix).
+    pub fn unfit_for_tag(&self) -> Option<String> {
+        let tracking = self.tracking();
+        let state = tracking.tracker.state();
+        if state != State::Data {
+            return Some(format!(
+                "disk {} is in {state:?} state ({}): no consistent point until it drains",
+                self.name,
+                tracking.tracker.reason().describe()
+            ));
+        }
+        let without = tracking
+            .pending
+            .iter()
+            .filter(|p| p.without_payload)
+            .count();
+        (without > 0).then(|| {
+            format!(
+                "disk {}: {without} records without payload from metadata state are not consumed yet",
+                self.name
+            )
+        })
     }
 
     /// A buffer for a write of `len` bytes: a ring slot in data state.
@@ -333,21 +365,20 @@ impl Disk {
         let ticket = self.gate.begin(Some(range));
         // Durable activity-log coverage before the data can reach the device;
         // the sequence number is provisional (the record's is at least this).
-        if let Err(e) = self
-            .meta()
-            .before_write(meta_range(range), self.sequencer.peek())
-        {
+        let provisional = self.begin_inflight();
+        let covered = self.meta().before_write(meta_range(range), provisional);
+        if let Err(e) = covered {
             tracing::error!(disk = %self.name, error = %e, "activity log update failed");
-            self.abandon(ticket, range);
+            self.abandon(ticket, range, provisional);
             return Err(IoFailure::Tracking);
         }
         let checksum = crc32c::crc32c(data.as_slice());
-        if let Err(e) = self
+        let written = self
             .uring
-            .write_all(self.fd(), data.as_slice(), offset, fua)
-        {
+            .write_all(self.fd(), data.as_slice(), offset, fua);
+        if let Err(e) = written {
             let failure = self.io_failed("write", &e);
-            self.abandon(ticket, range);
+            self.abandon(ticket, range, provisional);
             return Err(failure);
         }
         let flags = if fua { FLAG_FUA } else { 0 };
@@ -361,16 +392,38 @@ impl Disk {
             0,
         );
         self.gate.finish(ticket);
+        self.end_inflight(provisional);
         recorded
+    }
+
+    /// A request starts touching the device: its provisional sequence number
+    /// keeps its extents in the activity log until it is recorded.
+    fn begin_inflight(&self) -> u64 {
+        let mut inflight = self.inflight.lock().expect("inflight lock");
+        let provisional = self.sequencer.peek();
+        *inflight.entry(provisional).or_insert(0) += 1;
+        provisional
+    }
+
+    fn end_inflight(&self, provisional: u64) {
+        let mut inflight = self.inflight.lock().expect("inflight lock");
+        if let Some(n) = inflight.get_mut(&provisional) {
+            *n -= 1;
+            if *n == 0 {
+                inflight.remove(&provisional);
+            }
+        }
     }
 
     /// A request that failed: its range may hold anything now, so it is
     /// tracked as dirty; no record is published.
-    fn abandon(&self, ticket: Ticket, range: Range) {
-        if let Err(e) = self.meta().set_dirty(meta_range(range)) {
+    fn abandon(&self, ticket: Ticket, range: Range, provisional: u64) {
+        let marked = self.meta().set_dirty(meta_range(range));
+        if let Err(e) = marked {
             tracing::error!(disk = %self.name, error = %e, "cannot mark a failed request's range dirty");
         }
         self.gate.finish(ticket);
+        self.end_inflight(provisional);
     }
 
     /// Publish one record according to the tracking state. `seq` None: take
@@ -389,16 +442,37 @@ impl Disk {
     ) -> std::result::Result<(), IoFailure> {
         let mut tracking = self.tracking();
         let seq = seq.unwrap_or_else(|| self.sequencer.next());
-        let (slot, full) = match data {
-            Some(WriteData::Ring(slot)) => (Some(slot), None),
-            Some(WriteData::Heap { full, .. }) => (None, full),
-            None => (None, None),
+        let (mut slot, full, heap) = match data {
+            Some(WriteData::Ring(slot)) => (Some(slot), None, None),
+            Some(WriteData::Heap { data, full }) => (None, full, Some(data)),
+            None => (None, None, None),
         };
         if let Some((needed, free)) = full {
             self.transition(&mut tracking, Event::PayloadFull { needed, free });
         }
+        // A write that arrived in metadata state but is recorded after the
+        // ring drained back to data state: it still gets its payload (one
+        // copy), or the disk goes back to metadata state.
+        if let (Some(bytes), State::Data) = (&heap, tracking.tracker.state()) {
+            if full.is_none() && !bytes.is_empty() {
+                match tracking.producer.reserve(bytes.len()) {
+                    Some(mut fresh) => {
+                        fresh.as_mut_slice().copy_from_slice(bytes);
+                        slot = Some(fresh);
+                    }
+                    None => {
+                        let needed = bytes.len() as u64;
+                        let free = tracking.producer.free_payload_bytes();
+                        self.transition(&mut tracking, Event::PayloadFull { needed, free });
+                    }
+                }
+            }
+        }
         let state = tracking.tracker.state();
         if state == State::Bitmap {
+            if kind == RecordKind::Tag {
+                return Err(IoFailure::Tracking);
+            }
             return self.to_bitmap(range);
         }
         if range.len > 0 {
@@ -428,11 +502,13 @@ impl Disk {
         };
         match tracking.producer.publish(record) {
             Ok(index) => {
+                let without_payload = kind == RecordKind::Write && !has_payload;
                 tracking.pending.push_back(Pending {
                     index,
                     seq,
                     range,
                     timestamp_ns,
+                    without_payload,
                 });
                 if kind == RecordKind::Write {
                     if has_payload {
@@ -447,7 +523,12 @@ impl Disk {
                 let slots = u64::from(tracking.producer.geometry().slots);
                 self.transition(&mut tracking, Event::RingFull { slots });
                 drop(tracking);
-                self.to_bitmap(range)
+                self.to_bitmap(range)?;
+                // A tag that found no slot is not a consistent point.
+                if kind == RecordKind::Tag {
+                    return Err(IoFailure::Tracking);
+                }
+                Ok(())
             }
             Err(PublishError::Invalid(e)) => {
                 tracing::error!(disk = %self.name, error = %e, seq, "ring refused a record");
@@ -515,12 +596,10 @@ impl Disk {
         bump(counter, 1);
         let range = Range { offset, len };
         let ticket = self.gate.begin(Some(range));
-        if self
-            .meta()
-            .before_write(meta_range(range), self.sequencer.peek())
-            .is_err()
-        {
-            self.abandon(ticket, range);
+        let provisional = self.begin_inflight();
+        let covered = self.meta().before_write(meta_range(range), provisional);
+        if covered.is_err() {
+            self.abandon(ticket, range, provisional);
             return Err(IoFailure::Tracking);
         }
         let result = self
@@ -534,19 +613,13 @@ impl Disk {
             });
         if let Err(e) = result {
             let failure = self.io_failed("discard", &e);
-            self.abandon(ticket, range);
+            self.abandon(ticket, range, provisional);
             return Err(failure);
         }
-        let recorded = self.publish(
-            None,
-            kind,
-            range,
-            0,
-            if fua { FLAG_FUA } else { 0 },
-            None,
-            0,
-        );
+        let flags = if fua { FLAG_FUA } else { 0 };
+        let recorded = self.publish(None, kind, range, 0, flags, None, 0);
         self.gate.finish(ticket);
+        self.end_inflight(provisional);
         recorded
     }
 
@@ -625,9 +698,22 @@ impl Disk {
             last
         };
         if let Some(seq) = committed_seq {
+            // Not past a request still between its activity-log update and
+            // its record: its extents must stay logged.
+            let oldest = self
+                .inflight
+                .lock()
+                .expect("inflight lock")
+                .keys()
+                .next()
+                .copied();
+            let seq = oldest.map_or(seq, |p| seq.min(p.saturating_sub(1)));
             self.meta().release(seq);
         }
         if self.state() != State::Data {
+            // The ticket comes first, so a tag's barrier sees either this
+            // transition together with its record, or neither.
+            let ticket = self.gate.begin(None);
             let changed = {
                 let mut tracking = self.tracking();
                 let event = Event::Occupancy {
@@ -641,21 +727,12 @@ impl Disk {
                 tracking.tracker.transitions() != before
             };
             if changed {
-                // Tell the consumer: dirty regions now need a resync. A
-                // ticket keeps this out of a tag's barrier.
-                let ticket = self.gate.begin(None);
+                // Tell the consumer: dirty regions now need a resync.
                 let aux = u64::from(Reason::Drained.code());
-                let _ = self.publish(
-                    None,
-                    RecordKind::StateChange,
-                    Range { offset: 0, len: 0 },
-                    0,
-                    0,
-                    None,
-                    aux,
-                );
-                self.gate.finish(ticket);
+                let empty = Range { offset: 0, len: 0 };
+                let _ = self.publish(None, RecordKind::StateChange, empty, 0, 0, None, aux);
             }
+            self.gate.finish(ticket);
         }
         if let Err(e) = self.meta().flush() {
             tracing::warn!(disk = %self.name, error = %e, "tracking metadata flush failed");

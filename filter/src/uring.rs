@@ -21,6 +21,7 @@ const QUEUE_DEPTH: u32 = 4;
 
 thread_local! {
     static RING: RefCell<Option<IoUring>> = const { RefCell::new(None) };
+    static NEXT_TOKEN: std::cell::Cell<u64> = const { std::cell::Cell::new(1) };
 }
 
 /// Backing-device I/O through per-thread io_uring instances.
@@ -49,18 +50,43 @@ impl Uring {
     unsafe fn call(&self, entry: squeue::Entry) -> io::Result<usize> {
         let res = RING.with(|cell| -> io::Result<i32> {
             let mut slot = cell.borrow_mut();
+            let token = NEXT_TOKEN.with(|t| {
+                let token = t.get();
+                t.set(token.wrapping_add(1));
+                token
+            });
             let ring = ensure_ring(&mut slot)?;
+            let entry = entry.user_data(token);
             // SAFETY: the caller guarantees the entry's buffers outlive this
-            // call, and we do not return before its completion is reaped.
+            // call, and we do not return while the kernel may still use them.
             unsafe { ring.submission().push(&entry) }
                 .map_err(|_| io::Error::other("io_uring submission queue full"))?;
             loop {
-                match ring.submit_and_wait(1) {
-                    Ok(_) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                    Err(e) => return Err(e),
+                if let Err(e) = ring.submit_and_wait(1) {
+                    match e.raw_os_error() {
+                        Some(libc::EINTR) => continue,
+                        Some(libc::EAGAIN | libc::EBUSY) => {
+                            std::thread::sleep(std::time::Duration::from_millis(1));
+                            continue;
+                        }
+                        _ if ring.submission().is_empty() => {
+                            // The kernel took the entry: its buffer is in
+                            // use until the completion arrives. Keep waiting.
+                            tracing::warn!(error = %e, "io_uring wait failed; retrying");
+                            std::thread::sleep(std::time::Duration::from_millis(1));
+                            continue;
+                        }
+                        _ => {
+                            // Never submitted: drop this thread's ring (and
+                            // with it the queued entry) and report.
+                            *slot = None;
+                            return Err(e);
+                        }
+                    }
                 }
-                if let Some(cqe) = ring.completion().next() {
+                // Completions of earlier calls cannot be pending (every call
+                // waits for its own), but match by token regardless.
+                if let Some(cqe) = ring.completion().find(|c| c.user_data() == token) {
                     return Ok(cqe.result());
                 }
             }

@@ -1287,3 +1287,28 @@ fn interop_nbdinfo() {
     assert_eq!(rows[1][..3], ["8192", "4096", "1"], "{map}");
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
+
+/// A client that pipelines many writes and vanishes without reading a single
+/// reply: the connection must end (workers stop on the broken socket and
+/// drop what is queued, so the reader never blocks on a full queue).
+#[test]
+fn pipelined_writes_from_a_vanished_client_end_the_connection() {
+    let mut c = simple_client("data");
+    let payload = vec![0x5au8; 4096];
+    for handle in 0..64u64 {
+        c.request(0, NBD_CMD_WRITE, handle, handle * 4096, 4096, &payload);
+    }
+    let server = c.server.take().unwrap();
+    // Hang up both directions without reading the replies.
+    let _ = c.s.shutdown(std::net::Shutdown::Both);
+    drop(c);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !server.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connection did not end"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = server.join().unwrap();
+}

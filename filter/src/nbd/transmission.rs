@@ -350,19 +350,30 @@ impl Conn<'_> {
         }
     }
 
-    /// A worker: execute jobs until the queue closes.
+    /// A worker: execute jobs until the queue closes. After a reply could not be sent the
+    /// connection is dead: the worker keeps taking jobs (so the reader never blocks on a full
+    /// queue) but drops them, which releases their buffers (ring slots).
     fn work(&self, jobs: &Mutex<mpsc::Receiver<Job>>) -> Result<(), ServeError> {
+        let mut first_error = None;
         loop {
             let job = match jobs.lock() {
                 Ok(rx) => rx.recv(),
-                Err(_) => return Ok(()),
+                Err(_) => break,
             };
-            match job {
-                Ok(Job::Write(req, buf)) => self.execute_write(&req, buf)?,
-                Ok(Job::Other(req)) => self.handle(&req)?,
-                Err(_) => return Ok(()),
+            let Ok(job) = job else { break };
+            if self.broken.load(Ordering::Relaxed) {
+                continue;
+            }
+            let done = match job {
+                Job::Write(req, buf) => self.execute_write(&req, buf),
+                Job::Other(req) => self.handle(&req),
+            };
+            if let Err(e) = done {
+                self.broken.store(true, Ordering::Relaxed);
+                first_error.get_or_insert(e);
             }
         }
+        first_error.map_or(Ok(()), Err)
     }
 
     fn handle(&self, req: &Request) -> Result<(), ServeError> {
