@@ -243,4 +243,15 @@ pub(crate) mod testutil {
         text.push_str(&String::from_utf8_lossy(&out.stderr));
         (out.status.success(), text)
     }
+
+    /// qemu-img's verdict on a VMDK: `check` clean, and `compare` equal to
+    /// `model` (written to the scratch file `raw`).
+    pub(crate) fn qemu_vmdk_agrees(vmdk: &str, model: &[u8], raw: &std::path::Path) {
+        let (ok, out) = qemu_img(&["check", "-f", "vmdk", vmdk]);
+        assert!(ok, "qemu-img check: {out}");
+        std::fs::write(raw, model).unwrap();
+        let raw = raw.to_str().unwrap();
+        let (ok, out) = qemu_img(&["compare", "-f", "raw", "-F", "vmdk", raw, vmdk]);
+        assert!(ok, "qemu-img compare: {out}");
+    }
 }

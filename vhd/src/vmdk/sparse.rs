@@ -714,7 +714,9 @@ impl Drop for SparseImage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{compressible_pattern as pattern, have_qemu_img, qemu_img, TempDir};
+    use crate::testutil::{
+        compressible_pattern as pattern, have_qemu_img, qemu_img, qemu_vmdk_agrees, TempDir,
+    };
     use crate::ErrorKind;
 
     const MIB: u64 = 1 << 20;
@@ -784,20 +786,7 @@ mod tests {
         assert!(alloc >= allocated_runs && alloc / 65536 * 65536 == alloc);
         if have_qemu_img() {
             let ps = p.to_str().unwrap();
-            let (ok, out) = qemu_img(&["check", "-f", "vmdk", ps]);
-            assert!(ok, "qemu-img check: {out}");
-            let raw = dir.path("a.raw");
-            std::fs::write(&raw, &model).unwrap();
-            let (ok, out) = qemu_img(&[
-                "compare",
-                "-f",
-                "raw",
-                "-F",
-                "vmdk",
-                raw.to_str().unwrap(),
-                ps,
-            ]);
-            assert!(ok, "qemu-img compare: {out}");
+            qemu_vmdk_agrees(ps, &model, &dir.path("a.raw"));
         }
     }
 

@@ -839,7 +839,9 @@ impl Image for StreamWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{compressible_pattern as pattern, have_qemu_img, qemu_img, TempDir};
+    use crate::testutil::{
+        compressible_pattern as pattern, have_qemu_img, qemu_img, qemu_vmdk_agrees, TempDir,
+    };
     use crate::{ErrorKind, OpenOptions};
 
     const MIB: u64 = 1 << 20;
@@ -933,20 +935,7 @@ mod tests {
 
         if have_qemu_img() {
             let ps = p.to_str().unwrap();
-            let (ok, out) = qemu_img(&["check", "-f", "vmdk", ps]);
-            assert!(ok, "qemu-img check: {out}");
-            let raw = dir.path("m.raw");
-            std::fs::write(&raw, &model).unwrap();
-            let (ok, out) = qemu_img(&[
-                "compare",
-                "-f",
-                "raw",
-                "-F",
-                "vmdk",
-                raw.to_str().unwrap(),
-                ps,
-            ]);
-            assert!(ok, "qemu-img compare: {out}");
+            qemu_vmdk_agrees(ps, &model, &dir.path("m.raw"));
         }
     }
 
