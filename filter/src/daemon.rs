@@ -54,20 +54,20 @@ pub struct Host {
     sequencer: Arc<Sequencer>,
     state: PathBuf,
     seq_file: File,
-    seq_reserved: AtomicU64,
     tag_lock: Mutex<()>,
 }
 
 impl Host {
-    /// Reserve sequence numbers ahead of use (durably).
+    /// Reserve sequence numbers ahead of use (durably), then let the
+    /// sequencer hand them out.
     fn reserve_seq(&self) -> Result<()> {
         let next = self.sequencer.peek();
-        if next + SEQ_BLOCK / 2 < self.seq_reserved.load(Ordering::SeqCst) {
+        if next + SEQ_BLOCK / 2 < self.sequencer.limit() {
             return Ok(());
         }
         let reserved = next + SEQ_BLOCK;
         write_seq(&self.seq_file, reserved)?;
-        self.seq_reserved.store(reserved, Ordering::SeqCst);
+        self.sequencer.raise_limit(reserved);
         Ok(())
     }
 
@@ -324,8 +324,8 @@ pub fn run(config: FilterConfig, stop: Arc<AtomicBool>) -> Result<()> {
         .open(&seq_path)
         .map_err(|e| Error::io(e, "open seq").with_path(&seq_path))?;
     let first = read_seq(&seq_file).max(1);
-    let sequencer = Sequencer::new(first);
     write_seq(&seq_file, first + SEQ_BLOCK)?;
+    let sequencer = Sequencer::new(first, first + SEQ_BLOCK);
 
     let rings = ring_dir(&state);
     std::fs::create_dir_all(&rings)
@@ -349,7 +349,6 @@ pub fn run(config: FilterConfig, stop: Arc<AtomicBool>) -> Result<()> {
         sequencer,
         state: state.clone(),
         seq_file,
-        seq_reserved: AtomicU64::new(first + SEQ_BLOCK),
         tag_lock: Mutex::new(()),
     });
     write_info(&state, &config, &disks)?;

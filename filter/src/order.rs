@@ -51,23 +51,48 @@ struct GateState {
 }
 
 /// Host-wide sequence numbers (one space across all disks of the host).
+///
+/// Numbers are handed out only below `limit`, which the owner raises after
+/// it has durably recorded the new limit (so a restart can start above every
+/// number ever used). Reaching the limit waits for the owner instead of
+/// risking a number that a crash would hand out again.
 #[derive(Debug)]
-pub struct Sequencer(AtomicU64);
+pub struct Sequencer {
+    next: AtomicU64,
+    limit: AtomicU64,
+}
 
 impl Sequencer {
-    /// Start handing out numbers at `first`.
-    pub fn new(first: u64) -> Arc<Self> {
-        Arc::new(Sequencer(AtomicU64::new(first)))
+    /// Hand out numbers from `first`, below `limit`.
+    pub fn new(first: u64, limit: u64) -> Arc<Self> {
+        Arc::new(Sequencer {
+            next: AtomicU64::new(first),
+            limit: AtomicU64::new(limit),
+        })
     }
 
-    /// The next number.
+    /// The next number (waits while the durable reservation lags behind).
     pub fn next(&self) -> u64 {
-        self.0.fetch_add(1, Ordering::SeqCst)
+        let n = self.next.fetch_add(1, Ordering::SeqCst);
+        while n >= self.limit.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        n
     }
 
     /// The number the next call to `next` returns.
     pub fn peek(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
+        self.next.load(Ordering::SeqCst)
+    }
+
+    /// The current limit.
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::SeqCst)
+    }
+
+    /// Raise the limit (the caller has made `limit` durable).
+    pub fn raise_limit(&self, limit: u64) {
+        self.limit.fetch_max(limit, Ordering::SeqCst);
     }
 }
 
@@ -169,8 +194,20 @@ mod tests {
 
     #[test]
     fn sequence_numbers_are_unique_and_increasing() {
-        let seq = Sequencer::new(100);
+        let seq = Sequencer::new(100, 1000);
         assert_eq!((seq.next(), seq.next(), seq.peek()), (100, 101, 102));
+    }
+
+    #[test]
+    fn sequence_numbers_wait_for_the_durable_limit() {
+        let seq = Sequencer::new(5, 6);
+        assert_eq!(seq.next(), 5);
+        let s = Arc::clone(&seq);
+        let waiter = std::thread::spawn(move || s.next());
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!waiter.is_finished(), "6 is not reserved yet");
+        seq.raise_limit(100);
+        assert_eq!(waiter.join().unwrap(), 6);
     }
 
     #[test]
@@ -252,7 +289,7 @@ mod tests {
         // themselves (taking a sequence number) before finishing. Replaying
         // the records in sequence order must give the disk's final content.
         let gate = Arc::new(OrderGate::new());
-        let seq = Sequencer::new(1);
+        let seq = Sequencer::new(1, u64::MAX);
         let disk = Arc::new(StdMutex::new(vec![0u64; 64]));
         let records = Arc::new(StdMutex::new(Vec::new()));
         std::thread::scope(|s| {
