@@ -1,0 +1,1 @@
+//! ferry-protocol (being written).
