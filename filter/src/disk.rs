@@ -290,8 +290,10 @@ impl Disk {
     }
 
     /// Why no consistent point can be tagged on this disk now, if so: not
-    /// in data state, or records without payload not yet consumed (their
-    /// data will be re-read, so the ring does not hold that prefix).
+    /// in data state, no slot for the tag record, or records without payload
+    /// not yet consumed (their data will be re-read, so the ring does not
+    /// hold that prefix). Called under the tag's barrier, so the answer holds
+    /// until the tag is recorded.
     pub fn unfit_for_tag(&self) -> Option<String> {
         let tracking = self.tracking();
         let state = tracking.tracker.state();
@@ -302,10 +304,17 @@ impl Disk {
                 tracking.tracker.reason().describe()
             ));
         }
+        if tracking.producer.free_slots() == 0 {
+            return Some(format!(
+                "disk {}: no free record slot for the tag",
+                self.name
+            ));
+        }
+        let committed = tracking.producer.committed();
         let without = tracking
             .pending
             .iter()
-            .filter(|p| p.without_payload)
+            .filter(|p| p.without_payload && p.index >= committed)
             .count();
         (without > 0).then(|| {
             format!(
