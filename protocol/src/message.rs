@@ -1,0 +1,761 @@
+//! Typed messages carried in frames, with explicit encode/decode.
+//!
+//! Encoding rules (version 1, all integers little-endian):
+//!
+//! * `str`: u8 byte length (0..=255) then that many bytes of UTF-8.
+//! * `vec<T>`: u32 element count then the elements; every count has a
+//!   documented bound and is checked against the bytes remaining (count ×
+//!   minimum element size) before anything is allocated.
+//! * `bool`: u8, 0 or 1; enums: u8 discriminant; anything else is malformed.
+//! * A message must consume its frame payload exactly; trailing bytes are
+//!   malformed.
+//!
+//! | kind | message | body |
+//! |---|---|---|
+//! | 1 | [`Hello`] | protocol u16, host str, disks vec<name str, size u64, ring_generation u64> |
+//! | 2 | [`Welcome`] | target str, resume vec<name str, next_seq u64, epoch u64> |
+//! | 3 | [`ChangeSet`] | [`ChangeSetHeader`], payload_len u32, payload (sealed) |
+//! | 4 | [`Ack`] | disk str, epoch u64, last_seq u64 |
+//! | 5 | [`Reject`] | code u16, message str |
+//! | 6 | [`Heartbeat`] | time_ns u64 |
+//!
+//! [`ChangeSetHeader`]: host str, disk str, epoch u64, kind u8
+//! (0 write-order, 1 resync), first_seq u64, last_seq u64, prev_end_seq u64,
+//! tags vec<seq u64, name str, app bool>, extents vec<seq u64, offset u64,
+//! length u64, op u8 (0 write, 1 zero, 2 trim)>, chunks vec<raw_len u32,
+//! stored_len u32, compressed bool>. Its exact encoding
+//! ([`encode_header_aad`]) is the AES-GCM associated data of the payload.
+
+use std::io::{Read, Write};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::frame::{self, Frame};
+
+/// Frame kinds of the messages.
+pub mod kind {
+    /// [`super::Hello`]: sidecar → target, first frame on a connection.
+    pub const HELLO: u16 = 1;
+    /// [`super::Welcome`]: target → sidecar, answer to Hello.
+    pub const WELCOME: u16 = 2;
+    /// [`super::ChangeSet`]: sidecar → target.
+    pub const CHANGE_SET: u16 = 3;
+    /// [`super::Ack`]: target → sidecar, sent only once the change set is durable.
+    pub const ACK: u16 = 4;
+    /// [`super::Reject`]: either direction.
+    pub const REJECT: u16 = 5;
+    /// [`super::Heartbeat`]: either direction.
+    pub const HEARTBEAT: u16 = 6;
+}
+
+/// Protocol version carried in [`Hello::protocol`].
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Longest string, in bytes.
+pub const MAX_STR: usize = 255;
+/// Most disks in a Hello or Welcome.
+pub const MAX_DISKS: usize = 1024;
+/// Most tags in one change set.
+pub const MAX_TAGS: usize = 4096;
+/// Most extents in one change set.
+pub const MAX_EXTENTS: usize = 1 << 20;
+/// Most payload chunks in one change set (1 GiB of raw data).
+pub const MAX_CHUNKS: usize = 1024;
+/// Largest raw chunk: 1 MiB.
+pub const CHUNK_SIZE: usize = 1 << 20;
+/// AES-GCM tag length appended to the sealed payload.
+pub const TAG_LEN: usize = TAG_LEN_U8 as usize;
+const TAG_LEN_U8: u8 = 16;
+
+/// One disk announced by the sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskHello {
+    /// Disk name, unique per host.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Generation of the disk's ring (changes when the ring is recreated).
+    pub ring_generation: u64,
+}
+
+/// Sidecar → target: who I am and which disks I protect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// [`PROTOCOL_VERSION`] of the sender.
+    pub protocol: u16,
+    /// Host name.
+    pub host: String,
+    /// Protected disks.
+    pub disks: Vec<DiskHello>,
+}
+
+/// Where the target wants a disk's stream to resume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskResume {
+    /// Disk name.
+    pub name: String,
+    /// Next sequence the target expects.
+    pub next_seq: u64,
+    /// Epoch the target holds for the disk.
+    pub epoch: u64,
+}
+
+/// Target → sidecar: answer to Hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    /// Target name.
+    pub target: String,
+    /// Resume points, one per known disk.
+    pub resume: Vec<DiskResume>,
+}
+
+/// Whether a change set is part of the write order or resync data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ChangeKind {
+    /// Writes in ring order; every prefix is crash consistent.
+    WriteOrder = 0,
+    /// Regions re-read from the source; order is not meaningful.
+    Resync = 1,
+}
+
+/// What an extent does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ExtentOp {
+    /// Data follows in the payload (`length` bytes).
+    Write = 0,
+    /// The range reads as zeros; no payload.
+    Zero = 1,
+    /// The range was discarded; no payload.
+    Trim = 2,
+}
+
+/// A recovery-point tag inserted into the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tag {
+    /// Sequence the tag follows.
+    pub seq: u64,
+    /// Tag name.
+    pub name: String,
+    /// Application consistent (file systems frozen) rather than crash consistent.
+    pub app: bool,
+}
+
+/// One extent of a change set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Sequence of the write.
+    pub seq: u64,
+    /// Byte offset on the disk.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Operation.
+    pub op: ExtentOp,
+}
+
+/// One chunk of the (pre-sealing) payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkInfo {
+    /// Bytes of raw data the chunk holds (1..=[`CHUNK_SIZE`]).
+    pub raw_len: u32,
+    /// Bytes the chunk occupies in the payload.
+    pub stored_len: u32,
+    /// zstd frame (true) or raw bytes (false; then `stored_len == raw_len`).
+    pub compressed: bool,
+}
+
+/// Description of a change set; authenticated as AES-GCM associated data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeSetHeader {
+    /// Source host.
+    pub host: String,
+    /// Disk name.
+    pub disk: String,
+    /// Replication epoch of the disk.
+    pub epoch: u64,
+    /// Write-order or resync.
+    pub kind: ChangeKind,
+    /// First sequence in the set.
+    pub first_seq: u64,
+    /// Last sequence in the set (inclusive).
+    pub last_seq: u64,
+    /// Last sequence of the previous set (0 with `first_seq == 0` for the first).
+    pub prev_end_seq: u64,
+    /// Recovery-point tags.
+    pub tags: Vec<Tag>,
+    /// Extents; the Write extents' data is the payload, in extent order.
+    pub extents: Vec<Extent>,
+    /// Payload chunks, in order.
+    pub chunks: Vec<ChunkInfo>,
+}
+
+/// A change set: header plus sealed payload (chunks concatenated, then
+/// AES-256-GCM, tag appended).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeSet {
+    /// The header.
+    pub header: ChangeSetHeader,
+    /// Sealed payload: `sum(stored_len) + TAG_LEN` bytes.
+    pub payload: Vec<u8>,
+}
+
+/// Target → sidecar: the change set ending at `last_seq` is durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    /// Disk name.
+    pub disk: String,
+    /// Epoch of the acknowledged set.
+    pub epoch: u64,
+    /// Last sequence now durable.
+    pub last_seq: u64,
+}
+
+/// Refusal with a code and a reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    /// Machine-readable code.
+    pub code: u16,
+    /// Human-readable reason.
+    pub message: String,
+}
+
+/// Liveness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Sender's clock, nanoseconds.
+    pub time_ns: u64,
+}
+
+/// Any message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// See [`Hello`].
+    Hello(Hello),
+    /// See [`Welcome`].
+    Welcome(Welcome),
+    /// See [`ChangeSet`].
+    ChangeSet(ChangeSet),
+    /// See [`Ack`].
+    Ack(Ack),
+    /// See [`Reject`].
+    Reject(Reject),
+    /// See [`Heartbeat`].
+    Heartbeat(Heartbeat),
+}
+
+// ---------------------------------------------------------------- writer
+
+struct Enc(Vec<u8>);
+
+impl Enc {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bool(&mut self, v: bool) {
+        self.u8(u8::from(v));
+    }
+    fn str(&mut self, what: &str, s: &str) -> Result<()> {
+        let n = u8::try_from(s.len())
+            .map_err(|_| Error::too_large(format!("{what}: {} bytes, max {MAX_STR}", s.len())))?;
+        self.u8(n);
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+    fn count(&mut self, what: &str, n: usize, max: usize) -> Result<()> {
+        if n > max {
+            return Err(Error::too_large(format!("{what}: {n} entries, max {max}")));
+        }
+        let n = u32::try_from(n).map_err(|_| Error::too_large(format!("{what}: {n} entries")))?;
+        self.u32(n);
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- reader
+
+struct Dec<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Dec<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Dec { buf, pos: 0 }
+    }
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+    fn take(&mut self, what: &str, n: usize) -> Result<&'a [u8]> {
+        if self.remaining() < n {
+            return Err(Error::truncated(format!(
+                "{what}: need {n} bytes at offset {}, have {}",
+                self.pos,
+                self.remaining()
+            )));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        let s = self.take(what, N)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+    fn u8(&mut self, what: &str) -> Result<u8> {
+        Ok(self.array::<1>(what)?[0])
+    }
+    fn u16(&mut self, what: &str) -> Result<u16> {
+        Ok(u16::from_le_bytes(self.array(what)?))
+    }
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+    fn bool(&mut self, what: &str) -> Result<bool> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(Error::malformed(format!("{what}: bool byte {v}"))),
+        }
+    }
+    fn str(&mut self, what: &str) -> Result<String> {
+        let n = usize::from(self.u8(what)?);
+        let b = self.take(what, n)?;
+        std::str::from_utf8(b)
+            .map(str::to_owned)
+            .map_err(|e| Error::malformed(format!("{what}: invalid UTF-8: {e}")))
+    }
+    /// A vector count, bounded by `max` and by the bytes left
+    /// (`min_elem` bytes per element), so allocation by it is safe.
+    fn count(&mut self, what: &str, max: usize, min_elem: usize) -> Result<usize> {
+        let n = usize::try_from(self.u32(what)?).unwrap_or(usize::MAX);
+        if n > max {
+            return Err(Error::too_large(format!("{what}: {n} entries, max {max}")));
+        }
+        if n.saturating_mul(min_elem) > self.remaining() {
+            return Err(Error::truncated(format!(
+                "{what}: {n} entries need at least {} bytes, have {}",
+                n.saturating_mul(min_elem),
+                self.remaining()
+            )));
+        }
+        Ok(n)
+    }
+    fn finish(&self, what: &str) -> Result<()> {
+        if self.remaining() != 0 {
+            return Err(Error::malformed(format!(
+                "{what}: {} trailing bytes",
+                self.remaining()
+            )));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- messages
+
+impl Hello {
+    fn encode_into(&self, e: &mut Enc) -> Result<()> {
+        e.u16(self.protocol);
+        e.str("hello.host", &self.host)?;
+        e.count("hello.disks", self.disks.len(), MAX_DISKS)?;
+        for d in &self.disks {
+            e.str("hello.disk.name", &d.name)?;
+            e.u64(d.size);
+            e.u64(d.ring_generation);
+        }
+        Ok(())
+    }
+    fn decode_from(d: &mut Dec<'_>) -> Result<Self> {
+        let protocol = d.u16("hello.protocol")?;
+        let host = d.str("hello.host")?;
+        let n = d.count("hello.disks", MAX_DISKS, 1 + 8 + 8)?;
+        let mut disks = Vec::with_capacity(n);
+        for _ in 0..n {
+            disks.push(DiskHello {
+                name: d.str("hello.disk.name")?,
+                size: d.u64("hello.disk.size")?,
+                ring_generation: d.u64("hello.disk.ring_generation")?,
+            });
+        }
+        Ok(Hello {
+            protocol,
+            host,
+            disks,
+        })
+    }
+}
+
+impl Welcome {
+    fn encode_into(&self, e: &mut Enc) -> Result<()> {
+        e.str("welcome.target", &self.target)?;
+        e.count("welcome.resume", self.resume.len(), MAX_DISKS)?;
+        for r in &self.resume {
+            e.str("welcome.resume.name", &r.name)?;
+            e.u64(r.next_seq);
+            e.u64(r.epoch);
+        }
+        Ok(())
+    }
+    fn decode_from(d: &mut Dec<'_>) -> Result<Self> {
+        let target = d.str("welcome.target")?;
+        let n = d.count("welcome.resume", MAX_DISKS, 1 + 8 + 8)?;
+        let mut resume = Vec::with_capacity(n);
+        for _ in 0..n {
+            resume.push(DiskResume {
+                name: d.str("welcome.resume.name")?,
+                next_seq: d.u64("welcome.resume.next_seq")?,
+                epoch: d.u64("welcome.resume.epoch")?,
+            });
+        }
+        Ok(Welcome { target, resume })
+    }
+}
+
+impl ChangeKind {
+    fn from_u8(v: u8) -> Result<Self> {
+        match v {
+            0 => Ok(ChangeKind::WriteOrder),
+            1 => Ok(ChangeKind::Resync),
+            v => Err(Error::malformed(format!("change set kind {v}"))),
+        }
+    }
+}
+
+impl ExtentOp {
+    fn from_u8(v: u8) -> Result<Self> {
+        match v {
+            0 => Ok(ExtentOp::Write),
+            1 => Ok(ExtentOp::Zero),
+            2 => Ok(ExtentOp::Trim),
+            v => Err(Error::malformed(format!("extent op {v}"))),
+        }
+    }
+}
+
+impl ChangeSetHeader {
+    /// Check the header's invariants: `first_seq <= last_seq`;
+    /// `prev_end_seq < first_seq` (or both 0 for a disk's very first set);
+    /// for write-order sets every extent's seq lies in `[first_seq, last_seq]`;
+    /// counts within bounds; each chunk 1..=[`CHUNK_SIZE`] raw bytes, raw
+    /// chunks stored at their raw size, compressed ones no larger; and the
+    /// Write extents' lengths sum to the chunks' raw lengths.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::malformed(format!("change set header: {m}")));
+        if self.first_seq > self.last_seq {
+            return bad(format!(
+                "first_seq {} > last_seq {}",
+                self.first_seq, self.last_seq
+            ));
+        }
+        let first_ever = self.prev_end_seq == 0 && self.first_seq == 0;
+        if !(self.prev_end_seq < self.first_seq || first_ever) {
+            return bad(format!(
+                "prev_end_seq {} not before first_seq {}",
+                self.prev_end_seq, self.first_seq
+            ));
+        }
+        if self.tags.len() > MAX_TAGS
+            || self.extents.len() > MAX_EXTENTS
+            || self.chunks.len() > MAX_CHUNKS
+        {
+            return Err(Error::too_large(format!(
+                "change set header: {} tags, {} extents, {} chunks (max {MAX_TAGS}, {MAX_EXTENTS}, {MAX_CHUNKS})",
+                self.tags.len(),
+                self.extents.len(),
+                self.chunks.len()
+            )));
+        }
+        let mut write_bytes: u64 = 0;
+        for (i, x) in self.extents.iter().enumerate() {
+            if self.kind == ChangeKind::WriteOrder
+                && !(self.first_seq..=self.last_seq).contains(&x.seq)
+            {
+                return bad(format!(
+                    "extent {i} seq {} outside [{}, {}]",
+                    x.seq, self.first_seq, self.last_seq
+                ));
+            }
+            if x.offset.checked_add(x.length).is_none() {
+                return bad(format!("extent {i} offset + length overflows"));
+            }
+            if x.op == ExtentOp::Write {
+                write_bytes = match write_bytes.checked_add(x.length) {
+                    Some(v) => v,
+                    None => return bad("write lengths overflow".into()),
+                };
+            }
+        }
+        let mut raw_bytes: u64 = 0;
+        for (i, c) in self.chunks.iter().enumerate() {
+            let raw = usize::try_from(c.raw_len).unwrap_or(usize::MAX);
+            if raw == 0 || raw > CHUNK_SIZE {
+                return Err(Error::new(
+                    if raw == 0 {
+                        ErrorKind::Malformed
+                    } else {
+                        ErrorKind::TooLarge
+                    },
+                    format!("change set header: chunk {i} raw_len {raw}, must be 1..={CHUNK_SIZE}"),
+                ));
+            }
+            if c.compressed && (c.stored_len == 0 || c.stored_len > c.raw_len) {
+                return bad(format!(
+                    "chunk {i} compressed to {} of {} bytes",
+                    c.stored_len, c.raw_len
+                ));
+            }
+            if !c.compressed && c.stored_len != c.raw_len {
+                return bad(format!(
+                    "raw chunk {i} stored_len {} != raw_len {}",
+                    c.stored_len, c.raw_len
+                ));
+            }
+            raw_bytes += u64::from(c.raw_len);
+        }
+        if write_bytes != raw_bytes {
+            return bad(format!(
+                "write extents cover {write_bytes} bytes, chunks hold {raw_bytes}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Total raw bytes of the payload (sum of `raw_len`).
+    pub fn raw_len(&self) -> u64 {
+        self.chunks.iter().map(|c| u64::from(c.raw_len)).sum()
+    }
+
+    /// Total stored bytes of the payload before sealing (sum of `stored_len`).
+    pub fn stored_len(&self) -> u64 {
+        self.chunks.iter().map(|c| u64::from(c.stored_len)).sum()
+    }
+
+    fn encode_into(&self, e: &mut Enc) -> Result<()> {
+        self.validate()?;
+        e.str("change_set.host", &self.host)?;
+        e.str("change_set.disk", &self.disk)?;
+        e.u64(self.epoch);
+        e.u8(self.kind as u8);
+        e.u64(self.first_seq);
+        e.u64(self.last_seq);
+        e.u64(self.prev_end_seq);
+        e.count("change_set.tags", self.tags.len(), MAX_TAGS)?;
+        for t in &self.tags {
+            e.u64(t.seq);
+            e.str("change_set.tag.name", &t.name)?;
+            e.bool(t.app);
+        }
+        e.count("change_set.extents", self.extents.len(), MAX_EXTENTS)?;
+        for x in &self.extents {
+            e.u64(x.seq);
+            e.u64(x.offset);
+            e.u64(x.length);
+            e.u8(x.op as u8);
+        }
+        e.count("change_set.chunks", self.chunks.len(), MAX_CHUNKS)?;
+        for c in &self.chunks {
+            e.u32(c.raw_len);
+            e.u32(c.stored_len);
+            e.bool(c.compressed);
+        }
+        Ok(())
+    }
+
+    fn decode_from(d: &mut Dec<'_>) -> Result<Self> {
+        let host = d.str("change_set.host")?;
+        let disk = d.str("change_set.disk")?;
+        let epoch = d.u64("change_set.epoch")?;
+        let kind = ChangeKind::from_u8(d.u8("change_set.kind")?)?;
+        let first_seq = d.u64("change_set.first_seq")?;
+        let last_seq = d.u64("change_set.last_seq")?;
+        let prev_end_seq = d.u64("change_set.prev_end_seq")?;
+        let n = d.count("change_set.tags", MAX_TAGS, 8 + 1 + 1)?;
+        let mut tags = Vec::with_capacity(n);
+        for _ in 0..n {
+            tags.push(Tag {
+                seq: d.u64("change_set.tag.seq")?,
+                name: d.str("change_set.tag.name")?,
+                app: d.bool("change_set.tag.app")?,
+            });
+        }
+        let n = d.count("change_set.extents", MAX_EXTENTS, 8 + 8 + 8 + 1)?;
+        let mut extents = Vec::with_capacity(n);
+        for _ in 0..n {
+            extents.push(Extent {
+                seq: d.u64("change_set.extent.seq")?,
+                offset: d.u64("change_set.extent.offset")?,
+                length: d.u64("change_set.extent.length")?,
+                op: ExtentOp::from_u8(d.u8("change_set.extent.op")?)?,
+            });
+        }
+        let n = d.count("change_set.chunks", MAX_CHUNKS, 4 + 4 + 1)?;
+        let mut chunks = Vec::with_capacity(n);
+        for _ in 0..n {
+            chunks.push(ChunkInfo {
+                raw_len: d.u32("change_set.chunk.raw_len")?,
+                stored_len: d.u32("change_set.chunk.stored_len")?,
+                compressed: d.bool("change_set.chunk.compressed")?,
+            });
+        }
+        let h = ChangeSetHeader {
+            host,
+            disk,
+            epoch,
+            kind,
+            first_seq,
+            last_seq,
+            prev_end_seq,
+            tags,
+            extents,
+            chunks,
+        };
+        h.validate()?;
+        Ok(h)
+    }
+
+    /// Decode a header from exactly `bytes` (the inverse of [`encode_header_aad`]).
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let mut d = Dec::new(bytes);
+        let h = Self::decode_from(&mut d)?;
+        d.finish("change_set header")?;
+        Ok(h)
+    }
+}
+
+/// The header's exact encoding, used as the AES-GCM associated data of its
+/// payload. Fails only if the header is invalid (see
+/// [`ChangeSetHeader::validate`]) or a string is longer than [`MAX_STR`].
+pub fn encode_header_aad(h: &ChangeSetHeader) -> Result<Vec<u8>> {
+    let mut e = Enc(Vec::with_capacity(
+        64 + h.tags.len() * 16 + h.extents.len() * 25 + h.chunks.len() * 9,
+    ));
+    h.encode_into(&mut e)?;
+    Ok(e.0)
+}
+
+fn check_payload_len(h: &ChangeSetHeader, len: usize) -> Result<()> {
+    let want = h.stored_len() + u64::from(TAG_LEN_U8);
+    if u64::try_from(len).ok() != Some(want) {
+        return Err(Error::malformed(format!(
+            "change set payload {len} bytes, header says {want} (chunks + tag)"
+        )));
+    }
+    Ok(())
+}
+
+impl ChangeSet {
+    fn encode_into(&self, e: &mut Enc) -> Result<()> {
+        self.header.encode_into(e)?;
+        check_payload_len(&self.header, self.payload.len())?;
+        let n = u32::try_from(self.payload.len())
+            .map_err(|_| Error::too_large("change set payload exceeds u32"))?;
+        e.u32(n);
+        e.0.extend_from_slice(&self.payload);
+        Ok(())
+    }
+    fn decode_from(d: &mut Dec<'_>) -> Result<Self> {
+        let header = ChangeSetHeader::decode_from(d)?;
+        let n = usize::try_from(d.u32("change_set.payload_len")?).unwrap_or(usize::MAX);
+        check_payload_len(&header, n)?;
+        let payload = d.take("change_set.payload", n)?.to_vec();
+        Ok(ChangeSet { header, payload })
+    }
+}
+
+impl Message {
+    /// The frame kind of this message.
+    pub fn kind(&self) -> u16 {
+        match self {
+            Message::Hello(_) => kind::HELLO,
+            Message::Welcome(_) => kind::WELCOME,
+            Message::ChangeSet(_) => kind::CHANGE_SET,
+            Message::Ack(_) => kind::ACK,
+            Message::Reject(_) => kind::REJECT,
+            Message::Heartbeat(_) => kind::HEARTBEAT,
+        }
+    }
+
+    /// Encode the message body (the frame payload).
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let mut e = Enc(Vec::new());
+        match self {
+            Message::Hello(m) => m.encode_into(&mut e)?,
+            Message::Welcome(m) => m.encode_into(&mut e)?,
+            Message::ChangeSet(m) => m.encode_into(&mut e)?,
+            Message::Ack(m) => {
+                e.str("ack.disk", &m.disk)?;
+                e.u64(m.epoch);
+                e.u64(m.last_seq);
+            }
+            Message::Reject(m) => {
+                e.u16(m.code);
+                e.str("reject.message", &m.message)?;
+            }
+            Message::Heartbeat(m) => e.u64(m.time_ns),
+        }
+        Ok(e.0)
+    }
+
+    /// Decode a message body of frame kind `kind`; the body must be consumed
+    /// exactly.
+    pub fn decode(kind: u16, body: &[u8]) -> Result<Self> {
+        let mut d = Dec::new(body);
+        let m = match kind {
+            kind::HELLO => Message::Hello(Hello::decode_from(&mut d)?),
+            kind::WELCOME => Message::Welcome(Welcome::decode_from(&mut d)?),
+            kind::CHANGE_SET => Message::ChangeSet(ChangeSet::decode_from(&mut d)?),
+            kind::ACK => Message::Ack(Ack {
+                disk: d.str("ack.disk")?,
+                epoch: d.u64("ack.epoch")?,
+                last_seq: d.u64("ack.last_seq")?,
+            }),
+            kind::REJECT => Message::Reject(Reject {
+                code: d.u16("reject.code")?,
+                message: d.str("reject.message")?,
+            }),
+            kind::HEARTBEAT => Message::Heartbeat(Heartbeat {
+                time_ns: d.u64("heartbeat.time_ns")?,
+            }),
+            k => return Err(Error::malformed(format!("unknown message kind {k}"))),
+        };
+        d.finish("message")?;
+        Ok(m)
+    }
+
+    /// Decode a message from a frame.
+    pub fn from_frame(f: &Frame) -> Result<Self> {
+        Self::decode(f.kind, &f.payload)
+    }
+
+    /// Encode as a complete frame (header + body), at most `max` body bytes.
+    pub fn to_frame_bytes(&self, max: usize) -> Result<Vec<u8>> {
+        frame::encode_frame(self.kind(), &self.encode()?, max)
+    }
+
+    /// Write as one frame (body at most [`frame::MAX_FRAME`]).
+    pub fn write_to(&self, w: &mut impl Write) -> Result<()> {
+        frame::write_frame(w, self.kind(), &self.encode()?)
+    }
+
+    /// Read one frame of at most `max` body bytes and decode it.
+    pub fn read_from(r: &mut impl Read, max: usize) -> Result<Self> {
+        Self::from_frame(&frame::read_frame(r, max)?)
+    }
+}
+
+#[cfg(test)]
+mod tests;
