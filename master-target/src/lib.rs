@@ -1,0 +1,1 @@
+//! ferry-master-target (being written).
