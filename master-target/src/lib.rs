@@ -1,1 +1,12 @@
-//! ferry-master-target (being written).
+//! ferry-master-target: the recovery-site receiver.
+//!
+//! So far: [`journal`], the per-disk durable journal of change sets (the
+//! target acknowledges a change set only once it is durable there), with
+//! [`error`], the crate's error type. See the [`journal`] module docs for
+//! the on-disk layout, the sequence rules and the crash-safety argument.
+
+pub mod error;
+pub mod journal;
+
+pub use error::{Error, ErrorKind, Result};
+pub use journal::{Appended, Iter, Journal, JournalOptions, Pruned, Recovery};
