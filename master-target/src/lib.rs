@@ -4,7 +4,10 @@
 //! target acknowledges a change set only once it is durable there), with
 //! [`error`], the crate's error type. See the [`journal`] module docs for
 //! the on-disk layout, the sequence rules and the crash-safety argument.
+//! [`applier`] replays a journal, in order, into the disk's replica image
+//! (idempotently: see its module docs for the crash argument).
 
+pub mod applier;
 pub mod error;
 pub mod journal;
 
