@@ -1,0 +1,1 @@
+//! ferry-sidecar (being written).
