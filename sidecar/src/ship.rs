@@ -1,0 +1,160 @@
+//! Shipping: seal change sets, send them, commit the ring after the
+//! target's durable ack (the transactional drain of the design).
+//!
+//! [`drain_once`] repeats: build a set ([`Batcher::next_change_set`]), seal
+//! it ([`pack_change_set`], nonce [`sidecar_nonce`]), send it, and only on
+//! an [`Ack`] whose `last_seq` covers the set commit the ring up to
+//! [`Pending::commit_to`](crate::Pending::commit_to). On any error it
+//! rewinds ([`Batcher::rewind`]) and returns the error: sets acknowledged
+//! before the error stay committed, nothing after them is. The next call
+//! sends the unacknowledged set again with the same boundaries; the target
+//! answers a set it already holds as a duplicate with its durable
+//! sequence, which acknowledges it.
+
+use ferry_protocol::message::{ChangeKind, ChangeSet, ChangeSetHeader};
+use ferry_protocol::payload::{pack_change_set, Key, NonceParts};
+use ferry_ring::ring::Consumer;
+
+use crate::batch::{BatchLimits, Batcher, ReadAt};
+use crate::error::{Error, ErrorKind, Result};
+
+/// zstd level for change-set payloads (level 1: the protocol crate's
+/// measurements show zstd is the bottleneck, not AES-GCM).
+pub const ZSTD_LEVEL: i32 = 1;
+
+/// The target's answer: everything up to `last_seq` is durable there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    /// Last sequence durable at the target.
+    pub last_seq: u64,
+}
+
+/// Carries sealed change sets to the target.
+pub trait Transport {
+    /// Send `cs` and wait for the target's answer. `Ok(ack)` only once the
+    /// target holds the set (or a later one) durably; a set it already
+    /// holds is answered with its durable sequence. An error means the set
+    /// may or may not have arrived.
+    fn send(&mut self, cs: ChangeSet) -> Result<Ack>;
+}
+
+/// What one [`drain_once`] call shipped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainStats {
+    /// Change sets acknowledged and committed.
+    pub change_sets: u64,
+    /// Of those, Resync sets.
+    pub resync_sets: u64,
+    /// Records committed in those sets.
+    pub records: u64,
+    /// Raw data bytes shipped.
+    pub raw_bytes: u64,
+    /// Sealed payload bytes sent.
+    pub sealed_bytes: u64,
+    /// Tags shipped.
+    pub tags: u64,
+    /// Tags dropped (in Resync sets).
+    pub dropped_tags: u64,
+    /// The last sequence acknowledged (0: none in this call).
+    pub last_seq: u64,
+}
+
+/// The nonce a change set is sealed with: stream 0, counter = `first_seq`.
+///
+/// This copies the convention of `ferry_master_target::applier::default_nonce`
+/// (master-target/src/applier.rs), which opens the payload; the two must
+/// agree (see its docs for why `(key, first_seq)` does not repeat, and the
+/// open question about sequence-space resets). A test checks they agree.
+pub fn sidecar_nonce(header: &ChangeSetHeader) -> NonceParts {
+    NonceParts {
+        stream: 0,
+        counter: header.first_seq,
+    }
+}
+
+fn u64_of(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// Ship everything the ring holds beyond the consumer's cursor, one change
+/// set at a time, committing each after its durable ack. Returns when the
+/// ring is drained, or the first error (after rewinding; see the module
+/// docs).
+pub fn drain_once(
+    consumer: &mut Consumer,
+    batcher: &mut Batcher,
+    backing: &dyn ReadAt,
+    key: &Key,
+    transport: &mut dyn Transport,
+    limits: BatchLimits,
+) -> Result<DrainStats> {
+    let mut stats = DrainStats::default();
+    loop {
+        match ship_one(
+            consumer, batcher, backing, key, transport, limits, &mut stats,
+        ) {
+            Ok(true) => {}
+            Ok(false) => return Ok(stats),
+            Err(e) => {
+                batcher.rewind(consumer);
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// One set: Ok(false) when there was nothing to ship.
+fn ship_one(
+    consumer: &mut Consumer,
+    batcher: &mut Batcher,
+    backing: &dyn ReadAt,
+    key: &Key,
+    transport: &mut dyn Transport,
+    limits: BatchLimits,
+    stats: &mut DrainStats,
+) -> Result<bool> {
+    let Some(p) = batcher.next_change_set(consumer, backing, limits)? else {
+        return Ok(false);
+    };
+    let (first_seq, last_seq) = (p.header.first_seq, p.header.last_seq);
+    let nonce = sidecar_nonce(&p.header);
+    let kind = p.header.kind;
+    let tags = u64_of(p.header.tags.len());
+    let cs = pack_change_set(&p.data, ZSTD_LEVEL, key, nonce, p.header)
+        .map_err(|e| Error::protocol(format!("seal change set [{first_seq}, {last_seq}]"), e))?;
+    let sealed = u64_of(cs.payload.len());
+    let ack = transport.send(cs)?;
+    if ack.last_seq < last_seq {
+        if ack.last_seq >= first_seq {
+            // The target already holds a prefix of this set (an earlier
+            // ack was lost and the set was rebuilt larger): resume after
+            // what it holds. The next build commits the records it holds
+            // and sends the rest.
+            batcher.acked(ack.last_seq);
+            batcher.rewind(consumer);
+            return Ok(true);
+        }
+        return Err(Error::new(
+            ErrorKind::Rejected,
+            format!(
+                "change set [{first_seq}, {last_seq}] acknowledged only up to seq {}",
+                ack.last_seq
+            ),
+        ));
+    }
+    consumer
+        .commit(p.commit_to)
+        .map_err(|e| Error::ring(format!("commit the ring up to index {}", p.commit_to), e))?;
+    batcher.acked(last_seq);
+    stats.change_sets += 1;
+    if kind == ChangeKind::Resync {
+        stats.resync_sets += 1;
+    }
+    stats.records += p.records;
+    stats.raw_bytes += u64_of(p.data.len());
+    stats.sealed_bytes += sealed;
+    stats.tags += tags;
+    stats.dropped_tags += p.dropped_tags;
+    stats.last_seq = last_seq;
+    Ok(true)
+}
