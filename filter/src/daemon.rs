@@ -330,7 +330,7 @@ pub fn run(config: FilterConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let rings = ring_dir(&state);
     std::fs::create_dir_all(&rings)
         .map_err(|e| Error::io(e, "create ring dir").with_path(&rings))?;
-    let uring = Uring::start("filter").map_err(|e| Error::io(e, "io_uring setup"))?;
+    let uring = Uring::start().map_err(|e| Error::io(e, "io_uring setup"))?;
     let mut disks = Vec::new();
     for disk in &config.disks {
         let opened = Disk::open(
@@ -444,7 +444,6 @@ pub fn run(config: FilterConfig, stop: Arc<AtomicBool>) -> Result<()> {
             Err(_) => tracing::error!(disk = %name, "disk still in use at stop; left unclean"),
         }
     }
-    uring.stop();
     for path in unix_paths.iter().chain([&control_path]) {
         let _ = std::fs::remove_file(path);
     }

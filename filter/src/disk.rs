@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ferry_ring::meta::{MetaFile, MetaGeometry, Range as MetaRange};
+use ferry_ring::meta::{merge_ranges, MetaFile, MetaGeometry};
 use ferry_ring::ring::{
     Geometry, NewRecord, PayloadSlot, Producer, PublishError, RecordKind, FLAG_FUA,
 };
@@ -31,7 +31,7 @@ use crate::config::{DiskConfig, FilterConfig};
 use crate::control::{Counters, DiskStatus};
 use crate::error::{Error, Result};
 use crate::order::{OrderGate, Range, Sequencer, Ticket};
-use crate::tracker::{Event, Reason, State, Tracker, Transition};
+use crate::tracker::{Event, Reason, State, Tracker};
 use crate::uring::Uring;
 
 /// `_IOR(0x12, 114, size_t)`: size of a block device in bytes (linux/fs.h).
@@ -89,7 +89,6 @@ struct Tracking {
     producer: Producer,
     tracker: Tracker,
     pending: VecDeque<Pending>,
-    last_transition: Option<(Transition, u64)>,
 }
 
 /// Why a disk request failed (mapped to NBD errors by the export).
@@ -146,13 +145,6 @@ fn now_ns() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or(0)
-}
-
-fn meta_range(range: Range) -> MetaRange {
-    MetaRange {
-        offset: range.offset,
-        len: range.len,
-    }
 }
 
 /// Size of a block device or regular file.
@@ -236,7 +228,6 @@ impl Disk {
                 producer,
                 tracker: Tracker::default(),
                 pending: VecDeque::new(),
-                last_transition: None,
             }),
             meta: Mutex::new(meta),
             ring_path,
@@ -375,7 +366,7 @@ impl Disk {
         // Durable activity-log coverage before the data can reach the device;
         // the sequence number is provisional (the record's is at least this).
         let provisional = self.begin_inflight();
-        let covered = self.meta().before_write(meta_range(range), provisional);
+        let covered = self.meta().before_write(range, provisional);
         if let Err(e) = covered {
             tracing::error!(disk = %self.name, error = %e, "activity log update failed");
             self.abandon(ticket, range, provisional);
@@ -427,7 +418,7 @@ impl Disk {
     /// A request that failed: its range may hold anything now, so it is
     /// tracked as dirty; no record is published.
     fn abandon(&self, ticket: Ticket, range: Range, provisional: u64) {
-        let marked = self.meta().set_dirty(meta_range(range));
+        let marked = self.meta().set_dirty(range);
         if let Err(e) = marked {
             tracing::error!(disk = %self.name, error = %e, "cannot mark a failed request's range dirty");
         }
@@ -488,12 +479,10 @@ impl Disk {
             // The extent may leave the activity log only once this record is
             // committed: note its real sequence number before the consumer
             // can see it (a hot extent: memory only).
-            self.meta()
-                .before_write(meta_range(range), seq)
-                .map_err(|e| {
-                    tracing::error!(disk = %self.name, error = %e, "activity log update failed");
-                    IoFailure::Tracking
-                })?;
+            self.meta().before_write(range, seq).map_err(|e| {
+                tracing::error!(disk = %self.name, error = %e, "activity log update failed");
+                IoFailure::Tracking
+            })?;
         }
         let payload = if state == State::Data { slot } else { None };
         let has_payload = payload.is_some();
@@ -551,7 +540,7 @@ impl Disk {
     fn to_bitmap(&self, range: Range) -> std::result::Result<(), IoFailure> {
         if range.len > 0 {
             bump(&self.counters.bitmap_writes, 1);
-            self.meta().set_dirty(meta_range(range)).map_err(|e| {
+            self.meta().set_dirty(range).map_err(|e| {
                 tracing::error!(disk = %self.name, error = %e, "dirty bitmap update failed");
                 IoFailure::Tracking
             })?;
@@ -562,7 +551,6 @@ impl Disk {
     fn transition(&self, tracking: &mut Tracking, event: Event) {
         if let Some(t) = tracking.tracker.on(event) {
             tracing::info!(disk = %self.name, from = ?t.from, to = ?t.to, reason = %t.reason.describe(), "tracking state changed");
-            tracking.last_transition = Some((t, now_ns()));
         }
     }
 
@@ -606,7 +594,7 @@ impl Disk {
         let range = Range { offset, len };
         let ticket = self.gate.begin(Some(range));
         let provisional = self.begin_inflight();
-        let covered = self.meta().before_write(meta_range(range), provisional);
+        let covered = self.meta().before_write(range, provisional);
         if covered.is_err() {
             self.abandon(ticket, range, provisional);
             return Err(IoFailure::Tracking);
@@ -792,29 +780,32 @@ impl Disk {
             .map(|p| p.range)
             .filter(|r| r.len > 0)
             .collect();
-        ranges.extend(self.meta().dirty_ranges().into_iter().map(|r| Range {
-            offset: r.offset,
-            len: r.len,
-        }));
-        merge(ranges)
+        ranges.extend(self.meta().dirty_ranges());
+        merge_ranges(ranges)
     }
 
     /// Status for `ferry filter status`.
     pub fn status(&self) -> DiskStatus {
+        // One lock at a time: the metadata first, then the tracking state.
+        let (dirty_bytes, al_syncs) = {
+            let meta = self.meta();
+            (
+                meta.dirty_ranges().iter().map(|r| r.len).sum(),
+                meta.stats().syncs,
+            )
+        };
         let mut tracking = self.tracking();
         let free_payload = tracking.producer.free_payload_bytes();
-        let producer = &tracking.producer;
-        let now = now_ns();
-        let lag_records = u64::try_from(tracking.pending.len()).unwrap_or(u64::MAX);
-        let lag_bytes = tracking.pending.iter().map(|p| p.range.len).sum();
+        let free_slots = tracking.producer.free_slots();
+        let geometry = tracking.producer.geometry();
+        let slots = u64::from(geometry.slots);
         #[allow(clippy::cast_precision_loss)]
-        let lag_seconds = tracking
-            .pending
-            .front()
-            .map_or(0.0, |p| now.saturating_sub(p.timestamp_ns) as f64 / 1e9);
-        let slots = u64::from(producer.geometry().slots);
-        let payload = producer.geometry().payload_bytes;
-        let status = DiskStatus {
+        let lag_seconds = tracking.pending.front().map_or(0.0, |p| {
+            now_ns().saturating_sub(p.timestamp_ns) as f64 / 1e9
+        });
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let c = &self.counters;
+        DiskStatus {
             name: self.name.clone(),
             path: self.path.clone(),
             size: self.size,
@@ -822,23 +813,12 @@ impl Disk {
             reason: tracking.tracker.reason().describe(),
             transitions: tracking.tracker.transitions(),
             ring_slots: slots,
-            ring_slots_used: slots - producer.free_slots(),
-            ring_payload: payload,
-            ring_payload_used: payload - free_payload,
-            lag_records,
-            lag_bytes,
+            ring_slots_used: slots - free_slots,
+            ring_payload: geometry.payload_bytes,
+            ring_payload_used: geometry.payload_bytes - free_payload,
+            lag_records: u64::try_from(tracking.pending.len()).unwrap_or(u64::MAX),
+            lag_bytes: tracking.pending.iter().map(|p| p.range.len).sum(),
             lag_seconds,
-            dirty_bytes: 0,
-            counters: Counters::default(),
-        };
-        drop(tracking);
-        let meta = self.meta();
-        let dirty_bytes = meta.dirty_ranges().iter().map(|r| r.len).sum();
-        let al_syncs = meta.stats().syncs;
-        drop(meta);
-        let c = &self.counters;
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        DiskStatus {
             dirty_bytes,
             counters: Counters {
                 writes: load(&c.writes),
@@ -854,7 +834,6 @@ impl Disk {
                 al_syncs,
                 io_errors: load(&c.io_errors),
             },
-            ..status
         }
     }
 
@@ -872,27 +851,11 @@ impl Disk {
             .iter()
             .filter(|p| p.index >= committed && p.range.len > 0)
         {
-            meta.set_dirty(meta_range(p.range))?;
+            meta.set_dirty(p.range)?;
         }
         meta.close_clean()?;
         Ok(())
     }
-}
-
-/// Merge overlapping or touching ranges.
-pub fn merge(mut ranges: Vec<Range>) -> Vec<Range> {
-    ranges.sort_unstable_by_key(|r| r.offset);
-    let mut out: Vec<Range> = Vec::new();
-    for r in ranges {
-        match out.last_mut() {
-            Some(last) if r.offset <= last.offset + last.len => {
-                let end = (last.offset + last.len).max(r.offset + r.len);
-                last.len = end - last.offset;
-            }
-            _ => out.push(r),
-        }
-    }
-    out
 }
 
 fn open_meta(path: &Path, size: u64, config: &FilterConfig) -> Result<MetaFile> {

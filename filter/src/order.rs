@@ -19,20 +19,13 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-/// A byte range of the disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Range {
-    /// First byte.
-    pub offset: u64,
-    /// Length in bytes.
-    pub len: u64,
-}
+/// A byte range of the disk: the tracking metadata's own type, so ranges
+/// pass between the gate, the activity log and the dirty bitmap unchanged.
+pub use ferry_ring::meta::Range;
 
-impl Range {
-    /// Whether two ranges share a byte.
-    pub fn overlaps(&self, other: &Range) -> bool {
-        self.offset < other.offset + other.len && other.offset < self.offset + self.len
-    }
+/// Whether two ranges share a byte.
+pub fn overlaps(a: &Range, b: &Range) -> bool {
+    a.offset < b.offset + b.len && b.offset < a.offset + a.len
 }
 
 /// A request's place in the order.
@@ -127,7 +120,7 @@ impl OrderGate {
             while state
                 .active
                 .range(..number)
-                .any(|(_, r)| r.is_some_and(|r| r.overlaps(&range)))
+                .any(|(_, r)| r.is_some_and(|r| overlaps(&r, &range)))
             {
                 state = self.changed.wait(state).expect("order gate lock");
             }

@@ -32,7 +32,8 @@ pub struct Uring {
 
 impl Uring {
     /// Check that io_uring works here (the first ring of this thread).
-    pub fn start(_name: &str) -> io::Result<Arc<Uring>> {
+    /// Each thread's ring goes away with its thread: nothing to stop.
+    pub fn start() -> io::Result<Arc<Uring>> {
         RING.with(|ring| ensure_ring(&mut ring.borrow_mut()).map(drop))?;
         Ok(Arc::new(Uring::default()))
     }
@@ -160,9 +161,6 @@ impl Uring {
         // SAFETY: no buffers.
         unsafe { self.call(entry) }.map(drop)
     }
-
-    /// Nothing to stop: each thread's ring goes with its thread.
-    pub fn stop(&self) {}
 }
 
 fn ensure_ring(slot: &mut Option<IoUring>) -> io::Result<&mut IoUring> {
@@ -192,7 +190,7 @@ mod tests {
             .truncate(true)
             .open(&path)
             .unwrap();
-        let uring = Uring::start("test").unwrap();
+        let uring = Uring::start().unwrap();
         let fd = file.as_raw_fd();
         let data: Vec<u8> = (0..1u32 << 20)
             .map(|i| u8::try_from(i % 251).unwrap())
@@ -232,7 +230,7 @@ mod tests {
             .truncate(true)
             .open(&path)
             .unwrap();
-        let uring = Uring::start("test-mt").unwrap();
+        let uring = Uring::start().unwrap();
         let fd = file.as_raw_fd();
         std::thread::scope(|s| {
             for t in 0..8u8 {
@@ -255,7 +253,7 @@ mod tests {
 
     #[test]
     fn errors_come_back_as_io_errors() {
-        let uring = Uring::start("test-err").unwrap();
+        let uring = Uring::start().unwrap();
         let e = uring.sync(-1, true).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EBADF));
     }

@@ -11,5 +11,8 @@ pub mod applier;
 pub mod error;
 pub mod journal;
 
+#[cfg(test)]
+mod testutil;
+
 pub use error::{Error, ErrorKind, Result};
 pub use journal::{Appended, Iter, Journal, JournalOptions, Pruned, Recovery};

@@ -214,6 +214,23 @@ impl Rig {
         std::fs::File::open(&p).unwrap()
     }
 
+    /// `drain_once` with the test key and default limits.
+    fn drain(
+        &mut self,
+        batcher: &mut Batcher,
+        backing: &dyn ReadAt,
+        transport: &mut dyn Transport,
+    ) -> Result<DrainStats> {
+        drain_once(
+            &mut self.consumer,
+            batcher,
+            backing,
+            &key(),
+            transport,
+            BatchLimits::default(),
+        )
+    }
+
     fn target(&self) -> (LoopbackTransport, Replica) {
         let (journal, _) = Journal::open(&self.dir.path().join("target"), DISK).unwrap();
         let replica =
@@ -326,15 +343,7 @@ fn end_to_end_writes_trims_zeroes_and_a_tag() {
     assert_replica_eq(&mut replica, &rig.model);
 
     // Nothing more to ship.
-    let again = drain_once(
-        &mut rig.consumer,
-        &mut batcher,
-        &backing,
-        &key(),
-        &mut transport,
-        BatchLimits::default(),
-    )
-    .unwrap();
+    let again = rig.drain(&mut batcher, &backing, &mut transport).unwrap();
     assert_eq!(again, DrainStats::default());
 }
 
@@ -355,15 +364,7 @@ fn tag_names_come_from_the_state_dir() {
     // Names are loaded lazily on a miss (the filter writes them after the record).
     let mut batcher = Batcher::new("host", DISK, 1, 0).with_state_dir(rig.dir.path());
     let backing = rig.model.clone();
-    drain_once(
-        &mut rig.consumer,
-        &mut batcher,
-        &backing,
-        &key(),
-        &mut transport,
-        BatchLimits::default(),
-    )
-    .unwrap();
+    rig.drain(&mut batcher, &backing, &mut transport).unwrap();
     let sets = journal_sets(&transport.journal);
     assert_eq!(sets.len(), 1);
     assert_eq!(sets[0].header.tags[0].name, "before-upgrade");
@@ -385,15 +386,7 @@ fn metadata_state_writes_ship_as_resync_from_the_backing_device() {
     let backing = rig.backing_file();
     let (mut transport, mut replica) = rig.target();
     let mut batcher = Batcher::new("host", DISK, 1, 0);
-    let stats = drain_once(
-        &mut rig.consumer,
-        &mut batcher,
-        &backing,
-        &key(),
-        &mut transport,
-        BatchLimits::default(),
-    )
-    .unwrap();
+    let stats = rig.drain(&mut batcher, &backing, &mut transport).unwrap();
     assert_eq!(rig.consumer.committed(), rig.published);
     let sets = journal_sets(&transport.journal);
     assert_chained(&sets);
@@ -503,15 +496,7 @@ fn resume_point_skips_what_the_target_holds() {
     rig.consumer.rewind();
     // A new sidecar resumes after seq 5.
     let mut batcher = Batcher::new("host", DISK, 1, 5);
-    drain_once(
-        &mut rig.consumer,
-        &mut batcher,
-        &backing,
-        &key(),
-        &mut transport,
-        BatchLimits::default(),
-    )
-    .unwrap();
+    rig.drain(&mut batcher, &backing, &mut transport).unwrap();
     assert_eq!(rig.consumer.committed(), rig.published);
     let sets = journal_sets(&transport.journal);
     assert_chained(&sets);
@@ -529,29 +514,17 @@ fn corrupt_payload_is_never_shipped() {
     let backing = rig.model.clone();
     let (mut transport, _replica) = rig.target();
     let mut batcher = Batcher::new("host", DISK, 1, 0);
-    let err = drain_once(
-        &mut rig.consumer,
-        &mut batcher,
-        &backing,
-        &key(),
-        &mut transport,
-        BatchLimits::default(),
-    )
-    .unwrap_err();
+    let err = rig
+        .drain(&mut batcher, &backing, &mut transport)
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
     assert_eq!(rig.consumer.committed(), 0);
     assert_eq!(rig.consumer.cursor(), 0);
     assert_eq!(transport.journal.last_seq(), None);
     // Still refused on retry.
-    let err = drain_once(
-        &mut rig.consumer,
-        &mut batcher,
-        &backing,
-        &key(),
-        &mut transport,
-        BatchLimits::default(),
-    )
-    .unwrap_err();
+    let err = rig
+        .drain(&mut batcher, &backing, &mut transport)
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Corrupt);
     assert_eq!(rig.consumer.committed(), 0);
 }
@@ -567,15 +540,9 @@ fn out_of_range_record_is_an_error_not_a_panic() {
     let (mut transport, _replica) = rig.target();
     let mut batcher = Batcher::new("host", DISK, 1, 0);
     let backing: Vec<u8> = Vec::new();
-    let err = drain_once(
-        &mut rig.consumer,
-        &mut batcher,
-        &backing,
-        &key(),
-        &mut transport,
-        BatchLimits::default(),
-    )
-    .unwrap_err();
+    let err = rig
+        .drain(&mut batcher, &backing, &mut transport)
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Corrupt);
     assert_eq!(rig.consumer.committed(), 0);
 }

@@ -1,54 +1,12 @@
 use super::*;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use ferry_protocol::message::{ChangeKind, Extent};
 use ferry_protocol::payload::pack_change_set;
 use proptest::prelude::*;
 
 use crate::journal::Journal;
 
-static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
-
-/// A unique temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let n = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let p = std::env::temp_dir().join(format!(
-            "ferry-applier-{tag}-{}-{n}-{nanos}",
-            std::process::id()
-        ));
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for ent in fs::read_dir(from).unwrap() {
-        let ent = ent.unwrap();
-        let dst = to.join(ent.file_name());
-        if ent.file_type().unwrap().is_dir() {
-            copy_dir(&ent.path(), &dst);
-        } else {
-            fs::copy(ent.path(), &dst).unwrap();
-        }
-    }
-}
+use crate::testutil::{copy_dir, TempDir};
 
 const DISK: &str = "disk0";
 const SIZE: u64 = 8 << 20;
