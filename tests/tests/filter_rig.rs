@@ -169,6 +169,7 @@ fn interop_with_nbd_clients() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--offset=64M",
         ],
     );
