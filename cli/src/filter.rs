@@ -92,6 +92,12 @@ struct DaemonArgs {
     /// block size, 1 for files).
     #[arg(long)]
     block_size: Option<u32>,
+    /// Do not copy a newly protected disk's existing data (by default its
+    /// allocated regions are marked dirty the first time, so the sidecar
+    /// ships them): only for a disk known to be identical at the target,
+    /// e.g. blank on both sides.
+    #[arg(long)]
+    no_initial_copy: bool,
 }
 
 #[derive(Debug, Args)]
@@ -183,6 +189,9 @@ fn daemon(args: DaemonArgs) -> Result<ExitCode> {
     if let Some(b) = args.block_size {
         config.block_size = Some(b);
     }
+    if args.no_initial_copy {
+        config.initial_copy = false;
+    }
     crate::init_logging();
     ferry_filter::daemon::run(config, Arc::new(AtomicBool::new(false)))?;
     Ok(ExitCode::SUCCESS)
@@ -196,9 +205,10 @@ fn status(args: StatusArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "filter pid {} state {} next seq {}",
+        "filter pid {} state {} seq {} (next {})",
         status.pid,
         status.state.display(),
+        status.seq,
         status.next_seq
     );
     for d in &status.disks {
@@ -212,15 +222,18 @@ fn status(args: StatusArgs) -> Result<ExitCode> {
             "  lag:       {} records, {} bytes, {:.3} s",
             d.lag_records, d.lag_bytes, d.lag_seconds
         );
-        println!("  dirty:     {} bytes awaiting resync", d.dirty_bytes);
+        println!(
+            "  dirty:     {} bytes awaiting resync, {} of them claimed (in the ring, not committed)",
+            d.dirty_bytes, d.claimed_bytes
+        );
         let c = &d.counters;
         println!(
             "  counters:  {} writes ({} bytes), {} reads, {} flushes, {} trims, {} zeroes",
             c.writes, c.write_bytes, c.reads, c.flushes, c.trims, c.zeroes
         );
         println!(
-            "             {} data records, {} metadata records, {} bitmap writes, {} AL syncs, {} I/O errors",
-            c.data_records, c.metadata_records, c.bitmap_writes, c.al_syncs, c.io_errors
+            "             {} data records, {} metadata records, {} resync records, {} bitmap writes, {} AL syncs, {} I/O errors",
+            c.data_records, c.metadata_records, c.resync_records, c.bitmap_writes, c.al_syncs, c.io_errors
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -1,8 +1,10 @@
 //! `ferry`: the one installed binary. Each daemon and each user verb is a
 //! subcommand; this file only parses the command line and dispatches.
 
+mod credentials;
 mod filter;
 mod image;
+mod replicate;
 
 use std::process::ExitCode;
 
@@ -25,6 +27,14 @@ enum Command {
     /// The write interceptor: serve protected disks over NBD and record
     /// every write in write order (`ferry filter --help`).
     Filter(Box<filter::FilterArgs>),
+    /// Make the CA, certificates and data keys a target and its hosts need.
+    Credentials(credentials::CredentialsArgs),
+    /// The recovery-site receiver: journals and replica images
+    /// (`ferry target --help`), and `ferry target status`.
+    Target(Box<replicate::TargetArgs>),
+    /// Ship the filter's change stream to a target (`ferry sidecar --help`),
+    /// and `ferry sidecar status`.
+    Sidecar(Box<replicate::SidecarArgs>),
 }
 
 /// Logs to stderr; `FERRY_LOG` = error|warn|info|debug|trace (default info).
@@ -47,6 +57,15 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Image(cmd) => image::run(cmd),
         Command::Filter(args) => filter::run(*args),
+        Command::Credentials(args) => credentials::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Target(args) => {
+            init_logging();
+            replicate::run_target(*args)
+        }
+        Command::Sidecar(args) => {
+            init_logging();
+            replicate::run_sidecar(*args)
+        }
     };
     match outcome {
         Ok(code) => code,

@@ -4,6 +4,7 @@
 //! state = "/var/lib/ferry/web01"     # meeting point with the sidecar
 //! listen = ["unix:/run/ferry/web01.sock", "tcp:127.0.0.1:10809"]
 //! ring_size = "64M"                  # payload area of each disk's ring
+//! initial_copy = true               # first protection copies the allocated data
 //! [[disk]]
 //! name = "data"
 //! path = "/dev/vg0/data"
@@ -128,6 +129,11 @@ pub struct FilterConfig {
     /// Minimum NBD block size advertised (None: the device's logical block
     /// size, 1 for files).
     pub block_size: Option<u32>,
+    /// When a disk is protected for the first time (its tracking file is
+    /// created), mark every allocated region dirty so the existing data is
+    /// copied to the recovery site. Off (`--no-initial-copy`) only for a
+    /// disk known to be identical at the target (e.g. blank on both sides).
+    pub initial_copy: bool,
 }
 
 /// The TOML file's shape.
@@ -143,6 +149,7 @@ struct FileConfig {
     al_extent: Option<String>,
     al_slots: Option<u32>,
     block_size: Option<u32>,
+    initial_copy: Option<bool>,
     #[serde(default)]
     disk: Vec<DiskConfig>,
 }
@@ -191,6 +198,7 @@ impl FilterConfig {
             al_extent: DEFAULT_AL_EXTENT,
             al_slots: DEFAULT_AL_SLOTS,
             block_size: None,
+            initial_copy: true,
         }
     }
 
@@ -223,6 +231,9 @@ impl FilterConfig {
             config.al_slots = slots;
         }
         config.block_size = file.block_size;
+        if let Some(copy) = file.initial_copy {
+            config.initial_copy = copy;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -333,6 +344,14 @@ mod tests {
         assert_eq!(c.ring_size, 8 << 20);
         assert_eq!(c.ring_slots, 2048);
         assert_eq!(c.disks[0].name, "data");
+        assert!(c.initial_copy, "on by default");
+        std::fs::write(
+            &path,
+            "state = \"/tmp/st\"\nlisten = [\"unix:/tmp/st/nbd.sock\"]\ninitial_copy = false\n\
+             [[disk]]\nname = \"data\"\npath = \"/tmp/disk.img\"\n",
+        )
+        .unwrap();
+        assert!(!FilterConfig::from_file(&path).unwrap().initial_copy);
         std::fs::write(&path, "state = \"/tmp/st\"\nbogus = 1\n").unwrap();
         assert!(
             FilterConfig::from_file(&path).is_err(),

@@ -7,8 +7,30 @@
 //! <- {"version":1,"ok":true,"status":{...HostStatus...}}
 //! -> {"version":1,"op":"tag","name":"before-upgrade","app":true,"mounts":["/srv"],...}
 //! <- {"version":1,"ok":true,"tag":{"name":"before-upgrade","seq":1234,...}}
+//! -> {"version":1,"op":"barrier"}
+//! <- {"version":1,"ok":true,"barrier":{"seq":1300}}
+//! -> {"version":1,"op":"resync-all","disk":"data"}
+//! <- {"version":1,"ok":true,"resync":{"bytes":4294967296,"disks":[{"name":"data","bytes":4294967296}]}}
 //! <- {"version":1,"ok":false,"error":"..."}
 //! ```
+//!
+//! - `status`: per disk the tracking state, ring fill, lag, counters,
+//!   `dirty_bytes` (every dirty bit still set: awaiting a resync, or
+//!   claimed and not yet committed) and `claimed_bytes` (dirty bits the
+//!   ring holds resync records for, not yet committed by the consumer);
+//!   `dirty_bytes == 0` in data state means nothing is left to resync and
+//!   every resync record is durable at the target. Host-wide `seq` is the
+//!   highest sequence number assigned so far, `next_seq` the next one.
+//! - `tag`: a recovery point across all disks.
+//! - `barrier`: waits until every request in flight on every disk has been
+//!   recorded, then answers the highest sequence number assigned: every
+//!   write whose data reached a backing device before the barrier has a
+//!   sequence number at or below it. The sidecar asks after re-reading
+//!   resync regions, to learn from which sequence number the replica can be
+//!   consistent.
+//! - `resync-all`: marks every allocated region of `disk` (all disks
+//!   without `disk`) dirty, so housekeeping claims them again (the recovery
+//!   site lost its copy); answers the bytes marked.
 //!
 //! A request with another `version` is answered with an error naming the
 //! versions this side speaks; unknown fields are ignored so that newer
@@ -40,6 +62,44 @@ pub enum Request {
     Status,
     /// Insert a tag across all disks.
     Tag(TagRequest),
+    /// Wait for every in-flight request on every disk; answer the highest
+    /// sequence number assigned.
+    Barrier,
+    /// Mark the whole allocated area of a disk (or all disks) dirty.
+    ResyncAll(ResyncRequest),
+}
+
+/// What `resync-all` asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncRequest {
+    /// The disk; None: every disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+}
+
+/// Answer to `barrier`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BarrierOutcome {
+    /// Highest sequence number assigned when every disk was quiet.
+    pub seq: u64,
+}
+
+/// Answer to `resync-all`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncOutcome {
+    /// Bytes marked dirty, all disks.
+    pub bytes: u64,
+    /// Per disk.
+    pub disks: Vec<ResyncDisk>,
+}
+
+/// One disk's part of a `resync-all`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncDisk {
+    /// Disk name.
+    pub name: String,
+    /// Bytes marked dirty (its allocated regions).
+    pub bytes: u64,
 }
 
 /// What `ferry filter tag` asks for.
@@ -94,6 +154,9 @@ pub struct HostStatus {
     pub state: PathBuf,
     /// Next host-wide sequence number.
     pub next_seq: u64,
+    /// Highest host-wide sequence number assigned so far.
+    #[serde(default)]
+    pub seq: u64,
     /// Per disk.
     pub disks: Vec<DiskStatus>,
 }
@@ -127,8 +190,14 @@ pub struct DiskStatus {
     pub lag_bytes: u64,
     /// Age of the oldest unconsumed record, seconds.
     pub lag_seconds: f64,
-    /// Bytes marked dirty (bitmap state, crash recovery) awaiting resync.
+    /// Bytes whose dirty bit is set (bitmap state, crash recovery, initial
+    /// copy, resync-all): awaiting a resync, or claimed and not yet
+    /// committed. 0 in data state: nothing left to resync.
     pub dirty_bytes: u64,
+    /// Dirty bytes the ring holds resync records (claims) for that the
+    /// consumer has not committed yet.
+    #[serde(default)]
+    pub claimed_bytes: u64,
     /// Counters since start.
     pub counters: Counters,
 }
@@ -156,6 +225,9 @@ pub struct Counters {
     pub metadata_records: u64,
     /// Writes tracked only in the bitmap.
     pub bitmap_writes: u64,
+    /// Resync records (claims of dirty bits) published.
+    #[serde(default)]
+    pub resync_records: u64,
     /// Activity-log syncs paid by writes to cold extents.
     pub al_syncs: u64,
     /// Backing-device errors.
@@ -185,16 +257,32 @@ pub struct Response {
     /// Answer to `tag`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<TagOutcome>,
+    /// Answer to `barrier`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub barrier: Option<BarrierOutcome>,
+    /// Answer to `resync-all`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync: Option<ResyncOutcome>,
 }
 
 impl Response {
-    fn error(message: impl Into<String>) -> Self {
+    fn ok() -> Self {
         Response {
             version: VERSION,
-            ok: false,
-            error: Some(message.into()),
+            ok: true,
+            error: None,
             status: None,
             tag: None,
+            barrier: None,
+            resync: None,
+        }
+    }
+
+    fn error(message: impl Into<String>) -> Self {
+        Response {
+            ok: false,
+            error: Some(message.into()),
+            ..Response::ok()
         }
     }
 }
@@ -205,6 +293,10 @@ pub trait Handler: Send + Sync {
     fn status(&self) -> HostStatus;
     /// Insert a tag.
     fn tag(&self, request: &TagRequest) -> Result<TagOutcome>;
+    /// Wait for every in-flight request; the highest sequence number assigned.
+    fn barrier(&self) -> Result<BarrierOutcome>;
+    /// Mark a disk's (or every disk's) allocated area dirty.
+    fn resync_all(&self, request: &ResyncRequest) -> Result<ResyncOutcome>;
 }
 
 /// Decode one request line and produce the response line.
@@ -215,19 +307,27 @@ pub fn answer(line: &str, handler: &dyn Handler) -> String {
             Some(v) if v == u64::from(VERSION) => match serde_json::from_value::<Request>(value) {
                 Err(e) => Response::error(format!("bad request: {e}")),
                 Ok(Request::Status) => Response {
-                    version: VERSION,
-                    ok: true,
-                    error: None,
                     status: Some(handler.status()),
-                    tag: None,
+                    ..Response::ok()
                 },
                 Ok(Request::Tag(tag)) => match handler.tag(&tag) {
                     Ok(outcome) => Response {
-                        version: VERSION,
-                        ok: true,
-                        error: None,
-                        status: None,
                         tag: Some(outcome),
+                        ..Response::ok()
+                    },
+                    Err(e) => Response::error(e.to_string()),
+                },
+                Ok(Request::Barrier) => match handler.barrier() {
+                    Ok(outcome) => Response {
+                        barrier: Some(outcome),
+                        ..Response::ok()
+                    },
+                    Err(e) => Response::error(e.to_string()),
+                },
+                Ok(Request::ResyncAll(request)) => match handler.resync_all(&request) {
+                    Ok(outcome) => Response {
+                        resync: Some(outcome),
+                        ..Response::ok()
                     },
                     Err(e) => Response::error(e.to_string()),
                 },
@@ -364,6 +464,7 @@ mod tests {
                 pid: 7,
                 state: "/s".into(),
                 next_seq: 42,
+                seq: 41,
                 disks: Vec::new(),
             }
         }
@@ -379,6 +480,21 @@ mod tests {
                 barrier_us: 1,
                 frozen_us: 0,
             })
+        }
+        fn barrier(&self) -> Result<BarrierOutcome> {
+            Ok(BarrierOutcome { seq: 41 })
+        }
+        fn resync_all(&self, request: &ResyncRequest) -> Result<ResyncOutcome> {
+            match request.disk.as_deref() {
+                Some("nope") => Err(Error::control("no disk named nope")),
+                d => Ok(ResyncOutcome {
+                    bytes: 8,
+                    disks: vec![ResyncDisk {
+                        name: d.unwrap_or("d").into(),
+                        bytes: 8,
+                    }],
+                }),
+            }
         }
     }
 
@@ -403,6 +519,37 @@ mod tests {
         let failed: Response =
             serde_json::from_str(&answer(r#"{"version":1,"op":"tag","name":""}"#, &Fake)).unwrap();
         assert_eq!(failed.error.as_deref(), Some("empty tag name"));
+        let line = answer(r#"{"version":1,"op":"barrier"}"#, &Fake);
+        assert_eq!(line, r#"{"version":1,"ok":true,"barrier":{"seq":41}}"#);
+        let line = answer(r#"{"version":1,"op":"resync-all","disk":"x"}"#, &Fake);
+        assert_eq!(
+            line,
+            r#"{"version":1,"ok":true,"resync":{"bytes":8,"disks":[{"name":"x","bytes":8}]}}"#
+        );
+        let all: Response =
+            serde_json::from_str(&answer(r#"{"version":1,"op":"resync-all"}"#, &Fake)).unwrap();
+        assert_eq!(all.resync.unwrap().disks[0].name, "d");
+        let unknown: Response = serde_json::from_str(&answer(
+            r#"{"version":1,"op":"resync-all","disk":"nope"}"#,
+            &Fake,
+        ))
+        .unwrap();
+        assert!(!unknown.ok);
+        // What the client sends.
+        let sent = serde_json::to_string(&Envelope {
+            version: VERSION,
+            body: &Request::Barrier,
+        })
+        .unwrap();
+        assert_eq!(sent, r#"{"version":1,"op":"barrier"}"#);
+        let sent = serde_json::to_string(&Envelope {
+            version: VERSION,
+            body: &Request::ResyncAll(ResyncRequest {
+                disk: Some("data".into()),
+            }),
+        })
+        .unwrap();
+        assert_eq!(sent, r#"{"version":1,"op":"resync-all","disk":"data"}"#);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! ```text
 //! STATE/filter.lock          flock: one filter per state directory
 //! STATE/filter.json          pid, listeners, disks and their ring paths
-//! STATE/control.sock         control socket (status, tag)
+//! STATE/control.sock         control socket (status, tag, barrier, resync-all)
 //! STATE/seq                  host-wide sequence numbers reserved so far
 //! STATE/tags.jsonl           tag names by sequence number (the ring holds ids)
 //! STATE/disks/NAME/meta      activity log + dirty bitmap + clean flag
@@ -30,7 +30,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::config::{FilterConfig, Listen};
-use crate::control::{self, HostStatus, TagOutcome, TagRequest};
+use crate::control::{
+    self, BarrierOutcome, HostStatus, ResyncDisk, ResyncOutcome, ResyncRequest, TagOutcome,
+    TagRequest,
+};
 use crate::disk::Disk;
 use crate::error::{Error, Result};
 use crate::export::Exports;
@@ -134,6 +137,7 @@ impl control::Handler for Host {
             pid: std::process::id(),
             state: self.state.clone(),
             next_seq: self.sequencer.peek(),
+            seq: self.sequencer.peek().saturating_sub(1),
             disks: self.disks.iter().map(|d| d.status()).collect(),
         }
     }
@@ -186,9 +190,45 @@ impl control::Handler for Host {
             (Err(e), _) => Err(e),
         }
     }
+
+    fn barrier(&self) -> Result<BarrierOutcome> {
+        Ok(BarrierOutcome {
+            seq: self.quiet_seq(),
+        })
+    }
+
+    fn resync_all(&self, request: &ResyncRequest) -> Result<ResyncOutcome> {
+        let disks: Vec<&Arc<Disk>> = match &request.disk {
+            Some(name) => {
+                let disk = self.disks.iter().find(|d| d.name() == name.as_str());
+                vec![disk.ok_or_else(|| Error::control(format!("no disk named {name:?}")))?]
+            }
+            None => self.disks.iter().collect(),
+        };
+        let mut outcome = ResyncOutcome::default();
+        for disk in disks {
+            let bytes = disk.resync_all()?;
+            outcome.bytes += bytes;
+            outcome.disks.push(ResyncDisk {
+                name: disk.name().to_string(),
+                bytes,
+            });
+        }
+        Ok(outcome)
+    }
 }
 
 impl Host {
+    /// Every disk's gate held at once (in disk order, as tags take them):
+    /// every request that got a ticket before has been recorded, so every
+    /// write that reached a device has a sequence number below `peek`.
+    fn quiet_seq(&self) -> u64 {
+        let barriers: Vec<_> = self.disks.iter().map(|d| d.gate().barrier()).collect();
+        let seq = self.sequencer.peek().saturating_sub(1);
+        drop(barriers);
+        seq
+    }
+
     fn outcome(
         &self,
         request: &TagRequest,
@@ -613,5 +653,124 @@ fn serve_connection<S: nbd::Connection + Send + 'static>(
             tracing::error!(error = %e, "cannot start a connection thread");
             connections.live.lock().expect("connections").remove(&id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::{Request, ResyncRequest};
+    use crate::disk::tests::{drain, Rig};
+    use crate::order::Range;
+    use ferry_ring::ring::Consumer;
+
+    fn host(rig: &Rig) -> Arc<Host> {
+        let sequencer = Sequencer::new(1, u64::MAX);
+        let disk = Arc::new(rig.open_with(Arc::clone(&sequencer)));
+        let state = rig.state();
+        let seq_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(state.join("seq"))
+            .unwrap();
+        Arc::new(Host {
+            disks: vec![disk],
+            sequencer,
+            state,
+            seq_file,
+            tag_lock: Mutex::new(()),
+        })
+    }
+
+    #[test]
+    fn barrier_and_resync_all_through_the_control_socket() {
+        let mut rig = Rig::new("control", 16 * (1 << 20), &[Range::new(0, 1 << 20)]);
+        rig.config.initial_copy = false;
+        let host = host(&rig);
+        let disk = Arc::clone(&host.disks[0]);
+        let state = rig.state();
+        let listener = UnixListener::bind(state.join(control::SOCKET_NAME)).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = {
+            let (handler, stop) = (
+                Arc::clone(&host) as Arc<dyn control::Handler>,
+                Arc::clone(&stop),
+            );
+            std::thread::spawn(move || control::serve(listener, handler, stop))
+        };
+        let call = |request: &Request| control::call(&state, request, Duration::from_secs(10));
+
+        for i in 0..5u64 {
+            let mut data = disk.write_buffer(4096);
+            data.as_mut_slice().fill(1);
+            disk.write(i * 4096, data, false).unwrap();
+        }
+        let mut consumer = Consumer::open(&rig.dir.join("rings").join("d.ring")).unwrap();
+        let (records, _) = drain(&mut consumer);
+        let last = records.last().unwrap().seq;
+        let barrier = call(&Request::Barrier).unwrap().barrier.unwrap();
+        assert!(barrier.seq >= last, "{} < {last}", barrier.seq);
+        assert_eq!(barrier.seq, last, "nothing else took a number");
+        let status = call(&Request::Status).unwrap().status.unwrap();
+        assert_eq!((status.seq, status.next_seq), (last, last + 1));
+
+        // A request in flight holds the barrier back.
+        let ticket = disk.gate().begin(Some(Range::new(0, 4096)));
+        let waiting = {
+            let state = state.clone();
+            std::thread::spawn(move || {
+                control::call(&state, &Request::Barrier, Duration::from_secs(10))
+                    .unwrap()
+                    .barrier
+                    .unwrap()
+                    .seq
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!waiting.is_finished(), "the barrier waits for the ticket");
+        let seq = host.sequencer.next(); // what the request records
+        disk.gate().finish(ticket);
+        assert_eq!(waiting.join().unwrap(), seq);
+
+        // resync-all: the allocated megabyte, then claimed.
+        let all = call(&Request::ResyncAll(ResyncRequest::default()))
+            .unwrap()
+            .resync
+            .unwrap();
+        assert_eq!(all.bytes, 1 << 20);
+        assert_eq!(
+            (all.disks[0].name.as_str(), all.disks[0].bytes),
+            ("d", 1 << 20)
+        );
+        let named = call(&Request::ResyncAll(ResyncRequest {
+            disk: Some("d".into()),
+        }))
+        .unwrap()
+        .resync
+        .unwrap();
+        assert_eq!(named.bytes, 1 << 20);
+        let unknown = call(&Request::ResyncAll(ResyncRequest {
+            disk: Some("nope".into()),
+        }))
+        .unwrap_err();
+        assert!(unknown.to_string().contains("no disk named"), "{unknown}");
+        host.housekeep();
+        let status = call(&Request::Status).unwrap().status.unwrap();
+        assert_eq!(status.disks[0].dirty_bytes, 1 << 20);
+        assert_eq!(status.disks[0].claimed_bytes, 1 << 20);
+        let (records, end) = drain(&mut consumer);
+        assert_eq!(records.len(), 1);
+        assert_eq!((records[0].offset, records[0].length), (0, 1 << 20));
+        assert!(call(&Request::Barrier).unwrap().barrier.unwrap().seq >= records[0].seq);
+        consumer.commit(end).unwrap();
+        host.housekeep();
+        let status = call(&Request::Status).unwrap().status.unwrap();
+        assert_eq!(status.disks[0].dirty_bytes, 0);
+        assert_eq!(status.disks[0].tracking, "data");
+
+        stop.store(true, Ordering::Relaxed);
+        server.join().unwrap();
     }
 }

@@ -12,6 +12,31 @@
 //!    (metadata state), or as dirty bits (bitmap state);
 //! 6. the ticket finishes (later overlapping writes may go) and only then
 //!    is the write acknowledged.
+//!
+//! # Dirty bits become resync records
+//!
+//! The durable dirty bitmap holds regions the ring does not: writes of
+//! bitmap state, what a crash left in the activity log, and — when a disk
+//! is protected for the first time (its tracking file is created, unless
+//! `initial_copy` is off) or on a `resync-all` request — every allocated
+//! region of the backing device. Housekeeping turns those bits into ring
+//! records the sidecar ships:
+//!
+//! - **Claim**: in data state, while more than half the record slots are
+//!   free, bits not yet claimed become payload-less Write records of at most
+//!   [`CLAIM_MAX`] bytes ([`CLAIMS_PER_PASS`] records or
+//!   [`CLAIM_BYTES_PER_PASS`] bytes per pass). Each takes an order-gate
+//!   ticket on its range and a sequence number like any write, so it is
+//!   ordered against overlapping writes the same way; the sidecar re-reads
+//!   the range when it meets the record (a resync change set). The bits
+//!   stay set.
+//! - **Clear**: once the consumer committed a claim (its data is durable at
+//!   the target), its range's bits are cleared, except where bits were set
+//!   again after the claim was published (bitmap-state writes, failed
+//!   requests, `resync-all`): those may hold data the sidecar read too
+//!   early, so they stay dirty and are claimed again later.
+//! - A claim not committed when the filter stops or crashes keeps its bits
+//!   (they were never cleared): it is claimed again after the restart.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -22,7 +47,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ferry_ring::meta::{merge_ranges, MetaFile, MetaGeometry};
+use ferry_ring::meta::{merge_ranges, Coverage, MetaFile, MetaGeometry};
 use ferry_ring::ring::{
     Geometry, NewRecord, PayloadSlot, Producer, PublishError, RecordKind, FLAG_FUA,
 };
@@ -33,6 +58,19 @@ use crate::error::{Error, Result};
 use crate::order::{OrderGate, Range, Sequencer, Ticket};
 use crate::tracker::{Event, Reason, State, Tracker};
 use crate::uring::Uring;
+
+/// Largest range one resync claim record covers.
+pub const CLAIM_MAX: u64 = 4 << 20;
+/// Most claim records published per housekeeping pass.
+pub const CLAIMS_PER_PASS: usize = 64;
+/// Most bytes claimed per housekeeping pass.
+pub const CLAIM_BYTES_PER_PASS: u64 = 256 << 20;
+/// Housekeeping passes between scans of the whole bitmap for unclaimed bits
+/// when nothing hinted at new ones (a safety net; the hints are exact for
+/// every path that sets bits through this module).
+const RESCAN_PASSES: u32 = 50;
+/// Redirtied ranges kept before they are merged (per claim).
+const MAX_REDIRTIED: usize = 1024;
 
 /// `_IOR(0x12, 114, size_t)`: size of a block device in bytes (linux/fs.h).
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -79,8 +117,207 @@ struct Pending {
     seq: u64,
     range: Range,
     timestamp_ns: u64,
-    /// A write recorded without its payload (metadata state).
+    /// A write recorded without its payload (metadata state, or a claim).
     without_payload: bool,
+    /// A resync claim: its bits are cleared once it is committed.
+    claim: bool,
+}
+
+/// The tracking file plus what the claims need, under one lock so that a
+/// bit set while a claim is outstanding is always noticed.
+#[derive(Debug)]
+struct Dirty {
+    file: MetaFile,
+    /// Claims published and not yet settled: (ring index, range).
+    claimed: Vec<(u64, Range)>,
+    /// Bits set again (granule-rounded) inside an outstanding claim after
+    /// it was published, with the claim's ring index: they survive its
+    /// commit.
+    redirtied: Vec<(u64, Range)>,
+    /// Bits may have been set outside the claims since the last scan.
+    rescan: bool,
+    /// Housekeeping passes since the last scan.
+    passes: u32,
+}
+
+impl Dirty {
+    fn new(file: MetaFile) -> Self {
+        Dirty {
+            file,
+            claimed: Vec::new(),
+            redirtied: Vec::new(),
+            rescan: true,
+            passes: 0,
+        }
+    }
+
+    /// Set bits (durably unless the activity log covers them) and note them
+    /// against outstanding claims.
+    fn mark(&mut self, range: Range) -> ferry_ring::Result<()> {
+        self.note(range);
+        self.file.set_dirty(range)
+    }
+
+    /// Set many ranges' bits with one sync and note them.
+    fn mark_many(&mut self, ranges: &[Range]) -> ferry_ring::Result<()> {
+        for &range in ranges {
+            self.note(range);
+        }
+        self.file.set_dirty_ranges(ranges)
+    }
+
+    /// The activity-log step of a request; a bitmap fallback leaves bits
+    /// set after the request's record is committed: look for them.
+    fn before_write(&mut self, range: Range, seq: u64) -> ferry_ring::Result<Coverage> {
+        let coverage = self.file.before_write(range, seq)?;
+        if coverage == Coverage::Bitmap {
+            self.rescan = true;
+        }
+        Ok(coverage)
+    }
+
+    fn note(&mut self, range: Range) {
+        if range.len == 0 {
+            return;
+        }
+        self.rescan = true;
+        let gran = self.file.geometry().granularity;
+        let rounded = round_out(range, gran);
+        let mut added = false;
+        for &(index, claim) in &self.claimed {
+            if let Some(part) = intersect(rounded, claim) {
+                self.redirtied.push((index, part));
+                added = true;
+            }
+        }
+        if added && self.redirtied.len() > MAX_REDIRTIED {
+            // Merge per claim (never across claims: a piece must go when
+            // its claim is settled).
+            self.redirtied.sort_unstable();
+            let mut merged: Vec<(u64, Range)> = Vec::with_capacity(self.redirtied.len());
+            for &(index, r) in &self.redirtied {
+                match merged.last_mut() {
+                    Some((i, last)) if *i == index && r.offset <= last.end() => {
+                        let end = last.end().max(r.end());
+                        last.len = end - last.offset;
+                    }
+                    _ => merged.push((index, r)),
+                }
+            }
+            self.redirtied = merged;
+        }
+    }
+
+    /// Claims the consumer committed: clear their bits except the parts set
+    /// again after the claim. Returns the bytes left dirty that way.
+    fn settle(&mut self, committed: &[(u64, Range)]) -> u64 {
+        let mut kept = 0;
+        for &(index, range) in committed {
+            self.claimed.retain(|&(i, _)| i != index);
+            let keep = merge_ranges(
+                self.redirtied
+                    .iter()
+                    .filter(|&&(i, _)| i == index)
+                    .map(|&(_, r)| r)
+                    .collect(),
+            );
+            kept += keep.iter().map(|r| r.len).sum::<u64>();
+            for piece in subtract(&[range], &keep) {
+                if let Err(e) = self.file.clear_dirty(piece) {
+                    tracing::warn!(error = %e, offset = piece.offset, len = piece.len, "cannot clear resynced bits");
+                }
+            }
+        }
+        if kept > 0 {
+            self.rescan = true;
+        }
+        let claimed = &self.claimed;
+        self.redirtied
+            .retain(|&(i, _)| claimed.iter().any(|&(c, _)| c == i));
+        kept
+    }
+
+    /// Dirty ranges no claim covers, in record-sized pieces, within the
+    /// per-pass limits.
+    fn unclaimed(&mut self) -> Vec<Range> {
+        self.rescan = false;
+        self.passes = 0;
+        let claimed = merge_ranges(self.claimed.iter().map(|&(_, r)| r).collect());
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for range in subtract(&self.file.dirty_ranges(), &claimed) {
+            for piece in split(range, CLAIM_MAX) {
+                if out.len() >= CLAIMS_PER_PASS || bytes + piece.len > CLAIM_BYTES_PER_PASS {
+                    // More next pass.
+                    self.rescan = true;
+                    return out;
+                }
+                bytes += piece.len;
+                out.push(piece);
+            }
+        }
+        out
+    }
+
+    fn claimed_bytes(&self) -> u64 {
+        self.claimed.iter().map(|&(_, r)| r.len).sum()
+    }
+}
+
+/// `range` rounded out to multiples of `gran`.
+fn round_out(range: Range, gran: u64) -> Range {
+    let start = range.offset / gran * gran;
+    let end = range.end().div_ceil(gran).saturating_mul(gran);
+    Range::new(start, end - start)
+}
+
+/// The common part of two ranges, if any.
+fn intersect(a: Range, b: Range) -> Option<Range> {
+    let start = a.offset.max(b.offset);
+    let end = a.end().min(b.end());
+    (start < end).then(|| Range::new(start, end - start))
+}
+
+/// `from` minus `minus` (both sorted and merged), sorted and merged.
+fn subtract(from: &[Range], minus: &[Range]) -> Vec<Range> {
+    let mut out = Vec::new();
+    let mut j = 0;
+    for &r in from {
+        let mut pos = r.offset;
+        while j < minus.len() && minus[j].end() <= pos {
+            j += 1;
+        }
+        let mut k = j;
+        while pos < r.end() {
+            match minus.get(k) {
+                Some(m) if m.offset < r.end() => {
+                    if m.offset > pos {
+                        out.push(Range::new(pos, m.offset - pos));
+                    }
+                    pos = pos.max(m.end());
+                    k += 1;
+                }
+                _ => {
+                    out.push(Range::new(pos, r.end() - pos));
+                    pos = r.end();
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `range` in pieces of at most `max` bytes, from its start.
+fn split(range: Range, max: u64) -> impl Iterator<Item = Range> {
+    let mut pos = range.offset;
+    std::iter::from_fn(move || {
+        (pos < range.end()).then(|| {
+            let len = (range.end() - pos).min(max);
+            let piece = Range::new(pos, len);
+            pos += len;
+            piece
+        })
+    })
 }
 
 /// State touched when records are published (always under the order gate).
@@ -111,7 +348,10 @@ pub struct Disk {
     uring: Arc<Uring>,
     gate: OrderGate,
     tracking: Mutex<Tracking>,
-    meta: Mutex<MetaFile>,
+    meta: Mutex<Dirty>,
+    /// One housekeeping pass at a time (claims are chosen and published
+    /// by one thread).
+    housekeeping: Mutex<()>,
     ring_path: PathBuf,
     block_size: u32,
     sequencer: Arc<Sequencer>,
@@ -133,6 +373,7 @@ struct AtomicCounters {
     data_records: AtomicU64,
     metadata_records: AtomicU64,
     bitmap_writes: AtomicU64,
+    resync_records: AtomicU64,
     io_errors: AtomicU64,
 }
 
@@ -169,6 +410,59 @@ fn device_size(file: &File, path: &Path) -> Result<(u64, bool)> {
             path.display()
         )))
     }
+}
+
+/// Allocation of `[offset, offset + len)` of a backing device of `size`
+/// bytes as (length, allocated) runs: holes of a file via
+/// SEEK_DATA/SEEK_HOLE; a block device is all allocated.
+fn allocation(
+    file: &File,
+    size: u64,
+    is_block_device: bool,
+    offset: u64,
+    len: u64,
+) -> Vec<(u64, bool)> {
+    let end = offset.saturating_add(len).min(size);
+    if is_block_device {
+        return vec![(end.saturating_sub(offset), true)];
+    }
+    let mut runs = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let data = seek(file, pos, libc::SEEK_DATA).unwrap_or(end).min(end);
+        if data > pos {
+            runs.push((data - pos, false));
+        }
+        if data >= end {
+            break;
+        }
+        let hole = seek(file, data, libc::SEEK_HOLE).unwrap_or(end).min(end);
+        runs.push((hole - data, true));
+        pos = hole;
+    }
+    runs
+}
+
+/// The allocated regions of a whole backing device, merged.
+fn allocated_ranges(file: &File, size: u64, is_block_device: bool) -> Vec<Range> {
+    let mut ranges = Vec::new();
+    let mut pos = 0;
+    for (len, allocated) in allocation(file, size, is_block_device, 0, size) {
+        if allocated {
+            ranges.push(Range::new(pos, len));
+        }
+        pos += len;
+    }
+    merge_ranges(ranges)
+}
+
+fn seek(file: &File, from: u64, whence: libc::c_int) -> Option<u64> {
+    let from = libc::off_t::try_from(from).ok()?;
+    // SAFETY: lseek on an open descriptor has no memory-safety
+    // preconditions. It moves the file offset, which nothing here uses
+    // (all I/O is positioned).
+    let at = unsafe { libc::lseek(file.as_raw_fd(), from, whence) };
+    u64::try_from(at).ok()
 }
 
 fn logical_block_size(file: &File, path: &Path) -> Result<u32> {
@@ -208,7 +502,9 @@ impl Disk {
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::io(e, "create disk state dir").with_path(&dir))?;
         let meta_path = dir.join("meta");
-        let meta = open_meta(&meta_path, size, config)?;
+        let meta = open_meta(&meta_path, size, config, || {
+            allocated_ranges(&file, size, is_block_device)
+        })?;
         let ring_path = ring_dir.join(format!("{}.ring", disk.name));
         let geometry = Geometry {
             slots: config.ring_slots,
@@ -229,7 +525,8 @@ impl Disk {
                 tracker: Tracker::default(),
                 pending: VecDeque::new(),
             }),
-            meta: Mutex::new(meta),
+            meta: Mutex::new(Dirty::new(meta)),
+            housekeeping: Mutex::new(()),
             ring_path,
             block_size,
             sequencer,
@@ -266,7 +563,7 @@ impl Disk {
         self.tracking.lock().expect("tracking lock")
     }
 
-    fn meta(&self) -> MutexGuard<'_, MetaFile> {
+    fn meta(&self) -> MutexGuard<'_, Dirty> {
         self.meta.lock().expect("meta lock")
     }
 
@@ -302,14 +599,30 @@ impl Disk {
             ));
         }
         let committed = tracking.producer.committed();
-        let without = tracking
+        let unconsumed = tracking
             .pending
             .iter()
-            .filter(|p| p.without_payload && p.index >= committed)
-            .count();
-        (without > 0).then(|| {
-            format!(
+            .filter(|p| p.without_payload && p.index >= committed);
+        let (claims, without) =
+            unconsumed.fold(
+                (0, 0),
+                |(c, w), p| {
+                    if p.claim {
+                        (c + 1, w)
+                    } else {
+                        (c, w + 1)
+                    }
+                },
+            );
+        if without > 0 {
+            return Some(format!(
                 "disk {}: {without} records without payload from metadata state are not consumed yet",
+                self.name
+            ));
+        }
+        (claims > 0).then(|| {
+            format!(
+                "disk {}: {claims} resync records are not consumed yet",
                 self.name
             )
         })
@@ -418,7 +731,7 @@ impl Disk {
     /// A request that failed: its range may hold anything now, so it is
     /// tracked as dirty; no record is published.
     fn abandon(&self, ticket: Ticket, range: Range, provisional: u64) {
-        let marked = self.meta().set_dirty(range);
+        let marked = self.meta().mark(range);
         if let Err(e) = marked {
             tracing::error!(disk = %self.name, error = %e, "cannot mark a failed request's range dirty");
         }
@@ -507,6 +820,7 @@ impl Disk {
                     range,
                     timestamp_ns,
                     without_payload,
+                    claim: false,
                 });
                 if kind == RecordKind::Write {
                     if has_payload {
@@ -540,7 +854,7 @@ impl Disk {
     fn to_bitmap(&self, range: Range) -> std::result::Result<(), IoFailure> {
         if range.len > 0 {
             bump(&self.counters.bitmap_writes, 1);
-            self.meta().set_dirty(range).map_err(|e| {
+            self.meta().mark(range).map_err(|e| {
                 tracing::error!(disk = %self.name, error = %e, "dirty bitmap update failed");
                 IoFailure::Tracking
             })?;
@@ -679,20 +993,28 @@ impl Disk {
     }
 
     /// Housekeeping: learn what the consumer committed, release activity-log
-    /// extents, leave overflow states once the ring drained.
+    /// extents, clear the bits of committed claims, leave overflow states
+    /// once the ring drained, claim dirty bits (see the module docs).
     pub fn housekeep(&self) {
-        let committed_seq = {
+        let _one = self.housekeeping.lock().expect("housekeeping lock");
+        let (committed_seq, committed_claims) = {
             let mut tracking = self.tracking();
             let committed = tracking.producer.committed();
             let mut last = None;
+            let mut claims = Vec::new();
             while tracking
                 .pending
                 .front()
                 .is_some_and(|p| p.index < committed)
             {
-                last = tracking.pending.pop_front().map(|p| p.seq);
+                if let Some(p) = tracking.pending.pop_front() {
+                    last = Some(p.seq);
+                    if p.claim {
+                        claims.push((p.index, p.range));
+                    }
+                }
             }
-            last
+            (last, claims)
         };
         if let Some(seq) = committed_seq {
             // Not past a request still between its activity-log update and
@@ -705,7 +1027,13 @@ impl Disk {
                 .next()
                 .copied();
             let seq = oldest.map_or(seq, |p| seq.min(p.saturating_sub(1)));
-            self.meta().release(seq);
+            self.meta().file.release(seq);
+        }
+        if !committed_claims.is_empty() {
+            let kept = self.meta().settle(&committed_claims);
+            if kept > 0 {
+                tracing::debug!(disk = %self.name, bytes = kept, "bits set again after their claim stay dirty");
+            }
         }
         if self.state() != State::Data {
             // The ticket comes first, so a tag's barrier sees either this
@@ -731,43 +1059,108 @@ impl Disk {
             }
             self.gate.finish(ticket);
         }
-        if let Err(e) = self.meta().flush() {
+        self.claim_dirty();
+        if let Err(e) = self.meta().file.flush() {
             tracing::warn!(disk = %self.name, error = %e, "tracking metadata flush failed");
         }
+    }
+
+    /// Whether a claim may be published now: data state and more than half
+    /// the record slots free.
+    fn room_for_claims(tracking: &Tracking) -> bool {
+        let slots = u64::from(tracking.producer.geometry().slots);
+        tracking.tracker.state() == State::Data && tracking.producer.free_slots() * 2 > slots
+    }
+
+    /// Publish claims for dirty bits nothing claimed yet (bounded per pass).
+    fn claim_dirty(&self) {
+        if !Self::room_for_claims(&self.tracking()) {
+            return;
+        }
+        let candidates = {
+            let mut dirty = self.meta();
+            dirty.passes += 1;
+            if !dirty.rescan && dirty.passes < RESCAN_PASSES {
+                return;
+            }
+            dirty.unclaimed()
+        };
+        for range in candidates {
+            let ticket = self.gate.begin(Some(range));
+            let published = self.publish_claim(range);
+            self.gate.finish(ticket);
+            if !published {
+                self.meta().rescan = true;
+                break;
+            }
+        }
+    }
+
+    /// One claim: a payload-less Write record of `range`, published under
+    /// the caller's gate ticket on `range`. The claim is noted under the
+    /// tracking file's lock together with the publish, so every bit set in
+    /// `range` after the record is visible is noted as set again.
+    fn publish_claim(&self, range: Range) -> bool {
+        let mut tracking = self.tracking();
+        if !Self::room_for_claims(&tracking) {
+            return false;
+        }
+        let mut dirty = self.meta();
+        let seq = self.sequencer.next();
+        let timestamp_ns = now_ns();
+        let record = NewRecord {
+            seq,
+            timestamp_ns,
+            kind: RecordKind::Write,
+            flags: 0,
+            offset: range.offset,
+            length: range.len,
+            checksum: 0,
+            aux: 0,
+            payload: None,
+        };
+        match tracking.producer.publish(record) {
+            Ok(index) => {
+                tracking.pending.push_back(Pending {
+                    index,
+                    seq,
+                    range,
+                    timestamp_ns,
+                    without_payload: true,
+                    claim: true,
+                });
+                dirty.claimed.push((index, range));
+                bump(&self.counters.resync_records, 1);
+                true
+            }
+            Err(e) => {
+                let e = match e {
+                    PublishError::Full(_) => "ring full".to_string(),
+                    PublishError::Invalid(e) => e.to_string(),
+                };
+                tracing::warn!(disk = %self.name, error = %e, seq, "resync claim not published");
+                false
+            }
+        }
+    }
+
+    /// Mark every allocated region of the disk dirty (the recovery site lost
+    /// its copy): housekeeping claims them for the sidecar. Regions claimed
+    /// already stay dirty after their claim commits and are claimed again.
+    /// Returns the bytes marked.
+    pub fn resync_all(&self) -> Result<u64> {
+        let ranges = allocated_ranges(&self.file, self.size, self.is_block_device);
+        self.meta().mark_many(&ranges)?;
+        let bytes = ranges.iter().map(|r| r.len).sum();
+        tracing::info!(disk = %self.name, bytes, "whole disk marked for resync");
+        Ok(bytes)
     }
 
     /// Allocation of `[offset, offset + len)` as (length, allocated) runs:
     /// holes of a backing file via SEEK_DATA/SEEK_HOLE; a block device is
     /// all allocated.
     pub fn allocation(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
-        let end = offset.saturating_add(len).min(self.size);
-        if self.is_block_device {
-            return vec![(end.saturating_sub(offset), true)];
-        }
-        let mut runs = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let data = self.seek(pos, libc::SEEK_DATA).unwrap_or(end).min(end);
-            if data > pos {
-                runs.push((data - pos, false));
-            }
-            if data >= end {
-                break;
-            }
-            let hole = self.seek(data, libc::SEEK_HOLE).unwrap_or(end).min(end);
-            runs.push((hole - data, true));
-            pos = hole;
-        }
-        runs
-    }
-
-    fn seek(&self, from: u64, whence: libc::c_int) -> Option<u64> {
-        let from = libc::off_t::try_from(from).ok()?;
-        // SAFETY: lseek on our own open descriptor has no memory-safety
-        // preconditions. It moves the file offset, which nothing here uses
-        // (all I/O is positioned).
-        let at = unsafe { libc::lseek(self.fd(), from, whence) };
-        u64::try_from(at).ok()
+        allocation(&self.file, self.size, self.is_block_device, offset, len)
     }
 
     /// Regions not yet confirmed at the recovery site: unconsumed records
@@ -780,18 +1173,19 @@ impl Disk {
             .map(|p| p.range)
             .filter(|r| r.len > 0)
             .collect();
-        ranges.extend(self.meta().dirty_ranges());
+        ranges.extend(self.meta().file.dirty_ranges());
         merge_ranges(ranges)
     }
 
     /// Status for `ferry filter status`.
     pub fn status(&self) -> DiskStatus {
         // One lock at a time: the metadata first, then the tracking state.
-        let (dirty_bytes, al_syncs) = {
+        let (dirty_bytes, claimed_bytes, al_syncs) = {
             let meta = self.meta();
             (
-                meta.dirty_ranges().iter().map(|r| r.len).sum(),
-                meta.stats().syncs,
+                meta.file.dirty_ranges().iter().map(|r| r.len).sum(),
+                meta.claimed_bytes(),
+                meta.file.stats().syncs,
             )
         };
         let mut tracking = self.tracking();
@@ -820,6 +1214,7 @@ impl Disk {
             lag_bytes: tracking.pending.iter().map(|p| p.range.len).sum(),
             lag_seconds,
             dirty_bytes,
+            claimed_bytes,
             counters: Counters {
                 writes: load(&c.writes),
                 write_bytes: load(&c.write_bytes),
@@ -831,6 +1226,7 @@ impl Disk {
                 data_records: load(&c.data_records),
                 metadata_records: load(&c.metadata_records),
                 bitmap_writes: load(&c.bitmap_writes),
+                resync_records: load(&c.resync_records),
                 al_syncs,
                 io_errors: load(&c.io_errors),
             },
@@ -839,12 +1235,15 @@ impl Disk {
 
     /// Clean stop: flush the device, keep what the consumer has not
     /// committed as dirty (the ring does not survive a reboot), mark clean.
+    /// Claims keep their bits (never cleared before their commit, and a
+    /// committed claim housekeeping has not settled yet stays dirty too:
+    /// one resync more, never one less).
     pub fn close(self) -> Result<()> {
         self.uring
             .sync(self.fd(), true)
             .map_err(|e| Error::io(e, "fdatasync").with_path(&self.path))?;
         let tracking = self.tracking.into_inner().expect("tracking lock");
-        let mut meta = self.meta.into_inner().expect("meta lock");
+        let mut meta = self.meta.into_inner().expect("meta lock").file;
         let committed = tracking.producer.committed();
         for p in tracking
             .pending
@@ -858,7 +1257,17 @@ impl Disk {
     }
 }
 
-fn open_meta(path: &Path, size: u64, config: &FilterConfig) -> Result<MetaFile> {
+/// Open a disk's tracking file, or create it. A new file (first protection
+/// of the disk) gets every allocated region (`allocated`) marked dirty
+/// unless `initial_copy` is off, so the existing data is copied: built as
+/// `meta.new`, marked, closed cleanly and only then renamed into place, so
+/// a crash midway starts over instead of leaving a file without the marks.
+fn open_meta(
+    path: &Path,
+    size: u64,
+    config: &FilterConfig,
+    allocated: impl FnOnce() -> Vec<Range>,
+) -> Result<MetaFile> {
     if path.exists() {
         // Opening folds what a crash left in the activity log into dirty
         // bits, so those regions stay tracked until the sidecar resyncs them.
@@ -883,7 +1292,34 @@ fn open_meta(path: &Path, size: u64, config: &FilterConfig) -> Result<MetaFile> 
         extent_size: config.al_extent,
         al_slots: config.al_slots,
     };
-    Ok(MetaFile::create(path, geometry)?)
+    if !config.initial_copy {
+        tracing::info!(path = %path.display(), "new tracking file without initial copy: the target must already hold this disk's data");
+        return Ok(MetaFile::create(path, geometry)?);
+    }
+    let mut new_name = path.as_os_str().to_owned();
+    new_name.push(".new");
+    let new = PathBuf::from(new_name);
+    // Left by a crash during an earlier first start.
+    match std::fs::remove_file(&new) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(e, "remove stale tracking file").with_path(&new)),
+    }
+    let mut meta = MetaFile::create(&new, geometry)?;
+    let ranges = allocated();
+    meta.set_dirty_ranges(&ranges)?;
+    meta.close_clean()?;
+    std::fs::rename(&new, path)
+        .map_err(|e| Error::io(e, "rename tracking file").with_path(path))?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(e, "fsync directory").with_path(dir))?;
+    }
+    let bytes: u64 = ranges.iter().map(|r| r.len).sum();
+    tracing::info!(path = %path.display(), bytes, regions = ranges.len(), "first protection: allocated regions marked for the initial copy");
+    let (meta, _) = MetaFile::open(path)?;
+    Ok(meta)
 }
 
 /// `STATE/disks/NAME/ring` -> the ring in shared memory, for the sidecar.
@@ -892,3 +1328,6 @@ fn link_ring(dir: &Path, ring: &Path) -> Result<()> {
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(ring, &link).map_err(|e| Error::io(e, "link ring").with_path(&link))
 }
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -11,8 +11,8 @@
 //!
 //! # Applying one change set
 //!
-//! 1. Unpack the payload with the nonce `nonce_for(header)` (see
-//!    [`default_nonce`]). Authentication fails before anything is written:
+//! 1. Unpack the payload with the nonce its header names (the sender
+//!    guarantees its uniqueness). Authentication fails before anything is written:
 //!    a wrong key or a tampered payload leaves the replica and the
 //!    watermark untouched ([`ApplyErrorKind::Crypto`]).
 //! 2. Validate every extent before the first write: each must lie inside
@@ -53,48 +53,18 @@
 //! library's [`SyncPolicy::Ordered`], under which a crash leaves an image
 //! that opens and reads what was written before it (a block allocated but
 //! not yet referenced is at worst leaked space, never wrong data).
-//!
-//! # Nonces
-//!
-//! The sender and the applier must agree on each change set's nonce; see
-//! [`default_nonce`] for the convention and its open question.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use ferry_protocol::message::{ChangeSet, ChangeSetHeader, ExtentOp};
-use ferry_protocol::payload::{unpack_change_set, Key, NonceParts};
+use ferry_protocol::message::{ChangeSet, ExtentOp};
+use ferry_protocol::payload::{unpack_change_set, Key};
 use ferry_vhd::{CreateOptions, Format, Image, OpenOptions, SyncPolicy};
 
 use crate::journal::Journal;
 
 /// Largest piece of zeros written at once for Zero/Trim extents (1 MiB).
 pub const ZERO_CHUNK: usize = 1 << 20;
-
-/// The nonce convention between the sidecar (sealing) and the target
-/// (opening): stream 0, counter = the change set's `first_seq`.
-///
-/// The sidecar must seal with exactly this nonce, or the target cannot open
-/// the payload. It is safe as long as `(key, first_seq)` never repeats: the
-/// sequence space is per host and monotonic, and the journal refuses a
-/// change set whose `first_seq` is not above the last durable one, also
-/// across epochs (a new epoch's Resync set must start above the previous
-/// `last_seq`). A retransmission of the *same* change set reuses its nonce
-/// with the same plaintext and AAD, which reveals nothing new.
-///
-/// Open question (not solved here): if a host's sequence space is ever reset
-/// (a re-seed, a new ring generation, a rebuilt sidecar) while the disk keeps
-/// its key, `first_seq` values repeat under one key with different data,
-/// which breaks AES-GCM. Either the epoch must go into the nonce (e.g.
-/// `stream` = low 32 bits of the epoch, which needs a rule for epochs beyond
-/// 2^32) or the key must be rotated with every new epoch. Until that is
-/// decided, sidecar and target must both use this function.
-pub fn default_nonce(header: &ChangeSetHeader) -> NonceParts {
-    NonceParts {
-        stream: 0,
-        counter: header.first_seq,
-    }
-}
 
 /// What went wrong while applying, for the caller to act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -402,19 +372,15 @@ fn apply_one(
 /// error leaves the watermark at the last change set fully applied and
 /// durable (the stats of the sets applied before the error are lost with
 /// the error; [`Journal::applied`] tells where it stopped).
-///
-/// `nonce_for` gives each change set's nonce; use [`default_nonce`].
 pub fn apply_pending(
     journal: &mut Journal,
     replica: &mut Replica,
     key: &Key,
-    nonce_for: impl Fn(&ChangeSetHeader) -> NonceParts,
 ) -> Result<ApplyStats> {
     let mut stats = ApplyStats {
         last_applied: journal.applied(),
         ..ApplyStats::default()
     };
-    let zeros = vec![0u8; ZERO_CHUNK];
     loop {
         let from = match journal.applied() {
             None => 0,
@@ -432,17 +398,34 @@ pub fn apply_pending(
             break;
         }
         let last_seq = cs.header.last_seq;
-        let data = unpack_change_set(&cs, key, nonce_for(&cs.header))
-            .map_err(|source| ApplyError::Payload { last_seq, source })?;
-        validate(&cs, data.len(), replica.size())?;
-        apply_one(&cs, &data, replica, &zeros, &mut stats)?;
+        replica.apply_change_set(&cs, key, &mut stats)?;
         // Order matters: the watermark moves only once the data is durable.
-        replica.flush()?;
         journal.set_applied(last_seq)?;
-        stats.change_sets += 1;
-        stats.last_applied = Some(last_seq);
     }
     Ok(stats)
+}
+
+impl Replica {
+    /// Apply one change set (steps 1 to 3 of the module docs) and flush the
+    /// image; the caller then records `cs.header.last_seq` as applied.
+    /// Counts into `stats` (`change_sets`, bytes, `last_applied`).
+    pub fn apply_change_set(
+        &mut self,
+        cs: &ChangeSet,
+        key: &Key,
+        stats: &mut ApplyStats,
+    ) -> Result<()> {
+        let last_seq = cs.header.last_seq;
+        let data = unpack_change_set(cs, key)
+            .map_err(|source| ApplyError::Payload { last_seq, source })?;
+        validate(cs, data.len(), self.size())?;
+        let zeros = vec![0u8; ZERO_CHUNK];
+        apply_one(cs, &data, self, &zeros, stats)?;
+        self.flush()?;
+        stats.change_sets += 1;
+        stats.last_applied = Some(last_seq);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -43,7 +43,9 @@
 //! Let `last`/`epoch` be the last durable change set's `last_seq`/`epoch`.
 //! * Empty journal (never held a change set): any valid change set starts it.
 //! * `cs.epoch < epoch`: [`ErrorKind::InvalidInput`] (stale sender).
-//! * `cs.epoch > epoch`: a new chain. It must be of kind `Resync` and must
+//! * `cs.epoch > epoch`: a new chain (a gap the sender knows of, to be
+//!   filled by a resync). It must declare the replica inconsistent (kind
+//!   `Resync`, or `consistent_from == 0`) and must
 //!   keep the (per-host, monotonic) sequence space increasing:
 //!   `cs.first_seq > last`; its `prev_end_seq` need not match. Otherwise
 //!   [`ErrorKind::InvalidInput`].
@@ -318,12 +320,13 @@ fn check_next(state: ChainState, h: &ChangeSetHeader, op: &'static str) -> Resul
         ));
     }
     if h.epoch > epoch {
-        if h.kind != ChangeKind::Resync {
+        if h.kind != ChangeKind::Resync && h.consistent_from != 0 {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
                 op,
                 format!(
-                    "epoch {} > {epoch} must start with a Resync change set",
+                    "epoch {} > {epoch} must start with a change set that declares the \
+                     replica inconsistent (a Resync set or consistent_from 0)",
                     h.epoch
                 ),
             ));
@@ -958,6 +961,30 @@ impl Journal {
             file: None,
             done: false,
         }
+    }
+
+    /// Bytes the journal's segment files hold.
+    pub fn bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.len).sum()
+    }
+
+    /// Change sets held beyond the applied watermark: (sets, stored bytes).
+    pub fn unapplied(&self) -> (u64, u64) {
+        let applied = self.applied;
+        let mut n = 0u64;
+        let mut bytes = 0u64;
+        for r in self.segments.iter().flat_map(|s| s.records.iter()) {
+            if applied.is_none_or(|a| r.last_seq > a) {
+                n += 1;
+                bytes += u64::from(r.body_len);
+            }
+        }
+        (n, bytes)
+    }
+
+    /// The last durable change set, read back (`None`: empty journal).
+    pub fn last_change_set(&self) -> Option<Result<ChangeSet>> {
+        self.iter_from(self.last_seq()?).next()
     }
 
     /// The applied watermark: every change set with `last_seq <=` it has

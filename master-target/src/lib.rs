@@ -6,10 +6,17 @@
 //! the on-disk layout, the sequence rules and the crash-safety argument.
 //! [`applier`] replays a journal, in order, into the disk's replica image
 //! (idempotently: see its module docs for the crash argument).
+//! [`site`] holds every disk of the data directory (journal, replica,
+//! background applier, `status.json`); [`server`] serves one sidecar
+//! connection (Hello/Welcome, checks, durable append, ack or reject);
+//! [`daemon`] is `ferry target` (TLS listener, threads, lock).
 
 pub mod applier;
+pub mod daemon;
 pub mod error;
 pub mod journal;
+pub mod server;
+pub mod site;
 
 #[cfg(test)]
 mod testutil;

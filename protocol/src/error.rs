@@ -24,6 +24,12 @@ pub enum ErrorKind {
     Compression,
     /// An I/O error from the underlying reader or writer.
     Io,
+    /// TLS setup or handshake failed: unusable certificate or key, peer
+    /// not trusted, protocol error.
+    Tls,
+    /// Credentials are missing, malformed, unsafe (group/other access) or
+    /// would be overwritten; a host or target name is invalid.
+    Credentials,
 }
 
 impl fmt::Display for ErrorKind {
@@ -37,6 +43,8 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Crypto => "crypto",
             ErrorKind::Compression => "compression",
             ErrorKind::Io => "i/o",
+            ErrorKind::Tls => "tls",
+            ErrorKind::Credentials => "credentials",
         };
         f.write_str(s)
     }

@@ -9,6 +9,14 @@
 //!   less than 3 %), then sealed with AES-256-GCM under the disk's key, with
 //!   a counter nonce and the change-set header as associated data. The target
 //!   journals the sealed bytes; only key holders can open them.
+//! * [`credentials`]: `ferry credentials init`: a private CA (ECDSA P-256),
+//!   the target's server certificate, per-host client certificates and
+//!   per-host data keys in one 0700 directory of 0600 files; per-disk data
+//!   keys derived from a host's data key with HKDF-SHA256.
+//! * [`tls`]: the link is mutual TLS 1.3 only (`rustls` on `ring`, no
+//!   aws-lc): the target requires a client certificate from the CA and
+//!   checks that the host in the sidecar's Hello is the one in it
+//!   ([`tls::peer_host_matches`]); default port [`tls::DEFAULT_PORT`].
 //!
 //! # Choice of AES-256-GCM implementation
 //!
@@ -33,9 +41,11 @@
 //! cmake/bindgen-class tooling; the field notes put it at about 3 GB/s).
 //! RustCrypto `aes-gcm` is a dev-dependency only, for this comparison.
 
+pub mod credentials;
 pub mod error;
 pub mod frame;
 pub mod message;
 pub mod payload;
+pub mod tls;
 
 pub use error::{Error, ErrorKind, Result};

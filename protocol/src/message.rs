@@ -13,14 +13,16 @@
 //! | kind | message | body |
 //! |---|---|---|
 //! | 1 | [`Hello`] | protocol u16, host str, disks vec<name str, size u64, ring_generation u64> |
-//! | 2 | [`Welcome`] | target str, resume vec<name str, next_seq u64, epoch u64> |
+//! | 2 | [`Welcome`] | target str, resume vec<name str, next_seq u64, epoch u64, consistent_from u64> |
 //! | 3 | [`ChangeSet`] | [`ChangeSetHeader`], payload_len u32, payload (sealed) |
 //! | 4 | [`Ack`] | disk str, epoch u64, last_seq u64 |
 //! | 5 | [`Reject`] | code u16, message str |
 //! | 6 | [`Heartbeat`] | time_ns u64 |
+//! | 7 | [`Progress`] | disk str, lag_records u64, lag_bytes u64, lag_ns u64, time_ns u64 |
 //!
 //! [`ChangeSetHeader`]: host str, disk str, epoch u64, kind u8
 //! (0 write-order, 1 resync), first_seq u64, last_seq u64, prev_end_seq u64,
+//! nonce_stream u32, nonce_counter u64, consistent_from u64,
 //! tags vec<seq u64, name str, app bool>, extents vec<seq u64, offset u64,
 //! length u64, op u8 (0 write, 1 zero, 2 trim)>, chunks vec<raw_len u32,
 //! stored_len u32, compressed bool>. Its exact encoding
@@ -45,6 +47,36 @@ pub mod kind {
     pub const REJECT: u16 = 5;
     /// [`super::Heartbeat`]: either direction.
     pub const HEARTBEAT: u16 = 6;
+    /// [`super::Progress`]: sidecar → target, the source side's lag.
+    pub const PROGRESS: u16 = 7;
+}
+
+/// [`Reject::code`] values; the one place errors become wire codes.
+pub mod reject {
+    /// The peer speaks another protocol version.
+    pub const BAD_VERSION: u16 = 1;
+    /// The first message was not a Hello, or a message came out of order.
+    pub const UNEXPECTED: u16 = 2;
+    /// The host has no credentials (data key) at the target.
+    pub const UNKNOWN_HOST: u16 = 3;
+    /// The host named is not the one the client certificate proves.
+    pub const NOT_YOUR_HOST: u16 = 4;
+    /// A change set for a disk this connection did not announce, or of
+    /// another host.
+    pub const NOT_YOUR_DISK: u16 = 5;
+    /// The change set does not follow the last durable one (its
+    /// `prev_end_seq` differs): a resync is needed.
+    pub const GAP: u16 = 6;
+    /// The change set's epoch is older than the target's.
+    pub const STALE_EPOCH: u16 = 7;
+    /// A frame or message that does not decode or validate.
+    pub const MALFORMED: u16 = 8;
+    /// The payload does not authenticate under the disk's key.
+    pub const BAD_SEAL: u16 = 9;
+    /// The disk's size or another property disagrees with the replica.
+    pub const MISMATCH: u16 = 10;
+    /// The target failed (I/O, full disk); the sender retries later.
+    pub const INTERNAL: u16 = 11;
 }
 
 /// Protocol version carried in [`Hello::protocol`].
@@ -96,6 +128,9 @@ pub struct DiskResume {
     pub next_seq: u64,
     /// Epoch the target holds for the disk.
     pub epoch: u64,
+    /// The consistency the target last recorded (the last durable set's
+    /// [`ChangeSetHeader::consistent_from`]); 0: inconsistent or unknown.
+    pub consistent_from: u64,
 }
 
 /// Target → sidecar: answer to Hello.
@@ -181,6 +216,20 @@ pub struct ChangeSetHeader {
     pub last_seq: u64,
     /// Last sequence of the previous set (0 with `first_seq == 0` for the first).
     pub prev_end_seq: u64,
+    /// AES-GCM nonce, first part: the sender's stream (a sidecar session,
+    /// persisted so that it never repeats under one key).
+    pub nonce_stream: u32,
+    /// AES-GCM nonce, second part: a counter the sender never reuses within
+    /// its stream. The sender alone guarantees (key, stream, counter) is
+    /// unique; retransmitting the same sealed set reuses it with the same
+    /// plaintext, which reveals nothing.
+    pub nonce_counter: u64,
+    /// Consistency claim of the sender: `0` means the replica is not a
+    /// consistent prefix of the source's write order after this set (a
+    /// resync is running or pending); otherwise, once this set is applied,
+    /// the replica equals the source at every sequence from
+    /// `consistent_from` through `last_seq`.
+    pub consistent_from: u64,
     /// Recovery-point tags.
     pub tags: Vec<Tag>,
     /// Extents; the Write extents' data is the payload, in extent order.
@@ -226,6 +275,21 @@ pub struct Heartbeat {
     pub time_ns: u64,
 }
 
+/// Sidecar → target: how far the source side is behind (the RPO).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// Disk name.
+    pub disk: String,
+    /// Records in the ring (and spool) not yet acknowledged.
+    pub lag_records: u64,
+    /// Payload bytes of those records.
+    pub lag_bytes: u64,
+    /// Age of the oldest of them, nanoseconds (0: none).
+    pub lag_ns: u64,
+    /// Sender's clock (UNIX time, nanoseconds).
+    pub time_ns: u64,
+}
+
 /// Any message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -241,6 +305,8 @@ pub enum Message {
     Reject(Reject),
     /// See [`Heartbeat`].
     Heartbeat(Heartbeat),
+    /// See [`Progress`].
+    Progress(Progress),
 }
 
 // ---------------------------------------------------------------- writer
@@ -407,18 +473,20 @@ impl Welcome {
             e.str("welcome.resume.name", &r.name)?;
             e.u64(r.next_seq);
             e.u64(r.epoch);
+            e.u64(r.consistent_from);
         }
         Ok(())
     }
     fn decode_from(d: &mut Dec<'_>) -> Result<Self> {
         let target = d.str("welcome.target")?;
-        let n = d.count("welcome.resume", MAX_DISKS, 1 + 8 + 8)?;
+        let n = d.count("welcome.resume", MAX_DISKS, 1 + 8 + 8 + 8)?;
         let mut resume = Vec::with_capacity(n);
         for _ in 0..n {
             resume.push(DiskResume {
                 name: d.str("welcome.resume.name")?,
                 next_seq: d.u64("welcome.resume.next_seq")?,
                 epoch: d.u64("welcome.resume.epoch")?,
+                consistent_from: d.u64("welcome.resume.consistent_from")?,
             });
         }
         Ok(Welcome { target, resume })
@@ -466,6 +534,12 @@ impl ChangeSetHeader {
             return bad(format!(
                 "prev_end_seq {} not before first_seq {}",
                 self.prev_end_seq, self.first_seq
+            ));
+        }
+        if self.consistent_from > self.last_seq {
+            return bad(format!(
+                "consistent_from {} after last_seq {}",
+                self.consistent_from, self.last_seq
             ));
         }
         if self.tags.len() > MAX_TAGS
@@ -553,6 +627,9 @@ impl ChangeSetHeader {
         e.u64(self.first_seq);
         e.u64(self.last_seq);
         e.u64(self.prev_end_seq);
+        e.u32(self.nonce_stream);
+        e.u64(self.nonce_counter);
+        e.u64(self.consistent_from);
         e.count("change_set.tags", self.tags.len(), MAX_TAGS)?;
         for t in &self.tags {
             e.u64(t.seq);
@@ -583,6 +660,9 @@ impl ChangeSetHeader {
         let first_seq = d.u64("change_set.first_seq")?;
         let last_seq = d.u64("change_set.last_seq")?;
         let prev_end_seq = d.u64("change_set.prev_end_seq")?;
+        let nonce_stream = d.u32("change_set.nonce_stream")?;
+        let nonce_counter = d.u64("change_set.nonce_counter")?;
+        let consistent_from = d.u64("change_set.consistent_from")?;
         let n = d.count("change_set.tags", MAX_TAGS, 8 + 1 + 1)?;
         let mut tags = Vec::with_capacity(n);
         for _ in 0..n {
@@ -619,6 +699,9 @@ impl ChangeSetHeader {
             first_seq,
             last_seq,
             prev_end_seq,
+            nonce_stream,
+            nonce_counter,
+            consistent_from,
             tags,
             extents,
             chunks,
@@ -686,6 +769,7 @@ impl Message {
             Message::Ack(_) => kind::ACK,
             Message::Reject(_) => kind::REJECT,
             Message::Heartbeat(_) => kind::HEARTBEAT,
+            Message::Progress(_) => kind::PROGRESS,
         }
     }
 
@@ -706,6 +790,13 @@ impl Message {
                 e.str("reject.message", &m.message)?;
             }
             Message::Heartbeat(m) => e.u64(m.time_ns),
+            Message::Progress(m) => {
+                e.str("progress.disk", &m.disk)?;
+                e.u64(m.lag_records);
+                e.u64(m.lag_bytes);
+                e.u64(m.lag_ns);
+                e.u64(m.time_ns);
+            }
         }
         Ok(e.0)
     }
@@ -729,6 +820,13 @@ impl Message {
             }),
             kind::HEARTBEAT => Message::Heartbeat(Heartbeat {
                 time_ns: d.u64("heartbeat.time_ns")?,
+            }),
+            kind::PROGRESS => Message::Progress(Progress {
+                disk: d.str("progress.disk")?,
+                lag_records: d.u64("progress.lag_records")?,
+                lag_bytes: d.u64("progress.lag_bytes")?,
+                lag_ns: d.u64("progress.lag_ns")?,
+                time_ns: d.u64("progress.time_ns")?,
             }),
             k => return Err(Error::malformed(format!("unknown message kind {k}"))),
         };

@@ -105,6 +105,15 @@ pub struct NonceParts {
 }
 
 impl NonceParts {
+    /// The nonce a change set's header names (its `nonce_stream` and
+    /// `nonce_counter`, authenticated as part of the associated data).
+    pub fn of(header: &ChangeSetHeader) -> NonceParts {
+        NonceParts {
+            stream: header.nonce_stream,
+            counter: header.nonce_counter,
+        }
+    }
+
     /// The 12 nonce bytes: stream (BE) ‖ counter (BE).
     pub fn to_bytes(self) -> [u8; 12] {
         let mut n = [0u8; 12];
@@ -254,18 +263,19 @@ pub fn pack(
 }
 
 /// Build a sealed change set: compress `data` (the Write extents' bytes),
-/// fill `header.chunks`, and seal with the header's encoding as AAD.
+/// fill `header.chunks`, and seal with the header's encoding as AAD under
+/// the nonce the header names ([`NonceParts::of`]). The caller guarantees
+/// that nonce was never used under `key` for other data.
 pub fn pack_change_set(
     data: &[u8],
     level: i32,
     key: &Key,
-    nonce: NonceParts,
     mut header: ChangeSetHeader,
 ) -> Result<ChangeSet> {
     let (chunks, mut buf) = compress_chunks(data, level, default_threads())?;
     header.chunks = chunks;
     let aad = encode_header_aad(&header)?;
-    seal(key, nonce, &aad, &mut buf)?;
+    seal(key, NonceParts::of(&header), &aad, &mut buf)?;
     Ok(ChangeSet {
         header,
         payload: buf,
@@ -344,10 +354,27 @@ pub fn unpack(
     Ok(out)
 }
 
-/// Open and decompress a change set's payload, authenticating its header.
-pub fn unpack_change_set(cs: &ChangeSet, key: &Key, nonce: NonceParts) -> Result<Vec<u8>> {
+/// Open and decompress a change set's payload, authenticating its header
+/// (the nonce is the one the header names).
+pub fn unpack_change_set(cs: &ChangeSet, key: &Key) -> Result<Vec<u8>> {
     let aad = encode_header_aad(&cs.header)?;
-    unpack(&cs.payload, &cs.header.chunks, key, nonce, &aad)
+    unpack(
+        &cs.payload,
+        &cs.header.chunks,
+        key,
+        NonceParts::of(&cs.header),
+        &aad,
+    )
+}
+
+/// Authenticate a change set's payload (chunk table, AAD, tag) under `key`
+/// without decompressing it: the target checks every set this way before
+/// it journals it, so a wrong key or a forged set is refused at the door.
+pub fn verify_change_set(cs: &ChangeSet, key: &Key) -> Result<()> {
+    check_chunks(&cs.header.chunks, cs.payload.len())?;
+    let aad = encode_header_aad(&cs.header)?;
+    let mut buf = cs.payload.clone();
+    open(key, NonceParts::of(&cs.header), &aad, &mut buf)
 }
 
 #[cfg(test)]

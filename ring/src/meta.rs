@@ -1351,6 +1351,25 @@ impl MetaFile {
         Ok(())
     }
 
+    /// Mark many ranges dirty at once (each rounded out to granules) and
+    /// make the bits durable with one write pass and at most one sync:
+    /// for marking a whole disk's allocated regions (initial copy, full
+    /// resync), where [`MetaFile::set_dirty`] would sync once per range.
+    /// Every range is checked before any bit is set.
+    pub fn set_dirty_ranges(&mut self, ranges: &[Range]) -> Result<()> {
+        self.check_writable()?;
+        for &range in ranges {
+            self.check_range(range)?;
+        }
+        for &range in ranges {
+            self.set_bits(range);
+        }
+        if self.write_pending()? {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
     /// Clear the bits of the granules lying entirely inside `range` (a partial
     /// granule at the disk's end counts as entire): call after a resync
     /// shipped the region's current content. Lazy: written with the next

@@ -126,6 +126,12 @@ pub struct Pending {
     pub flushes: u64,
     /// Tags dropped because the set is Resync.
     pub dropped_tags: u64,
+    /// State-change records in the set (the filter left the data state
+    /// before them: what follows is not write order until a resync ends).
+    pub state_changes: u64,
+    /// Bytes re-read from the backing device that were all zeros and travel
+    /// as Zero extents instead of data.
+    pub zero_bytes: u64,
 }
 
 /// A record taken from the ring but left for the next set.
@@ -150,6 +156,8 @@ struct Building {
     records: u64,
     flushes: u64,
     dropped_tags: u64,
+    state_changes: u64,
+    zero_bytes: u64,
     ended: bool,
 }
 
@@ -244,6 +252,17 @@ impl Batcher {
         {
             self.in_flight = None;
         }
+    }
+
+    /// Start a new epoch (after a gap: a recreated ring, a target that lost
+    /// the chain). The next set opens it; its `prev_end_seq` need not match.
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
+    }
+
+    /// The epoch sets are built in.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// After a failure: rewind the consumer to its committed index, forget
@@ -352,6 +371,10 @@ impl Batcher {
             first_seq,
             last_seq: b.last_seq,
             prev_end_seq: self.built_end,
+            // Stamped by the shipper just before sealing.
+            nonce_stream: 0,
+            nonce_counter: 0,
+            consistent_from: 0,
             tags: b.tags,
             extents: b.extents,
             chunks: Vec::new(),
@@ -365,6 +388,8 @@ impl Batcher {
             records: b.records,
             flushes: b.flushes,
             dropped_tags: b.dropped_tags,
+            state_changes: b.state_changes,
+            zero_bytes: b.zero_bytes,
         }))
     }
 
@@ -480,6 +505,17 @@ impl Batcher {
                                 )
                             })?;
                         b.kind = Some(ChangeKind::Resync);
+                        if is_zero(&b.data[start..]) {
+                            // Unwritten or zeroed region: no data travels.
+                            b.data.truncate(start);
+                            b.zero_bytes += rec.length;
+                            b.extents.push(extent(ExtentOp::Zero));
+                            b.first_seq.get_or_insert(rec.seq);
+                            b.last_seq = rec.seq;
+                            b.commit_to = index + 1;
+                            b.records += 1;
+                            return Ok(());
+                        }
                     }
                 }
                 b.extents.push(extent(ExtentOp::Write));
@@ -500,7 +536,10 @@ impl Batcher {
                 }
                 b.ended = true;
             }
-            RecordKind::StateChange => b.ended = true,
+            RecordKind::StateChange => {
+                b.state_changes += 1;
+                b.ended = true;
+            }
         }
         b.first_seq.get_or_insert(rec.seq);
         b.last_seq = rec.seq;
@@ -508,6 +547,17 @@ impl Batcher {
         b.records += 1;
         Ok(())
     }
+}
+
+/// Whether every byte of `data` is zero (eight bytes at a time).
+pub fn is_zero(data: &[u8]) -> bool {
+    let words = data.chunks_exact(8);
+    let tail = words.remainder();
+    words
+        .map(|w| u64::from_ne_bytes(w.try_into().unwrap_or([1; 8])))
+        .fold(0u64, |acc, w| acc | w)
+        == 0
+        && tail.iter().all(|&b| b == 0)
 }
 
 fn write_kind(rec: &Record) -> ChangeKind {

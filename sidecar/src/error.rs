@@ -23,8 +23,13 @@ pub enum ErrorKind {
     /// target. Rewind and send again (the target detects duplicates).
     Transport,
     /// The target answered but did not make the change set durable (an ack
-    /// below the set, a gap, a refusal).
+    /// below the set, a refusal).
     Rejected,
+    /// The target does not hold the set before this one: start a new epoch
+    /// and resync.
+    Gap,
+    /// The filter's control socket failed or refused a request.
+    Filter,
 }
 
 impl fmt::Display for ErrorKind {
@@ -37,6 +42,8 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Protocol => "protocol error",
             ErrorKind::Transport => "transport error",
             ErrorKind::Rejected => "rejected by the target",
+            ErrorKind::Gap => "sequence gap at the target",
+            ErrorKind::Filter => "filter control error",
         })
     }
 }

@@ -3,21 +3,29 @@
 //! into change sets, seals them and ships them to the target, committing
 //! the ring only after the target's durable ack.
 //!
-//! So far (no network, io_uring or daemon yet):
 //! * [`batch`]: [`Batcher`] turns ring records, in ring order, into change
 //!   sets ([`Pending`]); the rules are in its module docs.
 //! * [`ship`]: [`drain_once`], the transactional drain over a [`Transport`].
+//! * [`stamp`]: nonces that never repeat and the consistency claim.
+//! * [`net`]: the wire (Hello/Welcome, change sets and acks, bandwidth limit).
+//! * [`filterctl`]: the filter's control socket (status, barrier, tag, resync-all).
+//! * [`daemon`]: `ferry sidecar` (one shipping thread per disk, reconnects,
+//!   epochs, metrics).
 //! * [`tags`]: [`load_tag_names`], tag names from the filter's `tags.jsonl`.
 //! * [`error`]: the crate's one error type.
 
 pub mod batch;
+pub mod daemon;
 pub mod error;
+pub mod filterctl;
+pub mod net;
 pub mod ship;
+pub mod stamp;
 pub mod tags;
 
 pub use batch::{BatchLimits, Batcher, Pending, ReadAt};
 pub use error::{Error, ErrorKind, Result};
-pub use ship::{drain_once, sidecar_nonce, Ack, DrainStats, Transport, ZSTD_LEVEL};
+pub use ship::{drain_once, Ack, CountingStamp, DrainStats, Stamp, Transport, ZSTD_LEVEL};
 pub use tags::load_tag_names;
 
 #[cfg(test)]

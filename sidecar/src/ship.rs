@@ -1,8 +1,9 @@
 //! Shipping: seal change sets, send them, commit the ring after the
 //! target's durable ack (the transactional drain of the design).
 //!
-//! [`drain_once`] repeats: build a set ([`Batcher::next_change_set`]), seal
-//! it ([`pack_change_set`], nonce [`sidecar_nonce`]), send it, and only on
+//! [`drain_once`] repeats: build a set ([`Batcher::next_change_set`]), stamp
+//! it ([`Stamp`]: a fresh nonce, the consistency claim), seal it
+//! ([`pack_change_set`]), send it, and only on
 //! an [`Ack`] whose `last_seq` covers the set commit the ring up to
 //! [`Pending::commit_to`](crate::Pending::commit_to). On any error it
 //! rewinds ([`Batcher::rewind`]) and returns the error: sets acknowledged
@@ -12,7 +13,7 @@
 //! sequence, which acknowledges it.
 
 use ferry_protocol::message::{ChangeKind, ChangeSet, ChangeSetHeader};
-use ferry_protocol::payload::{pack_change_set, Key, NonceParts};
+use ferry_protocol::payload::{pack_change_set, Key};
 use ferry_ring::ring::Consumer;
 
 use crate::batch::{BatchLimits, Batcher, ReadAt};
@@ -55,20 +56,43 @@ pub struct DrainStats {
     pub tags: u64,
     /// Tags dropped (in Resync sets).
     pub dropped_tags: u64,
+    /// Re-read bytes that were zeros and travelled as Zero extents.
+    pub zero_bytes: u64,
+    /// Raw bytes of Resync sets.
+    pub resync_raw_bytes: u64,
+    /// `consistent_from` of the last set acknowledged.
+    pub last_consistent_from: u64,
     /// The last sequence acknowledged (0: none in this call).
     pub last_seq: u64,
 }
 
-/// The nonce a change set is sealed with: stream 0, counter = `first_seq`.
-///
-/// This copies the convention of `ferry_master_target::applier::default_nonce`
-/// (master-target/src/applier.rs), which opens the payload; the two must
-/// agree (see its docs for why `(key, first_seq)` does not repeat, and the
-/// open question about sequence-space resets). A test checks they agree.
-pub fn sidecar_nonce(header: &ChangeSetHeader) -> NonceParts {
-    NonceParts {
-        stream: 0,
-        counter: header.first_seq,
+/// Stamps each change set just before it is sealed: a fresh nonce and the
+/// consistency claim (`consistent_from`).
+pub trait Stamp {
+    /// Fill `nonce_stream`, `nonce_counter` and `consistent_from` of a
+    /// set about to be sealed (its data is already read). `state_changes`
+    /// counts its state-change records ([`Pending::state_changes`](crate::Pending::state_changes)).
+    fn stamp(&mut self, header: &mut ChangeSetHeader, state_changes: u64) -> Result<()>;
+}
+
+/// Fixed stamps for tests: nonce stream 0 with a counter that only grows,
+/// `consistent_from` = the set's first seq for write-order sets.
+#[derive(Debug, Default)]
+pub struct CountingStamp {
+    /// Next counter.
+    pub next: u64,
+}
+
+impl Stamp for CountingStamp {
+    fn stamp(&mut self, header: &mut ChangeSetHeader, _state_changes: u64) -> Result<()> {
+        header.nonce_stream = 0;
+        header.nonce_counter = self.next;
+        self.next += 1;
+        header.consistent_from = match header.kind {
+            ChangeKind::WriteOrder => header.first_seq,
+            ChangeKind::Resync => 0,
+        };
+        Ok(())
     }
 }
 
@@ -86,13 +110,17 @@ pub fn drain_once(
     backing: &dyn ReadAt,
     key: &Key,
     transport: &mut dyn Transport,
+    stamp: &mut dyn Stamp,
     limits: BatchLimits,
 ) -> Result<DrainStats> {
     let mut stats = DrainStats::default();
+    let mut out = Outbound {
+        key,
+        transport,
+        stamp,
+    };
     loop {
-        match ship_one(
-            consumer, batcher, backing, key, transport, limits, &mut stats,
-        ) {
+        match ship_one(consumer, batcher, backing, &mut out, limits, &mut stats) {
             Ok(true) => {}
             Ok(false) => return Ok(stats),
             Err(e) => {
@@ -103,24 +131,32 @@ pub fn drain_once(
     }
 }
 
+/// Where built sets go: stamped, sealed under `key`, sent.
+struct Outbound<'a> {
+    key: &'a Key,
+    transport: &'a mut dyn Transport,
+    stamp: &'a mut dyn Stamp,
+}
+
 /// One set: Ok(false) when there was nothing to ship.
 fn ship_one(
     consumer: &mut Consumer,
     batcher: &mut Batcher,
     backing: &dyn ReadAt,
-    key: &Key,
-    transport: &mut dyn Transport,
+    out: &mut Outbound<'_>,
     limits: BatchLimits,
     stats: &mut DrainStats,
 ) -> Result<bool> {
-    let Some(p) = batcher.next_change_set(consumer, backing, limits)? else {
+    let (key, transport, stamp) = (out.key, &mut *out.transport, &mut *out.stamp);
+    let Some(mut p) = batcher.next_change_set(consumer, backing, limits)? else {
         return Ok(false);
     };
     let (first_seq, last_seq) = (p.header.first_seq, p.header.last_seq);
-    let nonce = sidecar_nonce(&p.header);
+    stamp.stamp(&mut p.header, p.state_changes)?;
     let kind = p.header.kind;
+    let consistent_from = p.header.consistent_from;
     let tags = u64_of(p.header.tags.len());
-    let cs = pack_change_set(&p.data, ZSTD_LEVEL, key, nonce, p.header)
+    let cs = pack_change_set(&p.data, ZSTD_LEVEL, key, p.header)
         .map_err(|e| Error::protocol(format!("seal change set [{first_seq}, {last_seq}]"), e))?;
     let sealed = u64_of(cs.payload.len());
     let ack = transport.send(cs)?;
@@ -149,12 +185,15 @@ fn ship_one(
     stats.change_sets += 1;
     if kind == ChangeKind::Resync {
         stats.resync_sets += 1;
+        stats.resync_raw_bytes += u64_of(p.data.len());
     }
+    stats.last_consistent_from = consistent_from;
     stats.records += p.records;
     stats.raw_bytes += u64_of(p.data.len());
     stats.sealed_bytes += sealed;
     stats.tags += tags;
     stats.dropped_tags += p.dropped_tags;
+    stats.zero_bytes += p.zero_bytes;
     stats.last_seq = last_seq;
     Ok(true)
 }

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ferry_master_target::applier::{apply_pending, default_nonce, Replica};
+use ferry_master_target::applier::{apply_pending, Replica};
 use ferry_master_target::journal::Journal;
-use ferry_protocol::message::{ChangeKind, ChangeSet, ChangeSetHeader};
+use ferry_protocol::message::{ChangeKind, ChangeSet};
 use ferry_protocol::payload::Key;
 use ferry_ring::ring::{payload_checksum, Consumer, Geometry, NewRecord, Producer, RecordKind};
 use ferry_vhd::Format;
@@ -227,6 +227,7 @@ impl Rig {
             backing,
             &key(),
             transport,
+            &mut CountingStamp::default(),
             BatchLimits::default(),
         )
     }
@@ -269,23 +270,6 @@ fn limits(max_bytes: usize, max_records: usize) -> BatchLimits {
 }
 
 #[test]
-fn nonce_matches_the_applier() {
-    let h = ChangeSetHeader {
-        host: "h".into(),
-        disk: DISK.into(),
-        epoch: 1,
-        kind: ChangeKind::WriteOrder,
-        first_seq: 77,
-        last_seq: 80,
-        prev_end_seq: 76,
-        tags: vec![],
-        extents: vec![],
-        chunks: vec![],
-    };
-    assert_eq!(sidecar_nonce(&h), default_nonce(&h));
-}
-
-#[test]
 fn end_to_end_writes_trims_zeroes_and_a_tag() {
     let mut rig = Rig::new("e2e");
     let mut rng = Rng(0x1234_5678_9abc_def1);
@@ -314,6 +298,7 @@ fn end_to_end_writes_trims_zeroes_and_a_tag() {
         &backing,
         &key(),
         &mut transport,
+        &mut CountingStamp::default(),
         limits(256 << 10, 16),
     )
     .unwrap();
@@ -339,7 +324,7 @@ fn end_to_end_writes_trims_zeroes_and_a_tag() {
     }
     assert_eq!(transport.journal.last_seq(), Some(rig.seq));
 
-    apply_pending(&mut transport.journal, &mut replica, &key(), default_nonce).unwrap();
+    apply_pending(&mut transport.journal, &mut replica, &key()).unwrap();
     assert_replica_eq(&mut replica, &rig.model);
 
     // Nothing more to ship.
@@ -402,7 +387,7 @@ fn metadata_state_writes_ship_as_resync_from_the_backing_device() {
     );
     assert_eq!(stats.resync_sets, 1);
     assert_eq!(sets[1].header.extents.len(), 8);
-    apply_pending(&mut transport.journal, &mut replica, &key(), default_nonce).unwrap();
+    apply_pending(&mut transport.journal, &mut replica, &key()).unwrap();
     assert_replica_eq(&mut replica, &rig.model);
 }
 
@@ -427,6 +412,7 @@ fn transport_failure(after_append: bool) {
         &backing,
         &key(),
         &mut failing,
+        &mut CountingStamp::default(),
         limits(1 << 30, 10),
     )
     .unwrap_err();
@@ -448,6 +434,7 @@ fn transport_failure(after_append: bool) {
         &backing,
         &key(),
         &mut transport,
+        &mut CountingStamp::default(),
         limits(1 << 30, 50),
     )
     .unwrap();
@@ -457,7 +444,7 @@ fn transport_failure(after_append: bool) {
     assert_eq!(sets[2].header.first_seq, 21);
     assert_eq!(sets[2].header.last_seq, 30);
     assert_eq!(transport.journal.last_seq(), Some(rig.seq));
-    apply_pending(&mut transport.journal, &mut replica, &key(), default_nonce).unwrap();
+    apply_pending(&mut transport.journal, &mut replica, &key()).unwrap();
     assert_replica_eq(&mut replica, &rig.model);
 }
 
@@ -484,14 +471,8 @@ fn resume_point_skips_what_the_target_holds() {
         .next_change_set(&mut rig.consumer, &backing, limits(1 << 30, 5))
         .unwrap()
         .unwrap();
-    let cs = ferry_protocol::payload::pack_change_set(
-        &p.data,
-        ZSTD_LEVEL,
-        &key(),
-        sidecar_nonce(&p.header),
-        p.header,
-    )
-    .unwrap();
+    let cs =
+        ferry_protocol::payload::pack_change_set(&p.data, ZSTD_LEVEL, &key(), p.header).unwrap();
     transport.send(cs).unwrap();
     rig.consumer.rewind();
     // A new sidecar resumes after seq 5.
@@ -562,6 +543,7 @@ fn byte_limit_holds_a_write_back_for_the_next_set() {
         &backing,
         &key(),
         &mut transport,
+        &mut CountingStamp::default(),
         limits(100_000, 100),
     )
     .unwrap();
@@ -569,6 +551,6 @@ fn byte_limit_holds_a_write_back_for_the_next_set() {
     assert_eq!(stats.change_sets, 3);
     let sets = journal_sets(&transport.journal);
     assert!(sets.iter().all(|c| c.header.extents.len() == 2));
-    apply_pending(&mut transport.journal, &mut replica, &key(), default_nonce).unwrap();
+    apply_pending(&mut transport.journal, &mut replica, &key()).unwrap();
     assert_replica_eq(&mut replica, &rig.model);
 }

@@ -1,6 +1,6 @@
 use super::*;
 
-use ferry_protocol::message::{ChangeKind, Extent};
+use ferry_protocol::message::{ChangeKind, ChangeSetHeader, Extent};
 use ferry_protocol::payload::pack_change_set;
 use proptest::prelude::*;
 
@@ -129,12 +129,14 @@ impl Gen {
             first_seq: first,
             last_seq: last,
             prev_end_seq: self.prev,
+            nonce_stream: 7,
+            nonce_counter: first,
+            consistent_from: first,
             tags: Vec::new(),
             extents,
             chunks: Vec::new(),
         };
-        let nonce = default_nonce(&header);
-        let cs = pack_change_set(&data, 1, key, nonce, header).unwrap();
+        let cs = pack_change_set(&data, 1, key, header).unwrap();
         self.prev = last;
         self.next_seq = last + 1;
         (cs, w, z)
@@ -181,7 +183,7 @@ fn model_vhd_dynamic() {
     let (w, z) = g.append_random(&mut j, 24, SIZE);
     let path = t.path().join("replica.vhd");
     let mut r = Replica::open_or_create(&path, Format::VhdDynamic, SIZE).unwrap();
-    let stats = apply_pending(&mut j, &mut r, &key(), default_nonce).unwrap();
+    let stats = apply_pending(&mut j, &mut r, &key()).unwrap();
     assert_eq!(stats.change_sets, 24);
     assert_eq!(stats.bytes_written, w);
     assert_eq!(stats.zero_bytes, z);
@@ -194,7 +196,7 @@ fn model_vhd_dynamic() {
     let mut r = Replica::open_or_create(&path, Format::VhdDynamic, SIZE).unwrap();
     assert_same(&mut r, &g.model);
     let mut j = open_journal(&t.path().join("j"));
-    let again = apply_pending(&mut j, &mut r, &key(), default_nonce).unwrap();
+    let again = apply_pending(&mut j, &mut r, &key()).unwrap();
     assert_eq!(again.change_sets, 0);
     assert_eq!(again.last_applied, stats.last_applied);
     if std::process::Command::new("qemu-img")
@@ -226,7 +228,7 @@ fn trimmed_range_reads_zeros_and_unallocated_runs_stay_unallocated() {
     let mut r = Replica::open_or_create(&t.path().join("r.vhd"), Format::VhdDynamic, SIZE).unwrap();
     let plan = vec![(ExtentOp::Write, 4096, 3 << 20)];
     j.append(&g.change_set(&plan, &key(), true).0).unwrap();
-    apply_pending(&mut j, &mut r, &key(), default_nonce).unwrap();
+    apply_pending(&mut j, &mut r, &key()).unwrap();
     let alloc = r.allocated_bytes().unwrap();
     // Trim across written data; zero a never-written range (last 2 MiB block).
     let plan = vec![
@@ -234,7 +236,7 @@ fn trimmed_range_reads_zeros_and_unallocated_runs_stay_unallocated() {
         (ExtentOp::Zero, SIZE - (2 << 20), 2 << 20),
     ];
     j.append(&g.change_set(&plan, &key(), true).0).unwrap();
-    let s = apply_pending(&mut j, &mut r, &key(), default_nonce).unwrap();
+    let s = apply_pending(&mut j, &mut r, &key()).unwrap();
     assert_eq!(s.zero_bytes, 4 << 20);
     assert_same(&mut r, &g.model);
     let mut buf = vec![1u8; 2 << 20];
@@ -251,17 +253,17 @@ fn incremental_applies_only_new_sets() {
     let mut g = Gen::new(3, SIZE);
     let mut r = Replica::open_or_create(&t.path().join("r.vhd"), Format::VhdDynamic, SIZE).unwrap();
     g.append_random(&mut j, 5, SIZE);
-    let s1 = apply_pending(&mut j, &mut r, &key(), default_nonce).unwrap();
+    let s1 = apply_pending(&mut j, &mut r, &key()).unwrap();
     assert_eq!(s1.change_sets, 5);
     assert_same(&mut r, &g.model);
     let (w, z) = g.append_random(&mut j, 7, SIZE);
-    let s2 = apply_pending(&mut j, &mut r, &key(), default_nonce).unwrap();
+    let s2 = apply_pending(&mut j, &mut r, &key()).unwrap();
     assert_eq!(s2.change_sets, 7);
     assert_eq!((s2.bytes_written, s2.zero_bytes), (w, z));
     assert_eq!(s2.last_applied, j.last_seq());
     assert!(s2.last_applied > s1.last_applied);
     assert_same(&mut r, &g.model);
-    let s3 = apply_pending(&mut j, &mut r, &key(), default_nonce).unwrap();
+    let s3 = apply_pending(&mut j, &mut r, &key()).unwrap();
     assert_eq!(
         s3,
         ApplyStats {
@@ -279,7 +281,7 @@ fn crash_between_flush_and_watermark_replays_to_the_same_content() {
     let mut g = Gen::new(4, SIZE);
     let mut r = Replica::open_or_create(&t.path().join("r.vhd"), Format::VhdDynamic, SIZE).unwrap();
     g.append_random(&mut j, 6, SIZE);
-    apply_pending(&mut j, &mut r, &key(), default_nonce).unwrap();
+    apply_pending(&mut j, &mut r, &key()).unwrap();
     let w = j.applied();
     g.append_random(&mut j, 8, SIZE);
     // The journal as it is durable before the next watermark moves.
@@ -287,13 +289,13 @@ fn crash_between_flush_and_watermark_replays_to_the_same_content() {
     let snap = t.path().join("j-snap");
     copy_dir(&jdir, &snap);
     let mut j = open_journal(&jdir);
-    let s = apply_pending(&mut j, &mut r, &key(), default_nonce).unwrap();
+    let s = apply_pending(&mut j, &mut r, &key()).unwrap();
     assert_eq!(s.change_sets, 8);
     assert_same(&mut r, &g.model);
     // "Crash": the image holds all 14 sets, the watermark says 6.
     let mut old = open_journal(&snap);
     assert_eq!(old.applied(), w);
-    let s = apply_pending(&mut old, &mut r, &key(), default_nonce).unwrap();
+    let s = apply_pending(&mut old, &mut r, &key()).unwrap();
     assert_eq!(s.change_sets, 8);
     assert_eq!(old.applied(), j.applied());
     assert_same(&mut r, &g.model);
@@ -306,7 +308,7 @@ fn crash_mid_change_set_replays_to_the_same_content() {
     let mut g = Gen::new(5, SIZE);
     let mut r = Replica::open_or_create(&t.path().join("r.vhd"), Format::VhdDynamic, SIZE).unwrap();
     g.append_random(&mut j, 4, SIZE);
-    apply_pending(&mut j, &mut r, &key(), default_nonce).unwrap();
+    apply_pending(&mut j, &mut r, &key()).unwrap();
     // Next sets overlap each other heavily.
     let plans = [
         vec![
@@ -324,13 +326,13 @@ fn crash_mid_change_set_replays_to_the_same_content() {
         sets.push(cs);
     }
     // Simulate a crash after the first 3 extents of the first new set.
-    let data = unpack_change_set(&sets[0], &key(), default_nonce(&sets[0].header)).unwrap();
+    let data = unpack_change_set(&sets[0], &key()).unwrap();
     let mut partial = sets[0].clone();
     partial.header.extents.truncate(3);
     let zeros = vec![0u8; ZERO_CHUNK];
     apply_one(&partial, &data, &mut r, &zeros, &mut ApplyStats::default()).unwrap();
     r.flush().unwrap();
-    let s = apply_pending(&mut j, &mut r, &key(), default_nonce).unwrap();
+    let s = apply_pending(&mut j, &mut r, &key()).unwrap();
     assert_eq!(s.change_sets, 2);
     assert_same(&mut r, &g.model);
 }
@@ -342,26 +344,19 @@ fn wrong_key_is_crypto_and_changes_nothing() {
     let mut g = Gen::new(6, SIZE);
     let mut r = Replica::open_or_create(&t.path().join("r.vhd"), Format::VhdDynamic, SIZE).unwrap();
     g.append_random(&mut j, 3, SIZE);
-    apply_pending(&mut j, &mut r, &key(), default_nonce).unwrap();
+    apply_pending(&mut j, &mut r, &key()).unwrap();
     let before = content(&mut r);
     let alloc = r.allocated_bytes().unwrap();
     let w = j.applied();
     g.append_random(&mut j, 3, SIZE);
     let wrong = Key::from_bytes([8u8; 32]);
-    let e = apply_pending(&mut j, &mut r, &wrong, default_nonce).unwrap_err();
-    assert_eq!(e.kind(), ApplyErrorKind::Crypto, "{e}");
-    // A different nonce convention fails the same way.
-    let e = apply_pending(&mut j, &mut r, &key(), |h| NonceParts {
-        stream: 1,
-        counter: h.first_seq,
-    })
-    .unwrap_err();
+    let e = apply_pending(&mut j, &mut r, &wrong).unwrap_err();
     assert_eq!(e.kind(), ApplyErrorKind::Crypto, "{e}");
     assert_eq!(j.applied(), w);
     assert_eq!(r.allocated_bytes().unwrap(), alloc);
     assert!(content(&mut r) == before);
     // The right key still applies them.
-    let s = apply_pending(&mut j, &mut r, &key(), default_nonce).unwrap();
+    let s = apply_pending(&mut j, &mut r, &key()).unwrap();
     assert_eq!(s.change_sets, 3);
     assert_same(&mut r, &g.model);
 }
@@ -373,7 +368,7 @@ fn extent_beyond_the_replica_is_an_error_and_writes_nothing() {
     let mut g = Gen::new(7, SIZE);
     let mut r = Replica::open_or_create(&t.path().join("r.vhd"), Format::VhdDynamic, SIZE).unwrap();
     g.append_random(&mut j, 2, SIZE);
-    apply_pending(&mut j, &mut r, &key(), default_nonce).unwrap();
+    apply_pending(&mut j, &mut r, &key()).unwrap();
     let before = content(&mut r);
     let alloc = r.allocated_bytes().unwrap();
     let w = j.applied();
@@ -383,7 +378,7 @@ fn extent_beyond_the_replica_is_an_error_and_writes_nothing() {
         (ExtentOp::Write, SIZE - 100, 200),
     ];
     j.append(&g.change_set(&plan, &key(), false).0).unwrap();
-    let e = apply_pending(&mut j, &mut r, &key(), default_nonce).unwrap_err();
+    let e = apply_pending(&mut j, &mut r, &key()).unwrap_err();
     assert_eq!(e.kind(), ApplyErrorKind::InvalidChangeSet, "{e}");
     assert_eq!(j.applied(), w);
     assert_eq!(r.allocated_bytes().unwrap(), alloc);
@@ -395,7 +390,7 @@ fn extent_beyond_the_replica_is_an_error_and_writes_nothing() {
     let mut g = Gen::new(8, SIZE);
     let plan = vec![(ExtentOp::Zero, u64::MAX - 10, 5)];
     j.append(&g.change_set(&plan, &key(), false).0).unwrap();
-    let e = apply_pending(&mut j, &mut r, &key(), default_nonce).unwrap_err();
+    let e = apply_pending(&mut j, &mut r, &key()).unwrap_err();
     assert_eq!(e.kind(), ApplyErrorKind::InvalidChangeSet, "{e}");
     assert_eq!(j.applied(), None);
 }
@@ -475,11 +470,11 @@ proptest! {
         let mut g = Gen::new(seed, size);
         let mut r = Replica::open_or_create(&t.path().join("r.img"), format, size).unwrap();
         g.append_random(&mut j, first, size);
-        let s = apply_pending(&mut j, &mut r, &key(), default_nonce).unwrap();
+        let s = apply_pending(&mut j, &mut r, &key()).unwrap();
         prop_assert_eq!(s.change_sets, u64_of(first));
         prop_assert!(content(&mut r) == g.model);
         let (w, z) = g.append_random(&mut j, second, size);
-        let s = apply_pending(&mut j, &mut r, &key(), default_nonce).unwrap();
+        let s = apply_pending(&mut j, &mut r, &key()).unwrap();
         prop_assert_eq!(s.change_sets, u64_of(second));
         prop_assert_eq!((s.bytes_written, s.zero_bytes), (w, z));
         prop_assert_eq!(j.applied(), j.last_seq());

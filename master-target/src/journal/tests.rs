@@ -1,7 +1,7 @@
 use super::*;
 
 use ferry_protocol::message::{ChunkInfo, Extent, ExtentOp, Message};
-use ferry_protocol::payload::{pack_change_set, Key, NonceParts};
+use ferry_protocol::payload::{pack_change_set, Key};
 use proptest::prelude::*;
 
 use crate::testutil::{copy_dir, TempDir};
@@ -41,6 +41,13 @@ fn mk(epoch: u64, kind: ChangeKind, first: u64, last: u64, prev: u64, n: u32) ->
             first_seq: first,
             last_seq: last,
             prev_end_seq: prev,
+            nonce_stream: 1,
+            nonce_counter: first,
+            consistent_from: if kind == ChangeKind::WriteOrder {
+                first
+            } else {
+                0
+            },
             tags: Vec::new(),
             extents,
             chunks,
@@ -112,11 +119,12 @@ fn append_reopen_round_trip() {
             }],
             ..h
         };
-        let nonce = NonceParts {
-            stream: 1,
-            counter: i,
+        let h = ChangeSetHeader {
+            nonce_stream: 1,
+            nonce_counter: i,
+            ..h
         };
-        let cs = pack_change_set(&data, 1, &key, nonce, h).unwrap();
+        let cs = pack_change_set(&data, 1, &key, h).unwrap();
         let a = j.append(&cs).unwrap();
         assert_eq!(a.last_seq, i * 10 + 2);
         prev = i * 10 + 2;
@@ -179,7 +187,7 @@ fn gap_detected_with_expected_and_received() {
 fn epoch_rules() {
     let td = TempDir::new("epoch");
     let (mut j, _) = three(td.path());
-    // New epoch must be Resync.
+    // New epoch must declare the replica inconsistent.
     let e = j
         .append(&mk(2, ChangeKind::WriteOrder, 10, 12, 4, 8))
         .unwrap_err();

@@ -12,6 +12,9 @@ fn small_change_set() -> ChangeSet {
             first_seq: 10,
             last_seq: 11,
             prev_end_seq: 9,
+            nonce_stream: 3,
+            nonce_counter: 0x0102,
+            consistent_from: 10,
             tags: vec![Tag {
                 seq: 11,
                 name: "t".into(),
@@ -57,6 +60,12 @@ const GOLDEN_CHANGE_SET: &[u8] = &[
     0x0b, 0, 0, 0, 0, 0, 0, 0,
     // prev_end_seq 9
     0x09, 0, 0, 0, 0, 0, 0, 0,
+    // nonce_stream 3 (u32 LE)
+    0x03, 0, 0, 0,
+    // nonce_counter 0x0102 (u64 LE)
+    0x02, 0x01, 0, 0, 0, 0, 0, 0,
+    // consistent_from 10
+    0x0a, 0, 0, 0, 0, 0, 0, 0,
     // tags: count 1 (u32 LE)
     0x01, 0, 0, 0,
     //   tag[0]: seq 11, name len 1 "t", app true
@@ -125,6 +134,23 @@ fn golden_small_messages() {
         message: "no".into(),
     });
     assert_eq!(rej.encode().unwrap(), [0x01, 0x02, 2, b'n', b'o']);
+    let p = Message::Progress(Progress {
+        disk: "d".into(),
+        lag_records: 2,
+        lag_bytes: 0x100,
+        lag_ns: 3,
+        time_ns: 4,
+    });
+    #[rustfmt::skip]
+    let want = [
+        1, b'd',                      // disk
+        2, 0, 0, 0, 0, 0, 0, 0,       // lag_records 2
+        0, 1, 0, 0, 0, 0, 0, 0,       // lag_bytes 256
+        3, 0, 0, 0, 0, 0, 0, 0,       // lag_ns 3
+        4, 0, 0, 0, 0, 0, 0, 0,       // time_ns 4
+    ];
+    assert_eq!(p.encode().unwrap(), want);
+    assert_eq!(p.kind(), 7);
     // Through a frame.
     let f = hb.to_frame_bytes(frame::MAX_FRAME).unwrap();
     assert_eq!(&f[6..8], &[6, 0]);
@@ -156,6 +182,7 @@ fn samples() -> Vec<Message> {
                 name: "sda".into(),
                 next_seq: 42,
                 epoch: 1,
+                consistent_from: 40,
             }],
         }),
         Message::ChangeSet(small_change_set()),
@@ -169,6 +196,13 @@ fn samples() -> Vec<Message> {
             message: "gap".into(),
         }),
         Message::Heartbeat(Heartbeat { time_ns: 5 }),
+        Message::Progress(Progress {
+            disk: "sda".into(),
+            lag_records: 3,
+            lag_bytes: 4096,
+            lag_ns: 1_000_000,
+            time_ns: 7,
+        }),
     ]
 }
 
@@ -251,6 +285,9 @@ fn header_validation() {
         e.u64(h.first_seq);
         e.u64(h.last_seq);
         e.u64(h.prev_end_seq);
+        e.u32(h.nonce_stream);
+        e.u64(h.nonce_counter);
+        e.u64(h.consistent_from);
         e.count("", h.tags.len(), usize::MAX).unwrap();
         for t in &h.tags {
             e.u64(t.seq);
@@ -274,6 +311,7 @@ fn header_validation() {
     };
     check(&|h| h.first_seq = 12, ErrorKind::Malformed); // first > last
     check(&|h| h.prev_end_seq = 10, ErrorKind::Malformed); // prev == first
+    check(&|h| h.consistent_from = 12, ErrorKind::Malformed); // after last
     check(&|h| h.extents[0].seq = 9, ErrorKind::Malformed); // seq before first
     check(&|h| h.extents[1].seq = 12, ErrorKind::Malformed); // seq after last
     check(&|h| h.extents[0].length = 6, ErrorKind::Malformed); // write sum != raw
@@ -393,6 +431,9 @@ fn header() -> impl Strategy<Value = ChangeSetHeader> {
                     first_seq,
                     last_seq,
                     prev_end_seq: first,
+                    nonce_stream: u32::try_from(epoch % 7).unwrap(),
+                    nonce_counter: first_seq ^ epoch,
+                    consistent_from: if resync { 0 } else { first_seq },
                     tags: tags
                         .into_iter()
                         .map(|(seq, name, app)| Tag { seq, name, app })
@@ -432,6 +473,7 @@ fn message() -> impl Strategy<Value = Message> {
                         name,
                         next_seq,
                         epoch,
+                        consistent_from: next_seq / 2,
                     })
                     .collect(),
             })
@@ -453,6 +495,13 @@ fn message() -> impl Strategy<Value = Message> {
         (any::<u16>(), name())
             .prop_map(|(code, message)| Message::Reject(Reject { code, message })),
         any::<u64>().prop_map(|time_ns| Message::Heartbeat(Heartbeat { time_ns })),
+        (name(), any::<[u64; 4]>()).prop_map(|(disk, v)| Message::Progress(Progress {
+            disk,
+            lag_records: v[0],
+            lag_bytes: v[1],
+            lag_ns: v[2],
+            time_ns: v[3],
+        })),
     ]
 }
 

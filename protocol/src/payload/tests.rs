@@ -39,6 +39,9 @@ fn header(len: usize) -> ChangeSetHeader {
         first_seq: 5,
         last_seq: 5,
         prev_end_seq: 4,
+        nonce_stream: N.stream,
+        nonce_counter: N.counter,
+        consistent_from: 0,
         tags: vec![],
         extents: vec![Extent {
             seq: 5,
@@ -100,7 +103,7 @@ fn chunk_boundaries() {
         5 * CHUNK_SIZE + 7,
     ] {
         let data = half_bytes(n);
-        let cs = pack_change_set(&data, 1, &key(2), N, header(n)).unwrap();
+        let cs = pack_change_set(&data, 1, &key(2), header(n)).unwrap();
         assert_eq!(cs.header.chunks.len(), n.div_ceil(CHUNK_SIZE), "{n}");
         let raw: Vec<usize> = cs
             .header
@@ -118,7 +121,7 @@ fn chunk_boundaries() {
         else {
             panic!("kind")
         };
-        let back = unpack_change_set(&cs, &key(2), N).unwrap();
+        let back = unpack_change_set(&cs, &key(2)).unwrap();
         assert!(back == data, "{n}");
     }
 }
@@ -134,39 +137,38 @@ fn single_and_many_threads_agree() {
 #[test]
 fn tampering_is_a_crypto_error() {
     let data = half_bytes(CHUNK_SIZE + 10);
-    let cs = pack_change_set(&data, 1, &key(3), N, header(data.len())).unwrap();
+    let cs = pack_change_set(&data, 1, &key(3), header(data.len())).unwrap();
     let crypto = |r: Result<Vec<u8>>| assert_eq!(r.unwrap_err().kind(), ErrorKind::Crypto);
     // Wrong key.
-    crypto(unpack_change_set(&cs, &key(4), N));
+    crypto(unpack_change_set(&cs, &key(4)));
     // Wrong counter, wrong stream.
-    crypto(unpack_change_set(
-        &cs,
-        &key(3),
-        NonceParts { counter: 43, ..N },
-    ));
-    crypto(unpack_change_set(
-        &cs,
-        &key(3),
-        NonceParts { stream: 2, ..N },
-    ));
+    let mut t = cs.clone();
+    t.header.nonce_counter = 43;
+    crypto(unpack_change_set(&t, &key(3)));
+    let mut t = cs.clone();
+    t.header.nonce_stream = 2;
+    crypto(unpack_change_set(&t, &key(3)));
+    // The nonce the header names is the one used.
+    let aad = encode_header_aad(&cs.header).unwrap();
+    assert!(unpack(&cs.payload, &cs.header.chunks, &key(3), N, &aad).unwrap() == data);
     // Flipped byte anywhere: start, middle, tag.
     for i in [0, cs.payload.len() / 2, cs.payload.len() - 1] {
         let mut t = cs.clone();
         t.payload[i] ^= 0x80;
-        crypto(unpack_change_set(&t, &key(3), N));
+        crypto(unpack_change_set(&t, &key(3)));
     }
     // Wrong AAD: any header field changed (epoch, seqs, disk).
     let mut t = cs.clone();
     t.header.epoch = 2;
-    crypto(unpack_change_set(&t, &key(3), N));
+    crypto(unpack_change_set(&t, &key(3)));
     let mut t = cs.clone();
     t.header.disk = "e".into();
-    crypto(unpack_change_set(&t, &key(3), N));
+    crypto(unpack_change_set(&t, &key(3)));
     let mut t = cs.clone();
     t.header.extents[0].offset = 512;
-    crypto(unpack_change_set(&t, &key(3), N));
+    crypto(unpack_change_set(&t, &key(3)));
     // And it still opens with everything right.
-    assert!(unpack_change_set(&cs, &key(3), N).unwrap() == data);
+    assert!(unpack_change_set(&cs, &key(3)).unwrap() == data);
 }
 
 #[test]

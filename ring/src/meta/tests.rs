@@ -455,6 +455,33 @@ fn meta_clear_dirty_whole_granules_only() {
     assert_eq!(rec.possibly_unshipped, vec![r(512, 9 * MIB + 512)]);
 }
 
+#[test]
+fn meta_set_dirty_ranges_marks_all_durably_with_one_sync() {
+    let t = TempPath::new("many");
+    let disk = 64 * MIB;
+    let mut m = MetaFile::create(&t.0, geo(disk, 4096, 4 * MIB, 16)).unwrap();
+    let syncs = m.stats().syncs;
+    let ranges: Vec<Range> = (0..100).map(|i| r(i * 512 * KIB + 100, 1000)).collect();
+    m.set_dirty_ranges(&ranges).unwrap();
+    assert_eq!(m.stats().syncs, syncs + 1, "one sync for all of them");
+    let want: Vec<Range> = (0..100).map(|i| r(i * 512 * KIB, 4096)).collect();
+    assert_eq!(m.dirty_ranges(), want);
+    // Durable without a flush.
+    assert_eq!(MetaFile::inspect(&t.0).unwrap().dirty, want);
+    // Nothing new: no sync.
+    m.set_dirty_ranges(&ranges[..3]).unwrap();
+    assert_eq!(m.stats().syncs, syncs + 1);
+    // One bad range refuses the whole call.
+    let before = m.dirty_ranges();
+    assert_eq!(
+        m.set_dirty_ranges(&[r(60 * MIB, 4096), r(disk, 1)])
+            .unwrap_err()
+            .kind(),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(m.dirty_ranges(), before);
+}
+
 // ---------------------------------------------------------------------------
 // Clean and unclean reopen
 // ---------------------------------------------------------------------------

@@ -1,0 +1,395 @@
+//! `ferry target` and `ferry sidecar`: the two ends of continuous
+//! replication, and their status verbs.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use ferry_master_target::daemon::{self as target_daemon, TargetConfig};
+use ferry_master_target::site::{read_statuses, Consistency, DiskStatus};
+use ferry_sidecar::daemon::{self as sidecar_daemon, SidecarConfig, METRICS_FILE, SIDECAR_DIR};
+use ferry_vhd::Format;
+
+use crate::image::EXIT_ERROR;
+
+fn size(s: &str) -> std::result::Result<u64, String> {
+    ferry_vhd::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
+    Ok(stop)
+}
+
+/// `ferry target [DAEMON FLAGS]` or `ferry target status ...`.
+#[derive(Debug, Args)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  \
+    ferry credentials init ./creds --host web01\n  \
+    ferry target --data ./site-b --listen 127.0.0.1:9443 --credentials ./creds\n  \
+    ferry target status --data ./site-b\n  \
+    ferry target status --data ./site-b --json"
+)]
+pub struct TargetArgs {
+    #[command(subcommand)]
+    command: Option<TargetCommand>,
+    #[command(flatten)]
+    daemon: TargetDaemonArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum TargetCommand {
+    /// Per host and disk: applied sequence, lag, journal size, replica,
+    /// consistency.
+    Status(TargetStatusArgs),
+}
+
+/// Run the recovery-site receiver.
+#[derive(Debug, Args)]
+struct TargetDaemonArgs {
+    /// Data directory: journals, replicas, status.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Address to listen on (host:port).
+    #[arg(long, default_value = "0.0.0.0:9443")]
+    listen: String,
+    /// Credentials directory made by `ferry credentials init`.
+    #[arg(long)]
+    credentials: Option<PathBuf>,
+    /// This target's certificate name in the credentials directory.
+    #[arg(long, default_value = "target")]
+    name: String,
+    /// Format of new replicas: vhd-dynamic, vhd-fixed or raw.
+    #[arg(long, default_value = "vhd-dynamic")]
+    replica_format: String,
+    /// Largest frame accepted (e.g. 64M).
+    #[arg(long, value_parser = size)]
+    max_frame: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct TargetStatusArgs {
+    /// Data directory of the target.
+    #[arg(long)]
+    data: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Dispatch `ferry target`.
+pub fn run_target(args: TargetArgs) -> Result<ExitCode> {
+    match args.command {
+        Some(TargetCommand::Status(s)) => target_status(&s),
+        None => target(args.daemon),
+    }
+}
+
+fn target(args: TargetDaemonArgs) -> Result<ExitCode> {
+    let data = args
+        .data
+        .context("give --data DIR (see `ferry target --help`)")?;
+    let creds = args
+        .credentials
+        .context("give --credentials DIR (made by `ferry credentials init`)")?;
+    let mut cfg = TargetConfig::new(data, args.listen, creds);
+    cfg.name = args.name;
+    cfg.replica_format = match args.replica_format.as_str() {
+        "vhd-dynamic" => Format::VhdDynamic,
+        "vhd-fixed" => Format::VhdFixed,
+        "raw" => Format::Raw,
+        other => anyhow::bail!("--replica-format {other}: use vhd-dynamic, vhd-fixed or raw"),
+    };
+    if let Some(m) = args.max_frame {
+        cfg.max_frame = usize::try_from(m).context("--max-frame")?;
+    }
+    let stop = stop_flag()?;
+    target_daemon::run(cfg, stop, |addr| {
+        eprintln!("ferry target: listening on {addr}");
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn seq(s: Option<u64>) -> String {
+    s.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+fn human_bytes(b: u64) -> String {
+    human_f64(b as f64)
+}
+
+fn human_f64(mut v: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{v:.0} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn consistency_text(c: &Consistency) -> String {
+    match c {
+        Consistency::Consistent { since } => format!("consistent since seq {since}"),
+        Consistency::Inconsistent { reason } => format!("inconsistent: {reason}"),
+    }
+}
+
+fn target_status(args: &TargetStatusArgs) -> Result<ExitCode> {
+    let statuses = read_statuses(&args.data)
+        .with_context(|| format!("read the status of {}", args.data.display()))?;
+    let running = target_daemon::is_running(&args.data);
+    if args.json {
+        let v = serde_json::json!({
+            "data": args.data,
+            "running": running,
+            "disks": statuses,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "target {}: {}",
+        args.data.display(),
+        if running {
+            "running"
+        } else {
+            "not running (figures as last written)"
+        }
+    );
+    if statuses.is_empty() {
+        println!("no protected disks yet");
+    }
+    for st in &statuses {
+        print_disk(st);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_disk(st: &DiskStatus) {
+    let age = Duration::from_nanos(now_ns().saturating_sub(st.updated_ns)).as_secs();
+    println!();
+    println!(
+        "{}/{}  ({}, {})",
+        st.host,
+        st.disk,
+        human_bytes(st.size),
+        if st.connected {
+            "sidecar connected"
+        } else {
+            "sidecar not connected"
+        }
+    );
+    println!(
+        "  applied seq      {}  (received {}, epoch {})",
+        seq(st.applied_seq),
+        seq(st.received_seq),
+        seq(st.epoch)
+    );
+    match &st.source_lag {
+        Some(l) => println!(
+            "  lag              {} records, {}, {:.1} s  (source side, reported {} s ago)",
+            l.records,
+            human_bytes(l.bytes),
+            l.seconds,
+            Duration::from_nanos(now_ns().saturating_sub(l.reported_ns)).as_secs()
+        ),
+        None => println!("  lag              not reported yet"),
+    }
+    println!(
+        "  apply backlog    {} change sets, {}",
+        st.apply_backlog_sets,
+        human_bytes(st.apply_backlog_bytes)
+    );
+    println!("  journal          {}", human_bytes(st.journal_bytes));
+    println!(
+        "  replica          {} ({})",
+        st.replica_path.display(),
+        st.replica_format
+    );
+    println!("  consistency      {}", consistency_text(&st.consistency));
+    println!(
+        "  received         {} change sets, {} ({} resync)",
+        st.received_sets,
+        human_bytes(st.received_bytes),
+        human_bytes(st.resync_bytes)
+    );
+    if let Some(g) = &st.last_gap {
+        println!("  last gap         {g}");
+    }
+    if let Some(e) = &st.apply_error {
+        println!("  apply error      {e}");
+    }
+    println!("  updated          {age} s ago");
+}
+
+/// `ferry sidecar [DAEMON FLAGS]` or `ferry sidecar status ...`.
+#[derive(Debug, Args)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  \
+    ferry sidecar --state ./web01 --target 127.0.0.1:9443 --credentials ./creds\n  \
+    ferry sidecar --state ./web01 --target dr.example:9443 --credentials ./creds --bandwidth 50M\n  \
+    ferry sidecar status --state ./web01"
+)]
+pub struct SidecarArgs {
+    #[command(subcommand)]
+    command: Option<SidecarCommand>,
+    #[command(flatten)]
+    daemon: SidecarDaemonArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum SidecarCommand {
+    /// Shipping metrics: churn, shipped bytes, compression, lag (the RPO).
+    Status(SidecarStatusArgs),
+}
+
+/// Drain the filter's rings and ship the change stream to a target.
+#[derive(Debug, Args)]
+struct SidecarDaemonArgs {
+    /// State directory of the filter (`ferry filter --state`).
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Target address (host:port).
+    #[arg(long)]
+    target: Option<String>,
+    /// Credentials directory made by `ferry credentials init`.
+    #[arg(long)]
+    credentials: Option<PathBuf>,
+    /// Host name (default: the only HOST.datakey in the credentials).
+    #[arg(long)]
+    host: Option<String>,
+    /// Bandwidth limit in bytes per second on the wire (e.g. 50M; 0 = none).
+    #[arg(long, value_parser = size, default_value = "0")]
+    bandwidth: u64,
+    /// Largest change set, raw bytes (e.g. 16M).
+    #[arg(long, value_parser = size)]
+    batch_bytes: Option<u64>,
+    /// Most records per change set.
+    #[arg(long)]
+    batch_records: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+struct SidecarStatusArgs {
+    /// State directory of the filter.
+    #[arg(long)]
+    state: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Dispatch `ferry sidecar`.
+pub fn run_sidecar(args: SidecarArgs) -> Result<ExitCode> {
+    match args.command {
+        Some(SidecarCommand::Status(s)) => sidecar_status(&s),
+        None => sidecar(args.daemon),
+    }
+}
+
+fn sidecar(args: SidecarDaemonArgs) -> Result<ExitCode> {
+    let state = args.state.context("give --state DIR (the filter's)")?;
+    let target = args.target.context("give --target HOST:PORT")?;
+    let creds = args
+        .credentials
+        .context("give --credentials DIR (made by `ferry credentials init`)")?;
+    let mut cfg = SidecarConfig::new(state, target, creds);
+    cfg.host = args.host;
+    cfg.bandwidth = args.bandwidth;
+    if let Some(b) = args.batch_bytes {
+        cfg.limits.max_bytes = usize::try_from(b).context("--batch-bytes")?;
+    }
+    if let Some(r) = args.batch_records {
+        cfg.limits.max_records = r;
+    }
+    let stop = stop_flag()?;
+    sidecar_daemon::run(cfg, stop)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sidecar_status(args: &SidecarStatusArgs) -> Result<ExitCode> {
+    let path = metrics_path(&args.state);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!(
+                "ferry: no sidecar metrics at {} ({e}): is `ferry sidecar` running?",
+                path.display()
+            );
+            return Ok(ExitCode::from(EXIT_ERROR));
+        }
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).context("parse metrics")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "sidecar of host {} -> {}",
+        v["host"].as_str().unwrap_or("?"),
+        v["target"].as_str().unwrap_or("?")
+    );
+    for d in v["disks"].as_array().into_iter().flatten() {
+        let u = |k: &str| d[k].as_u64().unwrap_or(0);
+        let f = |k: &str| d[k].as_f64().unwrap_or(0.0);
+        println!();
+        println!(
+            "{}  ({}, epoch {}, acked seq {})",
+            d["disk"].as_str().unwrap_or("?"),
+            if d["connected"].as_bool() == Some(true) {
+                "connected"
+            } else {
+                "not connected"
+            },
+            u("epoch"),
+            u("acked_seq")
+        );
+        println!(
+            "  lag          {} records, {}, {:.1} s",
+            u("lag_records"),
+            human_bytes(u("lag_bytes")),
+            f("lag_seconds")
+        );
+        println!("  churn        {}/s", human_f64(f("churn_bytes_per_sec")));
+        println!(
+            "  shipped      {} raw -> {} on the wire ({:.2}x), {} change sets ({} resync)",
+            human_bytes(u("raw_bytes")),
+            human_bytes(u("shipped_bytes")),
+            f("compression_ratio"),
+            u("change_sets"),
+            u("resync_sets")
+        );
+        match d["consistent_since"].as_u64() {
+            Some(s) => println!("  consistency  consistent since seq {s}"),
+            None => println!("  consistency  inconsistent (resync running or pending)"),
+        }
+        if let Some(e) = d["last_error"].as_str() {
+            println!("  last error   {e}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn metrics_path(state: &Path) -> PathBuf {
+    state.join(SIDECAR_DIR).join(METRICS_FILE)
+}

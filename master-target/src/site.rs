@@ -1,0 +1,568 @@
+//! The recovery site's data directory: one journal, replica and status per
+//! protected disk, and the background applier that keeps each replica up
+//! to date.
+//!
+//! # Layout
+//!
+//! ```text
+//! DATA/
+//!   target.lock                 flock held by the running `ferry target`
+//!   hosts/HOST/DISK/
+//!     journal/ applied          the durable journal (see crate::journal)
+//!     replica.vhd|.img          the replica image (VHD dynamic by default)
+//!     status.json               what `ferry target status` shows, replaced
+//!                               atomically by the daemon (see DiskStatus)
+//! ```
+//!
+//! # Ownership
+//!
+//! A [`DiskHandle`] owns a disk's journal (behind one mutex: appends from
+//! the connection, reads and watermark updates from the applier) and its
+//! status. Its applier thread (`apply-HOST-DISK`) is the only user of the
+//! replica: it takes the next unapplied change set from the journal under
+//! the lock, applies it without the lock (so acks are not held up by image
+//! writes), then records the watermark under the lock.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferry_protocol::message::{ChangeKind, ChangeSet, ChangeSetHeader, Progress};
+use ferry_protocol::payload::Key;
+use ferry_vhd::Format;
+use serde::{Deserialize, Serialize};
+
+use crate::applier::{ApplyStats, Replica};
+use crate::error::{Error, ErrorKind, Result};
+use crate::journal::{Appended, Journal};
+
+/// File name of the per-disk status.
+pub const STATUS_FILE: &str = "status.json";
+/// Directory holding the hosts.
+pub const HOSTS_DIR: &str = "hosts";
+/// How often an idle applier rewrites its status (for lag seconds and
+/// liveness).
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Now as UNIX nanoseconds.
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Whether the replica equals a prefix of the source's write order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum Consistency {
+    /// The replica equals the source at every sequence from `since` up to
+    /// the applied sequence.
+    Consistent {
+        /// First consistent sequence.
+        since: u64,
+    },
+    /// Not a consistent prefix; `reason` says why.
+    Inconsistent {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Consistency {
+    /// The consistency after applying a set with header `h`.
+    pub fn after(h: &ChangeSetHeader) -> Consistency {
+        if h.consistent_from != 0 {
+            return Consistency::Consistent {
+                since: h.consistent_from,
+            };
+        }
+        let reason = match h.kind {
+            ChangeKind::Resync => format!(
+                "resync in progress (epoch {}, seq {}..={}): regions re-read from the source",
+                h.epoch, h.first_seq, h.last_seq
+            ),
+            ChangeKind::WriteOrder => format!(
+                "epoch {}: waiting for the resync of missed regions to complete",
+                h.epoch
+            ),
+        };
+        Consistency::Inconsistent { reason }
+    }
+
+    /// `consistent_from` as the wire carries it (0: inconsistent).
+    pub fn wire(&self) -> u64 {
+        match self {
+            Consistency::Consistent { since } => *since,
+            Consistency::Inconsistent { .. } => 0,
+        }
+    }
+}
+
+/// Source-side lag as the sidecar last reported it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SourceLag {
+    /// Records not yet acknowledged.
+    pub records: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+    /// Age of the oldest, seconds.
+    pub seconds: f64,
+    /// When the report arrived (UNIX ns).
+    pub reported_ns: u64,
+}
+
+/// What `ferry target status` shows for one disk (`status.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskStatus {
+    /// Host name.
+    pub host: String,
+    /// Disk name.
+    pub disk: String,
+    /// Disk size in bytes.
+    pub size: u64,
+    /// Last durable (received) sequence.
+    pub received_seq: Option<u64>,
+    /// Applied sequence (the replica holds everything up to it).
+    pub applied_seq: Option<u64>,
+    /// Epoch of the last durable change set.
+    pub epoch: Option<u64>,
+    /// Change sets received and not yet applied.
+    pub apply_backlog_sets: u64,
+    /// Their stored bytes.
+    pub apply_backlog_bytes: u64,
+    /// Source-side lag (ring and spool), as last reported.
+    pub source_lag: Option<SourceLag>,
+    /// Bytes in journal segment files.
+    pub journal_bytes: u64,
+    /// Replica image.
+    pub replica_path: PathBuf,
+    /// Replica format (`vhd-dynamic`, `vhd-fixed`, `raw`).
+    pub replica_format: String,
+    /// Consistency of the applied replica.
+    pub consistency: Consistency,
+    /// The last sequence error reported to the sender, if any.
+    pub last_gap: Option<String>,
+    /// The last apply error, if the applier is stuck.
+    pub apply_error: Option<String>,
+    /// Change sets and raw bytes received since the daemon started.
+    pub received_sets: u64,
+    /// Sealed bytes received since the daemon started.
+    pub received_bytes: u64,
+    /// Of those, bytes of Resync sets.
+    pub resync_bytes: u64,
+    /// Whether a sidecar is connected for this disk.
+    pub connected: bool,
+    /// When this status was written (UNIX ns).
+    pub updated_ns: u64,
+}
+
+/// How a disk's replica is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SiteOptions {
+    /// Replica format for new disks.
+    pub replica_format: Format,
+}
+
+impl Default for SiteOptions {
+    fn default() -> Self {
+        SiteOptions {
+            replica_format: Format::VhdDynamic,
+        }
+    }
+}
+
+fn replica_file(format: Format) -> &'static str {
+    match format {
+        Format::Raw => "replica.img",
+        _ => "replica.vhd",
+    }
+}
+
+/// One protected disk at the site.
+#[derive(Debug)]
+pub struct DiskHandle {
+    host: String,
+    disk: String,
+    dir: PathBuf,
+    key: Key,
+    journal: Mutex<Journal>,
+    status: Mutex<DiskStatus>,
+    wake: Condvar,
+    stop: AtomicBool,
+}
+
+impl DiskHandle {
+    /// Host name.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Disk name.
+    pub fn disk(&self) -> &str {
+        &self.disk
+    }
+
+    /// The key the disk's payloads are sealed with.
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+
+    fn status(&self) -> MutexGuard<'_, DiskStatus> {
+        self.status.lock().expect("status lock")
+    }
+
+    fn journal(&self) -> MutexGuard<'_, Journal> {
+        self.journal.lock().expect("journal lock")
+    }
+
+    /// Where the stream resumes: (next seq, epoch, consistent_from of the
+    /// last durable set).
+    pub fn resume_point(&self) -> (u64, u64, u64) {
+        let j = self.journal();
+        let next = j.last_seq().map_or(0, |s| s.saturating_add(1));
+        let epoch = j.epoch().unwrap_or(0);
+        let consistent = match j.last_change_set() {
+            Some(Ok(cs)) => cs.header.consistent_from,
+            _ => 0,
+        };
+        (next, epoch, consistent)
+    }
+
+    /// Append `cs` durably (fsync) and wake the applier. The caller acks
+    /// only on `Ok`.
+    pub fn append(&self, cs: &ChangeSet) -> Result<Appended> {
+        let appended = {
+            let mut j = self.journal();
+            let a = j.append(cs);
+            if let Err(e) = &a {
+                if e.kind() == ErrorKind::Gap {
+                    self.status().last_gap = Some(e.to_string());
+                }
+            }
+            let a = a?;
+            let mut st = self.status();
+            st.received_seq = Some(a.last_seq);
+            st.epoch = Some(cs.header.epoch);
+            st.received_sets += 1;
+            let n = u64::try_from(cs.payload.len()).unwrap_or(u64::MAX);
+            st.received_bytes += n;
+            if cs.header.kind == ChangeKind::Resync {
+                st.resync_bytes += n;
+            }
+            st.journal_bytes = j.bytes();
+            a
+        };
+        self.wake.notify_all();
+        Ok(appended)
+    }
+
+    /// The last durable sequence (for duplicate acks).
+    pub fn last_seq(&self) -> Option<u64> {
+        self.journal().last_seq()
+    }
+
+    /// Record the sidecar's lag report.
+    pub fn report_progress(&self, p: &Progress) {
+        let mut st = self.status();
+        st.source_lag = Some(SourceLag {
+            records: p.lag_records,
+            bytes: p.lag_bytes,
+            seconds: Duration::from_nanos(p.lag_ns).as_secs_f64(),
+            reported_ns: now_ns(),
+        });
+    }
+
+    /// Mark the disk connected or not.
+    pub fn set_connected(&self, connected: bool) {
+        self.status().connected = connected;
+        self.wake.notify_all();
+    }
+
+    /// A copy of the current status.
+    pub fn snapshot(&self) -> DiskStatus {
+        self.status().clone()
+    }
+
+    /// Write `status.json` atomically.
+    fn write_status(&self) {
+        let mut st = self.snapshot();
+        st.updated_ns = now_ns();
+        let path = self.dir.join(STATUS_FILE);
+        if let Err(e) = write_json_atomically(&path, &st) {
+            tracing::warn!(host = %self.host, disk = %self.disk, error = %e, "cannot write status.json");
+        }
+    }
+
+    /// Block until the applier has applied `seq` or `timeout` passes.
+    pub fn wait_applied(&self, seq: u64, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut st = self.status();
+        loop {
+            if st.applied_seq.is_some_and(|a| a >= seq) {
+                return true;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self
+                .wake
+                .wait_timeout(st, deadline - now)
+                .expect("status lock")
+                .0;
+        }
+    }
+
+    /// The applier loop: apply every durable change set beyond the
+    /// watermark, in order; see the module docs.
+    fn run_applier(self: Arc<Self>, mut replica: Replica) {
+        let mut stats = ApplyStats::default();
+        self.refresh_backlog();
+        self.write_status();
+        while !self.stop.load(Ordering::Relaxed) {
+            let next = {
+                let j = self.journal();
+                let from = j.applied().map_or(0, |a| a.saturating_add(1));
+                match j.last_seq() {
+                    Some(last) if j.applied().is_none_or(|a| a < last) => j.iter_from(from).next(),
+                    _ => None,
+                }
+            };
+            let Some(next) = next else {
+                self.idle_wait();
+                continue;
+            };
+            let applied = next.map_err(|e| e.to_string()).and_then(|cs| {
+                replica
+                    .apply_change_set(&cs, &self.key, &mut stats)
+                    .map_err(|e| e.to_string())?;
+                self.journal()
+                    .set_applied(cs.header.last_seq)
+                    .map_err(|e| e.to_string())?;
+                Ok(cs)
+            });
+            match applied {
+                Ok(cs) => {
+                    {
+                        let mut st = self.status();
+                        st.applied_seq = Some(cs.header.last_seq);
+                        st.consistency = Consistency::after(&cs.header);
+                        st.apply_error = None;
+                    }
+                    self.refresh_backlog();
+                    self.wake.notify_all();
+                }
+                Err(e) => {
+                    tracing::error!(host = %self.host, disk = %self.disk, error = %e, "applying the journal failed; retrying in 5 s");
+                    self.status().apply_error = Some(e);
+                    self.write_status();
+                    self.sleep(Duration::from_secs(5));
+                }
+            }
+        }
+        self.write_status();
+    }
+
+    fn refresh_backlog(&self) {
+        let (sets, bytes, journal_bytes) = {
+            let j = self.journal();
+            let (s, b) = j.unapplied();
+            (s, b, j.bytes())
+        };
+        let mut st = self.status();
+        st.apply_backlog_sets = sets;
+        st.apply_backlog_bytes = bytes;
+        st.journal_bytes = journal_bytes;
+    }
+
+    fn idle_wait(&self) {
+        self.write_status();
+        let st = self.status();
+        let _ = self.wake.wait_timeout(st, STATUS_INTERVAL);
+    }
+
+    fn sleep(&self, d: Duration) {
+        let st = self.status();
+        let _ = self
+            .wake
+            .wait_timeout_while(st, d, |_| !self.stop.load(Ordering::Relaxed));
+    }
+}
+
+/// Write `value` as pretty JSON to `path` atomically (temp + fsync + rename).
+pub fn write_json_atomically(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(&text)?;
+        f.write_all(b"\n")?;
+        f.sync_data()?;
+    }
+    fs::rename(&tmp, path)
+}
+
+/// Every disk the site holds, opened lazily when a sidecar announces it.
+#[derive(Debug)]
+pub struct Site {
+    dir: PathBuf,
+    options: SiteOptions,
+    disks: Mutex<HashMap<(String, String), Arc<DiskHandle>>>,
+    appliers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Site {
+    /// A site rooted at `dir` (created if missing).
+    pub fn new(dir: &Path, options: SiteOptions) -> Result<Site> {
+        fs::create_dir_all(dir.join(HOSTS_DIR))
+            .map_err(|e| Error::io("create data directory", dir, e))?;
+        Ok(Site {
+            dir: dir.to_path_buf(),
+            options,
+            disks: Mutex::new(HashMap::new()),
+            appliers: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Open (or create) the journal and replica of `host`/`disk`, start its
+    /// applier, and return the handle. An existing replica must have the
+    /// announced size.
+    pub fn disk(&self, host: &str, disk: &str, size: u64, key: Key) -> Result<Arc<DiskHandle>> {
+        crate::journal::validate_disk_name(host)?;
+        crate::journal::validate_disk_name(disk)?;
+        let mut disks = self.disks.lock().expect("site lock");
+        if let Some(d) = disks.get(&(host.to_owned(), disk.to_owned())) {
+            let have = d.snapshot().size;
+            if have != size {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    "open disk",
+                    format!("disk {host}/{disk} is {have} bytes at the target, the sidecar announced {size}"),
+                ));
+            }
+            return Ok(Arc::clone(d));
+        }
+        let host_dir = self.dir.join(HOSTS_DIR).join(host);
+        let disk_dir = host_dir.join(disk);
+        fs::create_dir_all(&disk_dir)
+            .map_err(|e| Error::io("create disk directory", &disk_dir, e))?;
+        let (journal, recovery) = Journal::open(&host_dir, disk)?;
+        if let Some((path, at)) = &recovery.torn_tail {
+            tracing::warn!(host, disk, path = %path.display(), offset = at, bytes = recovery.truncated_bytes, "journal: torn tail cut (an unacknowledged append)");
+        }
+        let format = existing_replica_format(&disk_dir).unwrap_or(self.options.replica_format);
+        let replica_path = disk_dir.join(replica_file(format));
+        let replica = Replica::open_or_create(&replica_path, format, size).map_err(|e| {
+            Error::new(ErrorKind::InvalidInput, "open replica", e.to_string())
+                .at_path(&replica_path)
+        })?;
+        let consistency = match journal.applied().and_then(|a| journal.iter_from(a).next()) {
+            Some(Ok(cs)) => Consistency::after(&cs.header),
+            _ => Consistency::Inconsistent {
+                reason: "no change set applied yet (initial copy pending)".into(),
+            },
+        };
+        let status = DiskStatus {
+            host: host.to_owned(),
+            disk: disk.to_owned(),
+            size,
+            received_seq: journal.last_seq(),
+            applied_seq: journal.applied(),
+            epoch: journal.epoch(),
+            apply_backlog_sets: 0,
+            apply_backlog_bytes: 0,
+            source_lag: None,
+            journal_bytes: journal.bytes(),
+            replica_path: replica_path.clone(),
+            replica_format: format.to_string(),
+            consistency,
+            last_gap: None,
+            apply_error: None,
+            received_sets: 0,
+            received_bytes: 0,
+            resync_bytes: 0,
+            connected: false,
+            updated_ns: now_ns(),
+        };
+        let handle = Arc::new(DiskHandle {
+            host: host.to_owned(),
+            disk: disk.to_owned(),
+            dir: disk_dir,
+            key,
+            journal: Mutex::new(journal),
+            status: Mutex::new(status),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let h = Arc::clone(&handle);
+        let thread = std::thread::Builder::new()
+            .name(format!("apply-{host}-{disk}"))
+            .spawn(move || h.run_applier(replica))
+            .map_err(|e| Error::io("spawn applier", Path::new(disk), e))?;
+        self.appliers.lock().expect("appliers").push(thread);
+        disks.insert((host.to_owned(), disk.to_owned()), Arc::clone(&handle));
+        Ok(handle)
+    }
+
+    /// Stop every applier (after its current change set) and wait for them.
+    pub fn shutdown(&self) {
+        for d in self.disks.lock().expect("site lock").values() {
+            d.stop.store(true, Ordering::Relaxed);
+            d.wake.notify_all();
+        }
+        let threads: Vec<_> = self.appliers.lock().expect("appliers").drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn existing_replica_format(disk_dir: &Path) -> Option<Format> {
+    if disk_dir.join("replica.img").exists() {
+        return Some(Format::Raw);
+    }
+    let vhd = disk_dir.join("replica.vhd");
+    if vhd.exists() {
+        return ferry_vhd::open(&vhd, ferry_vhd::OpenOptions::read_only())
+            .ok()
+            .map(|i| i.format());
+    }
+    None
+}
+
+/// Every `status.json` under `DATA/hosts`, sorted by host and disk.
+pub fn read_statuses(data: &Path) -> Result<Vec<DiskStatus>> {
+    let hosts = data.join(HOSTS_DIR);
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(&hosts) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::io("list hosts", &hosts, e)),
+    };
+    for host in entries.flatten() {
+        let Ok(disks) = fs::read_dir(host.path()) else {
+            continue;
+        };
+        for disk in disks.flatten() {
+            let path = disk.path().join(STATUS_FILE);
+            let Ok(text) = fs::read(&path) else { continue };
+            match serde_json::from_slice::<DiskStatus>(&text) {
+                Ok(st) => out.push(st),
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "unreadable status"),
+            }
+        }
+    }
+    out.sort_by(|a, b| (&a.host, &a.disk).cmp(&(&b.host, &b.disk)));
+    Ok(out)
+}

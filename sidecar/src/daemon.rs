@@ -1,0 +1,780 @@
+//! `ferry sidecar`: one shipping thread per protected disk (`ship-DISK`),
+//! each with its own TLS connection to the target, and a metrics writer.
+//!
+//! # One disk's loop
+//!
+//! 1. Open the disk's ring (`STATE/disks/NAME/ring`); connect with mutual
+//!    TLS, say Hello, read the resume point (next seq, epoch, consistency).
+//! 2. Decide the epoch ([`plan_epoch`]): continue the target's chain, or
+//!    open a new epoch when records may have been lost (the ring was
+//!    recreated since this sidecar last shipped from it, or the target
+//!    reported a gap), or start a fresh chain when the target holds nothing.
+//!    A target that lost a disk this sidecar shipped before gets a full
+//!    resync (`resync-all` on the filter).
+//! 3. Drain: [`drain_once`] ships sets and commits the ring after each
+//!    durable ack. When idle, settle the consistency claim (the filter
+//!    reports nothing dirty), report the lag, send heartbeats.
+//! 4. Any failure: drop the connection, back off (0.5 s doubling to 30 s),
+//!    go to 1. The ring keeps the unacknowledged records.
+//!
+//! # Local state (`STATE/sidecar/`)
+//!
+//! * `lock`: flock held while running (one sidecar per filter).
+//! * `nonce-stream`: see [`crate::stamp`].
+//! * `disks/NAME.json`: epoch, ring generation last shipped from, whether
+//!   anything was ever shipped ([`LocalDisk`]).
+//! * `metrics.json`: per-disk counters and lag, rewritten every second
+//!   ([`DiskMetrics`]).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ferry_protocol::message::{DiskHello, DiskResume, Progress};
+use ferry_protocol::payload::Key;
+use ferry_protocol::{credentials, frame, tls};
+use ferry_ring::ring::Consumer;
+use serde::{Deserialize, Serialize};
+
+use crate::batch::{BatchLimits, Batcher};
+use crate::error::{Error, ErrorKind, Result};
+use crate::filterctl::{FilterControl, FilterDisk};
+use crate::net::NetTransport;
+use crate::ship::drain_once;
+use crate::stamp::{next_nonce_stream, Consistency, DiskStamp, Nonces};
+
+/// The sidecar's directory inside the filter's state directory.
+pub const SIDECAR_DIR: &str = "sidecar";
+/// Metrics file name.
+pub const METRICS_FILE: &str = "metrics.json";
+/// Idle connections send a heartbeat this often.
+const HEARTBEAT: Duration = Duration::from_secs(10);
+/// Lag reports to the target this often.
+const PROGRESS: Duration = Duration::from_secs(1);
+/// Longest back-off between reconnects.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Network timeout for connect, handshake, each read and write.
+const NET_TIMEOUT: Duration = Duration::from_secs(60);
+/// Least time between two consistency tags requested of the filter.
+const TAG_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Now as UNIX nanoseconds.
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// How to run the sidecar.
+#[derive(Debug, Clone)]
+pub struct SidecarConfig {
+    /// The filter's state directory.
+    pub state: PathBuf,
+    /// Target address (`host:port`).
+    pub target: String,
+    /// Credentials directory (ca.crt, HOST.crt, HOST.key, HOST.datakey).
+    pub credentials: PathBuf,
+    /// Host name (default: the only `*.datakey` in the credentials).
+    pub host: Option<String>,
+    /// Change-set limits.
+    pub limits: BatchLimits,
+    /// Bytes per second on the wire (0: unlimited).
+    pub bandwidth: u64,
+    /// Largest frame sent.
+    pub max_frame: usize,
+}
+
+impl SidecarConfig {
+    /// Defaults for everything but the required paths.
+    pub fn new(state: PathBuf, target: String, credentials: PathBuf) -> SidecarConfig {
+        SidecarConfig {
+            state,
+            target,
+            credentials,
+            host: None,
+            limits: BatchLimits {
+                max_bytes: 16 << 20,
+                max_records: 16 << 10,
+            },
+            bandwidth: 0,
+            max_frame: frame::MAX_FRAME,
+        }
+    }
+}
+
+/// What the sidecar remembers of a disk between runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalDisk {
+    /// Epoch of the sets last built.
+    pub epoch: u64,
+    /// Generation of the ring last shipped from.
+    pub ring_generation: Option<u64>,
+    /// Whether the target ever acknowledged a set of this disk.
+    pub shipped: bool,
+}
+
+impl LocalDisk {
+    fn path(state: &Path, disk: &str) -> PathBuf {
+        state
+            .join(SIDECAR_DIR)
+            .join("disks")
+            .join(format!("{disk}.json"))
+    }
+
+    fn load(state: &Path, disk: &str) -> LocalDisk {
+        std::fs::read(Self::path(state, disk))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn save(&self, state: &Path, disk: &str) -> Result<()> {
+        let path = Self::path(state, disk);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                Error::with_source(ErrorKind::Io, format!("create {}", dir.display()), e)
+            })?;
+        }
+        write_json_atomically(&path, self)
+    }
+}
+
+fn write_json_atomically(path: &Path, value: &impl Serialize) -> Result<()> {
+    let io = |e: std::io::Error| {
+        Error::with_source(ErrorKind::Io, format!("write {}", path.display()), e)
+    };
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_vec_pretty(value).map_err(|e| io(std::io::Error::other(e)))?;
+    {
+        use std::io::Write;
+        let mut f = File::create(&tmp).map_err(io)?;
+        f.write_all(&text).map_err(io)?;
+        f.sync_data().map_err(io)?;
+    }
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// What the epoch decision says to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpochPlan {
+    /// Epoch to build sets in.
+    pub epoch: u64,
+    /// Whether this opens a new epoch (the replica becomes inconsistent).
+    pub new_epoch: bool,
+    /// Whether the whole disk must be resynced (the target lost it).
+    pub resync_all: bool,
+}
+
+/// Decide the epoch after the target's resume point; see the module docs.
+pub fn plan_epoch(local: &LocalDisk, resume: &DiskResume, generation: u64, gap: bool) -> EpochPlan {
+    let epoch = local.epoch.max(resume.epoch).max(1);
+    if resume.next_seq == 0 {
+        // The target holds nothing: a fresh chain. If this sidecar shipped
+        // the disk before, the target lost it: copy everything again.
+        return EpochPlan {
+            epoch,
+            new_epoch: false,
+            resync_all: local.shipped,
+        };
+    }
+    let recreated = local.ring_generation != Some(generation);
+    if recreated || gap {
+        EpochPlan {
+            epoch: epoch + 1,
+            new_epoch: true,
+            // A gap with the same ring is unexplained: the filter's dirty
+            // bits need not cover it.
+            resync_all: gap && !recreated,
+        }
+    } else {
+        EpochPlan {
+            epoch,
+            new_epoch: false,
+            resync_all: false,
+        }
+    }
+}
+
+/// Per-disk counters (`metrics.json`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DiskMetrics {
+    /// Disk name.
+    pub disk: String,
+    /// Connected to the target.
+    pub connected: bool,
+    /// Current epoch.
+    pub epoch: u64,
+    /// Last sequence acknowledged.
+    pub acked_seq: u64,
+    /// Change sets acknowledged since start.
+    pub change_sets: u64,
+    /// Of those, Resync sets.
+    pub resync_sets: u64,
+    /// Records shipped.
+    pub records: u64,
+    /// Raw data bytes shipped (before compression).
+    pub raw_bytes: u64,
+    /// Sealed bytes sent (after compression and encryption).
+    pub shipped_bytes: u64,
+    /// Raw bytes of Resync sets.
+    pub resync_raw_bytes: u64,
+    /// Re-read zero bytes sent as Zero extents.
+    pub zero_bytes: u64,
+    /// raw / shipped.
+    pub compression_ratio: f64,
+    /// Raw bytes per second over the last metrics interval (the churn).
+    pub churn_bytes_per_sec: f64,
+    /// Records not yet acknowledged.
+    pub lag_records: u64,
+    /// Their payload bytes.
+    pub lag_bytes: u64,
+    /// Age of the oldest unacknowledged record, seconds (the RPO).
+    pub lag_seconds: f64,
+    /// Consistent from this sequence (None: inconsistent).
+    pub consistent_since: Option<u64>,
+    /// Reconnects since start.
+    pub reconnects: u64,
+    /// The last error, if the disk is not shipping.
+    pub last_error: Option<String>,
+    /// When written (UNIX ns).
+    pub updated_ns: u64,
+}
+
+/// The host name to use: the configured one, or the only data key in the
+/// credentials directory.
+pub fn host_name(cfg: &SidecarConfig) -> Result<String> {
+    if let Some(h) = &cfg.host {
+        return Ok(h.clone());
+    }
+    let dir = std::fs::read_dir(&cfg.credentials).map_err(|e| {
+        Error::with_source(
+            ErrorKind::Io,
+            format!("read credentials {}", cfg.credentials.display()),
+            e,
+        )
+    })?;
+    let hosts: Vec<String> = dir
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".datakey"))
+                .map(str::to_owned)
+        })
+        .collect();
+    match hosts.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(Error::new(
+            ErrorKind::Io,
+            format!(
+                "no HOST.datakey in {}: run `ferry credentials init {} --host NAME`",
+                cfg.credentials.display(),
+                cfg.credentials.display()
+            ),
+        )),
+        many => Err(Error::new(
+            ErrorKind::Io,
+            format!(
+                "{} hosts in {} ({}): pass --host",
+                many.len(),
+                cfg.credentials.display(),
+                many.join(", ")
+            ),
+        )),
+    }
+}
+
+fn lock(state: &Path) -> Result<File> {
+    let dir = state.join(SIDECAR_DIR);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::with_source(ErrorKind::Io, format!("create {}", dir.display()), e))?;
+    let path = dir.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::with_source(ErrorKind::Io, format!("open {}", path.display()), e))?;
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!(
+                "another ferry sidecar runs on {} ({} is locked)",
+                state.display(),
+                path.display()
+            ),
+        ));
+    }
+    Ok(f)
+}
+
+/// Everything the disk threads share.
+struct Shared {
+    cfg: SidecarConfig,
+    host: String,
+    tls: Arc<rustls::ClientConfig>,
+    filter: FilterControl,
+    stop: Arc<AtomicBool>,
+    metrics: Mutex<BTreeMap<String, DiskMetrics>>,
+    nonce_lock: Mutex<()>,
+}
+
+impl Shared {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Sleep up to `d`, waking early on stop.
+    fn nap(&self, d: Duration) {
+        let end = Instant::now() + d;
+        while !self.stopping() {
+            let now = Instant::now();
+            if now >= end {
+                return;
+            }
+            std::thread::sleep((end - now).min(Duration::from_millis(100)));
+        }
+    }
+
+    fn metrics(&self, disk: &str, f: impl FnOnce(&mut DiskMetrics)) {
+        let mut m = self.metrics.lock().expect("metrics lock");
+        let e = m.entry(disk.to_owned()).or_insert_with(|| DiskMetrics {
+            disk: disk.to_owned(),
+            ..DiskMetrics::default()
+        });
+        f(e);
+    }
+}
+
+/// Run until `stop` is set.
+pub fn run(cfg: SidecarConfig, stop: Arc<AtomicBool>) -> Result<()> {
+    let _lock = lock(&cfg.state)?;
+    let host = host_name(&cfg)?;
+    let tls = tls::client_config(&cfg.credentials, &host)
+        .map_err(|e| Error::protocol(format!("load credentials of host {host}"), e))?;
+    let filter = FilterControl::new(&cfg.state);
+    let shared = Arc::new(Shared {
+        cfg,
+        host,
+        tls,
+        filter,
+        stop,
+        metrics: Mutex::new(BTreeMap::new()),
+        nonce_lock: Mutex::new(()),
+    });
+    let disks = wait_for_filter(&shared)?;
+    let mut threads = Vec::new();
+    for disk in disks {
+        let s = Arc::clone(&shared);
+        let name = disk.name.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("ship-{name}"))
+            .spawn(move || disk_thread(&s, &disk))
+            .map_err(|e| Error::with_source(ErrorKind::Io, format!("spawn ship-{name}"), e))?;
+        threads.push(t);
+    }
+    tracing::info!(host = %shared.host, target = %shared.cfg.target, disks = threads.len(), "sidecar running");
+    let metrics_path = shared.cfg.state.join(SIDECAR_DIR).join(METRICS_FILE);
+    let mut last_raw: BTreeMap<String, (u64, Instant)> = BTreeMap::new();
+    while !shared.stopping() {
+        write_metrics(&shared, &metrics_path, &mut last_raw);
+        shared.nap(Duration::from_secs(1));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    write_metrics(&shared, &metrics_path, &mut last_raw);
+    Ok(())
+}
+
+fn write_metrics(shared: &Shared, path: &Path, last_raw: &mut BTreeMap<String, (u64, Instant)>) {
+    let now = Instant::now();
+    let snapshot: Vec<DiskMetrics> = {
+        let mut m = shared.metrics.lock().expect("metrics lock");
+        for d in m.values_mut() {
+            let (raw0, t0) = last_raw.get(&d.disk).copied().unwrap_or((d.raw_bytes, now));
+            let secs = now.duration_since(t0).as_secs_f64();
+            if secs > 0.0 {
+                d.churn_bytes_per_sec = (d.raw_bytes - raw0.min(d.raw_bytes)) as f64 / secs;
+            }
+            last_raw.insert(d.disk.clone(), (d.raw_bytes, now));
+            d.updated_ns = now_ns();
+        }
+        m.values().cloned().collect()
+    };
+    #[derive(Serialize)]
+    struct Metrics<'a> {
+        host: &'a str,
+        target: &'a str,
+        disks: Vec<DiskMetrics>,
+    }
+    let m = Metrics {
+        host: &shared.host,
+        target: &shared.cfg.target,
+        disks: snapshot,
+    };
+    if let Err(e) = write_json_atomically(path, &m) {
+        tracing::warn!(error = %e, "cannot write metrics");
+    }
+}
+
+/// The filter's disks, waiting (with a log line) until the filter answers.
+fn wait_for_filter(shared: &Shared) -> Result<Vec<FilterDisk>> {
+    let mut logged = false;
+    loop {
+        match shared.filter.status() {
+            Ok(st) => return Ok(st.disks),
+            Err(e) if !logged => {
+                tracing::warn!(error = %e, "waiting for the filter");
+                logged = true;
+            }
+            Err(_) => {}
+        }
+        if shared.stopping() {
+            return Ok(Vec::new());
+        }
+        shared.nap(Duration::from_millis(500));
+    }
+}
+
+fn disk_thread(shared: &Shared, disk: &FilterDisk) {
+    let mut backoff = Duration::from_millis(500);
+    let mut session = match DiskSession::new(shared, disk) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(disk = %disk.name, error = %e, "cannot ship this disk");
+            shared.metrics(&disk.name, |m| m.last_error = Some(e.to_string()));
+            return;
+        }
+    };
+    while !shared.stopping() {
+        let started = Instant::now();
+        match session.connect_and_ship(shared) {
+            Ok(()) => break,
+            Err(e) => {
+                if e.kind() == ErrorKind::Gap {
+                    session.gap = true;
+                }
+                tracing::warn!(disk = %disk.name, error = %e, retry_in = ?backoff, "shipping interrupted");
+                shared.metrics(&disk.name, |m| {
+                    m.connected = false;
+                    m.reconnects += 1;
+                    m.last_error = Some(e.to_string());
+                });
+            }
+        }
+        if started.elapsed() > MAX_BACKOFF {
+            backoff = Duration::from_millis(500);
+        }
+        shared.nap(backoff);
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+    shared.metrics(&disk.name, |m| m.connected = false);
+}
+
+/// One disk's shipping state across reconnects.
+struct DiskSession {
+    name: String,
+    size: u64,
+    ring_path: PathBuf,
+    backing: File,
+    key: Key,
+    nonces: Nonces,
+    consumer: Option<Consumer>,
+    local: LocalDisk,
+    /// The target reported a gap: open a new epoch on reconnect.
+    gap: bool,
+}
+
+impl DiskSession {
+    fn new(shared: &Shared, disk: &FilterDisk) -> Result<DiskSession> {
+        let key = credentials::data_key(&shared.cfg.credentials, &shared.host, &disk.name)
+            .map_err(|e| Error::protocol(format!("data key of disk {}", disk.name), e))?;
+        let backing = File::open(&disk.path).map_err(|e| {
+            Error::with_source(ErrorKind::Io, format!("open {}", disk.path.display()), e)
+        })?;
+        let stream = {
+            let _g = shared.nonce_lock.lock().expect("nonce lock");
+            next_nonce_stream(&shared.cfg.state.join(SIDECAR_DIR))?
+        };
+        Ok(DiskSession {
+            name: disk.name.clone(),
+            size: disk.size,
+            ring_path: shared.cfg.state.join("disks").join(&disk.name).join("ring"),
+            backing,
+            key,
+            nonces: Nonces::new(stream),
+            consumer: None,
+            local: LocalDisk::load(&shared.cfg.state, &disk.name),
+            gap: false,
+        })
+    }
+
+    /// The ring, reopened if the filter recreated it.
+    fn consumer(&mut self) -> Result<&mut Consumer> {
+        let stale = self
+            .consumer
+            .as_ref()
+            .is_some_and(|c| c.check_generation().is_err());
+        if stale || self.consumer.is_none() {
+            self.consumer = None;
+            let c = Consumer::open(&self.ring_path)
+                .map_err(|e| Error::ring(format!("open ring {}", self.ring_path.display()), e))?;
+            self.consumer = Some(c);
+        }
+        self.consumer
+            .as_mut()
+            .ok_or_else(|| Error::new(ErrorKind::Ring, "ring not open"))
+    }
+
+    fn connect_and_ship(&mut self, shared: &Shared) -> Result<()> {
+        let generation = self.consumer()?.generation();
+        let stream = tls::connect(&shared.cfg.target, Arc::clone(&shared.tls), NET_TIMEOUT)
+            .map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Transport,
+                    format!("connect to {}", shared.cfg.target),
+                    e,
+                )
+            })?;
+        let hello = DiskHello {
+            name: self.name.clone(),
+            size: self.size,
+            ring_generation: generation,
+        };
+        let (mut transport, resume) = NetTransport::handshake(
+            stream,
+            &shared.host,
+            vec![hello],
+            shared.cfg.max_frame,
+            shared.cfg.bandwidth,
+        )?;
+        let resume = resume
+            .into_iter()
+            .find(|r| r.name == self.name)
+            .ok_or_else(|| {
+                Error::new(ErrorKind::Rejected, "the target's Welcome lacks this disk")
+            })?;
+        let plan = plan_epoch(&self.local, &resume, generation, self.gap);
+        let mut consistency = Consistency::resume(resume.consistent_from);
+        if plan.resync_all {
+            let bytes = shared.filter.resync_all(&self.name)?;
+            tracing::warn!(disk = %self.name, bytes, "the target lacks this disk's data: full resync");
+        }
+        if plan.new_epoch || plan.resync_all || resume.next_seq == 0 {
+            consistency.broken_at(resume.next_seq);
+        }
+        if plan.new_epoch {
+            tracing::warn!(disk = %self.name, epoch = plan.epoch, "new epoch: records may be missing at the target; resyncing the dirty regions");
+        }
+        self.gap = false;
+        self.local.epoch = plan.epoch;
+        self.local.ring_generation = Some(generation);
+        self.local.save(&shared.cfg.state, &self.name)?;
+        let mut batcher = Batcher::new(
+            &shared.host,
+            &self.name,
+            plan.epoch,
+            resume.next_seq.saturating_sub(1),
+        )
+        .with_state_dir(&shared.cfg.state);
+        shared.metrics(&self.name, |m| {
+            m.connected = true;
+            m.epoch = plan.epoch;
+            m.last_error = None;
+        });
+        tracing::info!(disk = %self.name, next_seq = resume.next_seq, epoch = plan.epoch, consistent_from = resume.consistent_from, "connected to the target");
+        self.ship(shared, &mut transport, &mut batcher, &mut consistency)
+    }
+
+    fn ship(
+        &mut self,
+        shared: &Shared,
+        transport: &mut NetTransport<tls::ClientStream>,
+        batcher: &mut Batcher,
+        consistency: &mut Consistency,
+    ) -> Result<()> {
+        let limits = shared.cfg.limits;
+        let mut last_progress = Instant::now() - PROGRESS;
+        let mut last_traffic = Instant::now();
+        let mut last_tag: Option<Instant> = None;
+        let mut wire_consistent = false;
+        while !shared.stopping() {
+            let consumer = self
+                .consumer
+                .as_mut()
+                .ok_or_else(|| Error::new(ErrorKind::Ring, "ring not open"))?;
+            consumer
+                .check_generation()
+                .map_err(|e| Error::ring("the filter recreated the ring", e))?;
+            let mut barrier = || shared.filter.barrier();
+            let mut stamp = DiskStamp {
+                nonces: &mut self.nonces,
+                consistency,
+                barrier: &mut barrier,
+            };
+            let stats = drain_once(
+                consumer,
+                batcher,
+                &self.backing,
+                &self.key,
+                transport,
+                &mut stamp,
+                limits,
+            )?;
+            if stats.change_sets > 0 {
+                last_traffic = Instant::now();
+                wire_consistent = stats.last_consistent_from != 0;
+                if !self.local.shipped {
+                    self.local.shipped = true;
+                    self.local.save(&shared.cfg.state, &self.name)?;
+                }
+                shared.metrics(&self.name, |m| {
+                    m.change_sets += stats.change_sets;
+                    m.resync_sets += stats.resync_sets;
+                    m.records += stats.records;
+                    m.raw_bytes += stats.raw_bytes;
+                    m.shipped_bytes += stats.sealed_bytes;
+                    m.resync_raw_bytes += stats.resync_raw_bytes;
+                    m.zero_bytes += stats.zero_bytes;
+                    m.acked_seq = stats.last_seq;
+                    if m.shipped_bytes > 0 {
+                        m.compression_ratio = m.raw_bytes as f64 / m.shipped_bytes as f64;
+                    }
+                });
+            }
+            let idle = stats.change_sets == 0;
+            if idle && consistency.since().is_none() {
+                self.try_settle(shared, consistency)?;
+            }
+            if idle && consistency.since().is_some() && !wire_consistent {
+                // Nothing is being written: let a tag carry the claim.
+                if last_tag.is_none_or(|t| t.elapsed() >= TAG_INTERVAL) {
+                    last_tag = Some(Instant::now());
+                    match shared
+                        .filter
+                        .tag(&format!("ferry-consistent-{}", now_ns() / 1_000_000_000))
+                    {
+                        Ok(seq) => {
+                            tracing::info!(disk = %self.name, seq, "consistency point tagged")
+                        }
+                        Err(e) => {
+                            tracing::debug!(disk = %self.name, error = %e, "consistency tag refused; retrying later")
+                        }
+                    }
+                }
+            }
+            let consumer = self
+                .consumer
+                .as_mut()
+                .ok_or_else(|| Error::new(ErrorKind::Ring, "ring not open"))?;
+            if last_progress.elapsed() >= PROGRESS {
+                last_progress = Instant::now();
+                let lag = consumer
+                    .lag()
+                    .map_err(|e| Error::ring("read the ring's lag", e))?;
+                let lag_ns = lag
+                    .oldest_age
+                    .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+                transport.progress(Progress {
+                    disk: self.name.clone(),
+                    lag_records: lag.records,
+                    lag_bytes: lag.payload_bytes,
+                    lag_ns,
+                    time_ns: now_ns(),
+                })?;
+                let since = consistency.since();
+                shared.metrics(&self.name, |m| {
+                    m.lag_records = lag.records;
+                    m.lag_bytes = lag.payload_bytes;
+                    m.lag_seconds = Duration::from_nanos(lag_ns).as_secs_f64();
+                    m.consistent_since = since;
+                });
+            }
+            if last_traffic.elapsed() >= HEARTBEAT {
+                transport.heartbeat()?;
+                last_traffic = Instant::now();
+            }
+            if idle {
+                consumer
+                    .wait(Duration::from_millis(200))
+                    .map_err(|e| Error::ring("wait for records", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The filter says nothing is dirty and it is in the data state, and
+    /// every record published before it said so has been shipped: the
+    /// replica is consistent again (see [`Consistency::settle`]).
+    fn try_settle(&mut self, shared: &Shared, consistency: &mut Consistency) -> Result<()> {
+        let status = shared.filter.status()?;
+        let Some(d) = status.disks.iter().find(|d| d.name == self.name) else {
+            return Ok(());
+        };
+        if !d.settled() {
+            return Ok(());
+        }
+        let barrier = shared.filter.barrier()?;
+        let consumer = self
+            .consumer
+            .as_mut()
+            .ok_or_else(|| Error::new(ErrorKind::Ring, "ring not open"))?;
+        if consumer.committed() < consumer.published() {
+            // Records arrived meanwhile; they may be re-read data. Next round.
+            return Ok(());
+        }
+        if let Some(c) = consistency.settle(barrier) {
+            tracing::info!(disk = %self.name, consistent_from = c, "resync complete: the replica is consistent from this sequence");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resume(next_seq: u64, epoch: u64) -> DiskResume {
+        DiskResume {
+            name: "d".into(),
+            next_seq,
+            epoch,
+            consistent_from: 0,
+        }
+    }
+
+    #[test]
+    fn epoch_plans() {
+        let fresh = LocalDisk::default();
+        // First protection: a fresh chain at epoch 1, no resync-all.
+        let p = plan_epoch(&fresh, &resume(0, 0), 5, false);
+        assert_eq!((p.epoch, p.new_epoch, p.resync_all), (1, false, false));
+        // Same ring, target continues: same epoch.
+        let known = LocalDisk {
+            epoch: 3,
+            ring_generation: Some(5),
+            shipped: true,
+        };
+        let p = plan_epoch(&known, &resume(100, 3), 5, false);
+        assert_eq!((p.epoch, p.new_epoch, p.resync_all), (3, false, false));
+        // Ring recreated: new epoch, the dirty bits cover the loss.
+        let p = plan_epoch(&known, &resume(100, 3), 6, false);
+        assert_eq!((p.epoch, p.new_epoch, p.resync_all), (4, true, false));
+        // Gap with the same ring: unexplained, full resync.
+        let p = plan_epoch(&known, &resume(100, 3), 5, true);
+        assert_eq!((p.epoch, p.new_epoch, p.resync_all), (4, true, true));
+        // Target lost the disk this sidecar shipped before.
+        let p = plan_epoch(&known, &resume(0, 0), 5, false);
+        assert!(p.resync_all);
+        // The target's epoch is ahead of ours (another sidecar state).
+        let p = plan_epoch(&fresh, &resume(100, 7), 5, false);
+        assert_eq!((p.epoch, p.new_epoch), (8, true));
+    }
+}

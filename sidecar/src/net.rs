@@ -1,0 +1,193 @@
+//! The sidecar's end of the wire: Hello/Welcome, then change sets answered
+//! by acks (see `ferry_master_target::server` for the target's end).
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use ferry_protocol::message::{
+    reject, ChangeSet, DiskHello, DiskResume, Heartbeat, Hello, Message, Progress, PROTOCOL_VERSION,
+};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::ship::{Ack, Transport};
+
+/// Bandwidth limiter: a token bucket of one second.
+#[derive(Debug, Clone)]
+pub struct Throttle {
+    rate: u64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl Throttle {
+    /// At most `rate` bytes per second (0: unlimited).
+    pub fn new(rate: u64) -> Throttle {
+        Throttle {
+            rate,
+            tokens: 0.0,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// How long to wait before sending `bytes` more (and account for them).
+    pub fn delay_for(&mut self, bytes: u64) -> Duration {
+        if self.rate == 0 {
+            return Duration::ZERO;
+        }
+        let now = std::time::Instant::now();
+        let rate = self.rate as f64;
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(rate);
+        self.last = now;
+        self.tokens -= bytes as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / rate)
+        }
+    }
+}
+
+/// A connection to the target over any byte stream (TLS in the daemon).
+#[derive(Debug)]
+pub struct NetTransport<S: Read + Write> {
+    stream: S,
+    max_frame: usize,
+    throttle: Throttle,
+}
+
+fn transport_err(what: &str, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
+    Error::with_source(ErrorKind::Transport, what.to_owned(), e)
+}
+
+impl<S: Read + Write> NetTransport<S> {
+    /// Say Hello for `disks` of `host` and read the Welcome: the resume
+    /// point of each disk.
+    pub fn handshake(
+        mut stream: S,
+        host: &str,
+        disks: Vec<DiskHello>,
+        max_frame: usize,
+        bandwidth: u64,
+    ) -> Result<(NetTransport<S>, Vec<DiskResume>)> {
+        let hello = Message::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            host: host.to_owned(),
+            disks,
+        });
+        hello
+            .write_to(&mut stream)
+            .and_then(|()| stream.flush().map_err(Into::into))
+            .map_err(|e| transport_err("send Hello", e))?;
+        let mut t = NetTransport {
+            stream,
+            max_frame,
+            throttle: Throttle::new(bandwidth),
+        };
+        match t.read()? {
+            Message::Welcome(w) => Ok((t, w.resume)),
+            other => Err(unexpected(&other, "Welcome")),
+        }
+    }
+
+    fn read(&mut self) -> Result<Message> {
+        let m = Message::read_from(&mut self.stream, self.max_frame)
+            .map_err(|e| transport_err("read from the target", e))?;
+        if let Message::Reject(r) = &m {
+            let kind = if r.code == reject::GAP {
+                ErrorKind::Gap
+            } else {
+                ErrorKind::Rejected
+            };
+            return Err(Error::new(
+                kind,
+                format!("target refused (code {}): {}", r.code, r.message),
+            ));
+        }
+        Ok(m)
+    }
+
+    fn write(&mut self, m: &Message) -> Result<()> {
+        m.write_to(&mut self.stream)
+            .map_err(|e| transport_err("send to the target", e))?;
+        self.stream
+            .flush()
+            .map_err(|e| transport_err("send to the target", e))
+    }
+
+    /// Report the source side's lag (no answer expected).
+    pub fn progress(&mut self, p: Progress) -> Result<()> {
+        self.write(&Message::Progress(p))
+    }
+
+    /// A heartbeat, answered by one.
+    pub fn heartbeat(&mut self) -> Result<()> {
+        self.write(&Message::Heartbeat(Heartbeat {
+            time_ns: crate::daemon::now_ns(),
+        }))?;
+        match self.read()? {
+            Message::Heartbeat(_) => Ok(()),
+            other => Err(unexpected(&other, "Heartbeat")),
+        }
+    }
+
+    /// The underlying stream.
+    pub fn stream_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
+}
+
+fn unexpected(m: &Message, want: &str) -> Error {
+    Error::new(
+        ErrorKind::Transport,
+        format!(
+            "the target answered with message kind {} where {want} was expected",
+            m.kind()
+        ),
+    )
+}
+
+impl<S: Read + Write> Transport for NetTransport<S> {
+    fn send(&mut self, cs: ChangeSet) -> Result<Ack> {
+        let bytes = u64::try_from(cs.payload.len()).unwrap_or(u64::MAX);
+        let wait = self.throttle.delay_for(bytes);
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+        let m = Message::ChangeSet(cs);
+        let frame = m
+            .to_frame_bytes(self.max_frame)
+            .map_err(|e| Error::protocol("encode change set", e))?;
+        self.stream
+            .write_all(&frame)
+            .and_then(|()| self.stream.flush())
+            .map_err(|e| transport_err("send change set", e))?;
+        loop {
+            match self.read()? {
+                Message::Ack(a) => {
+                    return Ok(Ack {
+                        last_seq: a.last_seq,
+                    })
+                }
+                Message::Heartbeat(_) => continue,
+                other => return Err(unexpected(&other, "Ack")),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_paces_to_the_rate() {
+        let mut t = Throttle::new(1000);
+        // A full second's worth up front costs about a second.
+        let d = t.delay_for(1000);
+        assert!(
+            d > Duration::from_millis(900) && d <= Duration::from_secs(1),
+            "{d:?}"
+        );
+        assert_eq!(Throttle::new(0).delay_for(1 << 40), Duration::ZERO);
+    }
+}
