@@ -193,6 +193,7 @@ pub struct DiskHandle {
     key: Key,
     journal: Mutex<Journal>,
     status: Mutex<DiskStatus>,
+    status_file: Mutex<()>,
     wake: Condvar,
     stop: AtomicBool,
 }
@@ -258,6 +259,7 @@ impl DiskHandle {
             st.journal_bytes = j.bytes();
             a
         };
+        self.write_status();
         self.wake.notify_all();
         Ok(appended)
     }
@@ -289,12 +291,14 @@ impl DiskHandle {
         self.status().clone()
     }
 
-    /// Write `status.json` atomically.
+    /// Write `status.json` atomically (not synced: it is advisory, and
+    /// rewritten after every append and apply).
     fn write_status(&self) {
+        let _one_writer = self.status_file.lock().expect("status file lock");
         let mut st = self.snapshot();
         st.updated_ns = now_ns();
         let path = self.dir.join(STATUS_FILE);
-        if let Err(e) = write_json_atomically(&path, &st) {
+        if let Err(e) = write_json_atomically(&path, &st, false) {
             tracing::warn!(host = %self.host, disk = %self.disk, error = %e, "cannot write status.json");
         }
     }
@@ -356,6 +360,7 @@ impl DiskHandle {
                         st.apply_error = None;
                     }
                     self.refresh_backlog();
+                    self.write_status();
                     self.wake.notify_all();
                 }
                 Err(e) => {
@@ -395,15 +400,22 @@ impl DiskHandle {
     }
 }
 
-/// Write `value` as pretty JSON to `path` atomically (temp + fsync + rename).
-pub fn write_json_atomically(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+/// Write `value` as pretty JSON to `path` atomically (temp + rename; the
+/// temp file synced first when `durable`).
+pub fn write_json_atomically(
+    path: &Path,
+    value: &impl Serialize,
+    durable: bool,
+) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     let text = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
     {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(&text)?;
         f.write_all(b"\n")?;
-        f.sync_data()?;
+        if durable {
+            f.sync_data()?;
+        }
     }
     fs::rename(&tmp, path)
 }
@@ -502,6 +514,7 @@ impl Site {
             key,
             journal: Mutex::new(journal),
             status: Mutex::new(status),
+            status_file: Mutex::new(()),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
         });

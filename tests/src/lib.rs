@@ -375,3 +375,241 @@ impl Drop for Volume {
             .output();
     }
 }
+
+/// A ferry daemon (`ferry target`, `ferry sidecar`) started with a log
+/// file; SIGTERM then SIGKILL when dropped.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<Child>,
+    args: Vec<String>,
+    /// Its stderr log (appended across restarts).
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Start `ferry ARGS...`, logging to `log`.
+    pub fn start(args: &[&str], log: &Path) -> Daemon {
+        let mut d = Daemon {
+            child: None,
+            args: args.iter().map(|s| (*s).to_owned()).collect(),
+            log: log.to_path_buf(),
+        };
+        d.restart();
+        d
+    }
+
+    /// Start it again with the same arguments (after a kill or stop).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = Command::new(ferry_bin())
+            .args(&self.args)
+            .env("FERRY_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn ferry daemon");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, no cleanup (the crash case).
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait (SIGKILL after 30 s).
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+            // SAFETY: sending a signal to our own child process.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let exited = wait_until(std::time::Duration::from_secs(30), || {
+            child.try_wait().ok().flatten().is_some()
+        });
+        if !exited {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A recovery site on loopback: credentials for host `web01`, a running
+/// `ferry target` on a free port.
+#[derive(Debug)]
+pub struct Site {
+    /// Credentials directory.
+    pub creds: PathBuf,
+    /// Target data directory.
+    pub data: PathBuf,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    /// The target process.
+    pub target: Daemon,
+}
+
+impl Site {
+    /// `ferry credentials init DIR/creds --host web01`, then `ferry target`
+    /// on `127.0.0.1:0` (the bound port is read from its log).
+    pub fn start(dir: &Path) -> Site {
+        let creds = dir.join("creds");
+        let data = dir.join("site-b");
+        let out = ferry([
+            "credentials",
+            "init",
+            creds.to_str().expect("utf-8"),
+            "--host",
+            "web01",
+        ]);
+        expect_code(&out, 0, "ferry credentials init");
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let target = Daemon::start(
+            &[
+                "target",
+                "--data",
+                data.to_str().expect("utf-8"),
+                "--listen",
+                &addr,
+                "--credentials",
+                creds.to_str().expect("utf-8"),
+            ],
+            &dir.join("target.log"),
+        );
+        let site = Site {
+            creds,
+            data,
+            addr,
+            target,
+        };
+        site.wait_listening();
+        site
+    }
+
+    /// Wait until the target accepts connections.
+    pub fn wait_listening(&self) {
+        let up = wait_until(std::time::Duration::from_secs(20), || {
+            std::net::TcpStream::connect(&self.addr).is_ok()
+        });
+        assert!(
+            up,
+            "ferry target did not listen:\n{}",
+            self.target.log_text()
+        );
+    }
+
+    /// `ferry sidecar --state STATE --target ADDR --credentials CREDS`.
+    pub fn sidecar(&self, state: &Path, log: &Path) -> Daemon {
+        Daemon::start(
+            &[
+                "sidecar",
+                "--state",
+                state.to_str().expect("utf-8"),
+                "--target",
+                &self.addr,
+                "--credentials",
+                self.creds.to_str().expect("utf-8"),
+            ],
+            log,
+        )
+    }
+
+    /// `ferry target status --json`: the entry of `web01/DISK`, if any.
+    pub fn disk_status(&self, disk: &str) -> Option<serde_json::Value> {
+        let out = ferry([
+            "target",
+            "status",
+            "--json",
+            "--data",
+            self.data.to_str().expect("utf-8"),
+        ]);
+        expect_code(&out, 0, "ferry target status");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+        v["disks"]
+            .as_array()?
+            .iter()
+            .find(|d| d["host"] == "web01" && d["disk"] == disk)
+            .cloned()
+    }
+
+    /// The replica image of `web01/DISK`.
+    pub fn replica(&self, disk: &str) -> PathBuf {
+        self.data.join("hosts/web01").join(disk).join("replica.vhd")
+    }
+
+    /// Wait until everything the filter recorded for `disk` is applied at
+    /// the target: the filter's ring is empty and nothing is dirty, and the
+    /// target applied all it received. Panics with both logs on timeout.
+    pub fn wait_replicated(
+        &self,
+        filter_state: &Path,
+        disk: &str,
+        timeout: std::time::Duration,
+        sidecar: &Daemon,
+    ) {
+        let mut last = String::new();
+        let ok = wait_until(timeout, || {
+            let out = ferry([
+                "filter",
+                "status",
+                "--json",
+                "--state",
+                filter_state.to_str().expect("utf-8"),
+            ]);
+            let Ok(f) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+                return false;
+            };
+            let Some(fd) = f["disks"]
+                .as_array()
+                .and_then(|a| a.iter().find(|d| d["name"] == disk))
+                .cloned()
+            else {
+                return false;
+            };
+            let Some(t) = self.disk_status(disk) else {
+                return false;
+            };
+            last = format!("filter: {fd}\ntarget: {t}");
+            fd["lag_records"] == 0
+                && fd["dirty_bytes"] == 0
+                && fd["tracking"] == "data"
+                && t["apply_backlog_sets"] == 0
+                && t["applied_seq"] == t["received_seq"]
+        });
+        assert!(
+            ok,
+            "not replicated within {timeout:?}\n{last}\nsidecar log:\n{}\ntarget log:\n{}",
+            sidecar.log_text(),
+            self.target.log_text()
+        );
+    }
+}
+
+/// A TCP port free at the time of the call.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind a free port")
+}
