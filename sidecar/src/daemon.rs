@@ -652,6 +652,8 @@ impl DiskSession {
             let idle = stats.change_sets == 0;
             if idle && consistency.since().is_none() {
                 self.try_settle(shared, consistency)?;
+                let since = consistency.since();
+                shared.metrics(&self.name, |m| m.consistent_since = since);
             }
             if idle && consistency.since().is_some() && !wire_consistent {
                 // Nothing is being written: let a tag carry the claim.
