@@ -287,6 +287,9 @@ struct SidecarDaemonArgs {
     /// Most records per change set.
     #[arg(long)]
     batch_records: Option<usize>,
+    /// On-disk spool per disk for outages longer than the ring holds (e.g. 1G; 0 = none).
+    #[arg(long, value_parser = size)]
+    spool_size: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -321,6 +324,9 @@ fn sidecar(args: SidecarDaemonArgs) -> Result<ExitCode> {
     }
     if let Some(r) = args.batch_records {
         cfg.limits.max_records = r;
+    }
+    if let Some(sz) = args.spool_size {
+        cfg.spool_size = sz;
     }
     let stop = stop_flag()?;
     sidecar_daemon::run(cfg, stop)?;
@@ -379,6 +385,13 @@ fn sidecar_status(args: &SidecarStatusArgs) -> Result<ExitCode> {
             u("change_sets"),
             u("resync_sets")
         );
+        if u("spool_sets") > 0 {
+            println!(
+                "  spool        {} change sets, {} (target unreachable)",
+                u("spool_sets"),
+                human_bytes(u("spool_bytes"))
+            );
+        }
         match d["consistent_since"].as_u64() {
             Some(s) => println!("  consistency  consistent since seq {s}"),
             None => println!("  consistency  inconsistent (resync running or pending)"),

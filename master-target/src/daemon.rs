@@ -142,9 +142,7 @@ pub fn run(cfg: TargetConfig, stop: Arc<AtomicBool>, ready: impl FnOnce(&str)) -
                     tracing::error!(error = %e, "cannot spawn a connection thread");
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_readable(&listener),
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
                 std::thread::sleep(Duration::from_millis(200));
@@ -154,6 +152,18 @@ pub fn run(cfg: TargetConfig, stop: Arc<AtomicBool>, ready: impl FnOnce(&str)) -
     tracing::info!("target stopping");
     site.shutdown();
     Ok(())
+}
+
+/// Wait up to 100 ms for a connection to accept (then the stop flag is
+/// checked again).
+fn wait_readable(listener: &TcpListener) {
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one valid pollfd that lives across the call.
+    unsafe { libc::poll(&mut fd, 1, 100) };
 }
 
 fn handle(ctx: &ServerContext, tcp: TcpStream, cfg: Arc<rustls::ServerConfig>, peer: &str) {

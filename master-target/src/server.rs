@@ -317,6 +317,20 @@ fn receive(
             ))
         }
     };
+    let size = disk.snapshot().size;
+    if let Some(x) = h
+        .extents
+        .iter()
+        .find(|x| x.offset.checked_add(x.length).is_none_or(|end| end > size))
+    {
+        return Err(Refusal::new(
+            reject::MALFORMED,
+            format!(
+                "change set {}/{} [{}, {}]: extent {}+{} lies beyond the disk ({size} bytes)",
+                h.host, h.disk, h.first_seq, h.last_seq, x.offset, x.length
+            ),
+        ));
+    }
     verify_change_set(cs, disk.key()).map_err(|e| {
         Refusal::new(
             reject::BAD_SEAL,

@@ -15,12 +15,16 @@
 //!    durable ack. When idle, settle the consistency claim (the filter
 //!    reports nothing dirty), report the lag, send heartbeats.
 //! 4. Any failure: drop the connection, back off (0.5 s doubling to 30 s),
-//!    go to 1. The ring keeps the unacknowledged records.
+//!    go to 1. The ring keeps the unacknowledged records. While backing
+//!    off, the ring keeps draining into the on-disk spool (in the chain of
+//!    the last connection; see [`crate::spool`]), which the next connection
+//!    delivers first.
 //!
 //! # Local state (`STATE/sidecar/`)
 //!
 //! * `lock`: flock held while running (one sidecar per filter).
 //! * `nonce-stream`: see [`crate::stamp`].
+//! * `spool/NAME/`: change sets waiting for the target ([`crate::spool`]).
 //! * `disks/NAME.json`: epoch, ring generation last shipped from, whether
 //!   anything was ever shipped ([`LocalDisk`]).
 //! * `metrics.json`: per-disk counters and lag, rewritten every second
@@ -45,7 +49,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::filterctl::{FilterControl, FilterDisk};
 use crate::net::NetTransport;
 use crate::ship::drain_once;
+use crate::spool::{Spool, SpoolTransport};
 use crate::stamp::{next_nonce_stream, Consistency, DiskStamp, Nonces};
+use crate::uring_read::DirectReader;
 
 /// The sidecar's directory inside the filter's state directory.
 pub const SIDECAR_DIR: &str = "sidecar";
@@ -59,6 +65,8 @@ const PROGRESS: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Network timeout for connect, handshake, each read and write.
 const NET_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default spool size per disk.
+pub const DEFAULT_SPOOL_SIZE: u64 = 1 << 30;
 /// Least time between two consistency tags requested of the filter.
 const TAG_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -87,6 +95,8 @@ pub struct SidecarConfig {
     pub bandwidth: u64,
     /// Largest frame sent.
     pub max_frame: usize,
+    /// Most bytes the on-disk spool of each disk holds during an outage.
+    pub spool_size: u64,
 }
 
 impl SidecarConfig {
@@ -103,6 +113,7 @@ impl SidecarConfig {
             },
             bandwidth: 0,
             max_frame: frame::MAX_FRAME,
+            spool_size: DEFAULT_SPOOL_SIZE,
         }
     }
 }
@@ -171,7 +182,15 @@ pub struct EpochPlan {
 }
 
 /// Decide the epoch after the target's resume point; see the module docs.
-pub fn plan_epoch(local: &LocalDisk, resume: &DiskResume, generation: u64, gap: bool) -> EpochPlan {
+/// `spool_lost`: spooled sets (already gone from the ring) could not be
+/// delivered, so nothing short of a full resync covers them.
+pub fn plan_epoch(
+    local: &LocalDisk,
+    resume: &DiskResume,
+    generation: u64,
+    gap: bool,
+    spool_lost: bool,
+) -> EpochPlan {
     let epoch = local.epoch.max(resume.epoch).max(1);
     if resume.next_seq == 0 {
         // The target holds nothing: a fresh chain. If this sidecar shipped
@@ -179,17 +198,17 @@ pub fn plan_epoch(local: &LocalDisk, resume: &DiskResume, generation: u64, gap: 
         return EpochPlan {
             epoch,
             new_epoch: false,
-            resync_all: local.shipped,
+            resync_all: local.shipped || spool_lost,
         };
     }
     let recreated = local.ring_generation != Some(generation);
-    if recreated || gap {
+    if recreated || gap || spool_lost {
         EpochPlan {
             epoch: epoch + 1,
             new_epoch: true,
             // A gap with the same ring is unexplained: the filter's dirty
             // bits need not cover it.
-            resync_all: gap && !recreated,
+            resync_all: (gap && !recreated) || spool_lost,
         }
     } else {
         EpochPlan {
@@ -237,6 +256,10 @@ pub struct DiskMetrics {
     pub lag_seconds: f64,
     /// Consistent from this sequence (None: inconsistent).
     pub consistent_since: Option<u64>,
+    /// Change sets in the on-disk spool (waiting for the target).
+    pub spool_sets: u64,
+    /// Bytes in the spool.
+    pub spool_bytes: u64,
     /// Reconnects since start.
     pub reconnects: u64,
     /// The last error, if the disk is not shipping.
@@ -472,7 +495,7 @@ fn disk_thread(shared: &Shared, disk: &FilterDisk) {
         if started.elapsed() > MAX_BACKOFF {
             backoff = Duration::from_millis(500);
         }
-        shared.nap(backoff);
+        session.spool_for(shared, backoff);
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
     shared.metrics(&disk.name, |m| m.connected = false);
@@ -483,22 +506,39 @@ struct DiskSession {
     name: String,
     size: u64,
     ring_path: PathBuf,
-    backing: File,
+    backing: DirectReader,
     key: Key,
     nonces: Nonces,
     consumer: Option<Consumer>,
     local: LocalDisk,
     /// The target reported a gap: open a new epoch on reconnect.
     gap: bool,
+    /// Spooled sets could not be delivered: full resync on reconnect.
+    spool_lost: bool,
+    /// Sets drained while the target is unreachable.
+    spool: Spool,
+    /// The stream's chain (batcher, consistency) since the last connect;
+    /// what the spool continues while disconnected.
+    chain: Option<Chain>,
+}
+
+/// Where the stream stands: what the next set chains to, and its claim.
+#[derive(Debug)]
+struct Chain {
+    batcher: Batcher,
+    consistency: Consistency,
 }
 
 impl DiskSession {
     fn new(shared: &Shared, disk: &FilterDisk) -> Result<DiskSession> {
         let key = credentials::data_key(&shared.cfg.credentials, &shared.host, &disk.name)
             .map_err(|e| Error::protocol(format!("data key of disk {}", disk.name), e))?;
-        let backing = File::open(&disk.path).map_err(|e| {
+        // Resync reads bypass the page cache (O_DIRECT through io_uring
+        // into registered buffers) where the file system allows it.
+        let backing = DirectReader::open(&disk.path).map_err(|e| {
             Error::with_source(ErrorKind::Io, format!("open {}", disk.path.display()), e)
         })?;
+        tracing::info!(disk = %disk.name, direct = backing.direct(), registered = backing.registered(), "backing device open for resync reads");
         let stream = {
             let _g = shared.nonce_lock.lock().expect("nonce lock");
             next_nonce_stream(&shared.cfg.state.join(SIDECAR_DIR))?
@@ -513,6 +553,17 @@ impl DiskSession {
             consumer: None,
             local: LocalDisk::load(&shared.cfg.state, &disk.name),
             gap: false,
+            spool_lost: false,
+            spool: Spool::open(
+                &shared
+                    .cfg
+                    .state
+                    .join(SIDECAR_DIR)
+                    .join("spool")
+                    .join(&disk.name),
+                shared.cfg.spool_size,
+            )?,
+            chain: None,
         })
     }
 
@@ -561,8 +612,13 @@ impl DiskSession {
             .ok_or_else(|| {
                 Error::new(ErrorKind::Rejected, "the target's Welcome lacks this disk")
             })?;
-        let plan = plan_epoch(&self.local, &resume, generation, self.gap);
-        let mut consistency = Consistency::resume(resume.consistent_from);
+        let spooled = self.deliver_spool(&mut transport)?;
+        let plan = plan_epoch(&self.local, &resume, generation, self.gap, self.spool_lost);
+        // The claim carried on from before the outage, else the target's.
+        let mut consistency = match self.chain.take() {
+            Some(c) if !plan.new_epoch && resume.next_seq != 0 => c.consistency,
+            _ => Consistency::resume(resume.consistent_from),
+        };
         if plan.resync_all {
             let bytes = shared.filter.resync_all(&self.name)?;
             tracing::warn!(disk = %self.name, bytes, "the target lacks this disk's data: full resync");
@@ -574,31 +630,169 @@ impl DiskSession {
             tracing::warn!(disk = %self.name, epoch = plan.epoch, "new epoch: records may be missing at the target; resyncing the dirty regions");
         }
         self.gap = false;
+        self.spool_lost = false;
         self.local.epoch = plan.epoch;
         self.local.ring_generation = Some(generation);
         self.local.save(&shared.cfg.state, &self.name)?;
-        let mut batcher = Batcher::new(
-            &shared.host,
-            &self.name,
-            plan.epoch,
-            resume.next_seq.saturating_sub(1),
-        )
-        .with_state_dir(&shared.cfg.state);
+        let resume_after = resume.next_seq.saturating_sub(1).max(spooled.unwrap_or(0));
+        let batcher = Batcher::new(&shared.host, &self.name, plan.epoch, resume_after)
+            .with_state_dir(&shared.cfg.state);
         shared.metrics(&self.name, |m| {
             m.connected = true;
             m.epoch = plan.epoch;
             m.last_error = None;
+            m.spool_sets = 0;
+            m.spool_bytes = 0;
         });
-        tracing::info!(disk = %self.name, next_seq = resume.next_seq, epoch = plan.epoch, consistent_from = resume.consistent_from, "connected to the target");
-        self.ship(shared, &mut transport, &mut batcher, &mut consistency)
+        tracing::info!(disk = %self.name, next_seq = resume.next_seq, epoch = plan.epoch, consistent_from = resume.consistent_from, spooled = ?spooled, "connected to the target");
+        let mut chain = Chain {
+            batcher,
+            consistency,
+        };
+        let result = self.ship(shared, &mut transport, &mut chain);
+        if let Some(c) = self.consumer.as_mut() {
+            chain.batcher.rewind(c);
+        }
+        self.chain = Some(chain);
+        result
+    }
+
+    /// Send what the spool holds, in order, before anything from the ring.
+    /// Returns the last sequence delivered. A target that cannot take them
+    /// (a gap) loses them: they left the ring, so a full resync follows.
+    fn deliver_spool(
+        &mut self,
+        transport: &mut NetTransport<tls::ClientStream>,
+    ) -> Result<Option<u64>> {
+        if self.spool.is_empty() {
+            return Ok(None);
+        }
+        let sets = self.spool.len();
+        match self.spool.flush_to(transport) {
+            Ok(last) => {
+                tracing::info!(disk = %self.name, sets, "spool delivered");
+                Ok(last)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::Gap | ErrorKind::Rejected | ErrorKind::Corrupt
+                ) =>
+            {
+                tracing::error!(disk = %self.name, error = %e, "the target cannot take the spooled sets: dropping them, full resync follows");
+                self.spool.clear()?;
+                self.spool_lost = true;
+                self.chain = None;
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// While the target is unreachable, for up to `d`: keep draining the
+    /// ring into the spool (in the chain of the last connection), so the
+    /// ring does not overflow. Without a chain (never connected since
+    /// start) or with the spool full, just wait.
+    fn spool_for(&mut self, shared: &Shared, d: Duration) {
+        let deadline = Instant::now() + d;
+        let mut full_logged = false;
+        while !shared.stopping() && Instant::now() < deadline {
+            match self.spool_once(shared) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let c = self.consumer.as_mut();
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match c {
+                        Some(c) => {
+                            let _ = c.wait(left.min(Duration::from_millis(200)));
+                        }
+                        None => shared.nap(left.min(Duration::from_millis(200))),
+                    }
+                }
+                Err(e) => {
+                    if e.kind() == ErrorKind::TooLarge {
+                        if !full_logged {
+                            tracing::warn!(disk = %self.name, error = %e, "spool full: the ring will overflow into metadata/bitmap state (resync later)");
+                            full_logged = true;
+                        }
+                    } else {
+                        tracing::warn!(disk = %self.name, error = %e, "spooling failed");
+                    }
+                    shared.nap(deadline.saturating_duration_since(Instant::now()));
+                }
+            }
+        }
+        let (sets, bytes) = (self.spool.len(), self.spool.bytes());
+        shared.metrics(&self.name, |m| {
+            m.spool_sets = u64::try_from(sets).unwrap_or(u64::MAX);
+            m.spool_bytes = bytes;
+        });
+    }
+
+    /// One drain of the ring into the spool; Ok(true) if sets were spooled.
+    fn spool_once(&mut self, shared: &Shared) -> Result<bool> {
+        if self.chain.is_none() {
+            return Ok(false);
+        }
+        self.follow_ring_generation(shared)?;
+        let (Some(chain), Some(consumer)) = (self.chain.as_mut(), self.consumer.as_mut()) else {
+            return Ok(false);
+        };
+        let mut barrier = || shared.filter.barrier();
+        let mut stamp = DiskStamp {
+            nonces: &mut self.nonces,
+            consistency: &mut chain.consistency,
+            barrier: &mut barrier,
+        };
+        let stats = drain_once(
+            consumer,
+            &mut chain.batcher,
+            &self.backing,
+            &self.key,
+            &mut SpoolTransport {
+                spool: &mut self.spool,
+            },
+            &mut stamp,
+            shared.cfg.limits,
+        )?;
+        Ok(stats.change_sets > 0)
+    }
+
+    /// While spooling: if the filter recreated the ring, its unshipped
+    /// records are gone (the filter's dirty bits cover them), so the chain
+    /// continues in a new epoch that declares the replica inconsistent.
+    fn follow_ring_generation(&mut self, shared: &Shared) -> Result<()> {
+        let before = self.consumer.as_ref().map(Consumer::generation);
+        let consumer = self.consumer()?;
+        let generation = consumer.generation();
+        if before == Some(generation) {
+            return Ok(());
+        }
+        let Some(chain) = self.chain.as_mut() else {
+            return Ok(());
+        };
+        let consumer = self
+            .consumer
+            .as_mut()
+            .ok_or_else(|| Error::new(ErrorKind::Ring, "ring not open"))?;
+        chain.batcher.rewind(consumer);
+        let epoch = chain.batcher.epoch() + 1;
+        chain.batcher.set_epoch(epoch);
+        chain
+            .consistency
+            .broken_at(chain.batcher.acked_end().saturating_add(1));
+        self.local.epoch = epoch;
+        self.local.ring_generation = Some(generation);
+        self.local.save(&shared.cfg.state, &self.name)?;
+        tracing::warn!(disk = %self.name, epoch, "ring recreated while disconnected: new epoch");
+        Ok(())
     }
 
     fn ship(
         &mut self,
         shared: &Shared,
         transport: &mut NetTransport<tls::ClientStream>,
-        batcher: &mut Batcher,
-        consistency: &mut Consistency,
+        chain: &mut Chain,
     ) -> Result<()> {
         let limits = shared.cfg.limits;
         let mut last_progress = Instant::now() - PROGRESS;
@@ -616,12 +810,12 @@ impl DiskSession {
             let mut barrier = || shared.filter.barrier();
             let mut stamp = DiskStamp {
                 nonces: &mut self.nonces,
-                consistency,
+                consistency: &mut chain.consistency,
                 barrier: &mut barrier,
             };
             let stats = drain_once(
                 consumer,
-                batcher,
+                &mut chain.batcher,
                 &self.backing,
                 &self.key,
                 transport,
@@ -650,12 +844,12 @@ impl DiskSession {
                 });
             }
             let idle = stats.change_sets == 0;
-            if idle && consistency.since().is_none() {
-                self.try_settle(shared, consistency)?;
-                let since = consistency.since();
+            if idle && chain.consistency.since().is_none() {
+                self.try_settle(shared, &mut chain.consistency)?;
+                let since = chain.consistency.since();
                 shared.metrics(&self.name, |m| m.consistent_since = since);
             }
-            if idle && consistency.since().is_some() && !wire_consistent {
+            if idle && chain.consistency.since().is_some() && !wire_consistent {
                 // Nothing is being written: let a tag carry the claim.
                 if last_tag.is_none_or(|t| t.elapsed() >= TAG_INTERVAL) {
                     last_tag = Some(Instant::now());
@@ -691,7 +885,7 @@ impl DiskSession {
                     lag_ns,
                     time_ns: now_ns(),
                 })?;
-                let since = consistency.since();
+                let since = chain.consistency.since();
                 shared.metrics(&self.name, |m| {
                     m.lag_records = lag.records;
                     m.lag_bytes = lag.payload_bytes;
@@ -756,7 +950,7 @@ mod tests {
     fn epoch_plans() {
         let fresh = LocalDisk::default();
         // First protection: a fresh chain at epoch 1, no resync-all.
-        let p = plan_epoch(&fresh, &resume(0, 0), 5, false);
+        let p = plan_epoch(&fresh, &resume(0, 0), 5, false, false);
         assert_eq!((p.epoch, p.new_epoch, p.resync_all), (1, false, false));
         // Same ring, target continues: same epoch.
         let known = LocalDisk {
@@ -764,19 +958,22 @@ mod tests {
             ring_generation: Some(5),
             shipped: true,
         };
-        let p = plan_epoch(&known, &resume(100, 3), 5, false);
+        let p = plan_epoch(&known, &resume(100, 3), 5, false, false);
         assert_eq!((p.epoch, p.new_epoch, p.resync_all), (3, false, false));
         // Ring recreated: new epoch, the dirty bits cover the loss.
-        let p = plan_epoch(&known, &resume(100, 3), 6, false);
+        let p = plan_epoch(&known, &resume(100, 3), 6, false, false);
         assert_eq!((p.epoch, p.new_epoch, p.resync_all), (4, true, false));
         // Gap with the same ring: unexplained, full resync.
-        let p = plan_epoch(&known, &resume(100, 3), 5, true);
+        let p = plan_epoch(&known, &resume(100, 3), 5, true, false);
         assert_eq!((p.epoch, p.new_epoch, p.resync_all), (4, true, true));
         // Target lost the disk this sidecar shipped before.
-        let p = plan_epoch(&known, &resume(0, 0), 5, false);
+        let p = plan_epoch(&known, &resume(0, 0), 5, false, false);
         assert!(p.resync_all);
         // The target's epoch is ahead of ours (another sidecar state).
-        let p = plan_epoch(&fresh, &resume(100, 7), 5, false);
+        let p = plan_epoch(&fresh, &resume(100, 7), 5, false, false);
         assert_eq!((p.epoch, p.new_epoch), (8, true));
+        // Spooled sets the target could not take: new epoch, full resync.
+        let p = plan_epoch(&known, &resume(100, 3), 5, false, true);
+        assert_eq!((p.epoch, p.new_epoch, p.resync_all), (4, true, true));
     }
 }

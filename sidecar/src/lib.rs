@@ -7,11 +7,14 @@
 //!   sets ([`Pending`]); the rules are in its module docs.
 //! * [`ship`]: [`drain_once`], the transactional drain over a [`Transport`].
 //! * [`stamp`]: nonces that never repeat and the consistency claim.
+//! * [`spool`]: the bounded on-disk spool that keeps draining the ring in
+//!   write order while the target is unreachable.
 //! * [`net`]: the wire (Hello/Welcome, change sets and acks, bandwidth limit).
 //! * [`filterctl`]: the filter's control socket (status, barrier, tag, resync-all).
 //! * [`daemon`]: `ferry sidecar` (one shipping thread per disk, reconnects,
 //!   epochs, metrics).
 //! * [`tags`]: [`load_tag_names`], tag names from the filter's `tags.jsonl`.
+//! * [`uring_read`]: [`uring_read::DirectReader`], O_DIRECT re-reads through io_uring.
 //! * [`error`]: the crate's one error type.
 
 pub mod batch;
@@ -20,8 +23,10 @@ pub mod error;
 pub mod filterctl;
 pub mod net;
 pub mod ship;
+pub mod spool;
 pub mod stamp;
 pub mod tags;
+pub mod uring_read;
 
 pub use batch::{BatchLimits, Batcher, Pending, ReadAt};
 pub use error::{Error, ErrorKind, Result};

@@ -519,20 +519,19 @@ impl Site {
         );
     }
 
-    /// `ferry sidecar --state STATE --target ADDR --credentials CREDS`.
-    pub fn sidecar(&self, state: &Path, log: &Path) -> Daemon {
-        Daemon::start(
-            &[
-                "sidecar",
-                "--state",
-                state.to_str().expect("utf-8"),
-                "--target",
-                &self.addr,
-                "--credentials",
-                self.creds.to_str().expect("utf-8"),
-            ],
-            log,
-        )
+    /// `ferry sidecar --state STATE --target ADDR --credentials CREDS EXTRA...`.
+    pub fn sidecar(&self, state: &Path, log: &Path, extra: &[&str]) -> Daemon {
+        let mut args = vec![
+            "sidecar",
+            "--state",
+            state.to_str().expect("utf-8"),
+            "--target",
+            &self.addr,
+            "--credentials",
+            self.creds.to_str().expect("utf-8"),
+        ];
+        args.extend_from_slice(extra);
+        Daemon::start(&args, log)
     }
 
     /// `ferry target status --json`: the entry of `web01/DISK`, if any.
@@ -590,8 +589,26 @@ impl Site {
             let Some(t) = self.disk_status(disk) else {
                 return false;
             };
-            last = format!("filter: {fd}\ntarget: {t}");
-            fd["lag_records"] == 0
+            // The sidecar is connected with nothing left in its spool.
+            let out = ferry([
+                "sidecar",
+                "status",
+                "--json",
+                "--state",
+                filter_state.to_str().expect("utf-8"),
+            ]);
+            let sc = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default();
+            let Some(sd) = sc["disks"]
+                .as_array()
+                .and_then(|a| a.iter().find(|d| d["disk"] == disk))
+                .cloned()
+            else {
+                return false;
+            };
+            last = format!("filter: {fd}\nsidecar: {sd}\ntarget: {t}");
+            sd["connected"] == true
+                && sd["spool_sets"] == 0
+                && fd["lag_records"] == 0
                 && fd["dirty_bytes"] == 0
                 && fd["tracking"] == "data"
                 && t["apply_backlog_sets"] == 0
