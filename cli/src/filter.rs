@@ -37,6 +37,20 @@ enum FilterCommand {
     /// A minimal consumer: read a disk's ring in order, verify payload
     /// checksums, commit (a stand-in for the sidecar in tests and benchmarks).
     Drain(DrainArgs),
+    /// Mark every allocated region of a disk (or all disks) for resync: the
+    /// sidecar re-reads them and, where the target holds data, sends only
+    /// the blocks whose checksums differ.
+    Resync(ResyncArgs),
+}
+
+#[derive(Debug, Args)]
+struct ResyncArgs {
+    /// State directory of the filter.
+    #[arg(long)]
+    state: PathBuf,
+    /// The disk (default: every disk).
+    #[arg(long)]
+    disk: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -147,6 +161,7 @@ pub fn run(args: FilterArgs) -> Result<ExitCode> {
         Some(FilterCommand::Status(s)) => status(s),
         Some(FilterCommand::Tag(t)) => tag(t),
         Some(FilterCommand::Drain(d)) => drain(d),
+        Some(FilterCommand::Resync(r)) => resync(r),
         None => daemon(args.daemon),
     }
 }
@@ -235,6 +250,16 @@ fn status(args: StatusArgs) -> Result<ExitCode> {
             "             {} data records, {} metadata records, {} resync records, {} bitmap writes, {} AL syncs, {} I/O errors",
             c.data_records, c.metadata_records, c.resync_records, c.bitmap_writes, c.al_syncs, c.io_errors
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn resync(args: ResyncArgs) -> Result<ExitCode> {
+    let request = Request::ResyncAll(control::ResyncRequest { disk: args.disk });
+    let response = control::call(&args.state, &request, Duration::from_secs(60))?;
+    let outcome = response.resync.context("filter sent no resync outcome")?;
+    for d in &outcome.disks {
+        println!("{}: {} bytes marked for resync", d.name, d.bytes);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -13,6 +13,8 @@
 //!                                        (fsync)
 //!                             <-       Ack{last durable seq}   (also for a
 //!                                        duplicate: the set is already held)
+//!   BlockHashes               ->         once everything received is applied,
+//!                             <-       HashDiff (which blocks differ)
 //!   Progress / Heartbeat      ->       (Heartbeat answered)
 //! ```
 //!
@@ -28,7 +30,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_protocol::message::{
-    reject, Ack, ChangeSet, DiskResume, Heartbeat, Message, Reject, Welcome, PROTOCOL_VERSION,
+    reject, Ack, BlockHashes, ChangeSet, DiskResume, HashDiff, Heartbeat, Message, Reject, Welcome,
+    PROTOCOL_VERSION,
 };
 use ferry_protocol::payload::{verify_change_set, Key};
 
@@ -281,6 +284,13 @@ fn serve_stream<S: Read + Write>(
                 }
                 continue;
             }
+            Message::BlockHashes(b) => match hash_diff(host, disks, &b) {
+                Ok(differs) => Message::HashDiff(HashDiff {
+                    disk: b.disk.clone(),
+                    differs,
+                }),
+                Err(r) => return refuse(ctx, stream, peer, r),
+            },
             Message::Heartbeat(_) => Message::Heartbeat(Heartbeat {
                 time_ns: crate::site::now_ns(),
             }),
@@ -296,6 +306,35 @@ fn serve_stream<S: Read + Write>(
             return Ended::Transport(e);
         }
     }
+}
+
+/// Longest wait for the applier before answering a hash exchange with
+/// "everything differs" (the sidecar's read timeout is longer).
+pub const HASH_WAIT: Duration = Duration::from_secs(30);
+
+/// The checksum exchange for one of this connection's disks.
+fn hash_diff(
+    host: &str,
+    disks: &HashMap<String, Arc<DiskHandle>>,
+    b: &BlockHashes,
+) -> Result<Vec<bool>, Refusal> {
+    let disk = disks.get(&b.disk).ok_or_else(|| {
+        Refusal::new(
+            reject::NOT_YOUR_DISK,
+            format!(
+                "block hashes for {host}/{} on a connection not announcing it",
+                b.disk
+            ),
+        )
+    })?;
+    disk.hash_diff(b, HASH_WAIT).map_err(|e| {
+        let code = if e.kind() == ErrorKind::InvalidInput {
+            reject::MALFORMED
+        } else {
+            reject::INTERNAL
+        };
+        Refusal::new(code, e.to_string())
+    })
 }
 
 /// Check and journal one change set; the ack to send.

@@ -32,8 +32,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferry_protocol::message::{ChangeKind, ChangeSet, ChangeSetHeader, Progress};
-use ferry_protocol::payload::Key;
+use ferry_protocol::message::{BlockHashes, ChangeKind, ChangeSet, ChangeSetHeader, Progress};
+use ferry_protocol::payload::{block_hash, Key};
 use ferry_vhd::Format;
 use serde::{Deserialize, Serialize};
 
@@ -301,6 +301,67 @@ impl DiskHandle {
         if let Err(e) = write_json_atomically(&path, &st, false) {
             tracing::warn!(host = %self.host, disk = %self.disk, error = %e, "cannot write status.json");
         }
+    }
+
+    /// The checksum exchange: which blocks of `b` differ from the replica,
+    /// compared once everything received so far is applied (otherwise, after
+    /// `timeout`, all of them: sending too much is safe, too little is not).
+    pub fn hash_diff(&self, b: &BlockHashes, timeout: Duration) -> Result<Vec<bool>> {
+        let (size, received, path) = {
+            let st = self.status();
+            (st.size, st.received_seq, st.replica_path.clone())
+        };
+        let bs = u64::from(b.block_size);
+        for &(offset, length) in &b.ranges {
+            if offset.checked_add(length).is_none_or(|end| end > size) {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    "hash blocks",
+                    format!("range {offset}+{length} lies beyond the disk ({size} bytes)"),
+                ));
+            }
+        }
+        if let Some(seq) = received {
+            if !self.wait_applied(seq, timeout) {
+                return Ok(vec![true; b.hashes.len()]);
+            }
+        }
+        // A fresh read-only view: the applier's own handle stays its own.
+        let mut img = ferry_vhd::open(&path, ferry_vhd::OpenOptions::read_only())
+            .map_err(|e| Error::new(ErrorKind::Io, "hash blocks", e.to_string()).at_path(&path))?;
+        let mut buf = vec![0u8; usize::try_from(bs).unwrap_or(0)];
+        let mut out = Vec::with_capacity(b.hashes.len());
+        let mut hashes = b.hashes.iter();
+        for &(offset, length) in &b.ranges {
+            // Runs the replica does not store read as zeros, and the sidecar
+            // never sends zero blocks as data: those blocks differ, no
+            // reading or hashing needed (an initial copy costs nothing here).
+            let held = img.map(offset, length).map_err(|e| {
+                Error::new(ErrorKind::Io, "hash blocks", e.to_string()).at_path(&path)
+            })?;
+            let stored = |at: u64, len: u64| {
+                held.iter()
+                    .any(|r| r.allocated && r.offset < at + len && at < r.offset + r.length)
+            };
+            let mut done = 0u64;
+            while done < length {
+                let len = bs.min(length - done);
+                if !stored(offset + done, len) {
+                    hashes.next();
+                    out.push(true);
+                    done += len;
+                    continue;
+                }
+                let piece = &mut buf[..usize::try_from(len).unwrap_or(0)];
+                img.read_at(piece, offset + done).map_err(|e| {
+                    Error::new(ErrorKind::Io, "hash blocks", e.to_string()).at_path(&path)
+                })?;
+                let theirs = hashes.next().copied().unwrap_or_default();
+                out.push(block_hash(piece) != theirs);
+                done += len;
+            }
+        }
+        Ok(out)
     }
 
     /// Block until the applier has applied `seq` or `timeout` passes.

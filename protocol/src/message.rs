@@ -19,6 +19,8 @@
 //! | 5 | [`Reject`] | code u16, message str |
 //! | 6 | [`Heartbeat`] | time_ns u64 |
 //! | 7 | [`Progress`] | disk str, lag_records u64, lag_bytes u64, lag_ns u64, time_ns u64 |
+//! | 8 | [`BlockHashes`] | disk str, block_size u32, ranges vec<offset u64, length u64>, hashes vec<[u8; 16]> |
+//! | 9 | [`HashDiff`] | disk str, blocks u32, bitmap (blocks + 7) / 8 bytes, bit i (LSB first) = block i differs |
 //!
 //! [`ChangeSetHeader`]: host str, disk str, epoch u64, kind u8
 //! (0 write-order, 1 resync), first_seq u64, last_seq u64, prev_end_seq u64,
@@ -49,7 +51,18 @@ pub mod kind {
     pub const HEARTBEAT: u16 = 6;
     /// [`super::Progress`]: sidecar → target, the source side's lag.
     pub const PROGRESS: u16 = 7;
+    /// [`super::BlockHashes`]: sidecar → target, before a resync set.
+    pub const BLOCK_HASHES: u16 = 8;
+    /// [`super::HashDiff`]: target → sidecar, answer to BlockHashes.
+    pub const HASH_DIFF: u16 = 9;
 }
+
+/// Most block hashes in one [`BlockHashes`] (with 64 KiB blocks: 4 GiB).
+pub const MAX_HASHES: usize = 1 << 16;
+/// Most ranges in one [`BlockHashes`].
+pub const MAX_RANGES: usize = MAX_EXTENTS;
+/// Bytes of one block hash (see `crate::payload::block_hash`).
+pub const HASH_LEN: usize = 16;
 
 /// [`Reject::code`] values; the one place errors become wire codes.
 pub mod reject {
@@ -290,6 +303,40 @@ pub struct Progress {
     pub time_ns: u64,
 }
 
+/// Sidecar → target: hashes of the blocks a resync set would carry, so that
+/// the target says which it already holds. Each range is cut into blocks of
+/// `block_size` bytes from its offset (the last one shorter); `hashes` has
+/// one entry per block, ranges in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockHashes {
+    /// Disk name.
+    pub disk: String,
+    /// Block size in bytes (1..).
+    pub block_size: u32,
+    /// (offset, length) of each range.
+    pub ranges: Vec<(u64, u64)>,
+    /// One hash per block.
+    pub hashes: Vec<[u8; HASH_LEN]>,
+}
+
+impl BlockHashes {
+    /// Blocks the ranges cut into (what `hashes.len()` must be).
+    pub fn blocks(&self) -> u64 {
+        let bs = u64::from(self.block_size.max(1));
+        self.ranges.iter().map(|&(_, len)| len.div_ceil(bs)).sum()
+    }
+}
+
+/// Target → sidecar: which blocks of a [`BlockHashes`] differ from the
+/// replica (after everything received before was applied).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HashDiff {
+    /// Disk name.
+    pub disk: String,
+    /// One flag per block, true = differs (must be sent).
+    pub differs: Vec<bool>,
+}
+
 /// Any message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -307,6 +354,10 @@ pub enum Message {
     Heartbeat(Heartbeat),
     /// See [`Progress`].
     Progress(Progress),
+    /// See [`BlockHashes`].
+    BlockHashes(BlockHashes),
+    /// See [`HashDiff`].
+    HashDiff(HashDiff),
 }
 
 // ---------------------------------------------------------------- writer
@@ -759,6 +810,41 @@ impl ChangeSet {
     }
 }
 
+fn decode_block_hashes(d: &mut Dec<'_>) -> Result<BlockHashes> {
+    let disk = d.str("block_hashes.disk")?;
+    let block_size = d.u32("block_hashes.block_size")?;
+    if block_size == 0 {
+        return Err(Error::malformed("block_hashes.block_size 0"));
+    }
+    let n = d.count("block_hashes.ranges", MAX_RANGES, 16)?;
+    let mut ranges = Vec::with_capacity(n);
+    for _ in 0..n {
+        ranges.push((
+            d.u64("block_hashes.range.offset")?,
+            d.u64("block_hashes.range.length")?,
+        ));
+    }
+    let n = d.count("block_hashes.hashes", MAX_HASHES, HASH_LEN)?;
+    let mut hashes = Vec::with_capacity(n);
+    for _ in 0..n {
+        hashes.push(d.array::<HASH_LEN>("block_hashes.hash")?);
+    }
+    let m = BlockHashes {
+        disk,
+        block_size,
+        ranges,
+        hashes,
+    };
+    if u64::try_from(m.hashes.len()).ok() != Some(m.blocks()) {
+        return Err(Error::malformed(format!(
+            "block_hashes: {} hashes for {} blocks",
+            m.hashes.len(),
+            m.blocks()
+        )));
+    }
+    Ok(m)
+}
+
 impl Message {
     /// The frame kind of this message.
     pub fn kind(&self) -> u16 {
@@ -770,6 +856,8 @@ impl Message {
             Message::Reject(_) => kind::REJECT,
             Message::Heartbeat(_) => kind::HEARTBEAT,
             Message::Progress(_) => kind::PROGRESS,
+            Message::BlockHashes(_) => kind::BLOCK_HASHES,
+            Message::HashDiff(_) => kind::HASH_DIFF,
         }
     }
 
@@ -797,6 +885,40 @@ impl Message {
                 e.u64(m.lag_ns);
                 e.u64(m.time_ns);
             }
+            Message::BlockHashes(m) => {
+                if m.block_size == 0 {
+                    return Err(Error::malformed("block_hashes.block_size 0"));
+                }
+                if u64::try_from(m.hashes.len()).ok() != Some(m.blocks()) {
+                    return Err(Error::malformed(format!(
+                        "block_hashes: {} hashes for {} blocks",
+                        m.hashes.len(),
+                        m.blocks()
+                    )));
+                }
+                e.str("block_hashes.disk", &m.disk)?;
+                e.u32(m.block_size);
+                e.count("block_hashes.ranges", m.ranges.len(), MAX_RANGES)?;
+                for &(offset, length) in &m.ranges {
+                    e.u64(offset);
+                    e.u64(length);
+                }
+                e.count("block_hashes.hashes", m.hashes.len(), MAX_HASHES)?;
+                for h in &m.hashes {
+                    e.0.extend_from_slice(h);
+                }
+            }
+            Message::HashDiff(m) => {
+                e.str("hash_diff.disk", &m.disk)?;
+                e.count("hash_diff.blocks", m.differs.len(), MAX_HASHES)?;
+                let mut bits = vec![0u8; m.differs.len().div_ceil(8)];
+                for (i, &d) in m.differs.iter().enumerate() {
+                    if d {
+                        bits[i / 8] |= 1 << (i % 8);
+                    }
+                }
+                e.0.extend_from_slice(&bits);
+            }
         }
         Ok(e.0)
     }
@@ -821,6 +943,14 @@ impl Message {
             kind::HEARTBEAT => Message::Heartbeat(Heartbeat {
                 time_ns: d.u64("heartbeat.time_ns")?,
             }),
+            kind::BLOCK_HASHES => Message::BlockHashes(decode_block_hashes(&mut d)?),
+            kind::HASH_DIFF => {
+                let disk = d.str("hash_diff.disk")?;
+                let n = d.count("hash_diff.blocks", MAX_HASHES, 0)?;
+                let bits = d.take("hash_diff.bitmap", n.div_ceil(8))?;
+                let differs = (0..n).map(|i| bits[i / 8] & (1 << (i % 8)) != 0).collect();
+                Message::HashDiff(HashDiff { disk, differs })
+            }
             kind::PROGRESS => Message::Progress(Progress {
                 disk: d.str("progress.disk")?,
                 lag_records: d.u64("progress.lag_records")?,

@@ -367,6 +367,17 @@ pub fn unpack_change_set(cs: &ChangeSet, key: &Key) -> Result<Vec<u8>> {
     )
 }
 
+/// The hash the checksum exchange compares blocks by: SHA-256 (`ring`,
+/// hardware accelerated where the CPU has SHA extensions) cut to
+/// [`HASH_LEN`](crate::message::HASH_LEN) bytes, 128 bits, so that two
+/// different blocks agreeing by chance is not a practical concern.
+pub fn block_hash(data: &[u8]) -> [u8; crate::message::HASH_LEN] {
+    let d = ring::digest::digest(&ring::digest::SHA256, data);
+    let mut out = [0u8; crate::message::HASH_LEN];
+    out.copy_from_slice(&d.as_ref()[..crate::message::HASH_LEN]);
+    out
+}
+
 /// Authenticate a change set's payload (chunk table, AAD, tag) under `key`
 /// without decompressing it: the target checks every set this way before
 /// it journals it, so a wrong key or a forged set is refused at the door.

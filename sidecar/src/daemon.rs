@@ -244,6 +244,8 @@ pub struct DiskMetrics {
     pub resync_raw_bytes: u64,
     /// Re-read zero bytes sent as Zero extents.
     pub zero_bytes: u64,
+    /// Resync bytes not sent because the target held them (checksum exchange).
+    pub exchange_skipped_bytes: u64,
     /// raw / shipped.
     pub compression_ratio: f64,
     /// Raw bytes per second over the last metrics interval (the churn).
@@ -613,6 +615,9 @@ impl DiskSession {
                 Error::new(ErrorKind::Rejected, "the target's Welcome lacks this disk")
             })?;
         let spooled = self.deliver_spool(&mut transport)?;
+        // Resyncs compare checksums first (the target answers "differs"
+        // without reading for blocks its replica does not hold).
+        transport.set_exchange(true);
         let plan = plan_epoch(&self.local, &resume, generation, self.gap, self.spool_lost);
         // The claim carried on from before the outage, else the target's.
         let mut consistency = match self.chain.take() {
@@ -837,6 +842,7 @@ impl DiskSession {
                     m.shipped_bytes += stats.sealed_bytes;
                     m.resync_raw_bytes += stats.resync_raw_bytes;
                     m.zero_bytes += stats.zero_bytes;
+                    m.exchange_skipped_bytes += stats.exchange_skipped_bytes;
                     m.acked_seq = stats.last_seq;
                     if m.shipped_bytes > 0 {
                         m.compression_ratio = m.raw_bytes as f64 / m.shipped_bytes as f64;
@@ -847,6 +853,10 @@ impl DiskSession {
             if idle && chain.consistency.since().is_none() {
                 self.try_settle(shared, &mut chain.consistency)?;
                 let since = chain.consistency.since();
+                if since.is_some() {
+                    // A tag may carry the new claim right away.
+                    last_tag = None;
+                }
                 shared.metrics(&self.name, |m| m.consistent_since = since);
             }
             if idle && chain.consistency.since().is_some() && !wire_consistent {

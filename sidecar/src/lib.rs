@@ -7,6 +7,8 @@
 //!   sets ([`Pending`]); the rules are in its module docs.
 //! * [`ship`]: [`drain_once`], the transactional drain over a [`Transport`].
 //! * [`stamp`]: nonces that never repeat and the consistency claim.
+//! * [`exchange`]: the checksum exchange that drops resync blocks the
+//!   target already holds.
 //! * [`spool`]: the bounded on-disk spool that keeps draining the ring in
 //!   write order while the target is unreachable.
 //! * [`net`]: the wire (Hello/Welcome, change sets and acks, bandwidth limit).
@@ -20,6 +22,7 @@
 pub mod batch;
 pub mod daemon;
 pub mod error;
+pub mod exchange;
 pub mod filterctl;
 pub mod net;
 pub mod ship;

@@ -5,7 +5,8 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use ferry_protocol::message::{
-    reject, ChangeSet, DiskHello, DiskResume, Heartbeat, Hello, Message, Progress, PROTOCOL_VERSION,
+    reject, BlockHashes, ChangeSet, DiskHello, DiskResume, Heartbeat, Hello, Message, Progress,
+    PROTOCOL_VERSION,
 };
 
 use crate::error::{Error, ErrorKind, Result};
@@ -53,6 +54,7 @@ pub struct NetTransport<S: Read + Write> {
     stream: S,
     max_frame: usize,
     throttle: Throttle,
+    exchange: bool,
 }
 
 fn transport_err(what: &str, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
@@ -82,6 +84,7 @@ impl<S: Read + Write> NetTransport<S> {
             stream,
             max_frame,
             throttle: Throttle::new(bandwidth),
+            exchange: false,
         };
         match t.read()? {
             Message::Welcome(w) => Ok((t, w.resume)),
@@ -112,6 +115,12 @@ impl<S: Read + Write> NetTransport<S> {
         self.stream
             .flush()
             .map_err(|e| transport_err("send to the target", e))
+    }
+
+    /// Offer the checksum exchange before resync sets (worth it only when
+    /// the target's replica holds data).
+    pub fn set_exchange(&mut self, on: bool) {
+        self.exchange = on;
     }
 
     /// Report the source side's lag (no answer expected).
@@ -170,6 +179,27 @@ impl<S: Read + Write> Transport for NetTransport<S> {
                 }
                 Message::Heartbeat(_) => continue,
                 other => return Err(unexpected(&other, "Ack")),
+            }
+        }
+    }
+
+    fn hash_diff(&mut self, hashes: BlockHashes) -> Result<Option<Vec<bool>>> {
+        if !self.exchange || hashes.hashes.is_empty() {
+            return Ok(None);
+        }
+        let n = hashes.hashes.len();
+        self.write(&Message::BlockHashes(hashes))?;
+        loop {
+            match self.read()? {
+                Message::HashDiff(d) if d.differs.len() == n => return Ok(Some(d.differs)),
+                Message::HashDiff(d) => {
+                    return Err(Error::new(
+                        ErrorKind::Transport,
+                        format!("hash answer for {} blocks, asked {n}", d.differs.len()),
+                    ))
+                }
+                Message::Heartbeat(_) => continue,
+                other => return Err(unexpected(&other, "HashDiff")),
             }
         }
     }

@@ -12,12 +12,13 @@
 //! answers a set it already holds as a duplicate with its durable
 //! sequence, which acknowledges it.
 
-use ferry_protocol::message::{ChangeKind, ChangeSet, ChangeSetHeader};
+use ferry_protocol::message::{BlockHashes, ChangeKind, ChangeSet, ChangeSetHeader};
 use ferry_protocol::payload::{pack_change_set, Key};
 use ferry_ring::ring::Consumer;
 
 use crate::batch::{BatchLimits, Batcher, ReadAt};
 use crate::error::{Error, ErrorKind, Result};
+use crate::exchange;
 
 /// zstd level for change-set payloads (level 1: the protocol crate's
 /// measurements show zstd is the bottleneck, not AES-GCM).
@@ -37,6 +38,12 @@ pub trait Transport {
     /// holds is answered with its durable sequence. An error means the set
     /// may or may not have arrived.
     fn send(&mut self, cs: ChangeSet) -> Result<Ack>;
+
+    /// The checksum exchange ([`crate::exchange`]): which of these blocks
+    /// differ at the target. `None`: not offered (send everything).
+    fn hash_diff(&mut self, _hashes: BlockHashes) -> Result<Option<Vec<bool>>> {
+        Ok(None)
+    }
 }
 
 /// What one [`drain_once`] call shipped.
@@ -62,6 +69,8 @@ pub struct DrainStats {
     pub resync_raw_bytes: u64,
     /// `consistent_from` of the last set acknowledged.
     pub last_consistent_from: u64,
+    /// Resync bytes not sent because the target held them already.
+    pub exchange_skipped_bytes: u64,
     /// The last sequence acknowledged (0: none in this call).
     pub last_seq: u64,
 }
@@ -152,6 +161,13 @@ fn ship_one(
         return Ok(false);
     };
     let (first_seq, last_seq) = (p.header.first_seq, p.header.last_seq);
+    let mut skipped = 0;
+    if p.header.kind == ChangeKind::Resync && !p.data.is_empty() {
+        let hashes = exchange::hashes_of(&p, exchange::BLOCK_SIZE);
+        if let Some(differs) = transport.hash_diff(hashes)? {
+            skipped = exchange::keep_differing(&mut p, exchange::BLOCK_SIZE, &differs);
+        }
+    }
     stamp.stamp(&mut p.header, p.state_changes)?;
     let kind = p.header.kind;
     let consistent_from = p.header.consistent_from;
@@ -188,6 +204,7 @@ fn ship_one(
         stats.resync_raw_bytes += u64_of(p.data.len());
     }
     stats.last_consistent_from = consistent_from;
+    stats.exchange_skipped_bytes += skipped;
     stats.records += p.records;
     stats.raw_bytes += u64_of(p.data.len());
     stats.sealed_bytes += sealed;

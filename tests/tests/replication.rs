@@ -353,9 +353,63 @@ fn link_cut_longer_than_ring_and_spool_resyncs_only_what_changed() {
     rig.finish_and_compare(&tree);
     let st = rig.status();
     let resync = st["resync_bytes"].as_u64().unwrap();
+    eprintln!("link cut past ring and spool: resync moved {resync} bytes (sealed)");
     assert!(resync > 0, "a resync happened: {st}");
     // About what changed (fio 80 MiB + the tree ~14 MiB + metadata), far
     // from the 512 MiB disk.
     assert!(resync < 200 << 20, "resync moved {resync} bytes: {st}");
     assert!(st["epoch"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn full_resync_moves_only_blocks_whose_checksums_differ() {
+    let rig = Rig::up("repl-exchange");
+    let mnt = rig.volume.mnt();
+    let tree = relative(write_tree(&mnt, "base", 6), &mnt);
+    expect_code(&run("sync", [] as [&str; 0]), 0, "sync");
+    rig.wait_replicated();
+    let before = rig.status()["resync_bytes"].as_u64().unwrap();
+    // Everything allocated is marked for resync (as after a lost bitmap);
+    // a little changes meanwhile.
+    let out = ferry_tests::ferry(["filter", "resync", "--state", s(&rig.volume.state())]);
+    expect_code(&out, 0, "ferry filter resync");
+    let marked: u64 = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .expect("bytes marked");
+    let more = relative(write_tree(&mnt, "after", 7), &mnt);
+    rig.finish_and_compare(&[tree, more].concat());
+    let moved = rig.status()["resync_bytes"].as_u64().unwrap() - before;
+    // The sidecar's metrics file is rewritten every second.
+    let mut skipped = 0;
+    wait_until(Duration::from_secs(10), || {
+        let m = ferry_tests::ferry([
+            "sidecar",
+            "status",
+            "--json",
+            "--state",
+            s(&rig.volume.state()),
+        ]);
+        let m: serde_json::Value = serde_json::from_slice(&m.stdout).unwrap_or_default();
+        skipped = m["disks"][0]["exchange_skipped_bytes"]
+            .as_u64()
+            .unwrap_or(0);
+        skipped > marked / 2
+    });
+    eprintln!(
+        "checksum exchange: marked {marked} bytes, skipped {skipped}, moved {moved} (sealed)"
+    );
+    assert!(
+        marked > 8 << 20,
+        "resync marked the allocated data: {marked}"
+    );
+    assert!(
+        skipped > marked / 2,
+        "the exchange skipped what the target held: {skipped} of {marked}"
+    );
+    assert!(
+        moved < marked / 4,
+        "resync moved {moved} of {marked} marked bytes"
+    );
 }

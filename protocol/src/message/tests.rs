@@ -203,7 +203,60 @@ fn samples() -> Vec<Message> {
             lag_ns: 1_000_000,
             time_ns: 7,
         }),
+        Message::BlockHashes(BlockHashes {
+            disk: "sda".into(),
+            block_size: 65536,
+            ranges: vec![(0, 65536), (1 << 20, 100_000)],
+            hashes: vec![[1; HASH_LEN], [2; HASH_LEN], [3; HASH_LEN]],
+        }),
+        Message::HashDiff(HashDiff {
+            disk: "sda".into(),
+            differs: vec![true, false, true, true, false, false, false, false, true],
+        }),
     ]
+}
+
+#[test]
+fn golden_hash_exchange() {
+    let m = Message::BlockHashes(BlockHashes {
+        disk: "d".into(),
+        block_size: 0x1000,
+        ranges: vec![(0x2000, 0x1800)],
+        hashes: vec![[0xaa; HASH_LEN], [0xbb; HASH_LEN]],
+    });
+    let mut want = vec![
+        1, b'd', // disk
+        0, 0x10, 0, 0, // block_size 4096
+        1, 0, 0, 0, // 1 range
+        0, 0x20, 0, 0, 0, 0, 0, 0, // offset 0x2000
+        0, 0x18, 0, 0, 0, 0, 0, 0, // length 0x1800: 2 blocks
+        2, 0, 0, 0, // 2 hashes
+    ];
+    want.extend_from_slice(&[0xaa; HASH_LEN]);
+    want.extend_from_slice(&[0xbb; HASH_LEN]);
+    assert_eq!(m.encode().unwrap(), want);
+    assert_eq!(m.kind(), 8);
+    assert_eq!(Message::decode(8, &want).unwrap(), m);
+    // Hash count must match the blocks.
+    let BlockHashes { mut hashes, .. } = match m {
+        Message::BlockHashes(b) => b,
+        _ => unreachable!(),
+    };
+    hashes.pop();
+    let bad = Message::BlockHashes(BlockHashes {
+        disk: "d".into(),
+        block_size: 0x1000,
+        ranges: vec![(0x2000, 0x1800)],
+        hashes,
+    });
+    assert_eq!(bad.encode().unwrap_err().kind(), ErrorKind::Malformed);
+    let d = Message::HashDiff(HashDiff {
+        disk: "d".into(),
+        differs: vec![true, false, false, true, false, false, false, false, true],
+    });
+    let want = [1, b'd', 9, 0, 0, 0, 0b0000_1001, 0b0000_0001];
+    assert_eq!(d.encode().unwrap(), want);
+    assert_eq!(Message::decode(9, &want).unwrap(), d);
 }
 
 #[test]
