@@ -347,6 +347,7 @@ struct Shared {
     filter: FilterControl,
     stop: Arc<AtomicBool>,
     metrics: Mutex<BTreeMap<String, DiskMetrics>>,
+    metrics_file: Mutex<()>,
     nonce_lock: Mutex<()>,
 }
 
@@ -364,6 +365,35 @@ impl Shared {
                 return;
             }
             std::thread::sleep((end - now).min(Duration::from_millis(100)));
+        }
+    }
+
+    /// Write `metrics.json` now (every second, and at once when a disk
+    /// connects, disconnects or spools, so readers never see an old state
+    /// of those).
+    fn publish_metrics(&self) {
+        let _one_writer = self.metrics_file.lock().expect("metrics file lock");
+        let disks: Vec<DiskMetrics> = {
+            let mut m = self.metrics.lock().expect("metrics lock");
+            for d in m.values_mut() {
+                d.updated_ns = now_ns();
+            }
+            m.values().cloned().collect()
+        };
+        #[derive(Serialize)]
+        struct Metrics<'a> {
+            host: &'a str,
+            target: &'a str,
+            disks: Vec<DiskMetrics>,
+        }
+        let m = Metrics {
+            host: &self.host,
+            target: &self.cfg.target,
+            disks,
+        };
+        let path = self.cfg.state.join(SIDECAR_DIR).join(METRICS_FILE);
+        if let Err(e) = write_json_atomically(&path, &m) {
+            tracing::warn!(error = %e, "cannot write metrics");
         }
     }
 
@@ -391,6 +421,7 @@ pub fn run(cfg: SidecarConfig, stop: Arc<AtomicBool>) -> Result<()> {
         filter,
         stop,
         metrics: Mutex::new(BTreeMap::new()),
+        metrics_file: Mutex::new(()),
         nonce_lock: Mutex::new(()),
     });
     let disks = wait_for_filter(&shared)?;
@@ -405,47 +436,30 @@ pub fn run(cfg: SidecarConfig, stop: Arc<AtomicBool>) -> Result<()> {
         threads.push(t);
     }
     tracing::info!(host = %shared.host, target = %shared.cfg.target, disks = threads.len(), "sidecar running");
-    let metrics_path = shared.cfg.state.join(SIDECAR_DIR).join(METRICS_FILE);
     let mut last_raw: BTreeMap<String, (u64, Instant)> = BTreeMap::new();
     while !shared.stopping() {
-        write_metrics(&shared, &metrics_path, &mut last_raw);
+        update_churn(&shared, &mut last_raw);
+        shared.publish_metrics();
         shared.nap(Duration::from_secs(1));
     }
     for t in threads {
         let _ = t.join();
     }
-    write_metrics(&shared, &metrics_path, &mut last_raw);
+    shared.publish_metrics();
     Ok(())
 }
 
-fn write_metrics(shared: &Shared, path: &Path, last_raw: &mut BTreeMap<String, (u64, Instant)>) {
+/// Update the churn figures (bytes per second since the last call).
+fn update_churn(shared: &Shared, last_raw: &mut BTreeMap<String, (u64, Instant)>) {
     let now = Instant::now();
-    let snapshot: Vec<DiskMetrics> = {
-        let mut m = shared.metrics.lock().expect("metrics lock");
-        for d in m.values_mut() {
-            let (raw0, t0) = last_raw.get(&d.disk).copied().unwrap_or((d.raw_bytes, now));
-            let secs = now.duration_since(t0).as_secs_f64();
-            if secs > 0.0 {
-                d.churn_bytes_per_sec = (d.raw_bytes - raw0.min(d.raw_bytes)) as f64 / secs;
-            }
-            last_raw.insert(d.disk.clone(), (d.raw_bytes, now));
-            d.updated_ns = now_ns();
+    let mut m = shared.metrics.lock().expect("metrics lock");
+    for d in m.values_mut() {
+        let (raw0, t0) = last_raw.get(&d.disk).copied().unwrap_or((d.raw_bytes, now));
+        let secs = now.duration_since(t0).as_secs_f64();
+        if secs > 0.0 {
+            d.churn_bytes_per_sec = (d.raw_bytes - raw0.min(d.raw_bytes)) as f64 / secs;
         }
-        m.values().cloned().collect()
-    };
-    #[derive(Serialize)]
-    struct Metrics<'a> {
-        host: &'a str,
-        target: &'a str,
-        disks: Vec<DiskMetrics>,
-    }
-    let m = Metrics {
-        host: &shared.host,
-        target: &shared.cfg.target,
-        disks: snapshot,
-    };
-    if let Err(e) = write_json_atomically(path, &m) {
-        tracing::warn!(error = %e, "cannot write metrics");
+        last_raw.insert(d.disk.clone(), (d.raw_bytes, now));
     }
 }
 
@@ -492,6 +506,7 @@ fn disk_thread(shared: &Shared, disk: &FilterDisk) {
                     m.reconnects += 1;
                     m.last_error = Some(e.to_string());
                 });
+                shared.publish_metrics();
             }
         }
         if started.elapsed() > MAX_BACKOFF {
@@ -614,7 +629,7 @@ impl DiskSession {
             .ok_or_else(|| {
                 Error::new(ErrorKind::Rejected, "the target's Welcome lacks this disk")
             })?;
-        let spooled = self.deliver_spool(&mut transport)?;
+        let spooled = self.deliver_spool(&mut transport, resume.next_seq)?;
         // Resyncs compare checksums first (the target answers "differs"
         // without reading for blocks its replica does not hold).
         transport.set_exchange(true);
@@ -649,6 +664,7 @@ impl DiskSession {
             m.spool_sets = 0;
             m.spool_bytes = 0;
         });
+        shared.publish_metrics();
         tracing::info!(disk = %self.name, next_seq = resume.next_seq, epoch = plan.epoch, consistent_from = resume.consistent_from, spooled = ?spooled, "connected to the target");
         let mut chain = Chain {
             batcher,
@@ -668,8 +684,18 @@ impl DiskSession {
     fn deliver_spool(
         &mut self,
         transport: &mut NetTransport<tls::ClientStream>,
+        next_seq: u64,
     ) -> Result<Option<u64>> {
         if self.spool.is_empty() {
+            return Ok(None);
+        }
+        if next_seq == 0 {
+            // A target that holds nothing (a new or wiped site) cannot take
+            // a continuation: the spooled writes are covered by the full
+            // resync that follows.
+            tracing::warn!(disk = %self.name, sets = self.spool.len(), "the target holds nothing: dropping the spool, full resync follows");
+            self.spool.clear()?;
+            self.spool_lost = true;
             return Ok(None);
         }
         let sets = self.spool.len();
@@ -732,6 +758,7 @@ impl DiskSession {
             m.spool_sets = u64::try_from(sets).unwrap_or(u64::MAX);
             m.spool_bytes = bytes;
         });
+        shared.publish_metrics();
     }
 
     /// One drain of the ring into the spool; Ok(true) if sets were spooled.

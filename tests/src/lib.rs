@@ -77,6 +77,10 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("FERRY_KEEP_SCRATCH").is_some() {
+            eprintln!("FERRY_KEEP_SCRATCH: kept {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -569,13 +573,21 @@ impl Site {
     ) {
         let mut last = String::new();
         let ok = wait_until(timeout, || {
-            let out = ferry([
-                "filter",
-                "status",
-                "--json",
-                "--state",
-                filter_state.to_str().expect("utf-8"),
-            ]);
+            // Read in pipeline order: the sidecar (connected, spool empty:
+            // it published that after any resync it asked the filter for),
+            // then the filter (nothing unshipped or dirty: all acked), then
+            // the target (everything received is applied).
+            let state = filter_state.to_str().expect("utf-8");
+            let out = ferry(["sidecar", "status", "--json", "--state", state]);
+            let sc = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default();
+            let Some(sd) = sc["disks"]
+                .as_array()
+                .and_then(|a| a.iter().find(|d| d["disk"] == disk))
+                .cloned()
+            else {
+                return false;
+            };
+            let out = ferry(["filter", "status", "--json", "--state", state]);
             let Ok(f) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
                 return false;
             };
@@ -589,22 +601,6 @@ impl Site {
             let Some(t) = self.disk_status(disk) else {
                 return false;
             };
-            // The sidecar is connected with nothing left in its spool.
-            let out = ferry([
-                "sidecar",
-                "status",
-                "--json",
-                "--state",
-                filter_state.to_str().expect("utf-8"),
-            ]);
-            let sc = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default();
-            let Some(sd) = sc["disks"]
-                .as_array()
-                .and_then(|a| a.iter().find(|d| d["disk"] == disk))
-                .cloned()
-            else {
-                return false;
-            };
             last = format!("filter: {fd}\nsidecar: {sd}\ntarget: {t}");
             sd["connected"] == true
                 && sd["spool_sets"] == 0
@@ -614,6 +610,9 @@ impl Site {
                 && t["apply_backlog_sets"] == 0
                 && t["applied_seq"] == t["received_seq"]
         });
+        if ok && std::env::var_os("FERRY_DEBUG_WAIT").is_some() {
+            eprintln!("replicated:\n{last}");
+        }
         assert!(
             ok,
             "not replicated within {timeout:?}\n{last}\nsidecar log:\n{}\ntarget log:\n{}",

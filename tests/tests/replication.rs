@@ -119,12 +119,14 @@ fn finish_fio(mut fio: Fio) {
 }
 
 /// The whole rig: site, protected volume with pre-existing ext4, sidecar.
+/// Fields drop in order: the sidecar stops first, the scratch directory
+/// goes last.
 struct Rig {
-    scratch: Scratch,
+    sidecar: Daemon,
     site: Site,
     volume: Volume,
-    sidecar: Daemon,
     before: Vec<(PathBuf, u32)>,
+    _scratch: Scratch,
 }
 
 impl Rig {
@@ -144,7 +146,7 @@ impl Rig {
         expect_code(&run("mount", [device.as_str(), s(&mnt)]), 0, "mount");
         check_tree(&mnt, &before);
         Rig {
-            scratch,
+            _scratch: scratch,
             site,
             volume,
             sidecar,
@@ -221,7 +223,6 @@ fn ext4_workload_replicates_identically() {
     // regions re-read: a fraction of the disk at most.
     let resync = st["resync_bytes"].as_u64().unwrap() - initial;
     assert!(resync < 128 << 20, "no full resync: {resync} bytes: {st}");
-    drop(rig.scratch);
 }
 
 #[test]
@@ -411,5 +412,26 @@ fn full_resync_moves_only_blocks_whose_checksums_differ() {
     assert!(
         moved < marked / 4,
         "resync moved {moved} of {marked} marked bytes"
+    );
+}
+
+#[test]
+fn a_target_that_lost_its_data_gets_a_full_copy_again() {
+    let mut rig = Rig::up("repl-target-lost");
+    let mnt = rig.volume.mnt();
+    let tree = relative(write_tree(&mnt, "base", 8), &mnt);
+    expect_code(&run("sync", [] as [&str; 0]), 0, "sync");
+    rig.wait_replicated();
+    // The recovery site loses everything (a new, empty target).
+    rig.site.target.stop();
+    std::fs::remove_dir_all(&rig.site.data).unwrap();
+    rig.site.target.restart();
+    rig.site.wait_listening();
+    let more = relative(write_tree(&mnt, "after", 9), &mnt);
+    rig.finish_and_compare(&[tree, more].concat());
+    let st = rig.status();
+    assert!(
+        st["resync_bytes"].as_u64().unwrap() > 8 << 20,
+        "the sidecar copied the disk again: {st}"
     );
 }
