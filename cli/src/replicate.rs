@@ -287,6 +287,10 @@ struct SidecarDaemonArgs {
     /// Most records per change set.
     #[arg(long)]
     batch_records: Option<usize>,
+    /// After an idle spell, wait this many milliseconds for more writes
+    /// before building a change set.
+    #[arg(long, default_value = "2")]
+    batch_delay_ms: u64,
     /// On-disk spool per disk for outages longer than the ring holds (e.g. 1G; 0 = none).
     #[arg(long, value_parser = size)]
     spool_size: Option<u64>,
@@ -325,6 +329,7 @@ fn sidecar(args: SidecarDaemonArgs) -> Result<ExitCode> {
     if let Some(r) = args.batch_records {
         cfg.limits.max_records = r;
     }
+    cfg.batch_delay = std::time::Duration::from_millis(args.batch_delay_ms);
     if let Some(sz) = args.spool_size {
         cfg.spool_size = sz;
     }

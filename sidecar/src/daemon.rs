@@ -97,6 +97,10 @@ pub struct SidecarConfig {
     pub max_frame: usize,
     /// Most bytes the on-disk spool of each disk holds during an outage.
     pub spool_size: u64,
+    /// After an idle spell, wait this long for more records before building
+    /// a set (size limits are in `limits`; sets also grow by themselves
+    /// while the previous one waits for its ack).
+    pub batch_delay: Duration,
 }
 
 impl SidecarConfig {
@@ -114,6 +118,7 @@ impl SidecarConfig {
             bandwidth: 0,
             max_frame: frame::MAX_FRAME,
             spool_size: DEFAULT_SPOOL_SIZE,
+            batch_delay: Duration::from_millis(2),
         }
     }
 }
@@ -935,9 +940,14 @@ impl DiskSession {
                 last_traffic = Instant::now();
             }
             if idle {
-                consumer
+                let woke = consumer
                     .wait(Duration::from_millis(200))
                     .map_err(|e| Error::ring("wait for records", e))?;
+                if woke && !shared.cfg.batch_delay.is_zero() {
+                    // Let a trickle of writes gather into one change set
+                    // (one fsync at the target) instead of one set each.
+                    std::thread::sleep(shared.cfg.batch_delay);
+                }
             }
         }
         Ok(())
