@@ -287,6 +287,10 @@ struct SidecarDaemonArgs {
     /// Most records per change set.
     #[arg(long)]
     batch_records: Option<usize>,
+    /// zstd level of the payload (1 default; negative values are zstd's
+    /// fast modes, e.g. -3, for links faster than a core compresses).
+    #[arg(long, default_value = "1", allow_hyphen_values = true)]
+    compression_level: i32,
     /// After an idle spell, wait this many milliseconds for more writes
     /// before building a change set.
     #[arg(long, default_value = "2")]
@@ -330,6 +334,7 @@ fn sidecar(args: SidecarDaemonArgs) -> Result<ExitCode> {
         cfg.limits.max_records = r;
     }
     cfg.batch_delay = std::time::Duration::from_millis(args.batch_delay_ms);
+    cfg.zstd_level = args.compression_level;
     if let Some(sz) = args.spool_size {
         cfg.spool_size = sz;
     }

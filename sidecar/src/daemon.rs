@@ -48,7 +48,7 @@ use crate::batch::{BatchLimits, Batcher};
 use crate::error::{Error, ErrorKind, Result};
 use crate::filterctl::{FilterControl, FilterDisk};
 use crate::net::NetTransport;
-use crate::ship::drain_once;
+use crate::ship::{drain_once, ShipOptions};
 use crate::spool::{Spool, SpoolTransport};
 use crate::stamp::{next_nonce_stream, Consistency, DiskStamp, Nonces};
 use crate::uring_read::DirectReader;
@@ -91,6 +91,8 @@ pub struct SidecarConfig {
     pub host: Option<String>,
     /// Change-set limits.
     pub limits: BatchLimits,
+    /// zstd level (negative: fast modes).
+    pub zstd_level: i32,
     /// Bytes per second on the wire (0: unlimited).
     pub bandwidth: u64,
     /// Largest frame sent.
@@ -115,10 +117,21 @@ impl SidecarConfig {
                 max_bytes: 16 << 20,
                 max_records: 16 << 10,
             },
+            zstd_level: crate::ship::ZSTD_LEVEL,
             bandwidth: 0,
             max_frame: frame::MAX_FRAME,
             spool_size: DEFAULT_SPOOL_SIZE,
             batch_delay: Duration::from_millis(2),
+        }
+    }
+}
+
+impl SidecarConfig {
+    /// How sets are built and packed.
+    pub fn ship_options(&self) -> ShipOptions {
+        ShipOptions {
+            limits: self.limits,
+            zstd_level: self.zstd_level,
         }
     }
 }
@@ -790,7 +803,7 @@ impl DiskSession {
                 spool: &mut self.spool,
             },
             &mut stamp,
-            shared.cfg.limits,
+            shared.cfg.ship_options(),
         )?;
         Ok(stats.change_sets > 0)
     }
@@ -831,7 +844,7 @@ impl DiskSession {
         transport: &mut NetTransport<tls::ClientStream>,
         chain: &mut Chain,
     ) -> Result<()> {
-        let limits = shared.cfg.limits;
+        let options = shared.cfg.ship_options();
         let mut last_progress = Instant::now() - PROGRESS;
         let mut last_traffic = Instant::now();
         let mut last_tag: Option<Instant> = None;
@@ -857,7 +870,7 @@ impl DiskSession {
                 &self.key,
                 transport,
                 &mut stamp,
-                limits,
+                options,
             )?;
             if stats.change_sets > 0 {
                 last_traffic = Instant::now();

@@ -33,7 +33,9 @@ pub mod uring_read;
 
 pub use batch::{BatchLimits, Batcher, Pending, ReadAt};
 pub use error::{Error, ErrorKind, Result};
-pub use ship::{drain_once, Ack, CountingStamp, DrainStats, Stamp, Transport, ZSTD_LEVEL};
+pub use ship::{
+    drain_once, Ack, CountingStamp, DrainStats, ShipOptions, Stamp, Transport, ZSTD_LEVEL,
+};
 pub use tags::load_tag_names;
 
 #[cfg(test)]

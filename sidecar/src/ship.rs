@@ -20,8 +20,8 @@ use crate::batch::{BatchLimits, Batcher, ReadAt};
 use crate::error::{Error, ErrorKind, Result};
 use crate::exchange;
 
-/// zstd level for change-set payloads (level 1: the protocol crate's
-/// measurements show zstd is the bottleneck, not AES-GCM).
+/// Default zstd level for change-set payloads (level 1: the protocol
+/// crate's measurements show zstd is the bottleneck, not AES-GCM).
 pub const ZSTD_LEVEL: i32 = 1;
 
 /// The target's answer: everything up to `last_seq` is durable there.
@@ -120,16 +120,25 @@ pub fn drain_once(
     key: &Key,
     transport: &mut dyn Transport,
     stamp: &mut dyn Stamp,
-    limits: BatchLimits,
+    options: impl Into<ShipOptions>,
 ) -> Result<DrainStats> {
+    let options = options.into();
     let mut stats = DrainStats::default();
     let mut out = Outbound {
         key,
         transport,
         stamp,
+        zstd_level: options.zstd_level,
     };
     loop {
-        match ship_one(consumer, batcher, backing, &mut out, limits, &mut stats) {
+        match ship_one(
+            consumer,
+            batcher,
+            backing,
+            &mut out,
+            options.limits,
+            &mut stats,
+        ) {
             Ok(true) => {}
             Ok(false) => return Ok(stats),
             Err(e) => {
@@ -140,11 +149,30 @@ pub fn drain_once(
     }
 }
 
+/// How sets are built and packed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShipOptions {
+    /// When a set ends.
+    pub limits: BatchLimits,
+    /// zstd level of the payload chunks (negative: zstd's fast modes).
+    pub zstd_level: i32,
+}
+
+impl From<BatchLimits> for ShipOptions {
+    fn from(limits: BatchLimits) -> ShipOptions {
+        ShipOptions {
+            limits,
+            zstd_level: ZSTD_LEVEL,
+        }
+    }
+}
+
 /// Where built sets go: stamped, sealed under `key`, sent.
 struct Outbound<'a> {
     key: &'a Key,
     transport: &'a mut dyn Transport,
     stamp: &'a mut dyn Stamp,
+    zstd_level: i32,
 }
 
 /// One set: Ok(false) when there was nothing to ship.
@@ -156,7 +184,12 @@ fn ship_one(
     limits: BatchLimits,
     stats: &mut DrainStats,
 ) -> Result<bool> {
-    let (key, transport, stamp) = (out.key, &mut *out.transport, &mut *out.stamp);
+    let (key, transport, stamp, level) = (
+        out.key,
+        &mut *out.transport,
+        &mut *out.stamp,
+        out.zstd_level,
+    );
     let Some(mut p) = batcher.next_change_set(consumer, backing, limits)? else {
         return Ok(false);
     };
@@ -172,7 +205,7 @@ fn ship_one(
     let kind = p.header.kind;
     let consistent_from = p.header.consistent_from;
     let tags = u64_of(p.header.tags.len());
-    let cs = pack_change_set(&p.data, ZSTD_LEVEL, key, p.header)
+    let cs = pack_change_set(&p.data, level, key, p.header)
         .map_err(|e| Error::protocol(format!("seal change set [{first_seq}, {last_seq}]"), e))?;
     let sealed = u64_of(cs.payload.len());
     let ack = transport.send(cs)?;

@@ -127,6 +127,16 @@ fn chunk_boundaries() {
 }
 
 #[test]
+fn fast_levels_round_trip() {
+    let data = half_bytes(2 * CHUNK_SIZE + 7);
+    for level in [-5, -1, 3] {
+        let (chunks, sealed) = pack(&data, level, &key(1), N, b"aad").unwrap();
+        let back = unpack(&sealed, &chunks, &key(1), N, b"aad").unwrap();
+        assert!(back == data, "level {level}");
+    }
+}
+
+#[test]
 fn single_and_many_threads_agree() {
     let data = half_bytes(3 * CHUNK_SIZE + 5);
     let a = compress_chunks(&data, 1, 1).unwrap();
