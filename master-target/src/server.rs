@@ -165,7 +165,14 @@ fn refuse(ctx: &ServerContext, stream: &mut impl Write, peer: &str, r: Refusal) 
 fn read_message(ctx: &ServerContext, stream: &mut impl Read) -> Result<Option<Message>, Refusal> {
     match Message::read_from(stream, ctx.max_frame) {
         Ok(m) => Ok(Some(m)),
-        Err(e) if e.kind() == ferry_protocol::ErrorKind::Io => Ok(None),
+        Err(e)
+            if matches!(
+                e.kind(),
+                ferry_protocol::ErrorKind::Io | ferry_protocol::ErrorKind::Closed
+            ) =>
+        {
+            Ok(None)
+        }
         Err(e) => Err(Refusal::new(reject::MALFORMED, e.to_string())),
     }
 }

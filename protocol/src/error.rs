@@ -30,6 +30,9 @@ pub enum ErrorKind {
     /// Credentials are missing, malformed, unsafe (group/other access) or
     /// would be overwritten; a host or target name is invalid.
     Credentials,
+    /// The peer closed the connection between frames (with or without a
+    /// TLS close_notify): the normal end of a conversation.
+    Closed,
 }
 
 impl fmt::Display for ErrorKind {
@@ -45,6 +48,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Io => "i/o",
             ErrorKind::Tls => "tls",
             ErrorKind::Credentials => "credentials",
+            ErrorKind::Closed => "connection closed",
         };
         f.write_str(s)
     }

@@ -163,10 +163,27 @@ pub fn write_frame_max(w: &mut impl Write, kind: u16, payload: &[u8], max: usize
 ///
 /// The header is fully validated before the payload is read; the payload
 /// buffer grows only with bytes actually received, so a lying length costs
-/// nothing. A stream ending early gives [`ErrorKind::Truncated`].
+/// nothing. A stream ending inside a frame gives [`ErrorKind::Truncated`];
+/// one ending before its first byte gives [`ErrorKind::Closed`].
 pub fn read_frame(r: &mut impl Read, max: usize) -> Result<Frame> {
     let mut h = [0u8; HEADER_LEN];
-    r.read_exact(&mut h)
+    // The first byte apart: an end of stream before it is a close between
+    // frames ([`ErrorKind::Closed`]), not a truncated frame.
+    loop {
+        match r.read(&mut h[..1]) {
+            Ok(0) => return Err(Error::new(ErrorKind::Closed, "peer closed the connection")),
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(Error::new(
+                    ErrorKind::Closed,
+                    format!("peer closed the connection: {e}"),
+                ))
+            }
+            Err(e) => return Err(Error::from(e).within("frame header")),
+        }
+    }
+    r.read_exact(&mut h[1..])
         .map_err(|e| Error::from(e).within("frame header"))?;
     let hdr = decode_header(&h, max)?;
     let len = usize::try_from(hdr.payload_len).unwrap_or(usize::MAX);
@@ -270,9 +287,10 @@ mod tests {
         let b = read_frame(&mut r, MAX_FRAME).unwrap();
         assert_eq!((a.kind, a.payload.as_slice()), (3, &b"hello"[..]));
         assert_eq!((b.kind, b.payload.len()), (4, 0));
+        // The end of the stream between frames is a close.
         assert_eq!(
             read_frame(&mut r, MAX_FRAME).unwrap_err().kind(),
-            ErrorKind::Truncated
+            ErrorKind::Closed
         );
         let (a2, n) = decode_frame(&out, MAX_FRAME).unwrap();
         assert_eq!(a2, a);
@@ -287,7 +305,12 @@ mod tests {
             let e = decode_frame(&GOLDEN[..cut], MAX_FRAME).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::Truncated, "cut {cut}: {e}");
             let e = read_frame(&mut Cursor::new(&GOLDEN[..cut]), MAX_FRAME).unwrap_err();
-            assert_eq!(e.kind(), ErrorKind::Truncated, "cut {cut}: {e}");
+            let want = if cut == 0 {
+                ErrorKind::Closed
+            } else {
+                ErrorKind::Truncated
+            };
+            assert_eq!(e.kind(), want, "cut {cut}: {e}");
         }
     }
 

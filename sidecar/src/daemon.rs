@@ -127,11 +127,37 @@ impl SidecarConfig {
 }
 
 impl SidecarConfig {
-    /// How sets are built and packed.
+    /// How sets are built and packed; a drain returns at least every
+    /// [`PROGRESS`] so that lag reports and heartbeats keep flowing.
     pub fn ship_options(&self) -> ShipOptions {
         ShipOptions {
             limits: self.limits,
             zstd_level: self.zstd_level,
+            max_time: Some(PROGRESS / 2),
+        }
+    }
+}
+
+/// The largest lag seen over a report interval (by age of the oldest
+/// unacknowledged record; records and bytes at that moment).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct PeakLag {
+    records: u64,
+    bytes: u64,
+    ns: u64,
+}
+
+impl PeakLag {
+    fn observe(&mut self, lag: ferry_ring::ring::Lag) {
+        let ns = lag
+            .oldest_age
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        if ns > self.ns || (ns == self.ns && lag.records > self.records) {
+            *self = PeakLag {
+                records: lag.records,
+                bytes: lag.payload_bytes,
+                ns,
+            };
         }
     }
 }
@@ -849,6 +875,7 @@ impl DiskSession {
         let mut last_traffic = Instant::now();
         let mut last_tag: Option<Instant> = None;
         let mut wire_consistent = false;
+        let mut peak = PeakLag::default();
         while !shared.stopping() {
             let consumer = self
                 .consumer
@@ -857,6 +884,13 @@ impl DiskSession {
             consumer
                 .check_generation()
                 .map_err(|e| Error::ring("the filter recreated the ring", e))?;
+            // The lag before draining: its peak over a report interval is
+            // the RPO the user sees (after a drain it would read zero).
+            peak.observe(
+                consumer
+                    .lag()
+                    .map_err(|e| Error::ring("read the ring's lag", e))?,
+            );
             let mut barrier = || shared.filter.barrier();
             let mut stamp = DiskStamp {
                 nonces: &mut self.nonces,
@@ -927,24 +961,24 @@ impl DiskSession {
                 .ok_or_else(|| Error::new(ErrorKind::Ring, "ring not open"))?;
             if last_progress.elapsed() >= PROGRESS {
                 last_progress = Instant::now();
-                let lag = consumer
-                    .lag()
-                    .map_err(|e| Error::ring("read the ring's lag", e))?;
-                let lag_ns = lag
-                    .oldest_age
-                    .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+                peak.observe(
+                    consumer
+                        .lag()
+                        .map_err(|e| Error::ring("read the ring's lag", e))?,
+                );
+                let lag = std::mem::take(&mut peak);
                 transport.progress(Progress {
                     disk: self.name.clone(),
                     lag_records: lag.records,
-                    lag_bytes: lag.payload_bytes,
-                    lag_ns,
+                    lag_bytes: lag.bytes,
+                    lag_ns: lag.ns,
                     time_ns: now_ns(),
                 })?;
                 let since = chain.consistency.since();
                 shared.metrics(&self.name, |m| {
                     m.lag_records = lag.records;
-                    m.lag_bytes = lag.payload_bytes;
-                    m.lag_seconds = Duration::from_nanos(lag_ns).as_secs_f64();
+                    m.lag_bytes = lag.bytes;
+                    m.lag_seconds = Duration::from_nanos(lag.ns).as_secs_f64();
                     m.consistent_since = since;
                 });
             }

@@ -111,8 +111,8 @@ fn u64_of(n: usize) -> u64 {
 
 /// Ship everything the ring holds beyond the consumer's cursor, one change
 /// set at a time, committing each after its durable ack. Returns when the
-/// ring is drained, or the first error (after rewinding; see the module
-/// docs).
+/// ring is drained (or after `max_time`), or the first error (after
+/// rewinding; see the module docs).
 pub fn drain_once(
     consumer: &mut Consumer,
     batcher: &mut Batcher,
@@ -156,6 +156,10 @@ pub struct ShipOptions {
     pub limits: BatchLimits,
     /// zstd level of the payload chunks (negative: zstd's fast modes).
     pub zstd_level: i32,
+    /// Return after this long even if the ring still holds records, so the
+    /// caller can report the lag and send heartbeats under sustained load
+    /// (None: drain until empty).
+    pub max_time: Option<std::time::Duration>,
 }
 
 impl From<BatchLimits> for ShipOptions {
@@ -163,6 +167,7 @@ impl From<BatchLimits> for ShipOptions {
         ShipOptions {
             limits,
             zstd_level: ZSTD_LEVEL,
+            max_time: None,
         }
     }
 }
