@@ -52,7 +52,21 @@ fn init_logging() {
         .try_init();
 }
 
+/// Keep large buffers (change sets of many MiB) on the heap once freed, so
+/// that the next one reuses its pages instead of mapping fresh ones and
+/// faulting every page in again (glibc would unmap anything above 32 MiB
+/// and trim the heap eagerly).
+fn keep_large_buffers() {
+    // SAFETY: mallopt only changes allocator tuning parameters; called
+    // before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    keep_large_buffers();
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Image(cmd) => image::run(cmd),

@@ -373,6 +373,14 @@ fn check_next(state: ChainState, h: &ChangeSetHeader, op: &'static str) -> Resul
 /// copying it into a [`Message`]. Identical to
 /// `Message::ChangeSet(cs.clone()).encode()`.
 pub fn encode_change_set(cs: &ChangeSet) -> Result<Vec<u8>> {
+    let mut out = encode_change_set_head(cs)?;
+    out.reserve_exact(cs.payload.len());
+    out.extend_from_slice(&cs.payload);
+    Ok(out)
+}
+
+/// [`encode_change_set`] without the payload bytes (header, payload length).
+fn encode_change_set_head(cs: &ChangeSet) -> Result<Vec<u8>> {
     let inval = |m: String| Error::new(ErrorKind::InvalidInput, "encode", m);
     let head = encode_header_aad(&cs.header).map_err(|e| inval(e.to_string()))?;
     let want = cs.header.stored_len().checked_add(u64_len(TAG_LEN));
@@ -383,10 +391,9 @@ pub fn encode_change_set(cs: &ChangeSet) -> Result<Vec<u8>> {
         )));
     }
     let n = u32::try_from(cs.payload.len()).map_err(|_| inval("payload exceeds u32".into()))?;
-    let mut out = Vec::with_capacity(head.len() + 4 + cs.payload.len());
+    let mut out = Vec::with_capacity(head.len() + 4);
     out.extend_from_slice(&head);
     out.extend_from_slice(&n.to_le_bytes());
-    out.extend_from_slice(&cs.payload);
     Ok(out)
 }
 
@@ -398,20 +405,30 @@ fn decode_change_set(body: &[u8]) -> std::result::Result<ChangeSet, String> {
     }
 }
 
-fn record_bytes(body: &[u8]) -> Result<Vec<u8>> {
-    let len = u32::try_from(body.len()).map_err(|_| {
-        Error::new(
-            ErrorKind::InvalidInput,
-            "append",
-            format!("record body {} bytes exceeds u32", body.len()),
-        )
-    })?;
+/// A record's bytes before the sealed payload: magic, body length, crc32c
+/// of the whole body (computed over the encoded head and the payload in
+/// place), then the body's head (the change set's encoding up to its
+/// payload). Returns it with the body length.
+fn record_head(cs: &ChangeSet) -> Result<(Vec<u8>, u32)> {
+    let body = encode_change_set_head(cs)?;
+    let len = body
+        .len()
+        .checked_add(cs.payload.len())
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                "append",
+                format!("record body exceeds u32 ({} payload bytes)", cs.payload.len()),
+            )
+        })?;
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&body), &cs.payload);
     let mut rec = Vec::with_capacity(body.len() + 12);
     rec.extend_from_slice(&REC_MAGIC.to_le_bytes());
     rec.extend_from_slice(&len.to_le_bytes());
-    rec.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
-    rec.extend_from_slice(body);
-    Ok(rec)
+    rec.extend_from_slice(&crc.to_le_bytes());
+    rec.extend_from_slice(&body);
+    Ok((rec, len))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -884,10 +901,11 @@ impl Journal {
             .at_path(&self.dir));
         }
         self.check(cs)?;
-        let body = encode_change_set(cs)?;
-        let rec = record_bytes(&body)?;
-        let rec_len = u64_len(rec.len());
-        let body_len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+        // The record is written as two pieces, its head (record header and
+        // the change set up to its payload) and the sealed payload as the
+        // caller holds it: no copy of the payload is made.
+        let (head, body_len) = record_head(cs)?;
+        let rec_len = u64_len(head.len()) + u64_len(cs.payload.len());
 
         let mut rolled = false;
         let cur = &self.segments[self.segments.len() - 1];
@@ -910,7 +928,11 @@ impl Journal {
         let off = seg.len;
         let res = self
             .active
-            .write_all_at(&rec, off)
+            .write_all_at(&head, off)
+            .and_then(|()| {
+                self.active
+                    .write_all_at(&cs.payload, off + u64_len(head.len()))
+            })
             .map_err(|e| Error::io("append write", &seg.path, e).at_offset(off))
             .and_then(|()| {
                 self.active

@@ -49,9 +49,11 @@ pub const CRC_OFFSET: usize = 12;
 /// Default maximum payload size: 64 MiB. Both sides enforce a maximum.
 pub const MAX_FRAME: usize = 64 << 20;
 
-/// Initial buffer reservation when reading a payload from a stream; the buffer
+/// Initial buffer reservation when reading a payload from a stream (the
+/// sidecar's default change-set size, so a set is read without regrowing;
+/// a lying length costs at most this much up front); beyond it the buffer
 /// grows only as bytes actually arrive.
-const READ_RESERVE: usize = 1 << 20;
+const READ_RESERVE: usize = 16 << 20;
 
 /// One decoded frame: the message kind and its payload bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -845,6 +845,31 @@ fn decode_block_hashes(d: &mut Dec<'_>) -> Result<BlockHashes> {
     Ok(m)
 }
 
+impl ChangeSet {
+    /// Write as one frame (body at most `max` bytes) without copying the
+    /// payload: frame header, the encoded header part, then the payload as
+    /// held. The bytes are exactly those of [`Message::write_to`].
+    pub fn write_frame_to(&self, w: &mut impl Write, max: usize) -> Result<()> {
+        let mut e = Enc(Vec::with_capacity(256));
+        self.header.encode_into(&mut e)?;
+        check_payload_len(&self.header, self.payload.len())?;
+        let n = u32::try_from(self.payload.len())
+            .map_err(|_| Error::too_large("change set payload exceeds u32"))?;
+        e.u32(n);
+        let body = e.0.len() + self.payload.len();
+        if body > max {
+            return Err(Error::too_large(format!(
+                "frame payload {body} bytes, max {max}"
+            )));
+        }
+        let body = u32::try_from(body).map_err(|_| Error::too_large("frame exceeds u32"))?;
+        w.write_all(&frame::encode_header(kind::CHANGE_SET, body))?;
+        w.write_all(&e.0)?;
+        w.write_all(&self.payload)?;
+        Ok(())
+    }
+}
+
 impl Message {
     /// The frame kind of this message.
     pub fn kind(&self) -> u16 {

@@ -674,9 +674,10 @@ impl DiskSession {
                 Error::new(ErrorKind::Rejected, "the target's Welcome lacks this disk")
             })?;
         let spooled = self.deliver_spool(&mut transport, resume.next_seq)?;
-        // Resyncs compare checksums first (the target answers "differs"
-        // without reading for blocks its replica does not hold).
-        transport.set_exchange(true);
+        // Resyncs compare checksums first once the replica held a full copy
+        // (during an initial copy every block differs: hashing would be
+        // wasted); settling turns it on below.
+        transport.set_exchange(resume.consistent_from != 0);
         let plan = plan_epoch(&self.local, &resume, generation, self.gap, self.spool_lost);
         // The claim carried on from before the outage, else the target's.
         let mut consistency = match self.chain.take() {
@@ -933,8 +934,10 @@ impl DiskSession {
                 self.try_settle(shared, &mut chain.consistency)?;
                 let since = chain.consistency.since();
                 if since.is_some() {
-                    // A tag may carry the new claim right away.
+                    // A tag may carry the new claim right away, and later
+                    // resyncs are worth a checksum exchange.
                     last_tag = None;
+                    transport.set_exchange(true);
                 }
                 shared.metrics(&self.name, |m| m.consistent_since = since);
             }

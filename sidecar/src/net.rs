@@ -162,13 +162,13 @@ impl<S: Read + Write> Transport for NetTransport<S> {
         if !wait.is_zero() {
             std::thread::sleep(wait);
         }
-        let m = Message::ChangeSet(cs);
-        let frame = m
-            .to_frame_bytes(self.max_frame)
-            .map_err(|e| Error::protocol("encode change set", e))?;
+        cs.write_frame_to(&mut self.stream, self.max_frame)
+            .map_err(|e| match e.kind() {
+                ferry_protocol::ErrorKind::Io => transport_err("send change set", e),
+                _ => Error::protocol("encode change set", e),
+            })?;
         self.stream
-            .write_all(&frame)
-            .and_then(|()| self.stream.flush())
+            .flush()
             .map_err(|e| transport_err("send change set", e))?;
         loop {
             match self.read()? {

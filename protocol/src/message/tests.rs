@@ -217,6 +217,21 @@ fn samples() -> Vec<Message> {
 }
 
 #[test]
+fn change_set_frames_without_copies_are_the_same_bytes() {
+    let cs = small_change_set();
+    let mut a = Vec::new();
+    cs.write_frame_to(&mut a, frame::MAX_FRAME).unwrap();
+    let b = Message::ChangeSet(cs.clone())
+        .to_frame_bytes(frame::MAX_FRAME)
+        .unwrap();
+    assert_eq!(a, b);
+    assert_eq!(
+        cs.write_frame_to(&mut Vec::new(), 10).unwrap_err().kind(),
+        ErrorKind::TooLarge
+    );
+}
+
+#[test]
 fn golden_hash_exchange() {
     let m = Message::BlockHashes(BlockHashes {
         disk: "d".into(),
