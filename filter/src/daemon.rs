@@ -253,11 +253,20 @@ fn write_seq(file: &File, value: u64) -> Result<()> {
     file.sync_data().map_err(|e| Error::io(e, "sync seq"))
 }
 
+/// The first sequence number of this run: what `STATE/seq` reserved, or for
+/// a new state directory the current time in nanoseconds since 1970. A
+/// host whose state directory was lost or recreated so keeps issuing larger
+/// numbers than before (assuming fewer than 10^9 writes per second and a
+/// clock that does not jump back), and the recovery site can continue its
+/// chain in a new epoch instead of seeing old numbers again.
 fn read_seq(file: &File) -> u64 {
     let mut bytes = [0u8; 8];
     match file.read_exact_at(&mut bytes, 0) {
         Ok(()) => u64::from_le_bytes(bytes),
-        Err(_) => 1,
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2))
+            .unwrap_or(1),
     }
 }
 
@@ -734,15 +743,15 @@ mod tests {
         disk.gate().finish(ticket);
         assert_eq!(waiting.join().unwrap(), seq);
 
-        // resync-all: the allocated megabyte, then claimed.
+        // resync-all: the whole 16 MiB disk (holes too), then claimed.
         let all = call(&Request::ResyncAll(ResyncRequest::default()))
             .unwrap()
             .resync
             .unwrap();
-        assert_eq!(all.bytes, 1 << 20);
+        assert_eq!(all.bytes, 16 << 20);
         assert_eq!(
             (all.disks[0].name.as_str(), all.disks[0].bytes),
-            ("d", 1 << 20)
+            ("d", 16 << 20)
         );
         let named = call(&Request::ResyncAll(ResyncRequest {
             disk: Some("d".into()),
@@ -750,7 +759,7 @@ mod tests {
         .unwrap()
         .resync
         .unwrap();
-        assert_eq!(named.bytes, 1 << 20);
+        assert_eq!(named.bytes, 16 << 20);
         let unknown = call(&Request::ResyncAll(ResyncRequest {
             disk: Some("nope".into()),
         }))
@@ -758,11 +767,11 @@ mod tests {
         assert!(unknown.to_string().contains("no disk named"), "{unknown}");
         host.housekeep();
         let status = call(&Request::Status).unwrap().status.unwrap();
-        assert_eq!(status.disks[0].dirty_bytes, 1 << 20);
-        assert_eq!(status.disks[0].claimed_bytes, 1 << 20);
+        assert_eq!(status.disks[0].dirty_bytes, 16 << 20);
+        assert_eq!(status.disks[0].claimed_bytes, 16 << 20);
         let (records, end) = drain(&mut consumer);
-        assert_eq!(records.len(), 1);
-        assert_eq!((records[0].offset, records[0].length), (0, 1 << 20));
+        assert_eq!(records.len(), 4, "4 MiB claims");
+        assert_eq!((records[0].offset, records[0].length), (0, 4 << 20));
         assert!(call(&Request::Barrier).unwrap().barrier.unwrap().seq >= records[0].seq);
         consumer.commit(end).unwrap();
         host.housekeep();

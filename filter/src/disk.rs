@@ -1144,12 +1144,16 @@ impl Disk {
         }
     }
 
-    /// Mark every allocated region of the disk dirty (the recovery site lost
-    /// its copy): housekeeping claims them for the sidecar. Regions claimed
+    /// Mark the whole disk dirty (the recovery site lost its copy or part of
+    /// the stream): housekeeping claims it for the sidecar, which skips
+    /// what the site already holds by the checksum exchange. Regions claimed
     /// already stay dirty after their claim commits and are claimed again.
     /// Returns the bytes marked.
     pub fn resync_all(&self) -> Result<u64> {
-        let ranges = allocated_ranges(&self.file, self.size, self.is_block_device);
+        // The whole disk, holes included: the recovery site may hold old
+        // data where the source now has a hole (a trim or zeroing whose
+        // record was lost). Re-read holes travel as Zero extents.
+        let ranges = [Range::new(0, self.size)];
         self.meta().mark_many(&ranges)?;
         let bytes = ranges.iter().map(|r| r.len).sum();
         tracing::info!(disk = %self.name, bytes, "whole disk marked for resync");

@@ -419,7 +419,10 @@ fn record_head(cs: &ChangeSet) -> Result<(Vec<u8>, u32)> {
             Error::new(
                 ErrorKind::InvalidInput,
                 "append",
-                format!("record body exceeds u32 ({} payload bytes)", cs.payload.len()),
+                format!(
+                    "record body exceeds u32 ({} payload bytes)",
+                    cs.payload.len()
+                ),
             )
         })?;
     let crc = crc32c::crc32c_append(crc32c::crc32c(&body), &cs.payload);

@@ -205,6 +205,7 @@ fn build_set_epoch(
         prev_end_seq: prev,
         nonce_stream: 1,
         nonce_counter: NONCE.fetch_add(1, Ordering::Relaxed),
+        key_salt: [0; 16],
         consistent_from: first,
         tags: Vec::new(),
         extents: vec![Extent {

@@ -24,7 +24,7 @@
 //!
 //! [`ChangeSetHeader`]: host str, disk str, epoch u64, kind u8
 //! (0 write-order, 1 resync), first_seq u64, last_seq u64, prev_end_seq u64,
-//! nonce_stream u32, nonce_counter u64, consistent_from u64,
+//! nonce_stream u32, nonce_counter u64, key_salt [u8; 16], consistent_from u64,
 //! tags vec<seq u64, name str, app bool>, extents vec<seq u64, offset u64,
 //! length u64, op u8 (0 write, 1 zero, 2 trim)>, chunks vec<raw_len u32,
 //! stored_len u32, compressed bool>. Its exact encoding
@@ -57,8 +57,12 @@ pub mod kind {
     pub const HASH_DIFF: u16 = 9;
 }
 
+/// Bytes of [`ChangeSetHeader::key_salt`].
+pub const KEY_SALT_LEN: usize = 16;
 /// Most block hashes in one [`BlockHashes`] (with 64 KiB blocks: 4 GiB).
 pub const MAX_HASHES: usize = 1 << 16;
+/// Largest block of the checksum exchange (a power of two, 512 B ..= this).
+pub const MAX_HASH_BLOCK: u32 = 1 << 20;
 /// Most ranges in one [`BlockHashes`].
 pub const MAX_RANGES: usize = MAX_EXTENTS;
 /// Bytes of one block hash (see `crate::payload::block_hash`).
@@ -237,6 +241,10 @@ pub struct ChangeSetHeader {
     /// unique; retransmitting the same sealed set reuses it with the same
     /// plaintext, which reveals nothing.
     pub nonce_counter: u64,
+    /// Random per sender session: the payload is sealed under the disk key
+    /// derived with it (`crate::payload::Key::for_salt`), so nonces from
+    /// sessions that restarted their counters never meet under one key.
+    pub key_salt: [u8; KEY_SALT_LEN],
     /// Consistency claim of the sender: `0` means the replica is not a
     /// consistent prefix of the source's write order after this set (a
     /// resync is running or pending); otherwise, once this set is applied,
@@ -320,10 +328,33 @@ pub struct BlockHashes {
 }
 
 impl BlockHashes {
-    /// Blocks the ranges cut into (what `hashes.len()` must be).
-    pub fn blocks(&self) -> u64 {
+    /// Blocks the ranges cut into (what `hashes.len()` must be); None if
+    /// the count overflows.
+    pub fn blocks(&self) -> Option<u64> {
         let bs = u64::from(self.block_size.max(1));
-        self.ranges.iter().map(|&(_, len)| len.div_ceil(bs)).sum()
+        self.ranges
+            .iter()
+            .try_fold(0u64, |n, &(_, len)| n.checked_add(len.div_ceil(bs)))
+    }
+
+    /// Block size a power of two in 512 ..= [`MAX_HASH_BLOCK`], one hash
+    /// per block.
+    fn check(&self) -> Result<()> {
+        if !self.block_size.is_power_of_two() || !(512..=MAX_HASH_BLOCK).contains(&self.block_size)
+        {
+            return Err(Error::malformed(format!(
+                "block_hashes: block size {} (a power of two, 512..={MAX_HASH_BLOCK})",
+                self.block_size
+            )));
+        }
+        if self.blocks() != u64::try_from(self.hashes.len()).ok() {
+            return Err(Error::malformed(format!(
+                "block_hashes: {} hashes for {:?} blocks",
+                self.hashes.len(),
+                self.blocks()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -587,6 +618,12 @@ impl ChangeSetHeader {
                 self.prev_end_seq, self.first_seq
             ));
         }
+        if self.kind == ChangeKind::Resync && self.consistent_from != 0 {
+            return bad(format!(
+                "a resync set cannot claim consistency (consistent_from {})",
+                self.consistent_from
+            ));
+        }
         if self.consistent_from > self.last_seq {
             return bad(format!(
                 "consistent_from {} after last_seq {}",
@@ -680,6 +717,7 @@ impl ChangeSetHeader {
         e.u64(self.prev_end_seq);
         e.u32(self.nonce_stream);
         e.u64(self.nonce_counter);
+        e.0.extend_from_slice(&self.key_salt);
         e.u64(self.consistent_from);
         e.count("change_set.tags", self.tags.len(), MAX_TAGS)?;
         for t in &self.tags {
@@ -713,6 +751,7 @@ impl ChangeSetHeader {
         let prev_end_seq = d.u64("change_set.prev_end_seq")?;
         let nonce_stream = d.u32("change_set.nonce_stream")?;
         let nonce_counter = d.u64("change_set.nonce_counter")?;
+        let key_salt = d.array::<KEY_SALT_LEN>("change_set.key_salt")?;
         let consistent_from = d.u64("change_set.consistent_from")?;
         let n = d.count("change_set.tags", MAX_TAGS, 8 + 1 + 1)?;
         let mut tags = Vec::with_capacity(n);
@@ -752,6 +791,7 @@ impl ChangeSetHeader {
             prev_end_seq,
             nonce_stream,
             nonce_counter,
+            key_salt,
             consistent_from,
             tags,
             extents,
@@ -813,9 +853,6 @@ impl ChangeSet {
 fn decode_block_hashes(d: &mut Dec<'_>) -> Result<BlockHashes> {
     let disk = d.str("block_hashes.disk")?;
     let block_size = d.u32("block_hashes.block_size")?;
-    if block_size == 0 {
-        return Err(Error::malformed("block_hashes.block_size 0"));
-    }
     let n = d.count("block_hashes.ranges", MAX_RANGES, 16)?;
     let mut ranges = Vec::with_capacity(n);
     for _ in 0..n {
@@ -835,13 +872,7 @@ fn decode_block_hashes(d: &mut Dec<'_>) -> Result<BlockHashes> {
         ranges,
         hashes,
     };
-    if u64::try_from(m.hashes.len()).ok() != Some(m.blocks()) {
-        return Err(Error::malformed(format!(
-            "block_hashes: {} hashes for {} blocks",
-            m.hashes.len(),
-            m.blocks()
-        )));
-    }
+    m.check()?;
     Ok(m)
 }
 
@@ -911,16 +942,7 @@ impl Message {
                 e.u64(m.time_ns);
             }
             Message::BlockHashes(m) => {
-                if m.block_size == 0 {
-                    return Err(Error::malformed("block_hashes.block_size 0"));
-                }
-                if u64::try_from(m.hashes.len()).ok() != Some(m.blocks()) {
-                    return Err(Error::malformed(format!(
-                        "block_hashes: {} hashes for {} blocks",
-                        m.hashes.len(),
-                        m.blocks()
-                    )));
-                }
+                m.check()?;
                 e.str("block_hashes.disk", &m.disk)?;
                 e.u32(m.block_size);
                 e.count("block_hashes.ranges", m.ranges.len(), MAX_RANGES)?;

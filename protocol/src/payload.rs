@@ -26,7 +26,8 @@ use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{
-    encode_header_aad, ChangeSet, ChangeSetHeader, ChunkInfo, CHUNK_SIZE, MAX_CHUNKS, TAG_LEN,
+    encode_header_aad, ChangeSet, ChangeSetHeader, ChunkInfo, CHUNK_SIZE, KEY_SALT_LEN, MAX_CHUNKS,
+    TAG_LEN,
 };
 
 /// Length of an AES-256 key in bytes.
@@ -38,6 +39,9 @@ pub const STORE_RAW_PERCENT: usize = 97;
 
 /// Largest raw payload of one change set: [`MAX_CHUNKS`] × [`CHUNK_SIZE`].
 pub const MAX_RAW: usize = MAX_CHUNKS * CHUNK_SIZE;
+
+/// HKDF info of [`Key::for_salt`].
+pub const SET_KEY_INFO: &[u8] = b"ferry change-set key v1";
 
 /// A per-disk AES-256 key. Not `Clone`/`Copy`; overwritten with zeros when
 /// dropped; `Debug` does not show it.
@@ -72,6 +76,28 @@ impl Key {
             )));
         }
         Ok(k)
+    }
+
+    /// The key a change set is sealed under: HKDF-SHA256 of this (the
+    /// disk's) key with the set's `key_salt`, a random value each sender
+    /// session picks. Nonces are unique within a session; the salt makes
+    /// sessions independent, so a sender whose counters were reset (a state
+    /// directory restored from a backup) never reuses a (key, nonce) pair.
+    pub fn for_salt(&self, salt: &[u8; KEY_SALT_LEN]) -> Key {
+        struct Len;
+        impl ring::hkdf::KeyType for Len {
+            fn len(&self) -> usize {
+                KEY_LEN
+            }
+        }
+        let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, salt).extract(&self.0);
+        let mut out = [0u8; KEY_LEN];
+        let filled = prk
+            .expand(&[SET_KEY_INFO], Len)
+            .and_then(|okm| okm.fill(&mut out));
+        // Cannot fail: the output length is fixed and far below HKDF's limit.
+        debug_assert!(filled.is_ok());
+        Key(out)
     }
 
     fn aead(&self) -> Result<LessSafeKey> {
@@ -264,8 +290,9 @@ pub fn pack(
 
 /// Build a sealed change set: compress `data` (the Write extents' bytes),
 /// fill `header.chunks`, and seal with the header's encoding as AAD under
-/// the nonce the header names ([`NonceParts::of`]). The caller guarantees
-/// that nonce was never used under `key` for other data.
+/// the nonce the header names ([`NonceParts::of`]) and the key
+/// [`Key::for_salt`] derives with the header's salt. The caller guarantees
+/// that nonce was never used under that salt for other data.
 pub fn pack_change_set(
     data: &[u8],
     level: i32,
@@ -275,7 +302,12 @@ pub fn pack_change_set(
     let (chunks, mut buf) = compress_chunks(data, level, default_threads())?;
     header.chunks = chunks;
     let aad = encode_header_aad(&header)?;
-    seal(key, NonceParts::of(&header), &aad, &mut buf)?;
+    seal(
+        &key.for_salt(&header.key_salt),
+        NonceParts::of(&header),
+        &aad,
+        &mut buf,
+    )?;
     Ok(ChangeSet {
         header,
         payload: buf,
@@ -361,7 +393,7 @@ pub fn unpack_change_set(cs: &ChangeSet, key: &Key) -> Result<Vec<u8>> {
     unpack(
         &cs.payload,
         &cs.header.chunks,
-        key,
+        &key.for_salt(&cs.header.key_salt),
         NonceParts::of(&cs.header),
         &aad,
     )
@@ -385,7 +417,12 @@ pub fn verify_change_set(cs: &ChangeSet, key: &Key) -> Result<()> {
     check_chunks(&cs.header.chunks, cs.payload.len())?;
     let aad = encode_header_aad(&cs.header)?;
     let mut buf = cs.payload.clone();
-    open(key, NonceParts::of(&cs.header), &aad, &mut buf)
+    open(
+        &key.for_salt(&cs.header.key_salt),
+        NonceParts::of(&cs.header),
+        &aad,
+        &mut buf,
+    )
 }
 
 #[cfg(test)]

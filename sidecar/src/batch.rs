@@ -374,6 +374,7 @@ impl Batcher {
             // Stamped by the shipper just before sealing.
             nonce_stream: 0,
             nonce_counter: 0,
+            key_salt: [0; 16],
             consistent_from: 0,
             tags: b.tags,
             extents: b.extents,

@@ -610,7 +610,7 @@ impl DiskSession {
             ring_path: shared.cfg.state.join("disks").join(&disk.name).join("ring"),
             backing,
             key,
-            nonces: Nonces::new(stream),
+            nonces: Nonces::new(stream)?,
             consumer: None,
             local: LocalDisk::load(&shared.cfg.state, &disk.name),
             gap: false,

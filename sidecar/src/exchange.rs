@@ -161,6 +161,7 @@ mod tests {
                 prev_end_seq: 0,
                 nonce_stream: 0,
                 nonce_counter: 0,
+                key_salt: [0; 16],
                 consistent_from: 0,
                 tags: Vec::new(),
                 extents,

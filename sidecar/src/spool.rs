@@ -289,6 +289,7 @@ mod tests {
                 prev_end_seq: first - 1,
                 nonce_stream: 1,
                 nonce_counter: first,
+                key_salt: [0; 16],
                 consistent_from: first,
                 tags: Vec::new(),
                 extents: vec![Extent {

@@ -8,8 +8,10 @@
 //! Resync set re-reads the device), so the nonce is not derived from the
 //! set: each sidecar process takes a fresh 32-bit *stream* number from
 //! `STATE/sidecar/nonce-stream` (incremented and fsynced before use), and
-//! counts seals within it. (key, stream, counter) is unique as long as the
-//! state directory is, and the per-disk key lives with the same host.
+//! counts seals within it; and each session seals under the disk key
+//! derived with a random 128-bit salt (carried in the header), so even a
+//! state directory restored from a backup, which hands out a stream again,
+//! never reuses a (key, nonce) pair.
 //!
 //! # Consistency claim
 //!
@@ -28,7 +30,7 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 
-use ferry_protocol::message::{ChangeKind, ChangeSetHeader};
+use ferry_protocol::message::{ChangeKind, ChangeSetHeader, KEY_SALT_LEN};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::ship::Stamp;
@@ -77,17 +79,33 @@ pub fn next_nonce_stream(dir: &Path) -> Result<u32> {
     Ok(next)
 }
 
-/// Hands out nonces: one stream per process, a counter within it.
+/// Hands out nonces: one stream per process, a counter within it, and a
+/// random key salt per session (see `Key::for_salt`): even if the stream
+/// file were restored from a backup, the salt keeps two sessions apart.
 #[derive(Debug, Clone)]
 pub struct Nonces {
     stream: u32,
     next: u64,
+    salt: [u8; KEY_SALT_LEN],
 }
 
 impl Nonces {
-    /// Nonces of `stream` (from [`next_nonce_stream`]).
-    pub fn new(stream: u32) -> Nonces {
-        Nonces { stream, next: 0 }
+    /// Nonces of `stream` (from [`next_nonce_stream`]) under a fresh random
+    /// key salt.
+    pub fn new(stream: u32) -> Result<Nonces> {
+        let mut salt = [0u8; KEY_SALT_LEN];
+        getrandom::getrandom(&mut salt)
+            .map_err(|e| Error::new(ErrorKind::Io, format!("random key salt: {e}")))?;
+        Ok(Nonces {
+            stream,
+            next: 0,
+            salt,
+        })
+    }
+
+    /// The session's key salt.
+    pub fn salt(&self) -> [u8; KEY_SALT_LEN] {
+        self.salt
     }
 
     /// The next unused (stream, counter).
@@ -185,6 +203,7 @@ impl Stamp for DiskStamp<'_> {
         let (stream, counter) = self.nonces.take();
         header.nonce_stream = stream;
         header.nonce_counter = counter;
+        header.key_salt = self.nonces.salt();
         Ok(())
     }
 }
@@ -204,6 +223,7 @@ mod tests {
             prev_end_seq: first - 1,
             nonce_stream: 0,
             nonce_counter: 0,
+            key_salt: [0; 16],
             consistent_from: 0,
             tags: Vec::new(),
             extents: Vec::new(),
@@ -251,9 +271,10 @@ mod tests {
             next_nonce_stream(&dir).unwrap_err().kind(),
             ErrorKind::Corrupt
         );
-        let mut n = Nonces::new(7);
+        let mut n = Nonces::new(7).unwrap();
         assert_eq!(n.take(), (7, 0));
         assert_eq!(n.take(), (7, 1));
+        assert_ne!(n.salt(), Nonces::new(7).unwrap().salt(), "salts are random");
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -131,6 +131,7 @@ impl Gen {
             prev_end_seq: self.prev,
             nonce_stream: 7,
             nonce_counter: first,
+            key_salt: [0; 16],
             consistent_from: first,
             tags: Vec::new(),
             extents,

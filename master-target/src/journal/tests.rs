@@ -43,6 +43,7 @@ fn mk(epoch: u64, kind: ChangeKind, first: u64, last: u64, prev: u64, n: u32) ->
             prev_end_seq: prev,
             nonce_stream: 1,
             nonce_counter: first,
+            key_salt: [0; 16],
             consistent_from: if kind == ChangeKind::WriteOrder {
                 first
             } else {
@@ -122,6 +123,7 @@ fn append_reopen_round_trip() {
         let h = ChangeSetHeader {
             nonce_stream: 1,
             nonce_counter: i,
+            key_salt: [0; 16],
             ..h
         };
         let cs = pack_change_set(&data, 1, &key, h).unwrap();

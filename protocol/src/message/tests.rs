@@ -14,6 +14,7 @@ fn small_change_set() -> ChangeSet {
             prev_end_seq: 9,
             nonce_stream: 3,
             nonce_counter: 0x0102,
+            key_salt: [0x5a; 16],
             consistent_from: 10,
             tags: vec![Tag {
                 seq: 11,
@@ -64,6 +65,9 @@ const GOLDEN_CHANGE_SET: &[u8] = &[
     0x03, 0, 0, 0,
     // nonce_counter 0x0102 (u64 LE)
     0x02, 0x01, 0, 0, 0, 0, 0, 0,
+    // key_salt [u8; 16]
+    0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a,
+    0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a,
     // consistent_from 10
     0x0a, 0, 0, 0, 0, 0, 0, 0,
     // tags: count 1 (u32 LE)
@@ -239,6 +243,31 @@ fn golden_hash_exchange() {
         ranges: vec![(0x2000, 0x1800)],
         hashes: vec![[0xaa; HASH_LEN], [0xbb; HASH_LEN]],
     });
+    // Block sizes: powers of two, 512 ..= 1 MiB; counts that overflow refused.
+    for bs in [0, 3, 256, 2 << 20] {
+        let bad = Message::BlockHashes(BlockHashes {
+            disk: "d".into(),
+            block_size: bs,
+            ranges: vec![],
+            hashes: vec![],
+        });
+        assert_eq!(
+            bad.encode().unwrap_err().kind(),
+            ErrorKind::Malformed,
+            "{bs}"
+        );
+    }
+    let huge = BlockHashes {
+        disk: "d".into(),
+        block_size: 512,
+        ranges: vec![(0, u64::MAX); 600],
+        hashes: vec![],
+    };
+    assert_eq!(huge.blocks(), None);
+    assert_eq!(
+        Message::BlockHashes(huge).encode().unwrap_err().kind(),
+        ErrorKind::Malformed
+    );
     let mut want = vec![
         1, b'd', // disk
         0, 0x10, 0, 0, // block_size 4096
@@ -357,6 +386,7 @@ fn header_validation() {
         e.u64(h.prev_end_seq);
         e.u32(h.nonce_stream);
         e.u64(h.nonce_counter);
+        e.0.extend_from_slice(&h.key_salt);
         e.u64(h.consistent_from);
         e.count("", h.tags.len(), usize::MAX).unwrap();
         for t in &h.tags {
@@ -382,6 +412,7 @@ fn header_validation() {
     check(&|h| h.first_seq = 12, ErrorKind::Malformed); // first > last
     check(&|h| h.prev_end_seq = 10, ErrorKind::Malformed); // prev == first
     check(&|h| h.consistent_from = 12, ErrorKind::Malformed); // after last
+    check(&|h| h.kind = ChangeKind::Resync, ErrorKind::Malformed); // resync claims
     check(&|h| h.extents[0].seq = 9, ErrorKind::Malformed); // seq before first
     check(&|h| h.extents[1].seq = 12, ErrorKind::Malformed); // seq after last
     check(&|h| h.extents[0].length = 6, ErrorKind::Malformed); // write sum != raw
@@ -408,6 +439,7 @@ fn header_validation() {
        // Resync sets may carry any seqs in their extents.
     let mut h = base.clone();
     h.kind = ChangeKind::Resync;
+    h.consistent_from = 0;
     h.extents[0].seq = 0;
     h.validate().unwrap();
     // The very first set: prev_end_seq == first_seq == 0.
@@ -424,7 +456,8 @@ fn header_validation() {
         ErrorKind::Malformed
     );
     let mut body = GOLDEN_CHANGE_SET.to_vec();
-    body[52] = 2; // tag.app (offset: 3+2+8+1+24+4+8+2)
+    assert_eq!(body[88], 1, "tag.app is true in the golden set");
+    body[88] = 2; // tag.app (offset: 3+2+8+1+24 +4+8+16+8 +4+8+2)
     assert_eq!(
         Message::decode(kind::CHANGE_SET, &body).unwrap_err().kind(),
         ErrorKind::Malformed
@@ -503,6 +536,7 @@ fn header() -> impl Strategy<Value = ChangeSetHeader> {
                     prev_end_seq: first,
                     nonce_stream: u32::try_from(epoch % 7).unwrap(),
                     nonce_counter: first_seq ^ epoch,
+                    key_salt: [u8::try_from(epoch % 251).unwrap(); 16],
                     consistent_from: if resync { 0 } else { first_seq },
                     tags: tags
                         .into_iter()

@@ -41,6 +41,7 @@ fn header(len: usize) -> ChangeSetHeader {
         prev_end_seq: 4,
         nonce_stream: N.stream,
         nonce_counter: N.counter,
+        key_salt: [0; 16],
         consistent_from: 0,
         tags: vec![],
         extents: vec![Extent {
@@ -158,9 +159,19 @@ fn tampering_is_a_crypto_error() {
     let mut t = cs.clone();
     t.header.nonce_stream = 2;
     crypto(unpack_change_set(&t, &key(3)));
-    // The nonce the header names is the one used.
+    // Another salt: another key.
+    let mut t = cs.clone();
+    t.header.key_salt[0] ^= 1;
+    crypto(unpack_change_set(&t, &key(3)));
+    assert_eq!(
+        verify_change_set(&t, &key(3)).unwrap_err().kind(),
+        ErrorKind::Crypto
+    );
+    verify_change_set(&cs, &key(3)).unwrap();
+    // The nonce the header names is the one used, under the salted key.
     let aad = encode_header_aad(&cs.header).unwrap();
-    assert!(unpack(&cs.payload, &cs.header.chunks, &key(3), N, &aad).unwrap() == data);
+    let set_key = key(3).for_salt(&cs.header.key_salt);
+    assert!(unpack(&cs.payload, &cs.header.chunks, &set_key, N, &aad).unwrap() == data);
     // Flipped byte anywhere: start, middle, tag.
     for i in [0, cs.payload.len() / 2, cs.payload.len() - 1] {
         let mut t = cs.clone();
