@@ -7,7 +7,7 @@
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +25,9 @@ pub const LOCK_FILE: &str = "target.lock";
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest a TLS handshake or a single write may take.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most connections served at once (one thread each); more are closed at
+/// once, so a flood of half-open handshakes cannot exhaust the target.
+pub const MAX_CONNECTIONS: usize = 512;
 
 /// How to run the target.
 #[derive(Debug, Clone)]
@@ -129,15 +132,30 @@ pub fn run(cfg: TargetConfig, stop: Arc<AtomicBool>, ready: impl FnOnce(&str)) -
         .map_err(|e| Error::io("listen", Path::new(&cfg.listen), e))?;
     tracing::info!(listen = %local, data = %cfg.data.display(), "target ready");
     ready(&local);
+    let active = Arc::new(AtomicUsize::new(0));
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((tcp, addr)) => {
+                let peer = addr.to_string();
+                if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+                    ctx.refusals.log(
+                        &peer,
+                        &crate::server::Refusal {
+                            code: 0,
+                            message: format!("{MAX_CONNECTIONS} connections open: closed"),
+                        },
+                    );
+                    continue;
+                }
                 let ctx = Arc::clone(&ctx);
                 let tls_config = Arc::clone(&tls_config);
-                let peer = addr.to_string();
+                let slot = ConnectionSlot::take(&active);
                 let spawned = std::thread::Builder::new()
                     .name(format!("conn-{peer}"))
-                    .spawn(move || handle(&ctx, tcp, tls_config, &peer));
+                    .spawn(move || {
+                        let _slot = slot;
+                        handle(&ctx, tcp, tls_config, &peer);
+                    });
                 if let Err(e) = spawned {
                     tracing::error!(error = %e, "cannot spawn a connection thread");
                 }
@@ -152,6 +170,22 @@ pub fn run(cfg: TargetConfig, stop: Arc<AtomicBool>, ready: impl FnOnce(&str)) -
     tracing::info!("target stopping");
     site.shutdown();
     Ok(())
+}
+
+/// One of the [`MAX_CONNECTIONS`], given back when dropped.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    fn take(active: &Arc<AtomicUsize>) -> ConnectionSlot {
+        active.fetch_add(1, Ordering::Relaxed);
+        ConnectionSlot(Arc::clone(active))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Wait up to 100 ms for a connection to accept (then the stop flag is

@@ -45,6 +45,9 @@ use crate::journal::{Appended, Journal};
 pub const STATUS_FILE: &str = "status.json";
 /// Directory holding the hosts.
 pub const HOSTS_DIR: &str = "hosts";
+/// Most disks one host may have at this target (each has an applier
+/// thread and a replica).
+pub const MAX_DISKS_PER_HOST: usize = 256;
 /// How often an idle applier rewrites its status (for lag seconds and
 /// liveness).
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
@@ -525,6 +528,14 @@ impl Site {
                 ));
             }
             return Ok(Arc::clone(d));
+        }
+        let of_host = disks.keys().filter(|(h, _)| h == host).count();
+        if of_host >= MAX_DISKS_PER_HOST {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "open disk",
+                format!("host {host} has {of_host} disks, the most this target keeps"),
+            ));
         }
         let host_dir = self.dir.join(HOSTS_DIR).join(host);
         let disk_dir = host_dir.join(disk);

@@ -49,7 +49,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::filterctl::{FilterControl, FilterDisk};
 use crate::net::NetTransport;
 use crate::ship::{drain_once, ShipOptions};
-use crate::spool::{Spool, SpoolTransport};
+use crate::spool::{Delivered, Spool, SpoolTransport};
 use crate::stamp::{next_nonce_stream, Consistency, DiskStamp, Nonces};
 use crate::uring_read::DirectReader;
 
@@ -171,6 +171,11 @@ pub struct LocalDisk {
     pub ring_generation: Option<u64>,
     /// Whether the target ever acknowledged a set of this disk.
     pub shipped: bool,
+    /// A lower bound of the last sequence the target acknowledged (saved at
+    /// most once a second): a target that comes back with less lost
+    /// acknowledged sets (restored from a backup, storage that lied).
+    #[serde(default)]
+    pub acked_seq: u64,
 }
 
 impl LocalDisk {
@@ -195,7 +200,11 @@ impl LocalDisk {
                 Error::with_source(ErrorKind::Io, format!("create {}", dir.display()), e)
             })?;
         }
-        write_json_atomically(&path, self)
+        write_json_atomically(&path, self)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::with_source(ErrorKind::Io, format!("sync {}", dir.display()), e))
     }
 }
 
@@ -226,15 +235,10 @@ pub struct EpochPlan {
 }
 
 /// Decide the epoch after the target's resume point; see the module docs.
-/// `spool_lost`: spooled sets (already gone from the ring) could not be
-/// delivered, so nothing short of a full resync covers them.
-pub fn plan_epoch(
-    local: &LocalDisk,
-    resume: &DiskResume,
-    generation: u64,
-    gap: bool,
-    spool_lost: bool,
-) -> EpochPlan {
+/// `gap`: the target refused a set as not following its last one, or came
+/// back with fewer acknowledged sets than it had: records are missing there
+/// and nothing local says which, so the whole disk is resynced.
+pub fn plan_epoch(local: &LocalDisk, resume: &DiskResume, generation: u64, gap: bool) -> EpochPlan {
     let epoch = local.epoch.max(resume.epoch).max(1);
     if resume.next_seq == 0 {
         // The target holds nothing: a fresh chain. If this sidecar shipped
@@ -242,17 +246,20 @@ pub fn plan_epoch(
         return EpochPlan {
             epoch,
             new_epoch: false,
-            resync_all: local.shipped || spool_lost,
+            resync_all: local.shipped,
         };
     }
     let recreated = local.ring_generation != Some(generation);
-    if recreated || gap || spool_lost {
+    // An epoch opened here that never reached the target (a restart came
+    // first) is still open: its first set must declare the break.
+    let unfinished = local.epoch > resume.epoch;
+    if recreated || gap || unfinished {
         EpochPlan {
             epoch: epoch + 1,
             new_epoch: true,
             // A gap with the same ring is unexplained: the filter's dirty
             // bits need not cover it.
-            resync_all: (gap && !recreated) || spool_lost,
+            resync_all: gap && !recreated,
         }
     } else {
         EpochPlan {
@@ -574,8 +581,8 @@ struct DiskSession {
     local: LocalDisk,
     /// The target reported a gap: open a new epoch on reconnect.
     gap: bool,
-    /// Spooled sets could not be delivered: full resync on reconnect.
-    spool_lost: bool,
+    /// When `local` was last saved for its `acked_seq`.
+    acked_saved: Instant,
     /// Sets drained while the target is unreachable.
     spool: Spool,
     /// The stream's chain (batcher, consistency) since the last connect;
@@ -614,7 +621,7 @@ impl DiskSession {
             consumer: None,
             local: LocalDisk::load(&shared.cfg.state, &disk.name),
             gap: false,
-            spool_lost: false,
+            acked_saved: Instant::now(),
             spool: Spool::open(
                 &shared
                     .cfg
@@ -673,15 +680,30 @@ impl DiskSession {
             .ok_or_else(|| {
                 Error::new(ErrorKind::Rejected, "the target's Welcome lacks this disk")
             })?;
-        let spooled = self.deliver_spool(&mut transport, resume.next_seq)?;
+        let delivered = self.deliver_spool(shared, &mut transport, resume.next_seq)?;
+        // What the target holds now: its resume point, or the spool's end.
+        let (target_last, target_epoch) = match delivered {
+            Some(d) => (d.last_seq, d.epoch.max(resume.epoch)),
+            None => (resume.next_seq.saturating_sub(1), resume.epoch),
+        };
         // Resyncs compare checksums first once the replica held a full copy
         // (during an initial copy every block differs: hashing would be
         // wasted); settling turns it on below.
         transport.set_exchange(resume.consistent_from != 0);
-        let plan = plan_epoch(&self.local, &resume, generation, self.gap, self.spool_lost);
-        // The claim carried on from before the outage, else the target's.
-        let mut consistency = match self.chain.take() {
-            Some(c) if !plan.new_epoch && resume.next_seq != 0 => c.consistency,
+        let regressed = resume.next_seq != 0 && target_last < self.local.acked_seq;
+        if regressed {
+            tracing::error!(disk = %self.name, target_last, acked = self.local.acked_seq, "the target lost acknowledged change sets: full resync");
+        }
+        let effective = DiskResume {
+            epoch: target_epoch,
+            ..resume.clone()
+        };
+        let plan = plan_epoch(&self.local, &effective, generation, self.gap || regressed);
+        // The claim: what the delivered spool ended with, else the one
+        // carried on from before the outage, else the target's.
+        let mut consistency = match (delivered, self.chain.take()) {
+            (Some(d), _) => Consistency::resume(d.consistent_from),
+            (None, Some(c)) if resume.next_seq != 0 => c.consistency,
             _ => Consistency::resume(resume.consistent_from),
         };
         if plan.resync_all {
@@ -689,17 +711,21 @@ impl DiskSession {
             tracing::warn!(disk = %self.name, bytes, "the target lacks this disk's data: full resync");
         }
         if plan.new_epoch || plan.resync_all || resume.next_seq == 0 {
-            consistency.broken_at(resume.next_seq);
+            consistency.broken_at(target_last.saturating_add(1));
         }
         if plan.new_epoch {
             tracing::warn!(disk = %self.name, epoch = plan.epoch, "new epoch: records may be missing at the target; resyncing the dirty regions");
         }
         self.gap = false;
-        self.spool_lost = false;
         self.local.epoch = plan.epoch;
         self.local.ring_generation = Some(generation);
+        // Whatever the target holds now is the new baseline (a regression
+        // is being repaired by the full resync above).
+        self.local.acked_seq = target_last;
         self.local.save(&shared.cfg.state, &self.name)?;
-        let resume_after = resume.next_seq.saturating_sub(1).max(spooled.unwrap_or(0));
+        self.acked_saved = Instant::now();
+        let resume_after = target_last;
+        let spooled = delivered.map(|d| d.last_seq);
         let batcher = Batcher::new(&shared.host, &self.name, plan.epoch, resume_after)
             .with_state_dir(&shared.cfg.state);
         shared.metrics(&self.name, |m| {
@@ -724,23 +750,24 @@ impl DiskSession {
     }
 
     /// Send what the spool holds, in order, before anything from the ring.
-    /// Returns the last sequence delivered. A target that cannot take them
-    /// (a gap) loses them: they left the ring, so a full resync follows.
+    /// Returns what the last delivered set was. Spooled sets the target
+    /// cannot take (it holds nothing, or refuses them) left the ring
+    /// already: the filter marks the whole disk for resync (durably) before
+    /// they are dropped, and a refusal opens a new epoch.
     fn deliver_spool(
         &mut self,
+        shared: &Shared,
         transport: &mut NetTransport<tls::ClientStream>,
         next_seq: u64,
-    ) -> Result<Option<u64>> {
+    ) -> Result<Option<Delivered>> {
         if self.spool.is_empty() {
             return Ok(None);
         }
         if next_seq == 0 {
-            // A target that holds nothing (a new or wiped site) cannot take
-            // a continuation: the spooled writes are covered by the full
-            // resync that follows.
+            // A new or wiped site cannot take a continuation.
             tracing::warn!(disk = %self.name, sets = self.spool.len(), "the target holds nothing: dropping the spool, full resync follows");
+            shared.filter.resync_all(&self.name)?;
             self.spool.clear()?;
-            self.spool_lost = true;
             return Ok(None);
         }
         let sets = self.spool.len();
@@ -755,11 +782,14 @@ impl DiskSession {
                     ErrorKind::Gap | ErrorKind::Rejected | ErrorKind::Corrupt
                 ) =>
             {
-                tracing::error!(disk = %self.name, error = %e, "the target cannot take the spooled sets: dropping them, full resync follows");
+                tracing::error!(disk = %self.name, error = %e, "the target cannot take the spooled sets: full resync, then dropping them");
+                shared.filter.resync_all(&self.name)?;
                 self.spool.clear()?;
-                self.spool_lost = true;
                 self.chain = None;
-                Err(e)
+                Err(Error::new(
+                    ErrorKind::Gap,
+                    format!("spooled sets refused ({e}); resyncing in a new epoch"),
+                ))
             }
             Err(e) => Err(e),
         }
@@ -910,9 +940,11 @@ impl DiskSession {
             if stats.change_sets > 0 {
                 last_traffic = Instant::now();
                 wire_consistent = stats.last_consistent_from != 0;
-                if !self.local.shipped {
+                self.local.acked_seq = self.local.acked_seq.max(stats.last_seq);
+                if !self.local.shipped || self.acked_saved.elapsed() >= Duration::from_secs(1) {
                     self.local.shipped = true;
                     self.local.save(&shared.cfg.state, &self.name)?;
+                    self.acked_saved = Instant::now();
                 }
                 shared.metrics(&self.name, |m| {
                     m.change_sets += stats.change_sets;
@@ -1047,30 +1079,35 @@ mod tests {
     fn epoch_plans() {
         let fresh = LocalDisk::default();
         // First protection: a fresh chain at epoch 1, no resync-all.
-        let p = plan_epoch(&fresh, &resume(0, 0), 5, false, false);
+        let p = plan_epoch(&fresh, &resume(0, 0), 5, false);
         assert_eq!((p.epoch, p.new_epoch, p.resync_all), (1, false, false));
         // Same ring, target continues: same epoch.
         let known = LocalDisk {
             epoch: 3,
             ring_generation: Some(5),
             shipped: true,
+            acked_seq: 99,
         };
-        let p = plan_epoch(&known, &resume(100, 3), 5, false, false);
+        let p = plan_epoch(&known, &resume(100, 3), 5, false);
         assert_eq!((p.epoch, p.new_epoch, p.resync_all), (3, false, false));
         // Ring recreated: new epoch, the dirty bits cover the loss.
-        let p = plan_epoch(&known, &resume(100, 3), 6, false, false);
+        let p = plan_epoch(&known, &resume(100, 3), 6, false);
         assert_eq!((p.epoch, p.new_epoch, p.resync_all), (4, true, false));
         // Gap with the same ring: unexplained, full resync.
-        let p = plan_epoch(&known, &resume(100, 3), 5, true, false);
+        let p = plan_epoch(&known, &resume(100, 3), 5, true);
         assert_eq!((p.epoch, p.new_epoch, p.resync_all), (4, true, true));
         // Target lost the disk this sidecar shipped before.
-        let p = plan_epoch(&known, &resume(0, 0), 5, false, false);
+        let p = plan_epoch(&known, &resume(0, 0), 5, false);
         assert!(p.resync_all);
         // The target's epoch is ahead of ours (another sidecar state).
-        let p = plan_epoch(&fresh, &resume(100, 7), 5, false, false);
+        let p = plan_epoch(&fresh, &resume(100, 7), 5, false);
         assert_eq!((p.epoch, p.new_epoch), (8, true));
-        // Spooled sets the target could not take: new epoch, full resync.
-        let p = plan_epoch(&known, &resume(100, 3), 5, false, true);
-        assert_eq!((p.epoch, p.new_epoch, p.resync_all), (4, true, true));
+        // An epoch opened locally that never reached the target is reopened.
+        let ahead = LocalDisk {
+            epoch: 4,
+            ..known.clone()
+        };
+        let p = plan_epoch(&ahead, &resume(100, 3), 5, false);
+        assert_eq!((p.epoch, p.new_epoch, p.resync_all), (5, true, false));
     }
 }

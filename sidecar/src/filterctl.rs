@@ -29,10 +29,9 @@ pub struct FilterDisk {
     /// Tracking state: `data`, `metadata` or `bitmap`.
     pub tracking: String,
     /// Dirty bits still set (awaiting resync, or claimed and not committed).
-    #[serde(default)]
+    /// Required: a filter that does not report it cannot be judged settled.
     pub dirty_bytes: u64,
     /// Dirty bits the ring holds resync records for.
-    #[serde(default)]
     pub claimed_bytes: u64,
 }
 

@@ -96,10 +96,11 @@ impl<S: Read + Write> NetTransport<S> {
         let m = Message::read_from(&mut self.stream, self.max_frame)
             .map_err(|e| transport_err("read from the target", e))?;
         if let Message::Reject(r) = &m {
-            let kind = if r.code == reject::GAP {
-                ErrorKind::Gap
-            } else {
-                ErrorKind::Rejected
+            let kind = match r.code {
+                reject::GAP => ErrorKind::Gap,
+                // The target failed (I/O, full disk): retry later.
+                reject::INTERNAL => ErrorKind::Transport,
+                _ => ErrorKind::Rejected,
             };
             return Err(Error::new(
                 kind,

@@ -43,6 +43,17 @@ struct Entry {
     bytes: u64,
 }
 
+/// The last set a [`Spool::flush_to`] delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    /// Its last sequence.
+    pub last_seq: u64,
+    /// Its epoch.
+    pub epoch: u64,
+    /// Its consistency claim.
+    pub consistent_from: u64,
+}
+
 /// A directory of spooled change sets; see the module docs.
 #[derive(Debug)]
 pub struct Spool {
@@ -205,12 +216,17 @@ impl Spool {
     }
 
     /// Send every held set through `transport` in order, dropping each once
-    /// acknowledged. Returns the last acknowledged sequence, if any.
-    pub fn flush_to(&mut self, transport: &mut dyn Transport) -> Result<Option<u64>> {
+    /// acknowledged. Returns what the last acknowledged set was, if any.
+    pub fn flush_to(&mut self, transport: &mut dyn Transport) -> Result<Option<Delivered>> {
         let mut acked = None;
         while let Some(cs) = self.front() {
             let cs = cs?;
             let (first, last) = (cs.header.first_seq, cs.header.last_seq);
+            let delivered = Delivered {
+                last_seq: last,
+                epoch: cs.header.epoch,
+                consistent_from: cs.header.consistent_from,
+            };
             let ack = transport.send(cs)?;
             if ack.last_seq < last {
                 return Err(Error::new(
@@ -222,7 +238,7 @@ impl Spool {
                 ));
             }
             self.pop_front()?;
-            acked = Some(last);
+            acked = Some(delivered);
         }
         Ok(acked)
     }
@@ -342,7 +358,8 @@ mod tests {
         assert_eq!(s.len(), 3);
         assert!(!d.join("x.cs.tmp").exists());
         let mut r = Recorder(Vec::new());
-        assert_eq!(s.flush_to(&mut r).unwrap(), Some(9));
+        let last = s.flush_to(&mut r).unwrap().unwrap();
+        assert_eq!((last.last_seq, last.epoch, last.consistent_from), (9, 2, 5));
         assert_eq!(r.0, sets);
         assert!(s.is_empty());
         assert_eq!(s.bytes(), 0);
