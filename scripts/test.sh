@@ -8,18 +8,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 tier=${1:-all}
 
+# Each tier stops at its first failing step and returns non-zero.
 quick() {
     echo "== quick tier: format, lints (the [workspace.lints] table), unit, property and golden tests"
-    cargo fmt --all -- --check
-    cargo clippy --workspace --all-targets --locked -- -D warnings
-    cargo test --workspace --exclude ferry-tests --locked
+    cargo fmt --all -- --check &&
+        cargo clippy --workspace --all-targets --locked -- -D warnings &&
+        cargo test --workspace --exclude ferry-tests --locked
 }
 
 rig() {
-    echo "== rig tier: real binaries against qemu-img"
-    command -v qemu-img >/dev/null || { echo "qemu-img missing: apt-get install qemu-utils" >&2; exit 1; }
-    cargo build --locked -p ferry
-    FERRY_BIN="$PWD/target/debug/ferry" cargo test --locked -p ferry-tests
+    echo "== rig tier: real binaries against qemu-img, NBD clients, file systems, the daemons"
+    command -v qemu-img >/dev/null || { echo "qemu-img missing: apt-get install qemu-utils" >&2; return 1; }
+    cargo build --locked -p ferry &&
+        FERRY_BIN="$PWD/target/debug/ferry" cargo test --locked -p ferry-tests
 }
 
 log=$(mktemp /tmp/ferry-test.XXXXXX)
@@ -28,7 +29,7 @@ set +e
 case "$tier" in
     quick) quick ;;
     rig) rig ;;
-    all) quick; rig ;;
+    all) quick; q=$?; rig && exit "$q" ;;
     *) echo "usage: $0 [quick|rig|all]" >&2; exit 2 ;;
 esac 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}

@@ -291,6 +291,9 @@ struct SidecarDaemonArgs {
     /// fast modes, e.g. -3, for links faster than a core compresses).
     #[arg(long, default_value = "1", allow_hyphen_values = true)]
     compression_level: i32,
+    /// Change sets in flight before the first acknowledgement is awaited.
+    #[arg(long, default_value_t = ferry_sidecar::net::DEFAULT_WINDOW)]
+    window: usize,
     /// After an idle spell, wait this many milliseconds for more writes
     /// before building a change set.
     #[arg(long, default_value = "2")]
@@ -335,6 +338,7 @@ fn sidecar(args: SidecarDaemonArgs) -> Result<ExitCode> {
     }
     cfg.batch_delay = std::time::Duration::from_millis(args.batch_delay_ms);
     cfg.zstd_level = args.compression_level;
+    cfg.window = args.window;
     if let Some(sz) = args.spool_size {
         cfg.spool_size = sz;
     }

@@ -44,9 +44,10 @@
 //! commits the ring to [`Pending::commit_to`] and calls
 //! [`Batcher::acked`]. On any failure (building, sealing, sending, a short
 //! ack) the caller calls [`Batcher::rewind`], which rewinds the consumer to
-//! its committed index and forgets the held record: the next call rebuilds
-//! the same set (same records and boundaries, so the same nonce seals the
-//! same write-order data) and later ones from there.
+//! its committed index and forgets the held record: the next call builds
+//! again from the first unacknowledged record (boundaries may differ; every
+//! seal takes a fresh nonce, and the target answers a set it partly holds
+//! with its durable sequence).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -187,9 +188,6 @@ pub struct Batcher {
     acked_end: u64,
     /// `last_seq` of the last set built (the next set's `prev_end_seq`).
     built_end: u64,
-    /// The last set built but not acknowledged: (first_seq, last_seq), so a
-    /// rebuild after a failure has the same boundaries.
-    in_flight: Option<(u64, u64)>,
     held: Option<Held>,
     tag_names: HashMap<u64, (String, bool)>,
     state_dir: Option<PathBuf>,
@@ -206,7 +204,6 @@ impl Batcher {
             epoch,
             acked_end: resume_after,
             built_end: resume_after,
-            in_flight: None,
             held: None,
             tag_names: HashMap::new(),
             state_dir: None,
@@ -245,12 +242,6 @@ impl Batcher {
         }
         if self.built_end < self.acked_end {
             self.built_end = self.acked_end;
-        }
-        if self
-            .in_flight
-            .is_some_and(|(_, last)| last <= self.acked_end)
-        {
-            self.in_flight = None;
         }
     }
 
@@ -301,20 +292,13 @@ impl Batcher {
         let disk_size = consumer.disk_size();
         // A rebuild after a failure takes exactly the records of the set
         // that was sent (its nonce is its first_seq).
-        let pinned = self
-            .in_flight
-            .filter(|&(first, _)| first > self.acked_end)
-            .map(|(_, last)| last);
         let mut b = Building::default();
         if let Some(h) = self.held.take() {
             self.add_held(&mut b, h, backing, disk_size)?;
         }
         while !b.ended {
-            match pinned {
-                Some(last) if b.first_seq.is_some() && b.last_seq >= last => break,
-                Some(_) => {}
-                None if b.records >= max_records || b.data.len() >= max_bytes => break,
-                None => {}
+            if b.records >= max_records || b.data.len() >= max_bytes {
+                break;
             }
             let Some(view) = consumer
                 .next()
@@ -337,11 +321,7 @@ impl Batcher {
                             Error::ring(format!("record {index} (seq {})", rec.seq), e)
                         })?;
                     }
-                    let fit = if pinned.is_some() {
-                        Fit::Take
-                    } else {
-                        self.fit(&b, &rec, max_bytes)?
-                    };
+                    let fit = self.fit(&b, &rec, max_bytes)?;
                     if let Fit::HoldBack = fit {
                         self.held = Some(Held {
                             index,
@@ -381,7 +361,6 @@ impl Batcher {
             chunks: Vec::new(),
         };
         self.built_end = b.last_seq;
-        self.in_flight = Some((first_seq, b.last_seq));
         Ok(Some(Pending {
             header,
             data: b.data,

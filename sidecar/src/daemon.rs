@@ -93,6 +93,8 @@ pub struct SidecarConfig {
     pub limits: BatchLimits,
     /// zstd level (negative: fast modes).
     pub zstd_level: i32,
+    /// Change sets in flight before the first ack is awaited.
+    pub window: usize,
     /// Bytes per second on the wire (0: unlimited).
     pub bandwidth: u64,
     /// Largest frame sent.
@@ -118,6 +120,7 @@ impl SidecarConfig {
                 max_records: 16 << 10,
             },
             zstd_level: crate::ship::ZSTD_LEVEL,
+            window: crate::net::DEFAULT_WINDOW,
             bandwidth: 0,
             max_frame: frame::MAX_FRAME,
             spool_size: DEFAULT_SPOOL_SIZE,
@@ -690,6 +693,7 @@ impl DiskSession {
         // (during an initial copy every block differs: hashing would be
         // wasted); settling turns it on below.
         transport.set_exchange(resume.consistent_from != 0);
+        transport.set_window(shared.cfg.window);
         let regressed = resume.next_seq != 0 && target_last < self.local.acked_seq;
         if regressed {
             tracing::error!(disk = %self.name, target_last, acked = self.local.acked_seq, "the target lost acknowledged change sets: full resync");

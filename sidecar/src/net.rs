@@ -48,6 +48,11 @@ impl Throttle {
     }
 }
 
+/// Change sets in flight by default: while the target makes one durable
+/// (its fsync), the next ones are already compressed, sealed and on the
+/// wire.
+pub const DEFAULT_WINDOW: usize = 4;
+
 /// A connection to the target over any byte stream (TLS in the daemon).
 #[derive(Debug)]
 pub struct NetTransport<S: Read + Write> {
@@ -55,6 +60,7 @@ pub struct NetTransport<S: Read + Write> {
     max_frame: usize,
     throttle: Throttle,
     exchange: bool,
+    window: usize,
 }
 
 fn transport_err(what: &str, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
@@ -85,6 +91,7 @@ impl<S: Read + Write> NetTransport<S> {
             max_frame,
             throttle: Throttle::new(bandwidth),
             exchange: false,
+            window: DEFAULT_WINDOW,
         };
         match t.read()? {
             Message::Welcome(w) => Ok((t, w.resume)),
@@ -116,6 +123,12 @@ impl<S: Read + Write> NetTransport<S> {
         self.stream
             .flush()
             .map_err(|e| transport_err("send to the target", e))
+    }
+
+    /// Change sets sent before the first answer is awaited (1: one at a
+    /// time).
+    pub fn set_window(&mut self, window: usize) {
+        self.window = window.max(1);
     }
 
     /// Offer the checksum exchange before resync sets (worth it only when
@@ -158,6 +171,15 @@ fn unexpected(m: &Message, want: &str) -> Error {
 
 impl<S: Read + Write> Transport for NetTransport<S> {
     fn send(&mut self, cs: ChangeSet) -> Result<Ack> {
+        self.send_async(cs)?;
+        self.recv_ack()
+    }
+
+    fn window(&self) -> usize {
+        self.window
+    }
+
+    fn send_async(&mut self, cs: ChangeSet) -> Result<()> {
         let bytes = u64::try_from(cs.payload.len()).unwrap_or(u64::MAX);
         let wait = self.throttle.delay_for(bytes);
         if !wait.is_zero() {
@@ -170,7 +192,10 @@ impl<S: Read + Write> Transport for NetTransport<S> {
             })?;
         self.stream
             .flush()
-            .map_err(|e| transport_err("send change set", e))?;
+            .map_err(|e| transport_err("send change set", e))
+    }
+
+    fn recv_ack(&mut self) -> Result<Ack> {
         loop {
             match self.read()? {
                 Message::Ack(a) => {

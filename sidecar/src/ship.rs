@@ -16,7 +16,7 @@ use ferry_protocol::message::{BlockHashes, ChangeKind, ChangeSet, ChangeSetHeade
 use ferry_protocol::payload::{pack_change_set, Key};
 use ferry_ring::ring::Consumer;
 
-use crate::batch::{BatchLimits, Batcher, ReadAt};
+use crate::batch::{BatchLimits, Batcher, Pending, ReadAt};
 use crate::error::{Error, ErrorKind, Result};
 use crate::exchange;
 
@@ -38,6 +38,30 @@ pub trait Transport {
     /// holds is answered with its durable sequence. An error means the set
     /// may or may not have arrived.
     fn send(&mut self, cs: ChangeSet) -> Result<Ack>;
+
+    /// How many sets may be in flight before the first answer is awaited
+    /// (1: `send` only). With more, [`drain_once`] uses
+    /// [`Transport::send_async`] and [`Transport::recv_ack`].
+    fn window(&self) -> usize {
+        1
+    }
+
+    /// Send `cs` without waiting; its answer comes, in order, from
+    /// [`Transport::recv_ack`]. Only used when `window() > 1`.
+    fn send_async(&mut self, _cs: ChangeSet) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::Transport,
+            "this transport does not pipeline",
+        ))
+    }
+
+    /// The answer to the oldest set sent with `send_async`.
+    fn recv_ack(&mut self) -> Result<Ack> {
+        Err(Error::new(
+            ErrorKind::Transport,
+            "this transport does not pipeline",
+        ))
+    }
 
     /// The checksum exchange ([`crate::exchange`]): which of these blocks
     /// differ at the target. `None`: not offered (send everything).
@@ -130,23 +154,192 @@ pub fn drain_once(
         stamp,
         zstd_level: options.zstd_level,
     };
-    loop {
-        match ship_one(
-            consumer,
-            batcher,
-            backing,
-            &mut out,
-            options.limits,
-            &mut stats,
-        ) {
-            Ok(true) => {}
-            Ok(false) => return Ok(stats),
-            Err(e) => {
-                batcher.rewind(consumer);
-                return Err(e);
-            }
+    match pipeline(consumer, batcher, backing, &mut out, options, &mut stats) {
+        Ok(()) => Ok(stats),
+        Err(e) => {
+            batcher.rewind(consumer);
+            Err(e)
         }
     }
+}
+
+/// A set on its way: what to commit and count once it is acknowledged.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    first_seq: u64,
+    last_seq: u64,
+    commit_to: u64,
+    kind: ChangeKind,
+    consistent_from: u64,
+    records: u64,
+    raw: u64,
+    sealed: u64,
+    tags: u64,
+    dropped_tags: u64,
+    zero: u64,
+    skipped: u64,
+}
+
+/// What an ack did to the oldest set in flight.
+enum Settled {
+    /// Committed: the ring moved past it.
+    Committed,
+    /// The target holds only a prefix of it (a set rebuilt larger after a
+    /// lost ack): the caller resumes after what it holds.
+    Prefix(u64),
+}
+
+/// Build, stamp, seal and send sets, up to the transport's window in
+/// flight, committing each in order as its ack arrives.
+fn pipeline(
+    consumer: &mut Consumer,
+    batcher: &mut Batcher,
+    backing: &dyn ReadAt,
+    out: &mut Outbound<'_>,
+    options: ShipOptions,
+    stats: &mut DrainStats,
+) -> Result<()> {
+    let window = out.transport.window().max(1);
+    let started = std::time::Instant::now();
+    let mut inflight: std::collections::VecDeque<Sent> = std::collections::VecDeque::new();
+    loop {
+        let time_up = options.max_time.is_some_and(|t| started.elapsed() >= t);
+        while inflight.len() < window && !time_up {
+            let Some(p) = batcher.next_change_set(consumer, backing, options.limits)? else {
+                break;
+            };
+            if p.header.kind == ChangeKind::Resync && !p.data.is_empty() {
+                // The exchange is a round trip of its own: answers come in
+                // order, so settle what is in flight first.
+                while let Some(front) = inflight.pop_front() {
+                    let ack = out.transport.recv_ack()?;
+                    if let Settled::Prefix(_) = settle(ack, front, consumer, batcher, stats)? {
+                        return Err(prefix_in_pipeline(front));
+                    }
+                }
+            }
+            let (cs, sent) = prepare(p, out)?;
+            if window == 1 {
+                let ack = out.transport.send(cs)?;
+                if let Settled::Prefix(held) = settle(ack, sent, consumer, batcher, stats)? {
+                    batcher.acked(held);
+                    batcher.rewind(consumer);
+                }
+                continue;
+            }
+            out.transport.send_async(cs)?;
+            inflight.push_back(sent);
+        }
+        let Some(front) = inflight.pop_front() else {
+            return Ok(());
+        };
+        let ack = out.transport.recv_ack()?;
+        if let Settled::Prefix(held) = settle(ack, front, consumer, batcher, stats)? {
+            if !inflight.is_empty() {
+                return Err(prefix_in_pipeline(front));
+            }
+            batcher.acked(held);
+            batcher.rewind(consumer);
+        }
+    }
+}
+
+fn prefix_in_pipeline(s: Sent) -> Error {
+    Error::new(
+        ErrorKind::Rejected,
+        format!(
+            "change set [{}, {}] acknowledged only in part while others were in flight",
+            s.first_seq, s.last_seq
+        ),
+    )
+}
+
+/// The checksum exchange for a resync set, the stamp, and the seal.
+fn prepare(mut p: Pending, out: &mut Outbound<'_>) -> Result<(ChangeSet, Sent)> {
+    let (first_seq, last_seq) = (p.header.first_seq, p.header.last_seq);
+    let mut skipped = 0;
+    if p.header.kind == ChangeKind::Resync && !p.data.is_empty() {
+        let hashes = exchange::hashes_of(&p, exchange::BLOCK_SIZE);
+        if let Some(differs) = out.transport.hash_diff(hashes)? {
+            skipped = exchange::keep_differing(&mut p, exchange::BLOCK_SIZE, &differs);
+        }
+    }
+    out.stamp.stamp(&mut p.header, p.state_changes)?;
+    let Pending {
+        header,
+        data,
+        commit_to,
+        records,
+        dropped_tags,
+        zero_bytes,
+        ..
+    } = p;
+    let (kind, consistent_from, tags) = (
+        header.kind,
+        header.consistent_from,
+        u64_of(header.tags.len()),
+    );
+    let cs = pack_change_set(&data, out.zstd_level, out.key, header)
+        .map_err(|e| Error::protocol(format!("seal change set [{first_seq}, {last_seq}]"), e))?;
+    let sent = Sent {
+        first_seq,
+        last_seq,
+        commit_to,
+        kind,
+        consistent_from,
+        records,
+        raw: u64_of(data.len()),
+        sealed: u64_of(cs.payload.len()),
+        tags,
+        dropped_tags,
+        zero: zero_bytes,
+        skipped,
+    };
+    Ok((cs, sent))
+}
+
+/// Apply an ack to the oldest set sent: commit the ring past it and count
+/// it, or report that the target holds only a prefix of it.
+fn settle(
+    ack: Ack,
+    s: Sent,
+    consumer: &mut Consumer,
+    batcher: &mut Batcher,
+    stats: &mut DrainStats,
+) -> Result<Settled> {
+    if ack.last_seq < s.last_seq {
+        if ack.last_seq >= s.first_seq {
+            return Ok(Settled::Prefix(ack.last_seq));
+        }
+        return Err(Error::new(
+            ErrorKind::Rejected,
+            format!(
+                "change set [{}, {}] acknowledged only up to seq {}",
+                s.first_seq, s.last_seq, ack.last_seq
+            ),
+        ));
+    }
+    consumer
+        .commit(s.commit_to)
+        .map_err(|e| Error::ring(format!("commit the ring up to index {}", s.commit_to), e))?;
+    // The target may hold more (sets whose answers were lost): records up
+    // to its durable sequence need not travel again.
+    batcher.acked(ack.last_seq);
+    stats.change_sets += 1;
+    if s.kind == ChangeKind::Resync {
+        stats.resync_sets += 1;
+        stats.resync_raw_bytes += s.raw;
+    }
+    stats.last_consistent_from = s.consistent_from;
+    stats.exchange_skipped_bytes += s.skipped;
+    stats.records += s.records;
+    stats.raw_bytes += s.raw;
+    stats.sealed_bytes += s.sealed;
+    stats.tags += s.tags;
+    stats.dropped_tags += s.dropped_tags;
+    stats.zero_bytes += s.zero;
+    stats.last_seq = s.last_seq;
+    Ok(Settled::Committed)
 }
 
 /// How sets are built and packed.
@@ -178,77 +371,4 @@ struct Outbound<'a> {
     transport: &'a mut dyn Transport,
     stamp: &'a mut dyn Stamp,
     zstd_level: i32,
-}
-
-/// One set: Ok(false) when there was nothing to ship.
-fn ship_one(
-    consumer: &mut Consumer,
-    batcher: &mut Batcher,
-    backing: &dyn ReadAt,
-    out: &mut Outbound<'_>,
-    limits: BatchLimits,
-    stats: &mut DrainStats,
-) -> Result<bool> {
-    let (key, transport, stamp, level) = (
-        out.key,
-        &mut *out.transport,
-        &mut *out.stamp,
-        out.zstd_level,
-    );
-    let Some(mut p) = batcher.next_change_set(consumer, backing, limits)? else {
-        return Ok(false);
-    };
-    let (first_seq, last_seq) = (p.header.first_seq, p.header.last_seq);
-    let mut skipped = 0;
-    if p.header.kind == ChangeKind::Resync && !p.data.is_empty() {
-        let hashes = exchange::hashes_of(&p, exchange::BLOCK_SIZE);
-        if let Some(differs) = transport.hash_diff(hashes)? {
-            skipped = exchange::keep_differing(&mut p, exchange::BLOCK_SIZE, &differs);
-        }
-    }
-    stamp.stamp(&mut p.header, p.state_changes)?;
-    let kind = p.header.kind;
-    let consistent_from = p.header.consistent_from;
-    let tags = u64_of(p.header.tags.len());
-    let cs = pack_change_set(&p.data, level, key, p.header)
-        .map_err(|e| Error::protocol(format!("seal change set [{first_seq}, {last_seq}]"), e))?;
-    let sealed = u64_of(cs.payload.len());
-    let ack = transport.send(cs)?;
-    if ack.last_seq < last_seq {
-        if ack.last_seq >= first_seq {
-            // The target already holds a prefix of this set (an earlier
-            // ack was lost and the set was rebuilt larger): resume after
-            // what it holds. The next build commits the records it holds
-            // and sends the rest.
-            batcher.acked(ack.last_seq);
-            batcher.rewind(consumer);
-            return Ok(true);
-        }
-        return Err(Error::new(
-            ErrorKind::Rejected,
-            format!(
-                "change set [{first_seq}, {last_seq}] acknowledged only up to seq {}",
-                ack.last_seq
-            ),
-        ));
-    }
-    consumer
-        .commit(p.commit_to)
-        .map_err(|e| Error::ring(format!("commit the ring up to index {}", p.commit_to), e))?;
-    batcher.acked(last_seq);
-    stats.change_sets += 1;
-    if kind == ChangeKind::Resync {
-        stats.resync_sets += 1;
-        stats.resync_raw_bytes += u64_of(p.data.len());
-    }
-    stats.last_consistent_from = consistent_from;
-    stats.exchange_skipped_bytes += skipped;
-    stats.records += p.records;
-    stats.raw_bytes += u64_of(p.data.len());
-    stats.sealed_bytes += sealed;
-    stats.tags += tags;
-    stats.dropped_tags += p.dropped_tags;
-    stats.zero_bytes += p.zero_bytes;
-    stats.last_seq = last_seq;
-    Ok(true)
 }
