@@ -188,6 +188,16 @@ pub struct Batcher {
     acked_end: u64,
     /// `last_seq` of the last set built (the next set's `prev_end_seq`).
     built_end: u64,
+    /// (first_seq, last_seq) of the sets built and not yet acknowledged,
+    /// oldest first. After a rewind they are built again with exactly these
+    /// boundaries: the target may hold some of them without our having its
+    /// answer, and a set it holds whole is acknowledged as a duplicate,
+    /// where a differently cut one would overlap it (which a spooled,
+    /// sealed set could not recover from).
+    unacked: std::collections::VecDeque<(u64, u64)>,
+    /// Sets still to be built again with their old boundaries (a prefix of
+    /// `unacked`, set by a rewind).
+    rebuild: usize,
     held: Option<Held>,
     tag_names: HashMap<u64, (String, bool)>,
     state_dir: Option<PathBuf>,
@@ -204,6 +214,8 @@ impl Batcher {
             epoch,
             acked_end: resume_after,
             built_end: resume_after,
+            unacked: std::collections::VecDeque::new(),
+            rebuild: 0,
             held: None,
             tag_names: HashMap::new(),
             state_dir: None,
@@ -243,6 +255,14 @@ impl Batcher {
         if self.built_end < self.acked_end {
             self.built_end = self.acked_end;
         }
+        while self
+            .unacked
+            .front()
+            .is_some_and(|&(_, l)| l <= self.acked_end)
+        {
+            self.unacked.pop_front();
+            self.rebuild = self.rebuild.saturating_sub(1);
+        }
     }
 
     /// Start a new epoch (after a gap: a recreated ring, a target that lost
@@ -262,6 +282,7 @@ impl Batcher {
         consumer.rewind();
         self.held = None;
         self.built_end = self.acked_end;
+        self.rebuild = self.unacked.len();
     }
 
     /// Build the next change set from the records after the consumer's
@@ -290,15 +311,22 @@ impl Batcher {
         let max_bytes = limits.max_bytes.min(MAX_RAW);
         let max_records = u64::try_from(limits.max_records.clamp(1, MAX_EXTENTS)).unwrap_or(1);
         let disk_size = consumer.disk_size();
-        // A rebuild after a failure takes exactly the records of the set
-        // that was sent (its nonce is its first_seq).
+        // After a rewind, sets sent before are built again with their
+        // boundaries (see `unacked`).
+        let pinned = (self.rebuild > 0)
+            .then(|| self.unacked.get(self.unacked.len() - self.rebuild))
+            .flatten()
+            .map(|&(_, last)| last);
         let mut b = Building::default();
         if let Some(h) = self.held.take() {
             self.add_held(&mut b, h, backing, disk_size)?;
         }
         while !b.ended {
-            if b.records >= max_records || b.data.len() >= max_bytes {
-                break;
+            match pinned {
+                Some(last) if b.first_seq.is_some() && b.last_seq >= last => break,
+                Some(_) => {}
+                None if b.records >= max_records || b.data.len() >= max_bytes => break,
+                None => {}
             }
             let Some(view) = consumer
                 .next()
@@ -321,7 +349,11 @@ impl Batcher {
                             Error::ring(format!("record {index} (seq {})", rec.seq), e)
                         })?;
                     }
-                    let fit = self.fit(&b, &rec, max_bytes)?;
+                    let fit = if pinned.is_some() {
+                        Fit::Take
+                    } else {
+                        self.fit(&b, &rec, max_bytes)?
+                    };
                     if let Fit::HoldBack = fit {
                         self.held = Some(Held {
                             index,
@@ -361,6 +393,11 @@ impl Batcher {
             chunks: Vec::new(),
         };
         self.built_end = b.last_seq;
+        if pinned.is_some() {
+            self.rebuild -= 1;
+        } else {
+            self.unacked.push_back((first_seq, b.last_seq));
+        }
         Ok(Some(Pending {
             header,
             data: b.data,
