@@ -1005,7 +1005,16 @@ impl DiskSession {
                         .lag()
                         .map_err(|e| Error::ring("read the ring's lag", e))?,
                 );
-                let lag = std::mem::take(&mut peak);
+                let mut lag = std::mem::take(&mut peak);
+                // The filter's view too: it knows the oldest change not yet
+                // shipped even when the ring overflowed (metadata, bitmap).
+                if let Ok(st) = shared.filter.status() {
+                    if let Some(d) = st.disks.iter().find(|d| d.name == self.name) {
+                        let ns = Duration::try_from_secs_f64(d.lag_seconds)
+                            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+                        lag.ns = lag.ns.max(ns);
+                    }
+                }
                 transport.progress(Progress {
                     disk: self.name.clone(),
                     lag_records: lag.records,

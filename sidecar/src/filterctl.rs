@@ -33,6 +33,9 @@ pub struct FilterDisk {
     pub dirty_bytes: u64,
     /// Dirty bits the ring holds resync records for.
     pub claimed_bytes: u64,
+    /// Age of the oldest record not yet committed by the sidecar, seconds.
+    #[serde(default)]
+    pub lag_seconds: f64,
 }
 
 impl FilterDisk {
