@@ -4,16 +4,20 @@
 //! # One disk's loop
 //!
 //! 1. Open the disk's ring (`STATE/disks/NAME/ring`); connect with mutual
-//!    TLS, say Hello, read the resume point (next seq, epoch, consistency).
+//!    TLS, say Hello, read the resume point (next seq, epoch, consistency);
+//!    deliver the spool first, if it holds anything.
 //! 2. Decide the epoch ([`plan_epoch`]): continue the target's chain, or
 //!    open a new epoch when records may have been lost (the ring was
-//!    recreated since this sidecar last shipped from it, or the target
-//!    reported a gap), or start a fresh chain when the target holds nothing.
-//!    A target that lost a disk this sidecar shipped before gets a full
-//!    resync (`resync-all` on the filter).
-//! 3. Drain: [`drain_once`] ships sets and commits the ring after each
-//!    durable ack. When idle, settle the consistency claim (the filter
-//!    reports nothing dirty), report the lag, send heartbeats.
+//!    recreated since this sidecar last shipped from it, the target
+//!    reported a gap or came back with fewer acknowledged sets than it had,
+//!    or an epoch opened here never reached it), or start a fresh chain
+//!    when the target holds nothing. A target that lost a disk, or sets,
+//!    this sidecar shipped gets a full resync (`resync-all` on the filter;
+//!    the checksum exchange keeps it to what differs).
+//! 3. Drain: [`drain_once`] ships sets, a window of them in flight, and
+//!    commits the ring after each durable ack. When idle, settle the
+//!    consistency claim (the filter reports nothing dirty), report the lag
+//!    (the peak of the interval), send heartbeats.
 //! 4. Any failure: drop the connection, back off (0.5 s doubling to 30 s),
 //!    go to 1. The ring keeps the unacknowledged records. While backing
 //!    off, the ring keeps draining into the on-disk spool (in the chain of
@@ -26,7 +30,8 @@
 //! * `nonce-stream`: see [`crate::stamp`].
 //! * `spool/NAME/`: change sets waiting for the target ([`crate::spool`]).
 //! * `disks/NAME.json`: epoch, ring generation last shipped from, whether
-//!   anything was ever shipped ([`LocalDisk`]).
+//!   anything was ever shipped, a lower bound of the last acknowledged
+//!   sequence ([`LocalDisk`]).
 //! * `metrics.json`: per-disk counters and lag, rewritten every second
 //!   ([`DiskMetrics`]).
 
