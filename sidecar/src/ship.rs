@@ -202,9 +202,12 @@ fn pipeline(
     let window = out.transport.window().max(1);
     let started = std::time::Instant::now();
     let mut inflight: std::collections::VecDeque<Sent> = std::collections::VecDeque::new();
+    // At least one set per call, however short the limit.
+    let mut sent = 0u64;
+    let time_up = |sent: u64| sent > 0 && options.max_time.is_some_and(|t| started.elapsed() >= t);
     loop {
-        let time_up = options.max_time.is_some_and(|t| started.elapsed() >= t);
-        while inflight.len() < window && !time_up {
+        while inflight.len() < window && !time_up(sent) {
+            sent += 1;
             let Some(p) = batcher.next_change_set(consumer, backing, options.limits)? else {
                 break;
             };

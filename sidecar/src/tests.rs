@@ -654,3 +654,34 @@ fn pipelined_sets_commit_in_order_and_survive_a_dropped_link() {
     apply_pending(&mut t.inner.journal, &mut replica, &key()).unwrap();
     assert_replica_eq(&mut replica, &rig.model);
 }
+
+#[test]
+fn a_drain_returns_after_its_time_limit() {
+    let mut rig = Rig::new("maxtime");
+    let mut rng = Rng(31);
+    rig.random_writes(&mut rng, 50);
+    let backing = rig.backing_file();
+    let (mut transport, _replica) = rig.target();
+    let mut batcher = Batcher::new("host", DISK, 1, 0);
+    let options = ShipOptions {
+        limits: limits(1 << 30, 10),
+        zstd_level: ZSTD_LEVEL,
+        max_time: Some(std::time::Duration::ZERO),
+    };
+    let stats = drain_once(
+        &mut rig.consumer,
+        &mut batcher,
+        &backing,
+        &key(),
+        &mut transport,
+        &mut CountingStamp::default(),
+        options,
+    )
+    .unwrap();
+    // One set, then back to the caller (to report the lag), the rest waits.
+    assert_eq!(stats.change_sets, 1);
+    assert_eq!(rig.consumer.committed(), 10);
+    rig.drain(&mut batcher, &backing, &mut transport).unwrap();
+    assert_eq!(rig.consumer.committed(), rig.published);
+    assert_chained(&journal_sets(&transport.journal));
+}
