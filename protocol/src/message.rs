@@ -20,7 +20,7 @@
 //! | 6 | [`Heartbeat`] | time_ns u64 |
 //! | 7 | [`Progress`] | disk str, lag_records u64, lag_bytes u64, lag_ns u64, time_ns u64 |
 //! | 8 | [`BlockHashes`] | disk str, block_size u32, ranges vec<offset u64, length u64>, hashes vec<[u8; 16]> |
-//! | 9 | [`HashDiff`] | disk str, blocks u32, bitmap (blocks + 7) / 8 bytes, bit i (LSB first) = block i differs |
+//! | 9 | [`HashDiff`] | disk str, blocks u32, bitmap (blocks + 7) / 8 bytes, bit i (LSB first) = block i differs, padding bits zero |
 //!
 //! [`ChangeSetHeader`]: host str, disk str, epoch u64, kind u8
 //! (0 write-order, 1 resync), first_seq u64, last_seq u64, prev_end_seq u64,
@@ -995,6 +995,12 @@ impl Message {
                 let disk = d.str("hash_diff.disk")?;
                 let n = d.count("hash_diff.blocks", MAX_HASHES, 0)?;
                 let bits = d.take("hash_diff.bitmap", n.div_ceil(8))?;
+                // Bits past the last block must be zero (one encoding per message).
+                if n % 8 != 0 && bits[n / 8] >> (n % 8) != 0 {
+                    return Err(Error::malformed(
+                        "hash_diff.bitmap: bits set past the last block",
+                    ));
+                }
                 let differs = (0..n).map(|i| bits[i / 8] & (1 << (i % 8)) != 0).collect();
                 Message::HashDiff(HashDiff { disk, differs })
             }

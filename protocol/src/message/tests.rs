@@ -301,6 +301,17 @@ fn golden_hash_exchange() {
     let want = [1, b'd', 9, 0, 0, 0, 0b0000_1001, 0b0000_0001];
     assert_eq!(d.encode().unwrap(), want);
     assert_eq!(Message::decode(9, &want).unwrap(), d);
+    // Padding bits past the last block must be zero (found by fuzzing).
+    let padded = [1, b'd', 9, 0, 0, 0, 0b0000_1001, 0b0000_0011];
+    assert_eq!(
+        Message::decode(9, &padded).unwrap_err().kind(),
+        ErrorKind::Malformed
+    );
+    let fuzz_case = [0, 5, 0, 0, 0, 0x2a];
+    assert_eq!(
+        Message::decode(9, &fuzz_case).unwrap_err().kind(),
+        ErrorKind::Malformed
+    );
 }
 
 #[test]
