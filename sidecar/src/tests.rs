@@ -258,6 +258,17 @@ impl Rig {
         backing: &dyn ReadAt,
         transport: &mut dyn Transport,
     ) -> Result<DrainStats> {
+        self.drain_with(batcher, backing, transport, BatchLimits::default())
+    }
+
+    /// `drain_once` with the test key, a counting stamp and these options.
+    fn drain_with(
+        &mut self,
+        batcher: &mut Batcher,
+        backing: &dyn ReadAt,
+        transport: &mut dyn Transport,
+        options: impl Into<ShipOptions>,
+    ) -> Result<DrainStats> {
         drain_once(
             &mut self.consumer,
             batcher,
@@ -265,7 +276,7 @@ impl Rig {
             &key(),
             transport,
             &mut CountingStamp::default(),
-            BatchLimits::default(),
+            options,
         )
     }
 
@@ -329,16 +340,14 @@ fn end_to_end_writes_trims_zeroes_and_a_tag() {
     let backing = rig.backing_file();
     let (mut transport, mut replica) = rig.target();
     let mut batcher = Batcher::new("host", DISK, 1, 0).with_state_dir(rig.dir.path());
-    let stats = drain_once(
-        &mut rig.consumer,
-        &mut batcher,
-        &backing,
-        &key(),
-        &mut transport,
-        &mut CountingStamp::default(),
-        limits(256 << 10, 16),
-    )
-    .unwrap();
+    let stats = rig
+        .drain_with(
+            &mut batcher,
+            &backing,
+            &mut transport,
+            limits(256 << 10, 16),
+        )
+        .unwrap();
     assert!(stats.change_sets > 3, "{stats:?}");
     assert_eq!(stats.records, rig.published);
     assert_eq!(rig.consumer.committed(), rig.published);
@@ -443,16 +452,9 @@ fn transport_failure(after_append: bool) {
         after_append,
     };
     let mut batcher = Batcher::new("host", DISK, 1, 0);
-    let err = drain_once(
-        &mut rig.consumer,
-        &mut batcher,
-        &backing,
-        &key(),
-        &mut failing,
-        &mut CountingStamp::default(),
-        limits(1 << 30, 10),
-    )
-    .unwrap_err();
+    let err = rig
+        .drain_with(&mut batcher, &backing, &mut failing, limits(1 << 30, 10))
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Transport);
     // Two sets of 10 records acknowledged: exactly those committed.
     assert_eq!(rig.consumer.committed(), 20);
@@ -466,16 +468,8 @@ fn transport_failure(after_append: bool) {
     rig.random_writes(&mut rng, 15);
     let backing = rig.backing_file();
     let mut transport = failing.inner;
-    drain_once(
-        &mut rig.consumer,
-        &mut batcher,
-        &backing,
-        &key(),
-        &mut transport,
-        &mut CountingStamp::default(),
-        limits(1 << 30, 50),
-    )
-    .unwrap();
+    rig.drain_with(&mut batcher, &backing, &mut transport, limits(1 << 30, 50))
+        .unwrap();
     assert_eq!(rig.consumer.committed(), rig.published);
     let sets = journal_sets(&transport.journal);
     assert_chained(&sets);
@@ -579,16 +573,9 @@ fn byte_limit_holds_a_write_back_for_the_next_set() {
     let backing = rig.model.clone();
     let (mut transport, mut replica) = rig.target();
     let mut batcher = Batcher::new("host", DISK, 1, 0);
-    let stats = drain_once(
-        &mut rig.consumer,
-        &mut batcher,
-        &backing,
-        &key(),
-        &mut transport,
-        &mut CountingStamp::default(),
-        limits(100_000, 100),
-    )
-    .unwrap();
+    let stats = rig
+        .drain_with(&mut batcher, &backing, &mut transport, limits(100_000, 100))
+        .unwrap();
     // 2 writes of 40 KiB fit in 100 000 bytes, a third does not.
     assert_eq!(stats.change_sets, 3);
     let sets = journal_sets(&transport.journal);
@@ -613,16 +600,9 @@ fn pipelined_sets_commit_in_order_and_survive_a_dropped_link() {
         fail_at: Some(5),
     };
     let mut batcher = Batcher::new("host", DISK, 1, 0);
-    let err = drain_once(
-        &mut rig.consumer,
-        &mut batcher,
-        &backing,
-        &key(),
-        &mut t,
-        &mut CountingStamp::default(),
-        limits(1 << 30, 10),
-    )
-    .unwrap_err();
+    let err = rig
+        .drain_with(&mut batcher, &backing, &mut t, limits(1 << 30, 10))
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Transport);
     assert_eq!(t.max_in_flight, 4, "the window was used");
     // Four answers were received: exactly four sets committed, although
@@ -633,16 +613,9 @@ fn pipelined_sets_commit_in_order_and_survive_a_dropped_link() {
     // boundaries and the target answers those it holds as duplicates.
     t.fail_at = None;
     t.received = 0;
-    let stats = drain_once(
-        &mut rig.consumer,
-        &mut batcher,
-        &backing,
-        &key(),
-        &mut t,
-        &mut CountingStamp::default(),
-        limits(1 << 30, 10),
-    )
-    .unwrap();
+    let stats = rig
+        .drain_with(&mut batcher, &backing, &mut t, limits(1 << 30, 10))
+        .unwrap();
     assert!(stats.change_sets > 0);
     assert_eq!(rig.consumer.committed(), rig.published);
     let sets = journal_sets(&t.inner.journal);
@@ -668,16 +641,9 @@ fn a_drain_returns_after_its_time_limit() {
         zstd_level: ZSTD_LEVEL,
         max_time: Some(std::time::Duration::ZERO),
     };
-    let stats = drain_once(
-        &mut rig.consumer,
-        &mut batcher,
-        &backing,
-        &key(),
-        &mut transport,
-        &mut CountingStamp::default(),
-        options,
-    )
-    .unwrap();
+    let stats = rig
+        .drain_with(&mut batcher, &backing, &mut transport, options)
+        .unwrap();
     // One set, then back to the caller (to report the lag), the rest waits.
     assert_eq!(stats.change_sets, 1);
     assert_eq!(rig.consumer.committed(), 10);

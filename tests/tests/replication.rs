@@ -225,55 +225,61 @@ fn ext4_workload_replicates_identically() {
     assert!(resync < 128 << 20, "no full resync: {resync} bytes: {st}");
 }
 
-#[test]
-fn sidecar_killed_mid_workload_resumes_without_full_resync() {
-    let mut rig = Rig::up("repl-kill-sidecar");
+/// Which daemon a crash test kills.
+#[derive(Clone, Copy)]
+enum Victim {
+    Sidecar,
+    Target,
+}
+
+/// kill -9 of `victim` while fio and a file tree are being written, then a
+/// restart: identical at the end, the same chain (no new epoch) and no
+/// full resync. While the victim was down the ring may have filled (fio
+/// outruns the 16 MiB ring): the regions written meanwhile are re-read;
+/// never the whole disk.
+fn killed_mid_workload(tag: &str, victim: Victim, seed: u64) {
+    let mut rig = Rig::up(tag);
     rig.wait_replicated();
-    let initial = rig.status()["resync_bytes"].as_u64().unwrap();
+    // The target's counters restart with it; the sidecar's kill keeps them.
+    let initial = match victim {
+        Victim::Sidecar => rig.status()["resync_bytes"].as_u64().unwrap(),
+        Victim::Target => 0,
+    };
     let mnt = rig.volume.mnt();
-    let f = fio(&mnt, "64M", 2);
+    let f = fio(&mnt, "64M", u32::try_from(seed).unwrap());
     // Kill once change sets of the workload are flowing.
     let received0 = rig.status()["received_sets"].as_u64().unwrap();
     wait_until(Duration::from_secs(30), || {
         rig.status()["received_sets"].as_u64().unwrap() > received0 + 2
     });
-    rig.sidecar.kill9();
-    let tree = relative(write_tree(&mnt, "during", 2), &mnt);
-    rig.sidecar.restart();
+    match victim {
+        Victim::Sidecar => rig.sidecar.kill9(),
+        Victim::Target => rig.site.target.kill9(),
+    }
+    let tree = relative(write_tree(&mnt, "during", seed), &mnt);
+    match victim {
+        Victim::Sidecar => rig.sidecar.restart(),
+        Victim::Target => {
+            rig.site.target.restart();
+            rig.site.wait_listening();
+        }
+    }
     finish_fio(f);
     rig.finish_and_compare(&tree);
     let st = rig.status();
     assert_eq!(st["epoch"], 1, "same chain, no new epoch: {st}");
-    // While the sidecar was down the ring may have filled (fio outruns the
-    // 16 MiB ring): the regions written meanwhile are re-read; never the
-    // whole disk.
     let resync = st["resync_bytes"].as_u64().unwrap() - initial;
     assert!(resync < 128 << 20, "no full resync: {resync} bytes: {st}");
 }
 
 #[test]
+fn sidecar_killed_mid_workload_resumes_without_full_resync() {
+    killed_mid_workload("repl-kill-sidecar", Victim::Sidecar, 2);
+}
+
+#[test]
 fn target_killed_mid_workload_resumes_without_full_resync() {
-    let mut rig = Rig::up("repl-kill-target");
-    rig.wait_replicated();
-    let mnt = rig.volume.mnt();
-    let f = fio(&mnt, "64M", 3);
-    let received0 = rig.status()["received_sets"].as_u64().unwrap();
-    wait_until(Duration::from_secs(30), || {
-        rig.status()["received_sets"].as_u64().unwrap() > received0 + 2
-    });
-    rig.site.target.kill9();
-    let tree = relative(write_tree(&mnt, "during", 3), &mnt);
-    rig.site.target.restart();
-    rig.site.wait_listening();
-    finish_fio(f);
-    rig.finish_and_compare(&tree);
-    let st = rig.status();
-    assert_eq!(st["epoch"], 1, "same chain, no new epoch: {st}");
-    // Counters restart with the target. While it was down the ring may
-    // have filled (fio outruns the 16 MiB ring), and then the regions
-    // written meanwhile were re-read; never the whole disk.
-    let resync = st["resync_bytes"].as_u64().unwrap();
-    assert!(resync < 128 << 20, "no full resync: {resync} bytes: {st}");
+    killed_mid_workload("repl-kill-target", Victim::Target, 3);
 }
 
 #[test]
