@@ -35,6 +35,8 @@ enum Command {
     /// Ship the filter's change stream to a target (`ferry sidecar --help`),
     /// and `ferry sidecar status`.
     Sidecar(Box<replicate::SidecarArgs>),
+    /// A host's recovery points at a target (`ferry points HOST --data DIR`).
+    Points(replicate::PointsArgs),
 }
 
 /// Logs to stderr; `FERRY_LOG` = error|warn|info|debug|trace (default info).
@@ -80,6 +82,7 @@ fn main() -> ExitCode {
             init_logging();
             replicate::run_sidecar(*args)
         }
+        Command::Points(args) => replicate::run_points(&args),
     };
     match outcome {
         Ok(code) => code,

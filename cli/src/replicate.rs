@@ -420,3 +420,86 @@ fn sidecar_status(args: &SidecarStatusArgs) -> Result<ExitCode> {
 fn metrics_path(state: &Path) -> PathBuf {
     state.join(SIDECAR_DIR).join(METRICS_FILE)
 }
+
+/// `ferry points HOST --data DIR [--json]`.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+    ferry points web01 --data ./site-b\n  \
+    ferry points web01 --data ./site-b --json")]
+pub struct PointsArgs {
+    /// The protected host.
+    host: String,
+    /// Data directory of the target.
+    #[arg(long)]
+    data: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+/// List a host's recovery points: tags at which every disk's replica was
+/// a consistent prefix of the source's write order.
+pub fn run_points(args: &PointsArgs) -> Result<ExitCode> {
+    let points = ferry_master_target::points::of_host(&args.data, &args.host)
+        .with_context(|| format!("points of {} in {}", args.host, args.data.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&points)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if points.is_empty() {
+        println!("no recovery points for {} yet", args.host);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<24} {:<6} {:>20}  name", "time (UTC)", "kind", "seq");
+    for p in &points {
+        println!(
+            "{:<24} {:<6} {:>20}  {}",
+            utc(p.time_ns),
+            if p.app { "app" } else { "crash" },
+            p.seq,
+            p.name
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `YYYY-MM-DD HH:MM:SS.mmm` of UNIX nanoseconds (UTC, proleptic Gregorian).
+fn utc(ns: u64) -> String {
+    let secs = ns / 1_000_000_000;
+    let ms = (ns / 1_000_000) % 1000;
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{ms:03}",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_dates() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00.000");
+        // Checked against Python: datetime.fromtimestamp(1795670150.123, utc).
+        assert_eq!(
+            super::utc(1_795_670_150_123_000_000),
+            "2026-11-26 05:15:50.123"
+        );
+        assert_eq!(
+            super::utc(951_782_400_000_000_000),
+            "2000-02-29 00:00:00.000"
+        );
+    }
+}

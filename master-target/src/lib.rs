@@ -9,12 +9,14 @@
 //! [`site`] holds every disk of the data directory (journal, replica,
 //! background applier, `status.json`); [`server`] serves one sidecar
 //! connection (Hello/Welcome, checks, durable append, ack or reject);
-//! [`daemon`] is `ferry target` (TLS listener, threads, lock).
+//! [`daemon`] is `ferry target` (TLS listener, threads, lock); [`points`]
+//! indexes the recovery points of applied change sets.
 
 pub mod applier;
 pub mod daemon;
 pub mod error;
 pub mod journal;
+pub mod points;
 pub mod server;
 pub mod site;
 

@@ -12,6 +12,7 @@
 //!     replica.vhd|.img          the replica image (VHD dynamic by default)
 //!     status.json               what `ferry target status` shows, replaced
 //!                               atomically by the daemon (see DiskStatus)
+//!     points.jsonl              recovery points (crate::points)
 //! ```
 //!
 //! # Ownership
@@ -417,6 +418,12 @@ impl DiskHandle {
             });
             match applied {
                 Ok(cs) => {
+                    let points = crate::points::points_of(&cs.header);
+                    if let Err(e) =
+                        crate::points::append(&self.dir.join(crate::points::POINTS_FILE), &points)
+                    {
+                        tracing::error!(host = %self.host, disk = %self.disk, error = %e, "recovery points not recorded");
+                    }
                     {
                         let mut st = self.status();
                         st.applied_seq = Some(cs.header.last_seq);

@@ -25,7 +25,7 @@
 //! [`ChangeSetHeader`]: host str, disk str, epoch u64, kind u8
 //! (0 write-order, 1 resync), first_seq u64, last_seq u64, prev_end_seq u64,
 //! nonce_stream u32, nonce_counter u64, key_salt [u8; 16], consistent_from u64,
-//! tags vec<seq u64, name str, app bool>, extents vec<seq u64, offset u64,
+//! tags vec<seq u64, name str, app bool, time_ns u64>, extents vec<seq u64, offset u64,
 //! length u64, op u8 (0 write, 1 zero, 2 trim)>, chunks vec<raw_len u32,
 //! stored_len u32, compressed bool>. Its exact encoding
 //! ([`encode_header_aad`]) is the AES-GCM associated data of the payload.
@@ -190,6 +190,8 @@ pub struct Tag {
     pub name: String,
     /// Application consistent (file systems frozen) rather than crash consistent.
     pub app: bool,
+    /// When the filter recorded it (UNIX time, nanoseconds, source clock).
+    pub time_ns: u64,
 }
 
 /// One extent of a change set.
@@ -724,6 +726,7 @@ impl ChangeSetHeader {
             e.u64(t.seq);
             e.str("change_set.tag.name", &t.name)?;
             e.bool(t.app);
+            e.u64(t.time_ns);
         }
         e.count("change_set.extents", self.extents.len(), MAX_EXTENTS)?;
         for x in &self.extents {
@@ -753,13 +756,14 @@ impl ChangeSetHeader {
         let nonce_counter = d.u64("change_set.nonce_counter")?;
         let key_salt = d.array::<KEY_SALT_LEN>("change_set.key_salt")?;
         let consistent_from = d.u64("change_set.consistent_from")?;
-        let n = d.count("change_set.tags", MAX_TAGS, 8 + 1 + 1)?;
+        let n = d.count("change_set.tags", MAX_TAGS, 8 + 1 + 1 + 8)?;
         let mut tags = Vec::with_capacity(n);
         for _ in 0..n {
             tags.push(Tag {
                 seq: d.u64("change_set.tag.seq")?,
                 name: d.str("change_set.tag.name")?,
                 app: d.bool("change_set.tag.app")?,
+                time_ns: d.u64("change_set.tag.time_ns")?,
             });
         }
         let n = d.count("change_set.extents", MAX_EXTENTS, 8 + 8 + 8 + 1)?;

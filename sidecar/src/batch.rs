@@ -15,7 +15,8 @@
 //! * **Flush**: no extent; counted in [`Pending::flushes`] (every change set
 //!   is durable at the target as a whole before it is acknowledged, so a
 //!   flush needs no boundary).
-//! * **Tag**: ends the set and adds `Tag { seq, name, app }`, the name and
+//! * **Tag**: ends the set and adds `Tag { seq, name, app, time_ns }` (the
+//!   record's timestamp), the name and
 //!   app flag looked up by the record's `aux` (the tag id) in the tag names
 //!   ([`load_tag_names`](crate::load_tag_names); reloaded once from the
 //!   state directory when an id is missing, since the filter writes the
@@ -549,6 +550,7 @@ impl Batcher {
                         seq: rec.seq,
                         name,
                         app,
+                        time_ns: rec.timestamp_ns,
                     });
                 }
                 b.ended = true;

@@ -219,6 +219,25 @@ fn ext4_workload_replicates_identically() {
     rig.finish_and_compare(&tree);
     let st = rig.status();
     assert_eq!(st["epoch"], 1, "{st}");
+    // A user tag on the consistent stream becomes a recovery point.
+    let state = rig.volume.state();
+    let tag = ferry_tests::ferry(["filter", "tag", "user-point", "--state", s(&state)]);
+    expect_code(&tag, 0, "ferry filter tag");
+    let data = rig.site.data.clone();
+    let listed = wait_until(Duration::from_secs(30), || {
+        let out = ferry_tests::ferry(["points", "web01", "--data", s(&data), "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|p| p["name"] == "user-point" && p["app"] == false)
+        })
+    });
+    let out = ferry_tests::ferry(["points", "web01", "--data", s(&data)]);
+    assert!(
+        listed,
+        "the tag is listed:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // Only if fio outran the shipping and overflowed the 16 MiB ring are
     // regions re-read: a fraction of the disk at most.
     let resync = st["resync_bytes"].as_u64().unwrap() - initial;

@@ -20,6 +20,7 @@ fn small_change_set() -> ChangeSet {
                 seq: 11,
                 name: "t".into(),
                 app: true,
+                time_ns: 0x0403_0201,
             }],
             extents: vec![
                 Extent {
@@ -72,8 +73,9 @@ const GOLDEN_CHANGE_SET: &[u8] = &[
     0x0a, 0, 0, 0, 0, 0, 0, 0,
     // tags: count 1 (u32 LE)
     0x01, 0, 0, 0,
-    //   tag[0]: seq 11, name len 1 "t", app true
+    //   tag[0]: seq 11, name len 1 "t", app true, time_ns 0x04030201
     0x0b, 0, 0, 0, 0, 0, 0, 0,  0x01, b't',  0x01,
+    0x01, 0x02, 0x03, 0x04, 0, 0, 0, 0,
     // extents: count 2
     0x02, 0, 0, 0,
     //   extent[0]: seq 10, offset 4096 (0x1000), length 5, op 0 = Write
@@ -404,6 +406,7 @@ fn header_validation() {
             e.u64(t.seq);
             e.str("", &t.name).unwrap();
             e.bool(t.app);
+            e.u64(t.time_ns);
         }
         e.count("", h.extents.len(), usize::MAX).unwrap();
         for x in &h.extents {
@@ -551,7 +554,12 @@ fn header() -> impl Strategy<Value = ChangeSetHeader> {
                     consistent_from: if resync { 0 } else { first_seq },
                     tags: tags
                         .into_iter()
-                        .map(|(seq, name, app)| Tag { seq, name, app })
+                        .map(|(seq, name, app)| Tag {
+                            seq,
+                            name,
+                            app,
+                            time_ns: seq * 1000,
+                        })
                         .collect(),
                     extents,
                     chunks,
