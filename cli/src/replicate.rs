@@ -248,6 +248,7 @@ fn print_disk(st: &DiskStatus) {
     after_help = "Examples:\n  \
     ferry sidecar --state ./web01 --target 127.0.0.1:9443 --credentials ./creds\n  \
     ferry sidecar --state ./web01 --target dr.example:9443 --credentials ./creds --bandwidth 50M\n  \
+    ferry sidecar --state ./web01 --target 127.0.0.1:9443 --credentials ./creds --policy policy.toml\n  \
     ferry sidecar status --state ./web01"
 )]
 pub struct SidecarArgs {
@@ -278,9 +279,14 @@ struct SidecarDaemonArgs {
     /// Host name (default: the only HOST.datakey in the credentials).
     #[arg(long)]
     host: Option<String>,
-    /// Bandwidth limit in bytes per second on the wire (e.g. 50M; 0 = none).
-    #[arg(long, value_parser = size, default_value = "0")]
-    bandwidth: u64,
+    /// Policy file (TOML): point intervals, retention, compression,
+    /// bandwidth (see the sidecar crate's `policy` module).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Bandwidth limit in bytes per second on the wire (e.g. 50M; 0 = none;
+    /// overrides the policy).
+    #[arg(long, value_parser = size)]
+    bandwidth: Option<u64>,
     /// Largest change set, raw bytes (e.g. 16M).
     #[arg(long, value_parser = size)]
     batch_bytes: Option<u64>,
@@ -288,9 +294,10 @@ struct SidecarDaemonArgs {
     #[arg(long)]
     batch_records: Option<usize>,
     /// zstd level of the payload (1 default; negative values are zstd's
-    /// fast modes, e.g. -3, for links faster than a core compresses).
-    #[arg(long, default_value = "1", allow_hyphen_values = true)]
-    compression_level: i32,
+    /// fast modes, e.g. -3, for links faster than a core compresses;
+    /// overrides the policy).
+    #[arg(long, allow_hyphen_values = true)]
+    compression_level: Option<i32>,
     /// Change sets in flight before the first acknowledgement is awaited.
     #[arg(long, default_value_t = ferry_sidecar::net::DEFAULT_WINDOW)]
     window: usize,
@@ -329,7 +336,15 @@ fn sidecar(args: SidecarDaemonArgs) -> Result<ExitCode> {
         .context("give --credentials DIR (made by `ferry credentials init`)")?;
     let mut cfg = SidecarConfig::new(state, target, creds);
     cfg.host = args.host;
-    cfg.bandwidth = args.bandwidth;
+    if let Some(path) = &args.policy {
+        let policy = ferry_sidecar::policy::Policy::from_file(path)?;
+        cfg.bandwidth = policy.bandwidth;
+        cfg.zstd_level = policy.compression_level;
+        cfg.policy = Some(policy);
+    }
+    if let Some(b) = args.bandwidth {
+        cfg.bandwidth = b;
+    }
     if let Some(b) = args.batch_bytes {
         cfg.limits.max_bytes = usize::try_from(b).context("--batch-bytes")?;
     }
@@ -337,7 +352,9 @@ fn sidecar(args: SidecarDaemonArgs) -> Result<ExitCode> {
         cfg.limits.max_records = r;
     }
     cfg.batch_delay = std::time::Duration::from_millis(args.batch_delay_ms);
-    cfg.zstd_level = args.compression_level;
+    if let Some(l) = args.compression_level {
+        cfg.zstd_level = l;
+    }
     cfg.window = args.window;
     if let Some(sz) = args.spool_size {
         cfg.spool_size = sz;
@@ -399,6 +416,11 @@ fn sidecar_status(args: &SidecarStatusArgs) -> Result<ExitCode> {
             u("change_sets"),
             u("resync_sets")
         );
+        if let Some(e) = d["last_point_error"].as_str() {
+            println!("  points       last scheduled point not made: {e}");
+        } else if let Some(t) = d["last_crash_point_ns"].as_u64() {
+            println!("  points       last crash-consistent {}", utc(t));
+        }
         if u("spool_sets") > 0 {
             println!(
                 "  spool        {} change sets, {} (target unreachable)",

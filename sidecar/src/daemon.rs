@@ -100,6 +100,8 @@ pub struct SidecarConfig {
     pub zstd_level: i32,
     /// Change sets in flight before the first ack is awaited.
     pub window: usize,
+    /// Scheduled recovery points (None: only user tags).
+    pub policy: Option<crate::policy::Policy>,
     /// Bytes per second on the wire (0: unlimited).
     pub bandwidth: u64,
     /// Largest frame sent.
@@ -126,6 +128,7 @@ impl SidecarConfig {
             },
             zstd_level: crate::ship::ZSTD_LEVEL,
             window: crate::net::DEFAULT_WINDOW,
+            policy: None,
             bandwidth: 0,
             max_frame: frame::MAX_FRAME,
             spool_size: DEFAULT_SPOOL_SIZE,
@@ -321,6 +324,12 @@ pub struct DiskMetrics {
     pub spool_sets: u64,
     /// Bytes in the spool.
     pub spool_bytes: u64,
+    /// When the last scheduled crash-consistent point was taken (UNIX ns).
+    pub last_crash_point_ns: Option<u64>,
+    /// When the last scheduled app-consistent point was taken (UNIX ns).
+    pub last_app_point_ns: Option<u64>,
+    /// Why the last scheduled point was not made, if it was not.
+    pub last_point_error: Option<String>,
     /// Reconnects since start.
     pub reconnects: u64,
     /// The last error, if the disk is not shipping.
@@ -494,7 +503,16 @@ pub fn run(cfg: SidecarConfig, stop: Arc<AtomicBool>) -> Result<()> {
             .map_err(|e| Error::with_source(ErrorKind::Io, format!("spawn ship-{name}"), e))?;
         threads.push(t);
     }
-    tracing::info!(host = %shared.host, target = %shared.cfg.target, disks = threads.len(), "sidecar running");
+    let disk_threads = threads.len();
+    if let Some(policy) = shared.cfg.policy.clone() {
+        let s = Arc::clone(&shared);
+        let t = std::thread::Builder::new()
+            .name("points".into())
+            .spawn(move || schedule_points(&s, &policy))
+            .map_err(|e| Error::with_source(ErrorKind::Io, "spawn points", e))?;
+        threads.push(t);
+    }
+    tracing::info!(host = %shared.host, target = %shared.cfg.target, disks = disk_threads, "sidecar running");
     let mut last_raw: BTreeMap<String, (u64, Instant)> = BTreeMap::new();
     while !shared.stopping() {
         update_churn(&shared, &mut last_raw);
@@ -520,6 +538,82 @@ fn update_churn(shared: &Shared, last_raw: &mut BTreeMap<String, (u64, Instant)>
         }
         last_raw.insert(d.disk.clone(), (d.raw_bytes, now));
     }
+}
+
+/// Take crash- and app-consistent points on the policy's schedule. A point
+/// is requested only while every disk's replica is consistent; the filter
+/// refuses while a disk is not in the data state. Either way the reason
+/// goes into the metrics (`last_point_error`).
+fn schedule_points(shared: &Shared, policy: &crate::policy::Policy) {
+    let start = Instant::now();
+    let mut next_crash = start + policy.crash_interval;
+    let mut next_app = policy.app_interval.map(|i| start + i);
+    while !shared.stopping() {
+        let now = Instant::now();
+        let app_due = next_app.is_some_and(|t| now >= t);
+        if app_due || now >= next_crash {
+            let result = take_point(shared, policy, app_due);
+            let at = now_ns();
+            {
+                let mut m = shared.metrics.lock().expect("metrics lock");
+                for d in m.values_mut() {
+                    match &result {
+                        Ok(()) => {
+                            d.last_crash_point_ns = Some(at);
+                            if app_due {
+                                d.last_app_point_ns = Some(at);
+                            }
+                            d.last_point_error = None;
+                        }
+                        Err(e) => d.last_point_error = Some(e.clone()),
+                    }
+                }
+            }
+            if let Err(e) = result {
+                tracing::warn!(app = app_due, reason = %e, "no recovery point made");
+            }
+            next_crash = Instant::now() + policy.crash_interval;
+            if app_due {
+                next_app = policy.app_interval.map(|i| Instant::now() + i);
+            }
+        }
+        let wake = next_app.map_or(next_crash, |a| a.min(next_crash));
+        shared.nap(wake.saturating_duration_since(Instant::now()));
+    }
+}
+
+fn take_point(
+    shared: &Shared,
+    policy: &crate::policy::Policy,
+    app: bool,
+) -> std::result::Result<(), String> {
+    let inconsistent: Vec<String> = shared
+        .metrics
+        .lock()
+        .expect("metrics lock")
+        .values()
+        .filter(|d| d.consistent_since.is_none())
+        .map(|d| d.disk.clone())
+        .collect();
+    if !inconsistent.is_empty() {
+        return Err(format!(
+            "replica of {} not consistent yet (initial copy or resync running)",
+            inconsistent.join(", ")
+        ));
+    }
+    let secs = now_ns() / 1_000_000_000;
+    let made = if app {
+        shared.filter.tag_app(
+            &format!("app-{secs}"),
+            &policy.app_mounts,
+            policy.app_pre.as_deref(),
+            policy.app_post.as_deref(),
+            Duration::from_secs(10),
+        )
+    } else {
+        shared.filter.tag(&format!("crash-{secs}"))
+    };
+    made.map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// The filter's disks, waiting (with a log line) until the filter answers.

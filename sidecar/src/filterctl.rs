@@ -127,6 +127,27 @@ impl FilterControl {
             .ok_or_else(|| Error::new(ErrorKind::Filter, "filter tag: no seq in the answer"))
     }
 
+    /// An app-consistent `tag`: `mounts` frozen around it, `pre`/`post`
+    /// scripts run (the filter's watchdog thaws at `timeout`). Returns its
+    /// sequence.
+    pub fn tag_app(
+        &self,
+        name: &str,
+        mounts: &[PathBuf],
+        pre: Option<&str>,
+        post: Option<&str>,
+        timeout: Duration,
+    ) -> Result<u64> {
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let v = self.request(json!({
+            "version": 1, "op": "tag", "name": name, "app": true,
+            "mounts": mounts, "pre": pre, "post": post, "timeout_ms": timeout_ms,
+        }))?;
+        v["tag"]["seq"]
+            .as_u64()
+            .ok_or_else(|| Error::new(ErrorKind::Filter, "filter tag: no seq in the answer"))
+    }
+
     /// `resync-all` of one disk: returns the bytes marked dirty.
     pub fn resync_all(&self, disk: &str) -> Result<u64> {
         let v = self.request(json!({"version": 1, "op": "resync-all", "disk": disk}))?;

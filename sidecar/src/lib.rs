@@ -12,6 +12,8 @@
 //! * [`spool`]: the bounded on-disk spool that keeps draining the ring in
 //!   write order while the target is unreachable.
 //! * [`net`]: the wire (Hello/Welcome, change sets and acks, bandwidth limit).
+//! * [`policy`]: the standalone policy file (point intervals, retention,
+//!   compression, bandwidth).
 //! * [`filterctl`]: the filter's control socket (status, barrier, tag, resync-all).
 //! * [`daemon`]: `ferry sidecar` (one shipping thread per disk, reconnects,
 //!   epochs, metrics).
@@ -25,6 +27,7 @@ pub mod error;
 pub mod exchange;
 pub mod filterctl;
 pub mod net;
+pub mod policy;
 pub mod ship;
 pub mod spool;
 pub mod stamp;

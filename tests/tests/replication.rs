@@ -520,3 +520,48 @@ fn filter_killed_recovers_through_a_new_epoch() {
         "a new epoch opened: {st}"
     );
 }
+
+#[test]
+fn a_policy_takes_crash_consistent_points_on_schedule() {
+    let scratch = Scratch::new("repl-policy");
+    let site = Site::start(&scratch.path("site"));
+    let disk = scratch.path("disk.img");
+    expect_code(&run("truncate", ["-s", "64M", s(&disk)]), 0, "truncate");
+    let policy = scratch.path("policy.toml");
+    std::fs::write(
+        &policy,
+        "crash_consistent_interval = \"1s\"\napp_consistent_interval = \"off\"\n",
+    )
+    .unwrap();
+    let filter = ferry_tests::FilterProcess::start(&scratch.path("filter"), &[(DISK, &disk)], &[]);
+    let sidecar = site.sidecar(
+        &filter.state,
+        &scratch.path("sidecar.log"),
+        &["--policy", s(&policy)],
+    );
+    qemu_io_writes(&filter.uri(DISK), &[(0, 2, 1), (10, 1, 2)]);
+    let data = site.data.clone();
+    let crash_points = || {
+        let out = ferry_tests::ferry(["points", "web01", "--data", s(&data), "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v.as_array().map_or(0, |a| {
+            a.iter()
+                .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("crash-")))
+                .count()
+        })
+    };
+    let scheduled = wait_until(Duration::from_secs(60), || crash_points() >= 3);
+    assert!(
+        scheduled,
+        "crash points every second:\n{}",
+        sidecar.log_text()
+    );
+    let metrics = ferry_tests::ferry(["sidecar", "status", "--json", "--state", s(&filter.state)]);
+    let metrics: serde_json::Value = serde_json::from_slice(&metrics.stdout).unwrap();
+    assert!(
+        metrics["disks"][0]["last_crash_point_ns"]
+            .as_u64()
+            .is_some(),
+        "{metrics}"
+    );
+}
