@@ -1257,6 +1257,17 @@ impl Disk {
             meta.set_dirty(p.range)?;
         }
         meta.close_clean()?;
+        // Whatever the ring still held is dirty now: the ring itself (shared
+        // memory, which outlives the process) goes, so clean stops leave
+        // nothing in /dev/shm. A consumer still mapping it sees it removed.
+        let ring = tracking.producer.path().to_path_buf();
+        drop(tracking);
+        if let Err(e) = std::fs::remove_file(&ring) {
+            tracing::warn!(path = %ring.display(), error = %e, "ring not removed");
+        }
+        if let Some(dir) = ring.parent() {
+            let _ = std::fs::remove_dir(dir); // only when empty
+        }
         Ok(())
     }
 }

@@ -282,6 +282,23 @@ impl FilterProcess {
 impl Drop for FilterProcess {
     fn drop(&mut self) {
         self.stop();
+        remove_rings(&self.state);
+    }
+}
+
+/// Remove the shared-memory rings of the filter whose state directory is
+/// `state` (a filter killed with -9 leaves them in /dev/shm).
+pub fn remove_rings(state: &Path) {
+    let Ok(disks) = std::fs::read_dir(state.join("disks")) else {
+        return;
+    };
+    for d in disks.flatten() {
+        if let Ok(ring) = std::fs::read_link(d.path().join("ring")) {
+            let _ = std::fs::remove_file(&ring);
+            if let Some(dir) = ring.parent() {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
     }
 }
 
@@ -377,6 +394,7 @@ impl Drop for Volume {
         let _ = Command::new(volume_script())
             .args(["down", self.dir.to_str().unwrap_or_default()])
             .output();
+        remove_rings(&self.state());
     }
 }
 
