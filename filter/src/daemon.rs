@@ -496,6 +496,8 @@ pub fn run(config: FilterConfig, stop: Arc<AtomicBool>) -> Result<()> {
     for path in unix_paths.iter().chain([&control_path]) {
         let _ = std::fs::remove_file(path);
     }
+    // The closed disks removed their rings; the directory goes when empty.
+    let _ = std::fs::remove_dir(&rings);
     tracing::info!("ferry filter stopped");
     result
 }

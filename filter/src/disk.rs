@@ -1265,9 +1265,6 @@ impl Disk {
         if let Err(e) = std::fs::remove_file(&ring) {
             tracing::warn!(path = %ring.display(), error = %e, "ring not removed");
         }
-        if let Some(dir) = ring.parent() {
-            let _ = std::fs::remove_dir(dir); // only when empty
-        }
         Ok(())
     }
 }
