@@ -394,6 +394,11 @@ fn full_resync_moves_only_blocks_whose_checksums_differ() {
     let tree = relative(write_tree(&mnt, "base", 6), &mnt);
     expect_code(&run("sync", [] as [&str; 0]), 0, "sync");
     rig.wait_replicated();
+    // The exchange starts once the replica held a full, consistent copy.
+    let consistent = wait_until(Duration::from_secs(60), || {
+        rig.status()["consistency"]["state"] == "consistent"
+    });
+    assert!(consistent, "the initial copy settles: {}", rig.status());
     let before = rig.status()["resync_bytes"].as_u64().unwrap();
     // Everything allocated is marked for resync (as after a lost bitmap);
     // a little changes meanwhile.
