@@ -232,6 +232,37 @@ fn print_disk(st: &DiskStatus) {
         human_bytes(st.received_bytes),
         human_bytes(st.resync_bytes)
     );
+    let p = &st.points;
+    match (&p.oldest, &p.newest) {
+        (Some(o), Some(n)) => {
+            println!(
+                "  points           {} (oldest {} seq {}, newest {} seq {} {:?})",
+                p.count,
+                utc(o.time_ns),
+                o.seq,
+                utc(n.time_ns),
+                n.seq,
+                n.name
+            );
+            let ago = |t: Option<u64>| {
+                t.map_or_else(
+                    || "never".to_owned(),
+                    |t| {
+                        format!(
+                            "{} s ago",
+                            Duration::from_nanos(now_ns().saturating_sub(t)).as_secs()
+                        )
+                    },
+                )
+            };
+            println!(
+                "  last points      crash-consistent {}, app-consistent {}",
+                ago(p.last_crash_ns),
+                ago(p.last_app_ns)
+            );
+        }
+        _ => println!("  points           none yet (made only while the replica is consistent)"),
+    }
     if let Some(g) = &st.last_gap {
         println!("  last gap         {g}");
     }

@@ -41,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use crate::applier::{ApplyStats, Replica};
 use crate::error::{Error, ErrorKind, Result};
 use crate::journal::{Appended, Journal};
+use crate::points::Point;
 
 /// File name of the per-disk status.
 pub const STATUS_FILE: &str = "status.json";
@@ -160,10 +161,48 @@ pub struct DiskStatus {
     pub received_bytes: u64,
     /// Of those, bytes of Resync sets.
     pub resync_bytes: u64,
+    /// This disk's recovery points.
+    #[serde(default)]
+    pub points: PointSummary,
     /// Whether a sidecar is connected for this disk.
     pub connected: bool,
     /// When this status was written (UNIX ns).
     pub updated_ns: u64,
+}
+
+/// A disk's recovery points at a glance (`ferry target status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointSummary {
+    /// Points recorded.
+    pub count: u64,
+    /// The oldest.
+    pub oldest: Option<Point>,
+    /// The newest.
+    pub newest: Option<Point>,
+    /// Source time of the newest crash-consistent (any) point, UNIX ns.
+    pub last_crash_ns: Option<u64>,
+    /// Source time of the newest app-consistent point, UNIX ns.
+    pub last_app_ns: Option<u64>,
+}
+
+impl PointSummary {
+    /// Fold `points` (in sequence order) into the summary.
+    pub fn add(&mut self, points: &[Point]) {
+        for p in points {
+            if self.newest.as_ref().is_some_and(|n| n.seq >= p.seq) {
+                continue; // a replay
+            }
+            self.count += 1;
+            if self.oldest.is_none() {
+                self.oldest = Some(p.clone());
+            }
+            self.last_crash_ns = Some(p.time_ns);
+            if p.app {
+                self.last_app_ns = Some(p.time_ns);
+            }
+            self.newest = Some(p.clone());
+        }
+    }
 }
 
 /// How a disk's replica is kept.
@@ -426,6 +465,7 @@ impl DiskHandle {
                     }
                     {
                         let mut st = self.status();
+                        st.points.add(&points);
                         st.applied_seq = Some(cs.header.last_seq);
                         st.consistency = Consistency::after(&cs.header);
                         st.apply_error = None;
@@ -583,6 +623,14 @@ impl Site {
             received_sets: 0,
             received_bytes: 0,
             resync_bytes: 0,
+            points: {
+                let mut summary = PointSummary::default();
+                match crate::points::read(&disk_dir.join(crate::points::POINTS_FILE)) {
+                    Ok(points) => summary.add(&points),
+                    Err(e) => tracing::warn!(host, disk, error = %e, "recovery points unreadable"),
+                }
+                summary
+            },
             connected: false,
             updated_ns: now_ns(),
         };
@@ -657,4 +705,27 @@ pub fn read_statuses(data: &Path) -> Result<Vec<DiskStatus>> {
     }
     out.sort_by(|a, b| (&a.host, &a.disk).cmp(&(&b.host, &b.disk)));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn point_summary_counts_once_and_tracks_kinds() {
+        let p = |seq, app| Point {
+            seq,
+            name: format!("p{seq}"),
+            app,
+            time_ns: seq * 100,
+        };
+        let mut s = PointSummary::default();
+        s.add(&[p(1, false), p(4, true)]);
+        s.add(&[p(4, true)]); // a replay of the same set
+        s.add(&[p(7, false)]);
+        assert_eq!(s.count, 3);
+        assert_eq!(s.oldest.as_ref().map(|p| p.seq), Some(1));
+        assert_eq!(s.newest.as_ref().map(|p| p.seq), Some(7));
+        assert_eq!((s.last_crash_ns, s.last_app_ns), (Some(700), Some(400)));
+    }
 }

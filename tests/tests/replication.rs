@@ -569,4 +569,13 @@ fn a_policy_takes_crash_consistent_points_on_schedule() {
             .is_some(),
         "{metrics}"
     );
+    // The target's status sums them up.
+    let st = site.disk_status(DISK).unwrap();
+    assert!(st["points"]["count"].as_u64().unwrap() >= 3, "{st}");
+    assert!(st["points"]["last_crash_ns"].as_u64().is_some(), "{st}");
+    assert_eq!(
+        st["points"]["last_app_ns"],
+        serde_json::Value::Null,
+        "app points are off"
+    );
 }
