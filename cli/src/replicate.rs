@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use ferry_ring::ring::now_ns;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -115,13 +117,6 @@ fn target(args: TargetDaemonArgs) -> Result<ExitCode> {
         eprintln!("ferry target: listening on {addr}");
     })?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 fn seq(s: Option<u64>) -> String {

@@ -41,12 +41,12 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ferry_protocol::message::{DiskHello, DiskResume, Progress};
 use ferry_protocol::payload::Key;
 use ferry_protocol::{credentials, frame, tls};
-use ferry_ring::ring::Consumer;
+use ferry_ring::ring::{now_ns, Consumer};
 use serde::{Deserialize, Serialize};
 
 use crate::batch::{BatchLimits, Batcher};
@@ -74,14 +74,6 @@ const NET_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SPOOL_SIZE: u64 = 1 << 30;
 /// Least time between two consistency tags requested of the filter.
 const TAG_INTERVAL: Duration = Duration::from_secs(30);
-
-/// Now as UNIX nanoseconds.
-pub fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
 
 /// How to run the sidecar.
 #[derive(Debug, Clone)]

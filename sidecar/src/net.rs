@@ -145,7 +145,7 @@ impl<S: Read + Write> NetTransport<S> {
     /// A heartbeat, answered by one.
     pub fn heartbeat(&mut self) -> Result<()> {
         self.write(&Message::Heartbeat(Heartbeat {
-            time_ns: crate::daemon::now_ns(),
+            time_ns: ferry_ring::ring::now_ns(),
         }))?;
         match self.read()? {
             Message::Heartbeat(_) => Ok(()),

@@ -194,6 +194,25 @@ impl Rig {
     }
 }
 
+/// The first disk of `ferry sidecar status --json` (Null if unreadable).
+fn sidecar_disk(state: &Path) -> serde_json::Value {
+    let out = ferry_tests::ferry(["sidecar", "status", "--json", "--state", s(state)]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["disks"][0].clone()
+}
+
+/// An outage: the target stops, then fio (80 MiB, more than the 16 MiB
+/// ring) and a file tree are written and synced. Returns the tree.
+fn outage_workload(rig: &mut Rig, seed: u64) -> Vec<(PathBuf, u32)> {
+    rig.site.target.stop();
+    let mnt = rig.volume.mnt();
+    let f = fio(&mnt, "80M", u32::try_from(seed).unwrap());
+    let tree = relative(write_tree(&mnt, "during", seed), &mnt);
+    finish_fio(f);
+    expect_code(&run("sync", [] as [&str; 0]), 0, "sync");
+    tree
+}
+
 fn relative(tree: Vec<(PathBuf, u32)>, root: &Path) -> Vec<(PathBuf, u32)> {
     tree.into_iter()
         .map(|(p, c)| (p.strip_prefix(root).unwrap().to_path_buf(), c))
@@ -307,22 +326,12 @@ fn link_cut_longer_than_the_ring_is_carried_by_the_spool_in_write_order() {
     rig.wait_replicated();
     // Cut: the target goes away while more than the ring (16 MiB) but less
     // than the spool (1 GiB by default) is written.
-    rig.site.target.stop();
-    let mnt = rig.volume.mnt();
-    let f = fio(&mnt, "80M", 5);
-    let tree = relative(write_tree(&mnt, "during", 5), &mnt);
-    finish_fio(f);
-    expect_code(&run("sync", [] as [&str; 0]), 0, "sync");
+    let tree = outage_workload(&mut rig, 5);
     let spooled = wait_until(Duration::from_secs(60), || {
-        let out = ferry_tests::ferry([
-            "sidecar",
-            "status",
-            "--json",
-            "--state",
-            s(&rig.volume.state()),
-        ]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        v["disks"][0]["spool_bytes"].as_u64().unwrap_or(0) > 16 << 20
+        sidecar_disk(&rig.volume.state())["spool_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+            > 16 << 20
     });
     assert!(
         spooled,
@@ -354,12 +363,7 @@ fn link_cut_longer_than_ring_and_spool_resyncs_only_what_changed() {
     let mut rig = Rig::up_with("repl-link-cut", &["--spool-size", "4M"]);
     rig.wait_replicated();
     // Cut: the target goes away while more than ring and spool is written.
-    rig.site.target.stop();
-    let mnt = rig.volume.mnt();
-    let f = fio(&mnt, "80M", 4);
-    let tree = relative(write_tree(&mnt, "during", 4), &mnt);
-    finish_fio(f);
-    expect_code(&run("sync", [] as [&str; 0]), 0, "sync");
+    let tree = outage_workload(&mut rig, 4);
     let filter = ferry_tests::ferry([
         "filter",
         "status",
@@ -415,15 +419,7 @@ fn full_resync_moves_only_blocks_whose_checksums_differ() {
     // The sidecar's metrics file is rewritten every second.
     let mut skipped = 0;
     wait_until(Duration::from_secs(10), || {
-        let m = ferry_tests::ferry([
-            "sidecar",
-            "status",
-            "--json",
-            "--state",
-            s(&rig.volume.state()),
-        ]);
-        let m: serde_json::Value = serde_json::from_slice(&m.stdout).unwrap_or_default();
-        skipped = m["disks"][0]["exchange_skipped_bytes"]
+        skipped = sidecar_disk(&rig.volume.state())["exchange_skipped_bytes"]
             .as_u64()
             .unwrap_or(0);
         skipped > 16 << 20
@@ -561,12 +557,9 @@ fn a_policy_takes_crash_consistent_points_on_schedule() {
         "crash points every second:\n{}",
         sidecar.log_text()
     );
-    let metrics = ferry_tests::ferry(["sidecar", "status", "--json", "--state", s(&filter.state)]);
-    let metrics: serde_json::Value = serde_json::from_slice(&metrics.stdout).unwrap();
+    let metrics = sidecar_disk(&filter.state);
     assert!(
-        metrics["disks"][0]["last_crash_point_ns"]
-            .as_u64()
-            .is_some(),
+        metrics["last_crash_point_ns"].as_u64().is_some(),
         "{metrics}"
     );
     // The target's status sums them up.
