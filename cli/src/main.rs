@@ -2,6 +2,7 @@
 //! subcommand; this file only parses the command line and dispatches.
 
 mod credentials;
+mod failover;
 mod filter;
 mod image;
 mod replicate;
@@ -37,6 +38,14 @@ enum Command {
     Sidecar(Box<replicate::SidecarArgs>),
     /// A host's recovery points at a target (`ferry points HOST --data DIR`).
     Points(replicate::PointsArgs),
+    /// Stop a host's replication and write its disks' images at a recovery
+    /// point, with a manifest (`--change-point` picks another before commit).
+    Failover(Box<failover::FailoverArgs>),
+    /// Finalize a failover at its point; the other points are dropped.
+    Commit(failover::CommitArgs),
+    /// Writable images of a host at a point while replication goes on
+    /// (`ferry test-failover cleanup HOST --data DIR` removes them).
+    TestFailover(Box<failover::TestFailoverArgs>),
 }
 
 /// Logs to stderr; `FERRY_LOG` = error|warn|info|debug|trace (default info).
@@ -83,6 +92,9 @@ fn main() -> ExitCode {
             replicate::run_sidecar(*args)
         }
         Command::Points(args) => replicate::run_points(&args),
+        Command::Failover(args) => failover::run_failover(&args),
+        Command::Commit(args) => failover::run_commit(&args),
+        Command::TestFailover(args) => failover::run_test_failover(&args),
     };
     match outcome {
         Ok(code) => code,

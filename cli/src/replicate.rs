@@ -74,6 +74,19 @@ struct TargetDaemonArgs {
     /// Largest frame accepted (e.g. 64M).
     #[arg(long, value_parser = size)]
     max_frame: Option<u64>,
+    /// How long recovery points are kept for hosts whose sidecar sends no
+    /// retention (no policy file): 30s, 5m, 1h, 2d (a number alone is
+    /// seconds). A host's policy `retention` takes precedence.
+    #[arg(long, default_value = "24h", value_parser = parse_retention)]
+    retention: Duration,
+}
+
+fn parse_retention(s: &str) -> std::result::Result<Duration, String> {
+    match ferry_sidecar::policy::parse_duration(s) {
+        Some(d) if d >= Duration::from_secs(1) => Ok(d),
+        Some(_) => Err("at least 1s".to_owned()),
+        None => Err(format!("{s:?}: use 30s, 5m, 1h or 2d")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -112,6 +125,7 @@ fn target(args: TargetDaemonArgs) -> Result<ExitCode> {
     if let Some(m) = args.max_frame {
         cfg.max_frame = usize::try_from(m).context("--max-frame")?;
     }
+    cfg.retention = args.retention;
     let stop = stop_flag()?;
     target_daemon::run(cfg, stop, |addr| {
         eprintln!("ferry target: listening on {addr}");
@@ -511,43 +525,38 @@ pub fn run_points(args: &PointsArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `YYYY-MM-DD HH:MM:SS.mmm` of UNIX nanoseconds (UTC, proleptic Gregorian).
+/// `YYYY-MM-DD HH:MM:SS.mmm` of UNIX nanoseconds (UTC).
 fn utc(ns: u64) -> String {
-    let secs = ns / 1_000_000_000;
-    let ms = (ns / 1_000_000) % 1000;
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{ms:03}",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
+    ferry_master_target::clock::utc(ns)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     #[test]
-    fn utc_dates() {
-        assert_eq!(super::utc(0), "1970-01-01 00:00:00.000");
-        // Checked against Python: datetime.fromtimestamp(1795670150.123, utc).
+    fn target_retention_flag() {
+        use clap::Parser;
+        #[derive(Debug, Parser)]
+        struct T {
+            #[command(flatten)]
+            args: super::TargetArgs,
+        }
+        let parse = |extra: &[&str]| {
+            let argv = ["ferry-target", "--data", "d", "--credentials", "c"];
+            T::try_parse_from(argv.iter().chain(extra)).map(|t| t.args.daemon.retention)
+        };
+        assert_eq!(parse(&[]).unwrap(), Duration::from_secs(86_400));
         assert_eq!(
-            super::utc(1_795_670_150_123_000_000),
-            "2026-11-26 05:15:50.123"
+            parse(&["--retention", "2d"]).unwrap(),
+            Duration::from_secs(2 * 86_400)
         );
         assert_eq!(
-            super::utc(951_782_400_000_000_000),
-            "2000-02-29 00:00:00.000"
+            parse(&["--retention", "90"]).unwrap(),
+            Duration::from_secs(90)
         );
+        for bad in ["0s", "1w", "soon"] {
+            assert!(parse(&["--retention", bad]).is_err(), "{bad}");
+        }
     }
 }

@@ -44,6 +44,10 @@ pub struct TargetConfig {
     pub replica_format: Format,
     /// Largest frame accepted.
     pub max_frame: usize,
+    /// How long recovery points are kept for hosts whose policy names no
+    /// retention (`ferry target --retention`; see
+    /// [`crate::hostpolicy::retention`]).
+    pub retention: Duration,
 }
 
 impl TargetConfig {
@@ -56,6 +60,7 @@ impl TargetConfig {
             name: credentials::DEFAULT_TARGET.to_owned(),
             replica_format: Format::VhdDynamic,
             max_frame: frame::MAX_FRAME,
+            retention: Duration::from_secs(24 * 60 * 60),
         }
     }
 }
@@ -93,6 +98,31 @@ pub fn is_running(data: &Path) -> bool {
     rc != 0
 }
 
+/// File in the data directory naming the credentials directory the target
+/// last ran with (so that verbs run without a target can open disks).
+pub const TARGET_FILE: &str = "target.json";
+
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    std::env::current_dir().map_or_else(|_| p.to_path_buf(), |d| d.join(p))
+}
+
+fn record_credentials(data: &Path, credentials: &Path) {
+    let value = serde_json::json!({ "credentials": credentials });
+    if let Err(e) = crate::site::write_json_atomically(&data.join(TARGET_FILE), &value, true) {
+        tracing::warn!(error = %e, "cannot record the credentials directory");
+    }
+}
+
+/// The credentials directory the target last ran with, if recorded.
+pub fn recorded_credentials(data: &Path) -> Option<PathBuf> {
+    let text = std::fs::read(data.join(TARGET_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    v["credentials"].as_str().map(PathBuf::from)
+}
+
 /// Run until `stop` is set. `ready` is called with the bound address once
 /// the target accepts connections.
 pub fn run(cfg: TargetConfig, stop: Arc<AtomicBool>, ready: impl FnOnce(&str)) -> Result<()> {
@@ -105,12 +135,19 @@ pub fn run(cfg: TargetConfig, stop: Arc<AtomicBool>, ready: impl FnOnce(&str)) -
         )
         .at_path(&cfg.credentials)
     })?;
+    let site_creds = absolute(&cfg.credentials);
+    record_credentials(&cfg.data, &site_creds);
     let site = Arc::new(Site::new(
         &cfg.data,
         SiteOptions {
             replica_format: cfg.replica_format,
+            retention: cfg.retention,
         },
+        Box::new(move |host, disk| {
+            credentials::data_key(&site_creds, host, disk).map_err(|e| e.to_string())
+        }),
     )?);
+    let control = crate::control::serve(Arc::clone(&site), Arc::clone(&stop))?;
     let creds = cfg.credentials.clone();
     let ctx = Arc::new(ServerContext {
         site: Arc::clone(&site),
@@ -168,6 +205,7 @@ pub fn run(cfg: TargetConfig, stop: Arc<AtomicBool>, ready: impl FnOnce(&str)) -
         }
     }
     tracing::info!("target stopping");
+    let _ = control.join();
     site.shutdown();
     Ok(())
 }

@@ -33,6 +33,9 @@ pub enum ErrorKind {
     /// The request is invalid: bad disk name, change set of another disk,
     /// stale epoch, watermark beyond the durable sequence, unencodable set.
     InvalidInput,
+    /// Replication of the host is stopped (it was failed over); the sender
+    /// is refused until the host is protected again.
+    Stopped,
 }
 
 impl fmt::Display for ErrorKind {
@@ -43,6 +46,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Duplicate => "duplicate change set",
             ErrorKind::Gap => "sequence gap",
             ErrorKind::InvalidInput => "invalid input",
+            ErrorKind::Stopped => "replication stopped",
         })
     }
 }
@@ -86,6 +90,17 @@ impl Error {
         let mut e = Error::new(ErrorKind::Io, op, source.to_string()).at_path(path);
         e.0.source = Some(source);
         e
+    }
+
+    /// An image-library error during `op` (its message already names the
+    /// file, offset and operation).
+    pub fn image(op: &'static str, e: ferry_vhd::Error) -> Self {
+        let kind = match e.kind() {
+            ferry_vhd::ErrorKind::Io => ErrorKind::Io,
+            ferry_vhd::ErrorKind::Corrupt => ErrorKind::Corrupt,
+            _ => ErrorKind::InvalidInput,
+        };
+        Error::new(kind, op, e.to_string())
     }
 
     /// Corruption found by `op` in `path` at byte `offset`.

@@ -11,14 +11,23 @@
 //! connection (Hello/Welcome, checks, durable append, ack or reject);
 //! [`daemon`] is `ferry target` (TLS listener, threads, lock); [`points`]
 //! indexes the recovery points of applied change sets.
+//! [`undo`] is the per-disk undo log: the old contents of every range an
+//! applied change set overwrote, to rewind the replica to older points.
 
 pub mod applier;
+pub mod clock;
+pub mod control;
 pub mod daemon;
 pub mod error;
+pub mod failover;
+pub mod history;
+pub mod hostpolicy;
 pub mod journal;
+pub mod materialize;
 pub mod points;
 pub mod server;
 pub mod site;
+pub mod undo;
 
 #[cfg(test)]
 mod testutil;

@@ -77,6 +77,26 @@ pub fn append(path: &Path, points: &[Point]) -> Result<()> {
         .map_err(|e| Error::io("record points", path, e))
 }
 
+/// Replace the log at `path` by `points` atomically (temp file, sync,
+/// rename, sync of the directory): retention and commit drop points.
+pub fn rewrite(path: &Path, points: &[Point]) -> Result<()> {
+    let mut text = Vec::new();
+    for p in points {
+        serde_json::to_writer(&mut text, p)
+            .map_err(|e| Error::io("rewrite points", path, std::io::Error::other(e)))?;
+        text.push(b'\n');
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    let written = fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(&text)?;
+        f.sync_data()
+    });
+    written
+        .and_then(|()| fs::rename(&tmp, path))
+        .map_err(|e| Error::io("rewrite points", path, e))?;
+    crate::materialize::sync_parent(path)
+}
+
 /// The points of one disk, by sequence (first record of each wins;
 /// unreadable lines, a torn tail, are skipped).
 pub fn read(path: &Path) -> Result<Vec<Point>> {

@@ -2,9 +2,11 @@
 //!
 //! ```text
 //! sidecar                              target
-//!   Hello{host, disks}        ->         checks: version, host = the client
-//!                                        certificate's, data key known,
-//!                                        disk sizes match the replicas
+//!   Hello{host, disks,        ->         checks: version, host = the client
+//!         retention_secs}                certificate's, data key known,
+//!                                        disk sizes match the replicas;
+//!                                        a non-zero retention is recorded
+//!                                        (crate::hostpolicy)
 //!                             <-       Welcome{resume: next_seq, epoch,
 //!                                        consistent_from per disk}
 //!   ChangeSet                 ->         checks: host and disk are this
@@ -74,6 +76,7 @@ pub fn refusal_of(e: &crate::Error) -> Option<Refusal> {
         ErrorKind::InvalidInput if e.detail().contains("stale epoch") => reject::STALE_EPOCH,
         ErrorKind::InvalidInput => reject::MALFORMED,
         ErrorKind::Io | ErrorKind::Corrupt => reject::INTERNAL,
+        ErrorKind::Stopped => reject::FAILED_OVER,
     };
     Some(Refusal::new(code, e.to_string()))
 }
@@ -218,23 +221,36 @@ pub fn serve_connection<S: Read + Write>(
         );
         return refuse(ctx, stream, peer, r);
     }
-    let mut disks: HashMap<String, Arc<DiskHandle>> = HashMap::new();
-    let mut resume = Vec::new();
+    // Every disk's data key first: the host is known once they exist.
+    let mut keys = Vec::with_capacity(hello.disks.len());
     for d in &hello.disks {
-        let key = match (ctx.keys)(&hello.host, &d.name) {
-            Ok(k) => k,
+        match (ctx.keys)(&hello.host, &d.name) {
+            Ok(k) => keys.push(k),
             Err(e) => {
                 let r = Refusal::new(reject::UNKNOWN_HOST, format!("host {}: {e}", hello.host));
                 return refuse(ctx, stream, peer, r);
             }
-        };
+        }
+    }
+    // The host's retention, recorded before its disks open (their appliers
+    // read it when they start). Failing to record it is no reason to
+    // refuse the stream.
+    if hello.retention_secs != 0 && !hello.disks.is_empty() {
+        let retention = Duration::from_secs(hello.retention_secs);
+        if let Err(e) = crate::hostpolicy::record(ctx.site.dir(), &hello.host, retention) {
+            tracing::warn!(peer, host = %hello.host, retention_secs = hello.retention_secs, error = %e, "could not record the host's retention");
+        }
+    }
+    let mut disks: HashMap<String, Arc<DiskHandle>> = HashMap::new();
+    let mut resume = Vec::new();
+    for (d, key) in hello.disks.iter().zip(keys) {
         let handle = match ctx.site.disk(&hello.host, &d.name, d.size, key) {
             Ok(h) => h,
             Err(e) => {
-                let code = if e.kind() == ErrorKind::InvalidInput {
-                    reject::MISMATCH
-                } else {
-                    reject::INTERNAL
+                let code = match e.kind() {
+                    ErrorKind::InvalidInput => reject::MISMATCH,
+                    ErrorKind::Stopped => reject::FAILED_OVER,
+                    _ => reject::INTERNAL,
                 };
                 return refuse(ctx, stream, peer, Refusal::new(code, e.to_string()));
             }

@@ -43,6 +43,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::journal::{Appended, Journal};
 use crate::points::Point;
 
+/// Directory of a disk's undo log.
+pub const UNDO_DIR: &str = "undo";
 /// File name of the per-disk status.
 pub const STATUS_FILE: &str = "status.json";
 /// Directory holding the hosts.
@@ -53,6 +55,8 @@ pub const MAX_DISKS_PER_HOST: usize = 256;
 /// How often an idle applier rewrites its status (for lag seconds and
 /// liveness).
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// How often an applier applies the retention window.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Now as UNIX nanoseconds.
 pub fn now_ns() -> u64 {
@@ -143,8 +147,11 @@ pub struct DiskStatus {
     pub apply_backlog_bytes: u64,
     /// Source-side lag (ring and spool), as last reported.
     pub source_lag: Option<SourceLag>,
-    /// Bytes in journal segment files.
+    /// Bytes in journal segment files (received, kept until applied).
     pub journal_bytes: u64,
+    /// Bytes of the undo log (the history behind the recovery points).
+    #[serde(default)]
+    pub undo_bytes: u64,
     /// Replica image.
     pub replica_path: PathBuf,
     /// Replica format (`vhd-dynamic`, `vhd-fixed`, `raw`).
@@ -210,15 +217,24 @@ impl PointSummary {
 pub struct SiteOptions {
     /// Replica format for new disks.
     pub replica_format: Format,
+    /// Retention window of hosts whose policy names none.
+    pub retention: Duration,
 }
 
 impl Default for SiteOptions {
     fn default() -> Self {
         SiteOptions {
             replica_format: Format::VhdDynamic,
+            retention: DEFAULT_RETENTION,
         }
     }
 }
+
+/// Retention window of hosts whose policy names none: 24 hours.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Where the site finds a disk's data key: (host, disk) -> key.
+pub type KeySource = Box<dyn Fn(&str, &str) -> std::result::Result<Key, String> + Send + Sync>;
 
 fn replica_file(format: Format) -> &'static str {
     match format {
@@ -239,6 +255,11 @@ pub struct DiskHandle {
     status_file: Mutex<()>,
     wake: Condvar,
     stop: AtomicBool,
+    /// Held by the applier while it changes the replica, and by whoever
+    /// needs the replica to hold still (a failover copying it).
+    gate: Mutex<()>,
+    /// Replication of the host is stopped (failed over): appends are refused.
+    stopped: AtomicBool,
 }
 
 impl DiskHandle {
@@ -283,6 +304,13 @@ impl DiskHandle {
     pub fn append(&self, cs: &ChangeSet) -> Result<Appended> {
         let appended = {
             let mut j = self.journal();
+            if self.stopped.load(Ordering::SeqCst) {
+                return Err(Error::new(
+                    ErrorKind::Stopped,
+                    "append",
+                    format!("host {} is failed over: replication is stopped", self.host),
+                ));
+            }
             let a = j.append(cs);
             if let Err(e) = &a {
                 if e.kind() == ErrorKind::Gap {
@@ -344,6 +372,65 @@ impl DiskHandle {
         if let Err(e) = write_json_atomically(&path, &st, false) {
             tracing::warn!(host = %self.host, disk = %self.disk, error = %e, "cannot write status.json");
         }
+    }
+
+    /// Stop replication: every later append is refused. Returns once an
+    /// append in progress (holding the journal lock) finished.
+    pub fn stop_replication(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        drop(self.journal());
+    }
+
+    /// Whether replication is stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Hold the applier still (it finishes the change set it is applying
+    /// first) until the guard is dropped. Appends go on.
+    pub fn pause_apply(&self) -> MutexGuard<'_, ()> {
+        self.gate.lock().expect("apply gate")
+    }
+
+    /// The disk's undo log directory (see [`crate::undo`]).
+    pub fn undo_dir(&self) -> PathBuf {
+        self.dir.join(UNDO_DIR)
+    }
+
+    /// The disk's recovery points file.
+    pub fn points_path(&self) -> PathBuf {
+        self.dir.join(crate::points::POINTS_FILE)
+    }
+
+    /// What choosing a recovery point needs to know of this disk.
+    pub fn view(&self) -> Result<crate::failover::DiskView> {
+        let st = self.snapshot();
+        let undo = crate::undo::UndoLog::open_read_only(&self.undo_dir())?;
+        Ok(crate::failover::DiskView {
+            disk: self.disk.clone(),
+            applied: st.applied_seq,
+            consistency: st.consistency,
+            points: crate::points::read(&self.points_path())?,
+            reachable: undo.boundaries(),
+        })
+    }
+
+    /// Forget every recovery point but the one at `seq` (a committed
+    /// failover): the undo log is emptied and the point list rewritten.
+    pub fn drop_points_except(&self, seq: u64) -> Result<()> {
+        let _paused = self.pause_apply();
+        let (mut undo, _) = crate::undo::UndoLog::open(&self.undo_dir(), Default::default())?;
+        undo.clear()?;
+        let path = self.points_path();
+        let kept: Vec<Point> = crate::points::read(&path)?
+            .into_iter()
+            .filter(|p| p.seq == seq)
+            .collect();
+        crate::points::rewrite(&path, &kept)?;
+        let mut st = self.status();
+        st.points = PointSummary::default();
+        st.points.add(&kept);
+        Ok(())
     }
 
     /// The checksum exchange: which blocks of `b` differ from the replica,
@@ -428,39 +515,59 @@ impl DiskHandle {
     }
 
     /// The applier loop: apply every durable change set beyond the
-    /// watermark, in order; see the module docs.
-    fn run_applier(self: Arc<Self>, mut replica: Replica) {
+    /// watermark, in order, each one's undo captured first; prune the
+    /// history to the retention window now and then. See the module docs.
+    fn run_applier(
+        self: Arc<Self>,
+        mut replica: Replica,
+        mut undo: crate::undo::UndoLog,
+        retention: Box<dyn Fn() -> Duration + Send>,
+    ) {
         let mut stats = ApplyStats::default();
+        let mut last_prune = std::time::Instant::now();
         self.refresh_backlog();
         self.write_status();
         while !self.stop.load(Ordering::Relaxed) {
+            if last_prune.elapsed() >= PRUNE_INTERVAL {
+                last_prune = std::time::Instant::now();
+                self.prune_history(&mut undo, retention());
+            }
             let next = {
                 let j = self.journal();
                 let from = j.applied().map_or(0, |a| a.saturating_add(1));
                 match j.last_seq() {
-                    Some(last) if j.applied().is_none_or(|a| a < last) => j.iter_from(from).next(),
+                    Some(last) if j.applied().is_none_or(|a| a < last) => {
+                        j.iter_from(from).next().map(|cs| (cs, j.applied()))
+                    }
                     _ => None,
                 }
             };
-            let Some(next) = next else {
+            let Some((next, prev_applied)) = next else {
                 self.idle_wait();
                 continue;
             };
             let applied = next.map_err(|e| e.to_string()).and_then(|cs| {
+                let _gate = self.gate.lock().expect("apply gate");
+                crate::history::capture(&mut replica, &mut undo, &cs.header, prev_applied)
+                    .map_err(|e| e.to_string())?;
                 replica
                     .apply_change_set(&cs, &self.key, &mut stats)
                     .map_err(|e| e.to_string())?;
-                self.journal()
-                    .set_applied(cs.header.last_seq)
+                let mut j = self.journal();
+                j.set_applied(cs.header.last_seq)
                     .map_err(|e| e.to_string())?;
+                // The journal is the redo side: applied sets live on as
+                // undo. Keep the segment of the last applied set (its
+                // header tells the consistency after a restart).
+                if let Err(e) = j.truncate_before(cs.header.last_seq.saturating_sub(1)) {
+                    tracing::warn!(host = %self.host, disk = %self.disk, error = %e, "journal pruning failed");
+                }
                 Ok(cs)
             });
             match applied {
                 Ok(cs) => {
                     let points = crate::points::points_of(&cs.header);
-                    if let Err(e) =
-                        crate::points::append(&self.dir.join(crate::points::POINTS_FILE), &points)
-                    {
+                    if let Err(e) = crate::points::append(&self.points_path(), &points) {
                         tracing::error!(host = %self.host, disk = %self.disk, error = %e, "recovery points not recorded");
                     }
                     {
@@ -469,6 +576,7 @@ impl DiskHandle {
                         st.applied_seq = Some(cs.header.last_seq);
                         st.consistency = Consistency::after(&cs.header);
                         st.apply_error = None;
+                        st.undo_bytes = undo.bytes();
                     }
                     self.refresh_backlog();
                     self.write_status();
@@ -483,6 +591,35 @@ impl DiskHandle {
             }
         }
         self.write_status();
+    }
+
+    /// Drop history older than the retention window (not while the host is
+    /// failed over: its points are the user's to choose from).
+    fn prune_history(&self, undo: &mut crate::undo::UndoLog, retention: Duration) {
+        if self.is_stopped() {
+            return;
+        }
+        let _gate = self.gate.lock().expect("apply gate");
+        let applied = self.snapshot().applied_seq;
+        match crate::history::prune(undo, &self.points_path(), applied, retention, now_ns()) {
+            Ok(p) => {
+                if p.sets > 0 || p.points > 0 {
+                    tracing::info!(host = %self.host, disk = %self.disk, sets = p.sets, bytes = p.bytes, points = p.points, "retention: history pruned");
+                    match crate::points::read(&self.points_path()) {
+                        Ok(points) => {
+                            let mut st = self.status();
+                            st.points = PointSummary::default();
+                            st.points.add(&points);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "recovery points unreadable"),
+                    }
+                }
+                self.status().undo_bytes = undo.bytes();
+            }
+            Err(e) => {
+                tracing::warn!(host = %self.host, disk = %self.disk, error = %e, "retention pruning failed")
+            }
+        }
     }
 
     fn refresh_backlog(&self) {
@@ -532,22 +669,24 @@ pub fn write_json_atomically(
 }
 
 /// Every disk the site holds, opened lazily when a sidecar announces it.
-#[derive(Debug)]
 pub struct Site {
     dir: PathBuf,
     options: SiteOptions,
+    keys: KeySource,
     disks: Mutex<HashMap<(String, String), Arc<DiskHandle>>>,
     appliers: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Site {
-    /// A site rooted at `dir` (created if missing).
-    pub fn new(dir: &Path, options: SiteOptions) -> Result<Site> {
+    /// A site rooted at `dir` (created if missing) that opens disks no
+    /// sidecar announced (a failover after a restart) with `keys`.
+    pub fn new(dir: &Path, options: SiteOptions, keys: KeySource) -> Result<Site> {
         fs::create_dir_all(dir.join(HOSTS_DIR))
             .map_err(|e| Error::io("create data directory", dir, e))?;
         Ok(Site {
             dir: dir.to_path_buf(),
             options,
+            keys,
             disks: Mutex::new(HashMap::new()),
             appliers: Mutex::new(Vec::new()),
         })
@@ -564,6 +703,17 @@ impl Site {
     pub fn disk(&self, host: &str, disk: &str, size: u64, key: Key) -> Result<Arc<DiskHandle>> {
         crate::journal::validate_disk_name(host)?;
         crate::journal::validate_disk_name(disk)?;
+        if crate::failover::is_failed_over(&self.dir, host) {
+            return Err(Error::new(
+                ErrorKind::Stopped,
+                "open disk",
+                format!("host {host} is failed over: replication is stopped"),
+            ));
+        }
+        self.open_disk(host, disk, size, key)
+    }
+
+    fn open_disk(&self, host: &str, disk: &str, size: u64, key: Key) -> Result<Arc<DiskHandle>> {
         let mut disks = self.disks.lock().expect("site lock");
         if let Some(d) = disks.get(&(host.to_owned(), disk.to_owned())) {
             let have = d.snapshot().size;
@@ -592,6 +742,16 @@ impl Site {
         if let Some((path, at)) = &recovery.torn_tail {
             tracing::warn!(host, disk, path = %path.display(), offset = at, bytes = recovery.truncated_bytes, "journal: torn tail cut (an unacknowledged append)");
         }
+        let (undo, undo_recovery) =
+            crate::undo::UndoLog::open(&disk_dir.join(UNDO_DIR), Default::default())?;
+        if undo_recovery.cut_bytes() > 0 {
+            tracing::warn!(
+                host,
+                disk,
+                bytes = undo_recovery.cut_bytes(),
+                "undo log: an unfinished set was cut (its change set is applied again)"
+            );
+        }
         let format = existing_replica_format(&disk_dir).unwrap_or(self.options.replica_format);
         let replica_path = disk_dir.join(replica_file(format));
         let replica = Replica::open_or_create(&replica_path, format, size).map_err(|e| {
@@ -615,6 +775,7 @@ impl Site {
             apply_backlog_bytes: 0,
             source_lag: None,
             journal_bytes: journal.bytes(),
+            undo_bytes: undo.bytes(),
             replica_path: replica_path.clone(),
             replica_format: format.to_string(),
             consistency,
@@ -644,15 +805,84 @@ impl Site {
             status_file: Mutex::new(()),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
+            gate: Mutex::new(()),
+            stopped: AtomicBool::new(false),
         });
         let h = Arc::clone(&handle);
+        let (data, host_name, default) =
+            (self.dir.clone(), host.to_owned(), self.options.retention);
+        let retention: Box<dyn Fn() -> Duration + Send> =
+            Box::new(move || crate::hostpolicy::retention(&data, &host_name, default));
         let thread = std::thread::Builder::new()
             .name(format!("apply-{host}-{disk}"))
-            .spawn(move || h.run_applier(replica))
+            .spawn(move || h.run_applier(replica, undo, retention))
             .map_err(|e| Error::io("spawn applier", Path::new(disk), e))?;
         self.appliers.lock().expect("appliers").push(thread);
         disks.insert((host.to_owned(), disk.to_owned()), Arc::clone(&handle));
         Ok(handle)
+    }
+
+    /// Every disk of `host` held here (opened if no sidecar opened it since
+    /// the daemon started: sizes from the replicas, keys from the key
+    /// source), sorted by name.
+    pub fn host_disks(&self, host: &str) -> Result<Vec<Arc<DiskHandle>>> {
+        crate::journal::validate_disk_name(host)?;
+        let host_dir = self.dir.join(HOSTS_DIR).join(host);
+        let entries = fs::read_dir(&host_dir).map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                "list disks",
+                format!("no host {host} at this target ({e})"),
+            )
+            .at_path(&host_dir)
+        })?;
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        let mut out = Vec::new();
+        for disk in names {
+            if let Some(d) = self
+                .disks
+                .lock()
+                .expect("site lock")
+                .get(&(host.to_owned(), disk.clone()))
+            {
+                out.push(Arc::clone(d));
+                continue;
+            }
+            let dir = host_dir.join(&disk);
+            let Some(format) = existing_replica_format(&dir) else {
+                continue; // never received anything
+            };
+            let path = dir.join(replica_file(format));
+            let size = ferry_vhd::open_as(&path, format, ferry_vhd::OpenOptions::read_only())
+                .map_err(|e| Error::image("open replica", e))?
+                .size();
+            let key = (self.keys)(host, &disk).map_err(|e| {
+                Error::new(
+                    ErrorKind::InvalidInput,
+                    "open disk",
+                    format!("no key for {host}/{disk}: {e}"),
+                )
+            })?;
+            out.push(self.open_disk(host, &disk, size, key)?);
+        }
+        if out.is_empty() {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "list disks",
+                format!("host {host} has no disks at this target"),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The retention window of `host`: its policy's, else the site default.
+    pub fn retention_of(&self, host: &str) -> Duration {
+        crate::hostpolicy::retention(&self.dir, host, self.options.retention)
     }
 
     /// Stop every applier (after its current change set) and wait for them.
@@ -679,6 +909,15 @@ fn existing_replica_format(disk_dir: &Path) -> Option<Format> {
             .map(|i| i.format());
     }
     None
+}
+
+impl std::fmt::Debug for Site {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Site")
+            .field("dir", &self.dir)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Every `status.json` under `DATA/hosts`, sorted by host and disk.

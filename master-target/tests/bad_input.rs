@@ -289,6 +289,7 @@ impl Client {
                     ring_generation: 1,
                 })
                 .collect(),
+            retention_secs: 0,
         }));
         match self.recv() {
             Message::Welcome(w) => Ok(w),
@@ -508,6 +509,7 @@ fn garbled_frames_are_malformed() {
         protocol: PROTOCOL_VERSION,
         host: "web01".into(),
         disks: Vec::new(),
+        retention_secs: 0,
     });
     cases.push((
         "second Hello",
@@ -672,6 +674,7 @@ fn certificate_of_another_ca_is_refused_by_tls() {
                 size: DISK_SIZE,
                 ring_generation: 1,
             }],
+            retention_secs: 3600,
         });
         let _ = hello.write_to(&mut s).and_then(|()| Ok(s.flush()?));
         match Message::read_from(&mut s, frame::MAX_FRAME) {

@@ -1,6 +1,6 @@
 //! Typed messages carried in frames, with explicit encode/decode.
 //!
-//! Encoding rules (version 1, all integers little-endian):
+//! Encoding rules (version 2, all integers little-endian):
 //!
 //! * `str`: u8 byte length (0..=255) then that many bytes of UTF-8.
 //! * `vec<T>`: u32 element count then the elements; every count has a
@@ -12,7 +12,7 @@
 //!
 //! | kind | message | body |
 //! |---|---|---|
-//! | 1 | [`Hello`] | protocol u16, host str, disks vec<name str, size u64, ring_generation u64> |
+//! | 1 | [`Hello`] | protocol u16, host str, disks vec<name str, size u64, ring_generation u64>, retention_secs u64 |
 //! | 2 | [`Welcome`] | target str, resume vec<name str, next_seq u64, epoch u64, consistent_from u64> |
 //! | 3 | [`ChangeSet`] | [`ChangeSetHeader`], payload_len u32, payload (sealed) |
 //! | 4 | [`Ack`] | disk str, epoch u64, last_seq u64 |
@@ -94,10 +94,15 @@ pub mod reject {
     pub const MISMATCH: u16 = 10;
     /// The target failed (I/O, full disk); the sender retries later.
     pub const INTERNAL: u16 = 11;
+    /// The host was failed over at the target: replication is stopped
+    /// until it is protected again; the sender keeps its changes.
+    pub const FAILED_OVER: u16 = 12;
 }
 
-/// Protocol version carried in [`Hello::protocol`].
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Protocol version carried in [`Hello::protocol`]. Peers of another
+/// version are refused (`reject::BAD_VERSION`); 2 added
+/// [`Hello::retention_secs`].
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Longest string, in bytes.
 pub const MAX_STR: usize = 255;
 /// Most disks in a Hello or Welcome.
@@ -134,6 +139,9 @@ pub struct Hello {
     pub host: String,
     /// Protected disks.
     pub disks: Vec<DiskHello>,
+    /// The host policy's retention window in seconds (how long the target
+    /// keeps recovery points); 0 = let the target use its default.
+    pub retention_secs: u64,
 }
 
 /// Where the target wants a disk's stream to resume.
@@ -527,6 +535,7 @@ impl Hello {
             e.u64(d.size);
             e.u64(d.ring_generation);
         }
+        e.u64(self.retention_secs);
         Ok(())
     }
     fn decode_from(d: &mut Dec<'_>) -> Result<Self> {
@@ -541,10 +550,12 @@ impl Hello {
                 ring_generation: d.u64("hello.disk.ring_generation")?,
             });
         }
+        let retention_secs = d.u64("hello.retention_secs")?;
         Ok(Hello {
             protocol,
             host,
             disks,
+            retention_secs,
         })
     }
 }

@@ -765,6 +765,7 @@ impl DiskSession {
             stream,
             &shared.host,
             vec![hello],
+            crate::policy::Policy::hello_retention_secs(shared.cfg.policy.as_ref()),
             shared.cfg.max_frame,
             shared.cfg.bandwidth,
         )?;

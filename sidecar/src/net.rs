@@ -69,11 +69,14 @@ fn transport_err(what: &str, e: impl Into<Box<dyn std::error::Error + Send + Syn
 
 impl<S: Read + Write> NetTransport<S> {
     /// Say Hello for `disks` of `host` and read the Welcome: the resume
-    /// point of each disk.
+    /// point of each disk. `retention_secs` is the policy's retention
+    /// window (0: the target's default; see
+    /// [`crate::policy::Policy::hello_retention_secs`]).
     pub fn handshake(
         mut stream: S,
         host: &str,
         disks: Vec<DiskHello>,
+        retention_secs: u64,
         max_frame: usize,
         bandwidth: u64,
     ) -> Result<(NetTransport<S>, Vec<DiskResume>)> {
@@ -81,6 +84,7 @@ impl<S: Read + Write> NetTransport<S> {
             protocol: PROTOCOL_VERSION,
             host: host.to_owned(),
             disks,
+            retention_secs,
         });
         hello
             .write_to(&mut stream)

@@ -7,7 +7,7 @@
 //! app_mounts = ["/srv"]              # file systems frozen for app points
 //! app_pre = "sync"                   # optional scripts around the freeze
 //! app_post = "true"
-//! retention = "24h"                  # default 24h (pruning at the target)
+//! retention = "24h"                  # default 24h, at least 1s (pruning at the target)
 //! compression_level = 1              # zstd; negative = fast modes
 //! bandwidth = "50M"                  # bytes per second, 0 = unlimited
 //! ```
@@ -15,6 +15,11 @@
 //! Points are requested of the filter on schedule; it refuses while a disk
 //! is not in the data state, and the target only records tags at which the
 //! replica is consistent, so a point is never minted from inconsistent data.
+//!
+//! The retention travels to the target in the Hello of every connection
+//! ([`Policy::hello_retention_secs`]); the target records it per host. A
+//! sidecar without a policy file sends 0, and the target keeps its own
+//! default (`ferry target --retention`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -39,7 +44,8 @@ pub struct Policy {
     pub app_pre: Option<String>,
     /// Script run after thawing.
     pub app_post: Option<String>,
-    /// How long points are kept at the target.
+    /// How long points are kept at the target (at least 1 s; sent in the
+    /// Hello, see [`Policy::hello_retention_secs`]).
     pub retention: Duration,
     /// zstd level.
     pub compression_level: i32,
@@ -141,6 +147,11 @@ impl Policy {
         p.app_post = raw.app_post;
         if let Some(s) = raw.retention {
             p.retention = parse_duration(&s).ok_or_else(|| bad(format!("retention {s:?}")))?;
+            // 0 on the wire means "the target's default": refuse it here
+            // rather than let it silently mean something else.
+            if p.retention < MIN_INTERVAL {
+                return Err(bad("retention below 1s"));
+            }
         }
         if let Some(l) = raw.compression_level {
             if !(-7..=19).contains(&l) {
@@ -152,6 +163,12 @@ impl Policy {
             p.bandwidth = parse_bytes(&s).ok_or_else(|| bad(format!("bandwidth {s:?}")))?;
         }
         Ok(p)
+    }
+
+    /// The `retention_secs` of the Hello for `policy`: its retention in
+    /// whole seconds, or 0 (the target's default) without a policy file.
+    pub fn hello_retention_secs(policy: Option<&Policy>) -> u64 {
+        policy.map_or(0, |p| p.retention.as_secs())
     }
 
     /// Read and parse a policy file.
@@ -205,10 +222,26 @@ mod tests {
             "compression_level = 40",
             "bandwidth = \"lots\"",
             "unknown_key = 1",
+            "retention = \"0s\"",
+            "retention = \"0\"",
+            "retention = \"1w\"",
         ] {
             assert!(Policy::parse(text).is_err(), "{text}");
         }
         assert_eq!(parse_duration("90"), Some(Duration::from_secs(90)));
         assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
+    }
+
+    #[test]
+    fn retention_for_the_hello() {
+        // No policy file: 0, the target decides.
+        assert_eq!(Policy::hello_retention_secs(None), 0);
+        // A policy file without `retention`: its default, 24 h.
+        let p = Policy::parse("").unwrap();
+        assert_eq!(Policy::hello_retention_secs(Some(&p)), 86_400);
+        let p = Policy::parse("retention = \"3d\"").unwrap();
+        assert_eq!(Policy::hello_retention_secs(Some(&p)), 3 * 86_400);
+        let p = Policy::parse("retention = \"1s\"").unwrap();
+        assert_eq!(Policy::hello_retention_secs(Some(&p)), 1);
     }
 }

@@ -164,6 +164,68 @@ fn golden_small_messages() {
     assert_eq!(back, hb);
 }
 
+#[rustfmt::skip]
+const GOLDEN_HELLO: &[u8] = &[
+    // protocol 2 (u16 LE)
+    0x02, 0x00,
+    // host: len 2, "h1"
+    0x02, b'h', b'1',
+    // disks: count 1 (u32 LE)
+    0x01, 0, 0, 0,
+    //   disk[0]: name len 3 "sda", size 1 GiB (0x4000_0000), ring_generation 3
+    0x03, b's', b'd', b'a',
+    0x00, 0x00, 0x00, 0x40, 0, 0, 0, 0,
+    0x03, 0, 0, 0, 0, 0, 0, 0,
+    // retention_secs 86400 = 0x0001_5180 (u64 LE), after the disks
+    0x80, 0x51, 0x01, 0x00, 0, 0, 0, 0,
+];
+
+#[test]
+fn golden_hello() {
+    assert_eq!(PROTOCOL_VERSION, 2, "the golden Hello is of version 2");
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        host: "h1".into(),
+        disks: vec![DiskHello {
+            name: "sda".into(),
+            size: 1 << 30,
+            ring_generation: 3,
+        }],
+        retention_secs: 86_400,
+    };
+    let m = Message::Hello(hello.clone());
+    assert_eq!(m.kind(), kind::HELLO);
+    assert_eq!(m.encode().unwrap(), GOLDEN_HELLO);
+    assert_eq!(Message::decode(kind::HELLO, GOLDEN_HELLO).unwrap(), m);
+    // The retention is the last 8 bytes, whatever the disks: none here.
+    let empty = Message::Hello(Hello {
+        disks: Vec::new(),
+        retention_secs: u64::MAX - 1,
+        ..hello.clone()
+    });
+    let body = empty.encode().unwrap();
+    assert_eq!(body.len(), 2 + 3 + 4 + 8);
+    assert_eq!(&body[body.len() - 8..], &(u64::MAX - 1).to_le_bytes());
+    assert_eq!(Message::decode(kind::HELLO, &body).unwrap(), empty);
+    // 0 (the target's default) is carried like any other value.
+    let mut zero = GOLDEN_HELLO.to_vec();
+    let at = zero.len() - 8;
+    zero[at..].fill(0);
+    assert_eq!(
+        Message::decode(kind::HELLO, &zero).unwrap(),
+        Message::Hello(Hello {
+            retention_secs: 0,
+            ..hello
+        })
+    );
+    // A version-1 Hello (no retention) is truncated, not misread.
+    let v1 = &GOLDEN_HELLO[..GOLDEN_HELLO.len() - 8];
+    assert_eq!(
+        Message::decode(kind::HELLO, v1).unwrap_err().kind(),
+        ErrorKind::Truncated
+    );
+}
+
 fn samples() -> Vec<Message> {
     vec![
         Message::Hello(Hello {
@@ -181,6 +243,7 @@ fn samples() -> Vec<Message> {
                     ring_generation: 1,
                 },
             ],
+            retention_secs: 7 * 86_400,
         }),
         Message::Welcome(Welcome {
             target: "dr-1".into(),
@@ -573,9 +636,10 @@ fn message() -> impl Strategy<Value = Message> {
         (
             any::<u16>(),
             name(),
-            vec((name(), any::<u64>(), any::<u64>()), 0..5)
+            vec((name(), any::<u64>(), any::<u64>()), 0..5),
+            any::<u64>()
         )
-            .prop_map(|(protocol, host, d)| Message::Hello(Hello {
+            .prop_map(|(protocol, host, d, retention_secs)| Message::Hello(Hello {
                 protocol,
                 host,
                 disks: d
@@ -586,6 +650,7 @@ fn message() -> impl Strategy<Value = Message> {
                         ring_generation
                     })
                     .collect(),
+                retention_secs,
             })),
         (name(), vec((name(), any::<u64>(), any::<u64>()), 0..5)).prop_map(|(target, r)| {
             Message::Welcome(Welcome {

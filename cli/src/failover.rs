@@ -1,0 +1,311 @@
+//! `ferry failover`, `ferry commit`, `ferry test-failover [cleanup]`: the
+//! operator's verbs on a target's data directory. They run inside the
+//! running `ferry target` (through `DATA/control.sock`); with no target
+//! running, in this process on the locked data directory.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use ferry_master_target::control::{self, Request};
+use ferry_master_target::daemon;
+use ferry_master_target::failover::{Manifest, TestFailover};
+use ferry_master_target::site::{Site, SiteOptions};
+
+/// Where the credentials are when the data directory does not say.
+fn credentials_of(data: &Path, given: Option<&Path>) -> Option<PathBuf> {
+    given
+        .map(Path::to_path_buf)
+        .or_else(|| daemon::recorded_credentials(data))
+}
+
+/// Run `req` in the target that owns `data`, or here if none runs.
+fn run(data: &Path, credentials: Option<&Path>, req: &Request) -> Result<serde_json::Value> {
+    let mut progress = |m: &str| eprintln!("{m}");
+    if let Some(v) = control::call(data, req, &mut progress)? {
+        return Ok(v);
+    }
+    if daemon::is_running(data) {
+        bail!(
+            "a ferry target runs on {} but its control socket does not answer",
+            data.display()
+        );
+    }
+    if !data.join(ferry_master_target::site::HOSTS_DIR).is_dir() {
+        bail!("{} is not a target data directory", data.display());
+    }
+    let _lock = daemon::lock_data_dir(data)?;
+    let creds = credentials_of(data, credentials);
+    let site = Site::new(
+        data,
+        SiteOptions::default(),
+        Box::new(move |host, disk| match &creds {
+            Some(c) => {
+                ferry_protocol::credentials::data_key(c, host, disk).map_err(|e| e.to_string())
+            }
+            None => Err("no credentials: pass --credentials DIR".into()),
+        }),
+    )?;
+    let outcome = control::execute(&site, req, &mut progress);
+    site.shutdown();
+    Ok(outcome?)
+}
+
+/// `ferry failover HOST --data DIR --point P --format F --out DIR`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Points: latest (apply everything received first), latest-processed, \
+latest-app, a point name, or a time (UTC, e.g. \"2026-11-26 08:00:00\": the newest point at \
+or before it).\n\nExamples:\n  \
+    ferry failover web01 --data ./site-b --point latest --format vhd-dynamic --out ./dr/web01\n  \
+    ferry failover web01 --data ./site-b --point latest-app --format vmdk-stream --out ./dr/web01\n  \
+    ferry failover web01 --data ./site-b --point before-upgrade --change-point\n  \
+    ferry commit web01 --data ./site-b"
+)]
+pub struct FailoverArgs {
+    /// The protected host.
+    host: String,
+    /// Data directory of the target.
+    #[arg(long)]
+    data: PathBuf,
+    /// Recovery point.
+    #[arg(long, default_value = "latest")]
+    point: String,
+    /// Image format: raw, vhd-fixed, vhd-dynamic, vmdk-sparse, vmdk-flat, vmdk-stream
+    /// (default vhd-dynamic; with --change-point, the failover's).
+    #[arg(long)]
+    format: Option<String>,
+    /// Output directory for the images and manifest.json (with
+    /// --change-point, default the failover's).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Replace the images of a failed-over host by images at another point
+    /// (before `ferry commit`).
+    #[arg(long)]
+    change_point: bool,
+    /// Skip the SHA-256 of each image in the manifest.
+    #[arg(long)]
+    no_checksum: bool,
+    /// Credentials directory (only when no target runs; default: the one
+    /// the target was last started with).
+    #[arg(long)]
+    credentials: Option<PathBuf>,
+    /// Print the manifest as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run_failover(args: &FailoverArgs) -> Result<ExitCode> {
+    let previous = ferry_master_target::failover::failover_state(&args.data, &args.host)?;
+    let from_previous = |pick: fn(&Manifest) -> Option<String>| {
+        if args.change_point {
+            previous.as_ref().and_then(pick)
+        } else {
+            None
+        }
+    };
+    let format = args
+        .format
+        .clone()
+        .or_else(|| from_previous(|m| m.disks.first().map(|d| d.format.clone())))
+        .unwrap_or_else(|| "vhd-dynamic".into());
+    let out = match args.out.clone().or_else(|| {
+        from_previous(|m| Some(m.out.to_string_lossy().into_owned())).map(PathBuf::from)
+    }) {
+        Some(o) => o,
+        None => bail!("--out DIR is required"),
+    };
+    let out = absolute(&out)?;
+    let req = Request::Failover {
+        host: args.host.clone(),
+        point: args.point.clone(),
+        format,
+        out,
+        change_point: args.change_point,
+        checksums: !args.no_checksum,
+    };
+    let v = run(&args.data, args.credentials.as_deref(), &req)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let m: Manifest = serde_json::from_value(v)?;
+    print_manifest(&m);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    Ok(std::env::current_dir()
+        .context("current directory")?
+        .join(p))
+}
+
+fn print_manifest(m: &Manifest) {
+    println!("host      {}", m.host);
+    println!("state     {:?}", m.state);
+    println!("point     {}", m.point.describe());
+    if let Some(n) = &m.point.note {
+        println!("note      {n}");
+    }
+    for d in &m.disks {
+        println!(
+            "disk      {}: {} ({}, {} bytes, {} rewound){}",
+            d.disk,
+            d.file.display(),
+            d.format,
+            d.size,
+            d.rewound_bytes,
+            d.sha256
+                .as_ref()
+                .map(|s| format!(" sha256 {s}"))
+                .unwrap_or_default()
+        );
+    }
+    println!("manifest  {}", m.out.join("manifest.json").display());
+}
+
+/// `ferry commit HOST --data DIR`.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  ferry commit web01 --data ./site-b")]
+pub struct CommitArgs {
+    /// The failed-over host.
+    host: String,
+    /// Data directory of the target.
+    #[arg(long)]
+    data: PathBuf,
+    /// Credentials directory (only when no target runs).
+    #[arg(long)]
+    credentials: Option<PathBuf>,
+    /// Print the manifest as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run_commit(args: &CommitArgs) -> Result<ExitCode> {
+    let req = Request::Commit {
+        host: args.host.clone(),
+    };
+    let v = run(&args.data, args.credentials.as_deref(), &req)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let m: Manifest = serde_json::from_value(v)?;
+    print_manifest(&m);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ferry test-failover HOST --data DIR --point P --out DIR`, and
+/// `ferry test-failover cleanup HOST --data DIR`.
+#[derive(Debug, Args)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = "Each disk becomes DISK.vhd, a writable differencing VHD over DISK.base.vhd \
+(read-only, the disk at the point). Replication goes on meanwhile.\n\nExamples:\n  \
+    ferry test-failover web01 --data ./site-b --point latest-app --out ./drill\n  \
+    ferry test-failover cleanup web01 --data ./site-b"
+)]
+pub struct TestFailoverArgs {
+    #[command(subcommand)]
+    action: Option<TestFailoverAction>,
+    /// The protected host.
+    #[arg(required = true)]
+    host: Option<String>,
+    /// Data directory of the target.
+    #[arg(long, required = true)]
+    data: Option<PathBuf>,
+    /// Recovery point (as for `ferry failover`; `latest` does not wait for
+    /// the backlog).
+    #[arg(long, default_value = "latest-processed")]
+    point: String,
+    /// Output directory.
+    #[arg(long, required = true)]
+    out: Option<PathBuf>,
+    /// Credentials directory (only when no target runs).
+    #[arg(long)]
+    credentials: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum TestFailoverAction {
+    /// Remove a host's test-failover images; the target is left as it was.
+    Cleanup {
+        /// The host.
+        host: String,
+        /// Data directory of the target.
+        #[arg(long)]
+        data: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run_test_failover(args: &TestFailoverArgs) -> Result<ExitCode> {
+    let (data, req, json) = match &args.action {
+        Some(TestFailoverAction::Cleanup { host, data, json }) => (
+            data.clone(),
+            Request::TestFailoverCleanup { host: host.clone() },
+            *json,
+        ),
+        None => {
+            let (Some(host), Some(data), Some(out)) = (&args.host, &args.data, &args.out) else {
+                bail!("HOST, --data and --out are required");
+            };
+            let point = if args.point == "latest" {
+                "latest-processed".to_owned()
+            } else {
+                args.point.clone()
+            };
+            (
+                data.clone(),
+                Request::TestFailover {
+                    host: host.clone(),
+                    point,
+                    out: absolute(out)?,
+                },
+                args.json,
+            )
+        }
+    };
+    let v = run(&data, args.credentials.as_deref(), &req)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let t: TestFailover = serde_json::from_value(v)?;
+    match &args.action {
+        Some(_) => println!(
+            "test failover of {} at {} removed ({} images)",
+            t.host,
+            t.point.describe(),
+            t.images.len()
+        ),
+        None => {
+            println!("host      {}", t.host);
+            println!("point     {}", t.point.describe());
+            for (base, img) in t.bases.iter().zip(&t.images) {
+                println!(
+                    "disk      {}: {} (writable) over {} (read-only)",
+                    base.disk,
+                    img.display(),
+                    base.file.display()
+                );
+            }
+            println!(
+                "cleanup   ferry test-failover cleanup {} --data {}",
+                t.host,
+                data.display()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
