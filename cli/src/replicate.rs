@@ -79,6 +79,10 @@ struct TargetDaemonArgs {
     /// seconds). A host's policy `retention` takes precedence.
     #[arg(long, default_value = "24h", value_parser = parse_retention)]
     retention: Duration,
+    /// Size of each disk's history (undo) segment files: retention frees
+    /// space a segment at a time (e.g. 64M).
+    #[arg(long, default_value = "64M", value_parser = size)]
+    history_segment_size: u64,
 }
 
 fn parse_retention(s: &str) -> std::result::Result<Duration, String> {
@@ -126,6 +130,7 @@ fn target(args: TargetDaemonArgs) -> Result<ExitCode> {
         cfg.max_frame = usize::try_from(m).context("--max-frame")?;
     }
     cfg.retention = args.retention;
+    cfg.history_segment_size = args.history_segment_size;
     let stop = stop_flag()?;
     target_daemon::run(cfg, stop, |addr| {
         eprintln!("ferry target: listening on {addr}");

@@ -62,6 +62,7 @@ use ferry_protocol::payload::{unpack_change_set, Key};
 use ferry_vhd::{CreateOptions, Format, Image, OpenOptions, SyncPolicy};
 
 use crate::journal::Journal;
+use crate::materialize::zero_allocated;
 
 /// Largest piece of zeros written at once for Zero/Trim extents (1 MiB).
 pub const ZERO_CHUNK: usize = 1 << 20;
@@ -254,19 +255,7 @@ impl Replica {
         if length == 0 {
             return Ok(());
         }
-        let runs = self.image.map(offset, length)?;
-        for run in runs.iter().filter(|r| r.allocated) {
-            let end = run.offset.saturating_add(run.length);
-            let mut at = run.offset;
-            while at < end {
-                let n = usize::try_from(end - at)
-                    .unwrap_or(usize::MAX)
-                    .min(zeros.len());
-                self.image.write_at(&zeros[..n], at)?;
-                at += u64_of(n);
-            }
-        }
-        Ok(())
+        Ok(zero_allocated(self.image.as_mut(), offset, length, zeros)?)
     }
 }
 

@@ -48,6 +48,8 @@ pub struct TargetConfig {
     /// retention (`ferry target --retention`; see
     /// [`crate::hostpolicy::retention`]).
     pub retention: Duration,
+    /// Size of the undo log's segment files ([`crate::undo`]).
+    pub history_segment_size: u64,
 }
 
 impl TargetConfig {
@@ -61,6 +63,7 @@ impl TargetConfig {
             replica_format: Format::VhdDynamic,
             max_frame: frame::MAX_FRAME,
             retention: Duration::from_secs(24 * 60 * 60),
+            history_segment_size: crate::undo::DEFAULT_SEGMENT_SIZE,
         }
     }
 }
@@ -142,6 +145,7 @@ pub fn run(cfg: TargetConfig, stop: Arc<AtomicBool>, ready: impl FnOnce(&str)) -
         SiteOptions {
             replica_format: cfg.replica_format,
             retention: cfg.retention,
+            history_segment_size: cfg.history_segment_size,
         },
         Box::new(move |host, disk| {
             credentials::data_key(&site_creds, host, disk).map_err(|e| e.to_string())

@@ -98,6 +98,11 @@ use ferry_protocol::message::{self, encode_header_aad, ChangeKind, ChangeSet, Ch
 use ferry_protocol::message::{Message, TAG_LEN};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::segfile::{
+    create_segment_file, le_u32, le_u64, open_segment_file, parse_segment_file_name, read_vec_at,
+    scan_for_magic, segment_file_name, segment_gap, sync_dir, truncate_synced, u64_len, usize_len,
+    SegmentOps,
+};
 
 /// Segment header magic.
 pub const SEG_MAGIC: [u8; 8] = *b"FRYJSEG1";
@@ -266,26 +271,6 @@ pub struct Journal {
     applied: Option<u64>,
     change_sets: u64,
     poisoned: bool,
-}
-
-fn le_u32(b: &[u8], off: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[off..off + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn le_u64(b: &[u8], off: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[off..off + 8]);
-    u64::from_le_bytes(a)
-}
-
-fn usize_len(v: u64) -> usize {
-    usize::try_from(v).unwrap_or(usize::MAX)
-}
-
-fn u64_len(v: usize) -> u64 {
-    u64::try_from(v).unwrap_or(u64::MAX)
 }
 
 /// Check that `disk` can name a disk (and a directory).
@@ -509,31 +494,9 @@ fn decode_seg_header(b: &[u8], path: &Path) -> Result<SegHeader> {
     })
 }
 
+/// The file name of segment `segno`.
 fn seg_name(segno: u64) -> String {
-    format!("{segno:0width$}{SEG_EXT}", width = SEGNO_DIGITS)
-}
-
-fn parse_seg_name(name: &str) -> Option<u64> {
-    let digits = name.strip_suffix(SEG_EXT)?;
-    if digits.len() != SEGNO_DIGITS || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
-}
-
-fn sync_dir(path: &Path) -> Result<()> {
-    File::open(path)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("sync directory", path, e))
-}
-
-/// Read exactly `len` bytes at `off`; the caller has checked `off + len`
-/// against the file length.
-fn read_at(file: &File, path: &Path, off: u64, len: usize, op: &'static str) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, off)
-        .map_err(|e| Error::io(op, path, e).at_offset(off))?;
-    Ok(buf)
+    segment_file_name(segno, SEG_EXT, SEGNO_DIGITS)
 }
 
 /// Outcome of parsing one record.
@@ -557,7 +520,7 @@ fn parse_record(
             "record header cut short ({avail} bytes)"
         )));
     }
-    let h = read_at(file, path, off, usize_len(REC_HEADER_LEN), op)?;
+    let h = read_vec_at(file, path, off, usize_len(REC_HEADER_LEN), op)?;
     if le_u32(&h, REC_OFF_MAGIC) != REC_MAGIC {
         return Ok(RecParse::Bad("bad record magic".into()));
     }
@@ -569,7 +532,7 @@ fn parse_record(
         )));
     }
     // Allocation bounded by the file's actual length (checked above).
-    let body = read_at(
+    let body = read_vec_at(
         file,
         path,
         off + REC_HEADER_LEN,
@@ -595,24 +558,11 @@ fn parse_record(
 /// Is there any valid record starting in `(from, file_len)`? Scans for the
 /// record magic in bounded windows and fully validates each candidate.
 fn valid_record_after(file: &File, path: &Path, from: u64, file_len: u64) -> Result<Option<u64>> {
-    const WINDOW: u64 = 1 << 20;
-    let magic = REC_MAGIC.to_le_bytes();
-    let mut pos = from + 1;
-    while pos + REC_HEADER_LEN <= file_len {
-        let n = (file_len - pos).min(WINDOW);
-        let buf = read_at(file, path, pos, usize_len(n), "open")?;
-        for i in 0..buf.len().saturating_sub(3) {
-            if buf[i..i + 4] == magic {
-                let cand = pos + u64_len(i);
-                if let RecParse::Ok(..) = parse_record(file, path, cand, file_len, "open")? {
-                    return Ok(Some(cand));
-                }
-            }
-        }
-        // Overlap by 3 bytes so a magic straddling windows is seen.
-        pos += n.saturating_sub(3).max(1);
-    }
-    Ok(None)
+    let valid = |cand: u64, _: &[u8]| -> Result<Option<u64>> {
+        let rec = parse_record(file, path, cand, file_len, "open")?;
+        Ok(matches!(rec, RecParse::Ok(..)).then_some(cand))
+    };
+    scan_for_magic(file, path, from, file_len, REC_MAGIC, REC_HEADER_LEN, valid)
 }
 
 impl Journal {
@@ -652,7 +602,7 @@ impl Journal {
                 let p = ent.path();
                 fs::remove_file(&p).map_err(|e| Error::io("remove temp file", &p, e))?;
                 removed.push(p);
-            } else if let Some(n) = parse_seg_name(name) {
+            } else if let Some(n) = parse_segment_file_name(name, SEG_EXT, SEGNO_DIGITS) {
                 segnos.push(n);
             }
         }
@@ -666,16 +616,14 @@ impl Journal {
             sync_dir(&jdir)?;
         }
         segnos.sort_unstable();
-        for w in segnos.windows(2) {
-            if w[1] != w[0] + 1 {
-                let missing = jdir.join(seg_name(w[0] + 1));
-                return Err(Error::corrupt(
-                    "open",
-                    &missing,
-                    0,
-                    format!("segment {} missing between {} and {}", w[0] + 1, w[0], w[1]),
-                ));
-            }
+        if let Some((a, b)) = segment_gap(&segnos) {
+            let missing = jdir.join(seg_name(a + 1));
+            return Err(Error::corrupt(
+                "open",
+                &missing,
+                0,
+                format!("segment {} missing between {a} and {b}", a + 1),
+            ));
         }
 
         let mut segments = Vec::new();
@@ -687,24 +635,8 @@ impl Journal {
         for (i, &segno) in segnos.iter().enumerate() {
             let path = jdir.join(seg_name(segno));
             let is_last = i + 1 == nseg;
-            let file = OpenOptions::new()
-                .read(true)
-                .write(is_last)
-                .open(&path)
-                .map_err(|e| Error::io("open segment", &path, e))?;
-            let file_len = file
-                .metadata()
-                .map_err(|e| Error::io("stat segment", &path, e))?
-                .len();
-            if file_len < SEG_HEADER_LEN {
-                return Err(Error::corrupt(
-                    "open",
-                    &path,
-                    0,
-                    format!("segment header truncated ({file_len} bytes)"),
-                ));
-            }
-            let hb = read_at(&file, &path, 0, usize_len(SEG_HEADER_LEN), "open")?;
+            let (file, file_len, hb) =
+                open_segment_file(&path, is_last, SEG_HEADER_LEN, &SEGMENT_OPS)?;
             let hdr = decode_seg_header(&hb, &path)?;
             if hdr.segno != segno {
                 return Err(Error::corrupt(
@@ -774,11 +706,7 @@ impl Journal {
                             ));
                         }
                         // Torn tail: cut it.
-                        file.set_len(off)
-                            .and_then(|()| file.sync_all())
-                            .map_err(|e| {
-                                Error::io("truncate torn tail", &path, e).at_offset(off)
-                            })?;
+                        truncate_synced(&file, &path, off, "truncate torn tail")?;
                         truncated_bytes = file_len - off;
                         torn_tail = Some((path.clone(), off));
                         break;
@@ -1074,26 +1002,22 @@ impl Journal {
     }
 }
 
+/// The operation names of the segment files' errors.
+const SEGMENT_OPS: SegmentOps = SegmentOps {
+    create: "create segment",
+    write_header: "write segment header",
+    rename: "rename segment",
+    open: "open segment",
+    stat: "stat segment",
+};
+
 fn create_segment(dir: &Path, disk: &str, segno: u64, prev: ChainState) -> Result<(Segment, File)> {
-    let path = dir.join(seg_name(segno));
-    let tmp = dir.join(format!("{}{TMP_EXT}", seg_name(segno)));
     let hdr = encode_seg_header(&SegHeader {
         segno,
         prev,
         disk: disk.to_string(),
     })?;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(|e| Error::io("create segment", &tmp, e))?;
-    file.write_all_at(&hdr, 0)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| Error::io("write segment header", &tmp, e))?;
-    fs::rename(&tmp, &path).map_err(|e| Error::io("rename segment", &path, e))?;
-    sync_dir(dir)?;
+    let (path, file) = create_segment_file(dir, &seg_name(segno), TMP_EXT, &hdr, &SEGMENT_OPS)?;
     Ok((
         Segment {
             segno,

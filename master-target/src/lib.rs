@@ -25,6 +25,8 @@ pub mod hostpolicy;
 pub mod journal;
 pub mod materialize;
 pub mod points;
+/// Low-level helpers shared by the segment files of [`journal`] and [`undo`].
+mod segfile;
 pub mod server;
 pub mod site;
 pub mod undo;

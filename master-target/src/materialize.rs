@@ -185,9 +185,20 @@ fn bad_part(offset: u64, what: &str) -> Error {
 /// Make `[offset, offset + length)` of `image` read as zeros, writing only
 /// over runs it stores.
 pub fn zero_range(image: &mut dyn Image, offset: u64, length: u64, zeros: &[u8]) -> Result<()> {
-    let runs = image
-        .map(offset, length)
-        .map_err(|e| Error::image("zero range", e))?;
+    zero_allocated(image, offset, length, zeros).map_err(|e| Error::image("zero range", e))
+}
+
+/// [`zero_range`] with the image library's error: writes `zeros` (in
+/// pieces of at most its length) over the runs of `[offset, offset +
+/// length)` the image reports allocated; the others already read as zeros.
+/// Also the applier's ([`crate::applier`]) Zero and Trim extents.
+pub(crate) fn zero_allocated(
+    image: &mut dyn Image,
+    offset: u64,
+    length: u64,
+    zeros: &[u8],
+) -> ferry_vhd::Result<()> {
+    let runs = image.map(offset, length)?;
     for run in runs.iter().filter(|r| r.allocated) {
         let end = run.offset.saturating_add(run.length);
         let mut at = run.offset;
@@ -195,9 +206,7 @@ pub fn zero_range(image: &mut dyn Image, offset: u64, length: u64, zeros: &[u8])
             let n = usize::try_from(end - at)
                 .unwrap_or(usize::MAX)
                 .min(zeros.len());
-            image
-                .write_at(&zeros[..n], at)
-                .map_err(|e| Error::image("zero range", e))?;
+            image.write_at(&zeros[..n], at)?;
             at += u64::try_from(n).unwrap_or(u64::MAX);
         }
     }

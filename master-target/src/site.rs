@@ -219,6 +219,8 @@ pub struct SiteOptions {
     pub replica_format: Format,
     /// Retention window of hosts whose policy names none.
     pub retention: Duration,
+    /// Size of the undo log's segment files (retention frees whole ones).
+    pub history_segment_size: u64,
 }
 
 impl Default for SiteOptions {
@@ -226,6 +228,7 @@ impl Default for SiteOptions {
         SiteOptions {
             replica_format: Format::VhdDynamic,
             retention: DEFAULT_RETENTION,
+            history_segment_size: crate::undo::DEFAULT_SEGMENT_SIZE,
         }
     }
 }
@@ -260,6 +263,8 @@ pub struct DiskHandle {
     gate: Mutex<()>,
     /// Replication of the host is stopped (failed over): appends are refused.
     stopped: AtomicBool,
+    /// The undo log: written by the applier, cleared by a commit.
+    undo: Mutex<crate::undo::UndoLog>,
 }
 
 impl DiskHandle {
@@ -405,13 +410,13 @@ impl DiskHandle {
     /// What choosing a recovery point needs to know of this disk.
     pub fn view(&self) -> Result<crate::failover::DiskView> {
         let st = self.snapshot();
-        let undo = crate::undo::UndoLog::open_read_only(&self.undo_dir())?;
+        let reachable = self.undo.lock().expect("undo lock").boundaries();
         Ok(crate::failover::DiskView {
             disk: self.disk.clone(),
             applied: st.applied_seq,
             consistency: st.consistency,
             points: crate::points::read(&self.points_path())?,
-            reachable: undo.boundaries(),
+            reachable,
         })
     }
 
@@ -419,8 +424,7 @@ impl DiskHandle {
     /// failover): the undo log is emptied and the point list rewritten.
     pub fn drop_points_except(&self, seq: u64) -> Result<()> {
         let _paused = self.pause_apply();
-        let (mut undo, _) = crate::undo::UndoLog::open(&self.undo_dir(), Default::default())?;
-        undo.clear()?;
+        self.undo.lock().expect("undo lock").clear()?;
         let path = self.points_path();
         let kept: Vec<Point> = crate::points::read(&path)?
             .into_iter()
@@ -520,7 +524,6 @@ impl DiskHandle {
     fn run_applier(
         self: Arc<Self>,
         mut replica: Replica,
-        mut undo: crate::undo::UndoLog,
         retention: Box<dyn Fn() -> Duration + Send>,
     ) {
         let mut stats = ApplyStats::default();
@@ -530,7 +533,7 @@ impl DiskHandle {
         while !self.stop.load(Ordering::Relaxed) {
             if last_prune.elapsed() >= PRUNE_INTERVAL {
                 last_prune = std::time::Instant::now();
-                self.prune_history(&mut undo, retention());
+                self.prune_history(retention());
             }
             let next = {
                 let j = self.journal();
@@ -548,8 +551,11 @@ impl DiskHandle {
             };
             let applied = next.map_err(|e| e.to_string()).and_then(|cs| {
                 let _gate = self.gate.lock().expect("apply gate");
+                let mut undo = self.undo.lock().expect("undo lock");
                 crate::history::capture(&mut replica, &mut undo, &cs.header, prev_applied)
                     .map_err(|e| e.to_string())?;
+                let undo_bytes = undo.bytes();
+                drop(undo);
                 replica
                     .apply_change_set(&cs, &self.key, &mut stats)
                     .map_err(|e| e.to_string())?;
@@ -562,10 +568,10 @@ impl DiskHandle {
                 if let Err(e) = j.truncate_before(cs.header.last_seq.saturating_sub(1)) {
                     tracing::warn!(host = %self.host, disk = %self.disk, error = %e, "journal pruning failed");
                 }
-                Ok(cs)
+                Ok((cs, undo_bytes))
             });
             match applied {
-                Ok(cs) => {
+                Ok((cs, undo_bytes)) => {
                     let points = crate::points::points_of(&cs.header);
                     if let Err(e) = crate::points::append(&self.points_path(), &points) {
                         tracing::error!(host = %self.host, disk = %self.disk, error = %e, "recovery points not recorded");
@@ -576,7 +582,7 @@ impl DiskHandle {
                         st.applied_seq = Some(cs.header.last_seq);
                         st.consistency = Consistency::after(&cs.header);
                         st.apply_error = None;
-                        st.undo_bytes = undo.bytes();
+                        st.undo_bytes = undo_bytes;
                     }
                     self.refresh_backlog();
                     self.write_status();
@@ -595,13 +601,14 @@ impl DiskHandle {
 
     /// Drop history older than the retention window (not while the host is
     /// failed over: its points are the user's to choose from).
-    fn prune_history(&self, undo: &mut crate::undo::UndoLog, retention: Duration) {
+    fn prune_history(&self, retention: Duration) {
         if self.is_stopped() {
             return;
         }
         let _gate = self.gate.lock().expect("apply gate");
         let applied = self.snapshot().applied_seq;
-        match crate::history::prune(undo, &self.points_path(), applied, retention, now_ns()) {
+        let mut undo = self.undo.lock().expect("undo lock");
+        match crate::history::prune(&mut undo, &self.points_path(), applied, retention, now_ns()) {
             Ok(p) => {
                 if p.sets > 0 || p.points > 0 {
                     tracing::info!(host = %self.host, disk = %self.disk, sets = p.sets, bytes = p.bytes, points = p.points, "retention: history pruned");
@@ -742,8 +749,12 @@ impl Site {
         if let Some((path, at)) = &recovery.torn_tail {
             tracing::warn!(host, disk, path = %path.display(), offset = at, bytes = recovery.truncated_bytes, "journal: torn tail cut (an unacknowledged append)");
         }
-        let (undo, undo_recovery) =
-            crate::undo::UndoLog::open(&disk_dir.join(UNDO_DIR), Default::default())?;
+        let (undo, undo_recovery) = crate::undo::UndoLog::open(
+            &disk_dir.join(UNDO_DIR),
+            crate::undo::UndoOptions {
+                segment_size: self.options.history_segment_size,
+            },
+        )?;
         if undo_recovery.cut_bytes() > 0 {
             tracing::warn!(
                 host,
@@ -807,6 +818,7 @@ impl Site {
             stop: AtomicBool::new(false),
             gate: Mutex::new(()),
             stopped: AtomicBool::new(false),
+            undo: Mutex::new(undo),
         });
         let h = Arc::clone(&handle);
         let (data, host_name, default) =
@@ -815,7 +827,7 @@ impl Site {
             Box::new(move || crate::hostpolicy::retention(&data, &host_name, default));
         let thread = std::thread::Builder::new()
             .name(format!("apply-{host}-{disk}"))
-            .spawn(move || h.run_applier(replica, undo, retention))
+            .spawn(move || h.run_applier(replica, retention))
             .map_err(|e| Error::io("spawn applier", Path::new(disk), e))?;
         self.appliers.lock().expect("appliers").push(thread);
         disks.insert((host.to_owned(), disk.to_owned()), Arc::clone(&handle));

@@ -147,12 +147,17 @@
 //! may be appending), leftover temporary files are left alone.
 
 use std::collections::BTreeSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::segfile::{
+    create_segment_file, le_u16, le_u32, le_u64, open_segment_file, parse_segment_file_name,
+    put_bytes, read_vec_at, scan_for_magic, segment_file_name, segment_gap, sync_dir,
+    truncate_synced, u64_len, usize_len, SegmentOps,
+};
 
 /// Segment header magic.
 pub const SEG_MAGIC: [u8; 8] = *b"FRYUNDO1";
@@ -499,65 +504,18 @@ pub struct UndoLog {
     zstd: Zstd,
 }
 
-fn le_u16(b: &[u8], off: usize) -> u16 {
-    let mut a = [0u8; 2];
-    a.copy_from_slice(&b[off..off + 2]);
-    u16::from_le_bytes(a)
-}
-
-fn le_u32(b: &[u8], off: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[off..off + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn le_u64(b: &[u8], off: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[off..off + 8]);
-    u64::from_le_bytes(a)
-}
-
-fn put(b: &mut [u8], off: usize, v: &[u8]) {
-    b[off..off + v.len()].copy_from_slice(v);
-}
-
-fn usize_len(v: u64) -> usize {
-    usize::try_from(v).unwrap_or(usize::MAX)
-}
-
-fn u64_len(v: usize) -> u64 {
-    u64::try_from(v).unwrap_or(u64::MAX)
-}
-
 fn inval(op: &'static str, m: impl Into<String>) -> Error {
     Error::new(ErrorKind::InvalidInput, op, m)
 }
 
+/// The file name of segment `segno`.
 fn seg_name(segno: u64) -> String {
-    format!("{segno:0width$}{SEG_EXT}", width = SEGNO_DIGITS)
+    segment_file_name(segno, SEG_EXT, SEGNO_DIGITS)
 }
 
+/// The segment number `name` names, if it is a segment file name.
 fn parse_seg_name(name: &str) -> Option<u64> {
-    let digits = name.strip_suffix(SEG_EXT)?;
-    if digits.len() != SEGNO_DIGITS || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
-}
-
-fn sync_dir(path: &Path) -> Result<()> {
-    File::open(path)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("sync directory", path, e))
-}
-
-/// Read exactly `len` bytes at `off`; the caller has checked `off + len`
-/// against the file length.
-fn read_at(file: &File, path: &Path, off: u64, len: usize, op: &'static str) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, off)
-        .map_err(|e| Error::io(op, path, e).at_offset(off))?;
-    Ok(buf)
+    parse_segment_file_name(name, SEG_EXT, SEGNO_DIGITS)
 }
 
 /// The chain rules (module docs) for `next` after the last complete set
@@ -596,13 +554,13 @@ fn check_chain(prev: Option<&SetInfo>, next: &SetInfo) -> std::result::Result<()
 
 fn encode_seg_header(segno: u64) -> Vec<u8> {
     let mut b = vec![0u8; usize_len(SEG_HEADER_LEN)];
-    put(&mut b, SEG_OFF_MAGIC, &SEG_MAGIC);
-    put(&mut b, SEG_OFF_VERSION, &SEG_VERSION.to_le_bytes());
+    put_bytes(&mut b, SEG_OFF_MAGIC, &SEG_MAGIC);
+    put_bytes(&mut b, SEG_OFF_VERSION, &SEG_VERSION.to_le_bytes());
     let hl = u32::try_from(SEG_HEADER_LEN).unwrap_or(u32::MAX);
-    put(&mut b, SEG_OFF_HEADER_LEN, &hl.to_le_bytes());
-    put(&mut b, SEG_OFF_SEGNO, &segno.to_le_bytes());
+    put_bytes(&mut b, SEG_OFF_HEADER_LEN, &hl.to_le_bytes());
+    put_bytes(&mut b, SEG_OFF_SEGNO, &segno.to_le_bytes());
     let crc = crc32c::crc32c(&b[..SEG_OFF_CRC]);
-    put(&mut b, SEG_OFF_CRC, &crc.to_le_bytes());
+    put_bytes(&mut b, SEG_OFF_CRC, &crc.to_le_bytes());
     b
 }
 
@@ -735,7 +693,7 @@ fn parse_record(
             "record header cut short ({avail} bytes)"
         )));
     }
-    let h = read_at(file, path, off, usize_len(REC_HEADER_LEN), op)?;
+    let h = read_vec_at(file, path, off, usize_len(REC_HEADER_LEN), op)?;
     let head = match decode_rec_head(&h) {
         Ok(head) => head,
         Err(why) => return Ok(RecParse::Bad(why)),
@@ -932,13 +890,13 @@ fn encode_part(zstd: &mut Zstd, extents: &[UndoExtent], data: &[u8]) -> Result<P
     buf.resize(usize_len(REC_HEADER_LEN), 0);
     for e in extents {
         let mut x = [0u8; 24];
-        put(&mut x, EXT_OFF_OFFSET, &e.offset.to_le_bytes());
-        put(&mut x, EXT_OFF_LENGTH, &e.length.to_le_bytes());
+        put_bytes(&mut x, EXT_OFF_OFFSET, &e.offset.to_le_bytes());
+        put_bytes(&mut x, EXT_OFF_LENGTH, &e.length.to_le_bytes());
         let kind = match e.kind {
             UndoKind::Zeros => EXTENT_KIND_ZEROS,
             UndoKind::Data => EXTENT_KIND_DATA,
         };
-        put(&mut x, EXT_OFF_KIND, &kind.to_le_bytes());
+        put_bytes(&mut x, EXT_OFF_KIND, &kind.to_le_bytes());
         buf.extend_from_slice(&x);
     }
     buf.extend_from_slice(&u64_len(data.len()).to_le_bytes());
@@ -950,21 +908,23 @@ fn encode_part(zstd: &mut Zstd, extents: &[UndoExtent], data: &[u8]) -> Result<P
     })
 }
 
+/// The operation names of the segment files' errors.
+const SEGMENT_OPS: SegmentOps = SegmentOps {
+    create: "create undo segment",
+    write_header: "write undo segment header",
+    rename: "rename undo segment",
+    open: "open undo segment",
+    stat: "stat undo segment",
+};
+
 fn create_segment(dir: &Path, segno: u64) -> Result<(Segment, File)> {
-    let path = dir.join(seg_name(segno));
-    let tmp = dir.join(format!("{}{TMP_EXT}", seg_name(segno)));
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(|e| Error::io("create undo segment", &tmp, e))?;
-    file.write_all_at(&encode_seg_header(segno), 0)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| Error::io("write undo segment header", &tmp, e))?;
-    fs::rename(&tmp, &path).map_err(|e| Error::io("rename undo segment", &path, e))?;
-    sync_dir(dir)?;
+    let (path, file) = create_segment_file(
+        dir,
+        &seg_name(segno),
+        TMP_EXT,
+        &encode_seg_header(segno),
+        &SEGMENT_OPS,
+    )?;
     Ok((
         Segment {
             segno,
@@ -1076,20 +1036,13 @@ impl UndoLog {
             }
             sync_dir(dir)?;
         }
-        for w in segnos.windows(2) {
-            if w[1] != w[0] + 1 {
-                return Err(Error::corrupt(
-                    "open",
-                    &dir.join(seg_name(w[0] + 1)),
-                    0,
-                    format!(
-                        "undo segment {} missing between {} and {}",
-                        w[0] + 1,
-                        w[0],
-                        w[1]
-                    ),
-                ));
-            }
+        if let Some((a, b)) = segment_gap(&segnos) {
+            return Err(Error::corrupt(
+                "open",
+                &dir.join(seg_name(a + 1)),
+                0,
+                format!("undo segment {} missing between {a} and {b}", a + 1),
+            ));
         }
 
         let nseg = segnos.len();
@@ -1097,24 +1050,8 @@ impl UndoLog {
             let path = dir.join(seg_name(segno));
             let is_last = i + 1 == nseg;
             let writable = is_last && !read_only;
-            let file = OpenOptions::new()
-                .read(true)
-                .write(writable)
-                .open(&path)
-                .map_err(|e| Error::io("open undo segment", &path, e))?;
-            let file_len = file
-                .metadata()
-                .map_err(|e| Error::io("stat undo segment", &path, e))?
-                .len();
-            if file_len < SEG_HEADER_LEN {
-                return Err(Error::corrupt(
-                    "open",
-                    &path,
-                    0,
-                    format!("segment header truncated ({file_len} bytes)"),
-                ));
-            }
-            let hb = read_at(&file, &path, 0, usize_len(SEG_HEADER_LEN), "open")?;
+            let (file, file_len, hb) =
+                open_segment_file(&path, writable, SEG_HEADER_LEN, &SEGMENT_OPS)?;
             let named = decode_seg_header(&hb, &path)?;
             if named != segno {
                 return Err(Error::corrupt(
@@ -1127,11 +1064,7 @@ impl UndoLog {
             let scan = log.scan_segment(&file, &path, segno, file_len, is_last)?;
             if let Some(t) = scan.cut {
                 if !read_only {
-                    file.set_len(scan.valid_len)
-                        .and_then(|()| file.sync_all())
-                        .map_err(|e| {
-                            Error::io("truncate torn undo tail", &path, e).at_offset(scan.valid_len)
-                        })?;
+                    truncate_synced(&file, &path, scan.valid_len, "truncate torn undo tail")?;
                     rec.torn_tail = Some((path.clone(), scan.valid_len));
                     rec.truncated_bytes = file_len - scan.valid_len;
                     rec.incomplete_set = t.incomplete;
@@ -1298,64 +1231,54 @@ impl UndoLog {
         file_len: u64,
         mut cur: Option<SetInfo>,
     ) -> Result<Option<(u64, String)>> {
-        const WINDOW: u64 = 1 << 20;
-        let magic = REC_MAGIC.to_le_bytes();
-        let mut pos = from + 1;
-        while pos + REC_HEADER_LEN <= file_len {
-            let n = (file_len - pos).min(WINDOW);
-            let buf = read_at(file, path, pos, usize_len(n), "open")?;
-            for i in 0..buf.len().saturating_sub(3) {
-                if buf[i..i + 4] != magic {
-                    continue;
-                }
-                let cand = pos + u64_len(i);
-                if cand + REC_HEADER_LEN > file_len {
-                    break;
-                }
-                // Cheap filter first (old disk contents stored raw may hold
-                // anything): only a record of a set after the last complete
-                // one, and not of the set being written, can be evidence.
-                let hb = match buf.get(i..i + usize_len(REC_HEADER_LEN)) {
-                    Some(b) => b.to_vec(),
-                    None => read_at(file, path, cand, usize_len(REC_HEADER_LEN), "open")?,
-                };
-                let Ok(head) = decode_rec_head(&hb) else {
-                    continue;
-                };
-                let after = match cur {
-                    Some(c) if c == head.info => continue,
-                    Some(c) => Some(c.last_seq),
-                    None => self.sets.last().map(|s| s.info.last_seq),
-                };
-                if after.is_some_and(|a| head.info.first_seq <= a) {
-                    continue;
-                }
-                let RecParse::Ok(r) =
-                    parse_record(file, path, segno, cand, file_len, &mut self.zstd, "open")?
-                else {
-                    continue;
-                };
-                match cur {
-                    Some(c) if c == r.head.info => {}
-                    Some(c) => {
-                        return Ok(Some((
-                            cand,
-                            format!("it belongs to set {:?}, not to {c:?}", r.head.info),
-                        )))
+        let evidence = |cand: u64, rest: &[u8]| -> Result<Option<(u64, String)>> {
+            // Cheap filter first (old disk contents stored raw may hold
+            // anything): only a record of a set after the last complete
+            // one, and not of the set being written, can be evidence.
+            let hb = match rest.get(..usize_len(REC_HEADER_LEN)) {
+                Some(b) => b.to_vec(),
+                None => read_vec_at(file, path, cand, usize_len(REC_HEADER_LEN), "open")?,
+            };
+            let Ok(head) = decode_rec_head(&hb) else {
+                return Ok(None);
+            };
+            let after = match cur {
+                Some(c) if c == head.info => return Ok(None),
+                Some(c) => Some(c.last_seq),
+                None => self.sets.last().map(|s| s.info.last_seq),
+            };
+            if after.is_some_and(|a| head.info.first_seq <= a) {
+                return Ok(None);
+            }
+            let RecParse::Ok(r) =
+                parse_record(file, path, segno, cand, file_len, &mut self.zstd, "open")?
+            else {
+                return Ok(None);
+            };
+            match cur {
+                Some(c) if c == r.head.info => Ok(None),
+                Some(c) => Ok(Some((
+                    cand,
+                    format!("it belongs to set {:?}, not to {c:?}", r.head.info),
+                ))),
+                None => {
+                    if let Err(m) = check_chain(self.sets.last().map(|s| &s.info), &r.head.info) {
+                        return Ok(Some((cand, m)));
                     }
-                    None => {
-                        if let Err(m) = check_chain(self.sets.last().map(|s| &s.info), &r.head.info)
-                        {
-                            return Ok(Some((cand, m)));
-                        }
-                        cur = Some(r.head.info);
-                    }
+                    cur = Some(r.head.info);
+                    Ok(None)
                 }
             }
-            // Overlap by 3 bytes so a magic straddling windows is seen.
-            pos += n.saturating_sub(3).max(1);
-        }
-        Ok(None)
+        };
+        scan_for_magic(
+            file,
+            path,
+            from,
+            file_len,
+            REC_MAGIC,
+            REC_HEADER_LEN,
+            evidence,
+        )
     }
 
     /// The directory of the log.
@@ -1696,27 +1619,27 @@ impl UndoSetWriter<'_> {
             flags |= REC_FLAG_HAS_PREV;
         }
         let h = &mut p.buf;
-        put(h, REC_OFF_MAGIC, &REC_MAGIC.to_le_bytes());
-        put(h, REC_OFF_VERSION, &REC_VERSION.to_le_bytes());
-        put(h, REC_OFF_FLAGS, &flags.to_le_bytes());
-        put(h, REC_OFF_BODY_LEN, &body_len.to_le_bytes());
-        put(h, REC_OFF_EPOCH, &self.info.epoch.to_le_bytes());
-        put(h, REC_OFF_FIRST_SEQ, &self.info.first_seq.to_le_bytes());
-        put(h, REC_OFF_LAST_SEQ, &self.info.last_seq.to_le_bytes());
+        put_bytes(h, REC_OFF_MAGIC, &REC_MAGIC.to_le_bytes());
+        put_bytes(h, REC_OFF_VERSION, &REC_VERSION.to_le_bytes());
+        put_bytes(h, REC_OFF_FLAGS, &flags.to_le_bytes());
+        put_bytes(h, REC_OFF_BODY_LEN, &body_len.to_le_bytes());
+        put_bytes(h, REC_OFF_EPOCH, &self.info.epoch.to_le_bytes());
+        put_bytes(h, REC_OFF_FIRST_SEQ, &self.info.first_seq.to_le_bytes());
+        put_bytes(h, REC_OFF_LAST_SEQ, &self.info.last_seq.to_le_bytes());
         let prev = self.info.prev_applied.unwrap_or(0);
-        put(h, REC_OFF_PREV_APPLIED, &prev.to_le_bytes());
-        put(
+        put_bytes(h, REC_OFF_PREV_APPLIED, &prev.to_le_bytes());
+        put_bytes(
             h,
             REC_OFF_CONSISTENT_FROM,
             &self.info.consistent_from.to_le_bytes(),
         );
-        put(h, REC_OFF_PART, &part.to_le_bytes());
-        put(h, REC_OFF_EXTENT_COUNT, &p.extent_count.to_le_bytes());
+        put_bytes(h, REC_OFF_PART, &part.to_le_bytes());
+        put_bytes(h, REC_OFF_EXTENT_COUNT, &p.extent_count.to_le_bytes());
         let Some(seg) = self.log.segments.last() else {
             return Err(Error::new(ErrorKind::Io, OP, "no active segment"));
         };
         let crc = record_crc(seg.segno, self.off, h);
-        put(h, REC_OFF_CRC, &crc.to_le_bytes());
+        put_bytes(h, REC_OFF_CRC, &crc.to_le_bytes());
         let res = match &self.log.active {
             Some(f) => f.write_all_at(h, self.off),
             None => Err(io::Error::other("no active segment file")),
@@ -2262,7 +2185,7 @@ mod tests {
         let mut off = s.start;
         while off < s.end {
             out.push(off);
-            let h = read_at(&f, Path::new("x"), off, 64, "t").unwrap();
+            let h = read_vec_at(&f, Path::new("x"), off, 64, "t").unwrap();
             off += REC_HEADER_LEN + u64::from(le_u32(&h, REC_OFF_BODY_LEN));
         }
         out

@@ -495,6 +495,11 @@ impl Site {
     /// `ferry credentials init DIR/creds --host web01`, then `ferry target`
     /// on `127.0.0.1:0` (the bound port is read from its log).
     pub fn start(dir: &Path) -> Site {
+        Site::start_with(dir, &[])
+    }
+
+    /// [`Site::start`] with more `ferry target` arguments.
+    pub fn start_with(dir: &Path, target_args: &[&str]) -> Site {
         let creds = dir.join("creds");
         let data = dir.join("site-b");
         let out = ferry([
@@ -507,18 +512,17 @@ impl Site {
         expect_code(&out, 0, "ferry credentials init");
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
-        let target = Daemon::start(
-            &[
-                "target",
-                "--data",
-                data.to_str().expect("utf-8"),
-                "--listen",
-                &addr,
-                "--credentials",
-                creds.to_str().expect("utf-8"),
-            ],
-            &dir.join("target.log"),
-        );
+        let mut args = vec![
+            "target",
+            "--data",
+            data.to_str().expect("utf-8"),
+            "--listen",
+            &addr,
+            "--credentials",
+            creds.to_str().expect("utf-8"),
+        ];
+        args.extend_from_slice(target_args);
+        let target = Daemon::start(&args, &dir.join("target.log"));
         let site = Site {
             creds,
             data,

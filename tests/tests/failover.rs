@@ -345,3 +345,615 @@ fn a_test_failover_is_writable_while_replication_goes_on_and_cleanup_leaves_no_t
     ]);
     expect_code(&compare, 0, "replica equals the disk after the drill");
 }
+
+/// An image loop-mounted for inspection; unmounted when dropped.
+struct Mounted(PathBuf);
+
+impl Mounted {
+    fn new(image: &Path, at: &Path) -> Mounted {
+        std::fs::create_dir_all(at).unwrap();
+        expect_code(
+            &run("mount", ["-o", "loop", s(image), s(at)]),
+            0,
+            "mount the failed-over image",
+        );
+        Mounted(at.to_path_buf())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = run("umount", [s(&self.0)]);
+    }
+}
+
+fn workload_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("workloads")
+        .join(name)
+}
+
+fn read_id(path: &Path) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// `sqlite_check.py` on the database under `mnt`.
+fn sqlite_check(mnt: &Path) -> serde_json::Value {
+    let out = run(
+        "/usr/bin/python3",
+        [
+            s(&workload_script("sqlite_check.py")),
+            s(&mnt.join("app.db")),
+        ],
+    );
+    expect_code(&out, 0, "sqlite_check.py");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["integrity"], "ok", "{v}");
+    assert_eq!(v["bad_rows"], 0, "{v}");
+    assert_eq!(v["rows"], v["max_id"], "ids are contiguous: {v}");
+    v
+}
+
+fn sha256_of(path: &Path) -> String {
+    let out = run("sha256sum", [s(path)]);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn wait_for_id(ctl: &Path, above: u64) -> u64 {
+    let mut id = 0;
+    let ok = wait_until(Duration::from_secs(60), || {
+        id = std::fs::read_to_string(ctl.join("committed"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0);
+        id > above
+    });
+    assert!(ok, "the workload commits (at {id})");
+    id
+}
+
+#[test]
+fn sqlite_on_ext4_fails_over_at_app_crash_and_past_points_and_drills_while_running() {
+    let scratch = Scratch::new("fo-sqlite");
+    let site = Site::start(&scratch.path("site"));
+    let vol = ferry_tests::Volume::up(&scratch.path("vol"), "ext4", "256M", &[]);
+    let sidecar = site.sidecar(&vol.state(), &scratch.path("sidecar.log"), &[]);
+    let consistent = wait_until(Duration::from_secs(120), || {
+        site.disk_status(DISK)
+            .is_some_and(|st| st["consistency"]["state"] == "consistent")
+    });
+    assert!(consistent, "replica consistent:\n{}", sidecar.log_text());
+    let mnt = vol.mnt();
+    let state = vol.state();
+    let data = site.data.clone();
+    let tag = |name: &str, app: bool, extra: &[&str]| {
+        let mut args = vec!["filter", "tag", name, "--state", s(&state)];
+        if app {
+            args.extend(["--app", "--mount", s(&mnt)]);
+        }
+        args.extend_from_slice(extra);
+        expect_code(&ferry_tests::ferry(&args), 0, "ferry filter tag");
+    };
+
+    // Files as they are at an early point, then changed.
+    std::fs::create_dir_all(mnt.join("early")).unwrap();
+    let mut early = Vec::new();
+    for i in 0..8u64 {
+        let p = mnt.join(format!("early/f{i}"));
+        std::fs::write(
+            &p,
+            ferry_tests::pattern(i + 1, 200_000 + 4096 * usize::try_from(i).unwrap()),
+        )
+        .unwrap();
+        early.push((format!("early/f{i}"), sha256_of(&p)));
+    }
+    tag("files-early", true, &[]);
+    for i in 0..4u64 {
+        std::fs::write(
+            mnt.join(format!("early/f{i}")),
+            ferry_tests::pattern(100 + i, 50_000),
+        )
+        .unwrap();
+    }
+    std::fs::remove_file(mnt.join("early/f7")).unwrap();
+
+    // The SQLite workload, with an app point (the workload pauses through
+    // the pre script, which records the last committed id) and a crash
+    // point taken while it runs.
+    let ctl = scratch.path("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let workload = std::process::Command::new("/usr/bin/python3")
+        .args([
+            s(&workload_script("sqlite_app.py")),
+            s(&mnt.join("app.db")),
+            s(&ctl),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(scratch.path("workload.log")).unwrap())
+        .spawn()
+        .expect("start the SQLite workload");
+    let workload = ferry_tests::ChildGuard(workload);
+    wait_for_id(&ctl, 200);
+    let c = s(&ctl);
+    let pre = format!("touch {c}/pause && while [ ! -f {c}/paused ]; do sleep 0.01; done && cp {c}/paused {c}/frozen-app-1");
+    let post = format!("rm -f {c}/pause");
+    tag("app-1", true, &["--pre", &pre, "--post", &post]);
+    let frozen = read_id(&ctl.join("frozen-app-1"));
+    let after_app = wait_for_id(&ctl, frozen + 200);
+    let low = read_id(&ctl.join("committed"));
+    tag("crash-1", false, &[]);
+    let high = read_id(&ctl.join("committed"));
+    wait_for_id(&ctl, high + 100);
+    wait_point(&data, "crash-1");
+    assert!(after_app > frozen);
+
+    // A drill while the workload runs: the target keeps applying, the test
+    // image holds a consistent database, cleanup leaves no trace.
+    let drill = scratch.path("drill");
+    let t = json_of(
+        &ferry_tests::ferry([
+            "test-failover",
+            "web01",
+            "--data",
+            s(&data),
+            "--point",
+            "app-1",
+            "--out",
+            s(&drill),
+            "--json",
+        ]),
+        "test failover during the workload",
+    );
+    let applied = site.disk_status(DISK).unwrap()["applied_seq"]
+        .as_u64()
+        .unwrap();
+    let advanced = wait_until(Duration::from_secs(60), || {
+        site.disk_status(DISK).unwrap()["applied_seq"]
+            .as_u64()
+            .unwrap()
+            > applied
+    });
+    assert!(advanced, "replication goes on during the drill");
+    let test_image = PathBuf::from(t["images"][0].as_str().unwrap());
+    let as_raw = scratch.path("drill.raw");
+    expect_code(
+        &ferry_tests::ferry([
+            "image",
+            "convert",
+            "--format",
+            "raw",
+            s(&test_image),
+            s(&as_raw),
+        ]),
+        0,
+        "read the test image",
+    );
+    {
+        let m = Mounted::new(&as_raw, &scratch.path("drill-mnt"));
+        let v = sqlite_check(&m.0);
+        assert_eq!(
+            v["max_id"], frozen,
+            "the drill sees the database as frozen at app-1"
+        );
+    }
+    {
+        let mut img = ferry_vhd::open(&test_image, ferry_vhd::OpenOptions::read_write()).unwrap();
+        img.write_at(&[0x5a; 4096], 0).unwrap();
+        img.flush().unwrap();
+    }
+    let points_before = points(&data);
+    json_of(
+        &ferry_tests::ferry([
+            "test-failover",
+            "cleanup",
+            "web01",
+            "--data",
+            s(&data),
+            "--json",
+        ]),
+        "drill cleanup",
+    );
+    assert!(!test_image.exists());
+    let kept = points(&data);
+    assert!(
+        points_before.iter().all(|p| kept.contains(p)),
+        "cleanup keeps every point"
+    );
+
+    // Stop the workload; fail over at latest-app.
+    std::fs::write(ctl.join("stop"), b"").unwrap();
+    assert!(wait_until(Duration::from_secs(30), || ctl
+        .join("final")
+        .exists()));
+    drop(workload);
+    let out = scratch.path("dr");
+    let m = json_of(
+        &ferry_tests::ferry([
+            "failover",
+            "web01",
+            "--data",
+            s(&data),
+            "--point",
+            "latest-app",
+            "--format",
+            "raw",
+            "--out",
+            s(&out),
+            "--json",
+        ]),
+        "failover at latest-app",
+    );
+    assert_eq!(m["point"]["name"], "app-1", "{m}");
+    let image = PathBuf::from(m["disks"][0]["file"].as_str().unwrap());
+    {
+        let mounted = Mounted::new(&image, &scratch.path("dr-mnt"));
+        let v = sqlite_check(&mounted.0);
+        assert_eq!(
+            v["max_id"], frozen,
+            "the app point holds every transaction committed at the freeze"
+        );
+    }
+    // The file system of the app point is clean.
+    expect_code(
+        &run("e2fsck", ["-fn", s(&image)]),
+        0,
+        "fsck of the app point",
+    );
+
+    // A crash-consistent point: the journal replays at mount, then fsck is
+    // clean and SQLite recovers to a committed state in the window.
+    let m = json_of(
+        &ferry_tests::ferry([
+            "failover",
+            "web01",
+            "--data",
+            s(&data),
+            "--point",
+            "crash-1",
+            "--change-point",
+            "--json",
+        ]),
+        "change point to crash-1",
+    );
+    let image = PathBuf::from(m["disks"][0]["file"].as_str().unwrap());
+    drop(Mounted::new(&image, &scratch.path("dr-mnt")));
+    expect_code(
+        &run("e2fsck", ["-fn", s(&image)]),
+        0,
+        "fsck of the crash point after journal replay",
+    );
+    {
+        let mounted = Mounted::new(&image, &scratch.path("dr-mnt"));
+        let v = sqlite_check(&mounted.0);
+        let id = v["max_id"].as_u64().unwrap();
+        assert!(
+            (low..=high).contains(&id),
+            "crash point holds a committed prefix: {id} in {low}..={high}"
+        );
+    }
+
+    // The early point gives the files as they were.
+    let m = json_of(
+        &ferry_tests::ferry([
+            "failover",
+            "web01",
+            "--data",
+            s(&data),
+            "--point",
+            "files-early",
+            "--change-point",
+            "--json",
+        ]),
+        "change point to files-early",
+    );
+    let image = PathBuf::from(m["disks"][0]["file"].as_str().unwrap());
+    {
+        let mounted = Mounted::new(&image, &scratch.path("dr-mnt"));
+        for (name, sum) in &early {
+            assert_eq!(
+                &sha256_of(&mounted.0.join(name)),
+                sum,
+                "{name} as it was at files-early"
+            );
+        }
+        assert!(
+            !mounted.0.join("app.db").exists(),
+            "no database yet at files-early"
+        );
+    }
+    json_of(
+        &ferry_tests::ferry(["commit", "web01", "--data", s(&data), "--json"]),
+        "commit",
+    );
+    drop(sidecar);
+}
+
+/// Index entries on disk A (as `cross_disk.py` writes them) whose record is
+/// missing on disk B, and the number of entries.
+fn dangling_entries(a: &[u8], b: &[u8]) -> (usize, u64) {
+    let word = |buf: &[u8], at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().unwrap());
+    let mut dangling = 0;
+    let mut entries = 0;
+    for k in 1..(a.len() / 16) {
+        let (id, check) = (word(a, k * 16), word(a, k * 16 + 8));
+        if id == 0 {
+            continue;
+        }
+        assert_eq!(
+            (id, check),
+            (k as u64, k as u64 * 7919),
+            "index entry {k} intact"
+        );
+        entries += 1;
+        let rec = &b[k * 4096..(k + 1) * 4096];
+        let whole = rec
+            .chunks(16)
+            .all(|c| word(c, 0) == id && word(c, 8) == check);
+        if !whole {
+            dangling += 1;
+        }
+    }
+    (dangling, entries)
+}
+
+#[test]
+fn a_dependency_across_two_disks_holds_at_every_point() {
+    let scratch = Scratch::new("fo-two-disks");
+    let site = Site::start(&scratch.path("site"));
+    let (disk_a, disk_b) = (scratch.path("a.img"), scratch.path("b.img"));
+    for d in [&disk_a, &disk_b] {
+        expect_code(&run("truncate", ["-s", "64M", s(d)]), 0, "truncate");
+    }
+    let filter = FilterProcess::start(
+        &scratch.path("filter"),
+        &[("a", &disk_a), ("b", &disk_b)],
+        &[],
+    );
+    let sidecar = site.sidecar(&filter.state, &scratch.path("sidecar.log"), &[]);
+    let consistent = wait_until(Duration::from_secs(60), || {
+        ["a", "b"].iter().all(|d| {
+            site.disk_status(d)
+                .is_some_and(|st| st["consistency"]["state"] == "consistent")
+        })
+    });
+    assert!(
+        consistent,
+        "both replicas consistent:\n{}",
+        sidecar.log_text()
+    );
+    let ctl = scratch.path("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let workload = std::process::Command::new("/usr/bin/python3")
+        .args([
+            s(&workload_script("cross_disk.py")),
+            &filter.uri("a"),
+            &filter.uri("b"),
+            s(&ctl),
+            "3000",
+        ])
+        .stderr(std::fs::File::create(scratch.path("workload.log")).unwrap())
+        .spawn()
+        .expect("start the workload");
+    let _workload = ferry_tests::ChildGuard(workload);
+    // Points while the workload runs, at whatever instant the tags land.
+    let mut names = Vec::new();
+    let mut i = 0;
+    while !ctl.join("done").exists() && i < 40 {
+        i += 1;
+        let name = format!("dep-{i}");
+        expect_code(
+            &ferry_tests::ferry(["filter", "tag", &name, "--state", s(&filter.state)]),
+            0,
+            "tag",
+        );
+        names.push(name);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        wait_until(Duration::from_secs(120), || ctl.join("done").exists()),
+        "workload done"
+    );
+    expect_code(
+        &ferry_tests::ferry(["filter", "tag", "dep-end", "--state", s(&filter.state)]),
+        0,
+        "tag",
+    );
+    names.push("dep-end".into());
+    wait_point(&site.data, "dep-end");
+    let data = site.data.clone();
+    let out = scratch.path("dr");
+    let mut last_entries = 0;
+    let mut mid_workload = 0;
+    for (n, name) in names.iter().enumerate() {
+        let mut args = vec![
+            "failover",
+            "web01",
+            "--data",
+            s(&data),
+            "--point",
+            name,
+            "--format",
+            "raw",
+            "--out",
+            s(&out),
+            "--no-checksum",
+            "--json",
+        ];
+        if n > 0 {
+            args.push("--change-point");
+        }
+        let m = json_of(&ferry_tests::ferry(&args), "failover at a dependency point");
+        let file = |disk: &str| {
+            let d = m["disks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|d| d["disk"] == disk)
+                .unwrap();
+            std::fs::read(d["file"].as_str().unwrap()).unwrap()
+        };
+        let (dangling, entries) = dangling_entries(&file("a"), &file("b"));
+        assert_eq!(
+            dangling, 0,
+            "at {name}: index entries on A without their record on B"
+        );
+        assert!(
+            entries >= last_entries,
+            "points move forward: {entries} after {last_entries}"
+        );
+        last_entries = entries;
+        if 0 < entries && entries < 3000 {
+            mid_workload += 1;
+        }
+    }
+    assert_eq!(last_entries, 3000, "the last point holds every entry");
+    assert!(
+        mid_workload >= 3,
+        "{mid_workload} points fell inside the workload"
+    );
+    drop(sidecar);
+}
+
+#[test]
+fn retention_drops_history_older_than_the_window_and_keeps_every_point_inside() {
+    let scratch = Scratch::new("fo-retention");
+    let site = Site::start_with(&scratch.path("site"), &["--history-segment-size", "256K"]);
+    let disk = scratch.path("disk.img");
+    expect_code(&run("truncate", ["-s", "64M", s(&disk)]), 0, "truncate");
+    let policy = scratch.path("policy.toml");
+    std::fs::write(
+        &policy,
+        "retention = \"8s\"\ncrash_consistent_interval = \"1h\"\napp_consistent_interval = \"off\"\n",
+    )
+    .unwrap();
+    let filter = FilterProcess::start(&scratch.path("filter"), &[(DISK, &disk)], &[]);
+    let sidecar = site.sidecar(
+        &filter.state,
+        &scratch.path("sidecar.log"),
+        &["--policy", s(&policy)],
+    );
+    let consistent = wait_until(Duration::from_secs(60), || {
+        site.disk_status(DISK)
+            .is_some_and(|st| st["consistency"]["state"] == "consistent")
+    });
+    assert!(consistent, "replica consistent:\n{}", sidecar.log_text());
+    let history = || {
+        let st = site.disk_status(DISK).unwrap();
+        st["undo_bytes"].as_u64().unwrap() + st["journal_bytes"].as_u64().unwrap()
+    };
+    // A point a second for longer than the window, each writing 1 MiB of
+    // incompressible data over the same 8 MiB, so that the history behind
+    // every point is real data (the first eight are over zeros).
+    let mut copies = Vec::new();
+    let mut peak = 0;
+    for i in 0..16u64 {
+        let off = (i % 8) * 1024;
+        let src = scratch.path("random.bin");
+        std::fs::write(&src, ferry_tests::pattern(i + 1, 1 << 20)).unwrap();
+        let out = run(
+            "qemu-io",
+            [
+                "-f",
+                "raw",
+                &filter.uri(DISK),
+                "-c",
+                &format!("write -s {} {off}K 1M", s(&src)),
+            ],
+        );
+        expect_code(&out, 0, "qemu-io write of random data");
+        let name = format!("r{i}");
+        expect_code(
+            &ferry_tests::ferry(["filter", "tag", &name, "--state", s(&filter.state)]),
+            0,
+            "tag",
+        );
+        let copy = scratch.path(&format!("at-{name}.raw"));
+        expect_code(
+            &run("cp", ["--sparse=always", s(&disk), s(&copy)]),
+            0,
+            "copy",
+        );
+        copies.push((name, copy));
+        peak = peak.max(history());
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    wait_point(&site.data, "r15");
+    peak = peak.max(history());
+    // Pruning runs every few seconds: the oldest points leave the list.
+    let pruned = wait_until(Duration::from_secs(60), || {
+        !points(&site.data).iter().any(|p| p["name"] == "r0")
+    });
+    assert!(
+        pruned,
+        "r0 pruned: {:?}\n{}",
+        points(&site.data),
+        site.target.log_text()
+    );
+    let after = history();
+    assert!(
+        after < peak,
+        "history shrank: {after} bytes after, {peak} at the peak"
+    );
+    let kept: Vec<String> = points(&site.data)
+        .iter()
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .filter(|n| n.starts_with('r'))
+        .collect();
+    assert!(
+        kept.contains(&"r15".to_owned()),
+        "points inside the window stay: {kept:?}"
+    );
+    // Every point still listed materializes exactly; a pruned one is refused.
+    let data = site.data.clone();
+    let out = scratch.path("dr");
+    for (n, name) in kept.iter().enumerate() {
+        let copy = &copies.iter().find(|(c, _)| c == name).unwrap().1;
+        let mut args = vec![
+            "failover",
+            "web01",
+            "--data",
+            s(&data),
+            "--point",
+            name,
+            "--format",
+            "raw",
+            "--out",
+            s(&out),
+            "--no-checksum",
+            "--json",
+        ];
+        if n > 0 {
+            args.push("--change-point");
+        }
+        let m = json_of(&ferry_tests::ferry(&args), "failover at a retained point");
+        assert_same(
+            copy,
+            Path::new(m["disks"][0]["file"].as_str().unwrap()),
+            "raw",
+            name,
+        );
+    }
+    let gone = ferry_tests::ferry([
+        "failover",
+        "web01",
+        "--data",
+        s(&data),
+        "--point",
+        "r0",
+        "--change-point",
+    ]);
+    assert_ne!(
+        gone.status.code(),
+        Some(0),
+        "a pruned point cannot be chosen"
+    );
+    drop(sidecar);
+}
