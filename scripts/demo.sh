@@ -2,11 +2,12 @@
 # The main job on an embedded default: a recovery site on loopback (ferry
 # target, mutual TLS), a protected disk (ferry filter) whose every write
 # ferry sidecar ships compressed and encrypted to the target, which keeps a
-# journal and a replica (dynamic VHD). Then what failover and test failover
-# do with the replica: a writable test-failover overlay (differencing VHD)
-# that leaves the replica untouched, and failover exports for Azure (fixed
-# VHD) and VMware (stream-optimized VMDK, sparse VMDK). (Recovery points and
-# `ferry failover` come with the next issues.)
+# journal, a replica (dynamic VHD) and the history behind its recovery
+# points. Two points (the second after more writes), a test failover at the
+# first while replication goes on, a failover to the first (fixed VHD for
+# Azure), a change of point to the second (stream-optimized VMDK for
+# VMware), and the commit; every image is checked against the disk as it
+# was at its point.
 #
 # Usage: scripts/demo.sh [WORKDIR]   (default: a fresh temporary directory)
 set -euo pipefail
@@ -21,7 +22,7 @@ step "build ferry (release)"
 cargo build --release --locked -p ferry 2>&1 | tail -1
 ferry="$root/target/release/ferry"
 cd "$work"
-rm -rf disk.raw protected.img state web01 site-b creds nbd.sock replica.vhd test-failover.vhd azure.vhd vmware.vmdk vmware-sparse.vmdk
+rm -rf disk.raw protected.img state web01 site-b creds nbd.sock at-demo-point.raw more.bin drill failover
 
 step "a 256 MiB protected disk with some data and many zeros (disk.raw)"
 truncate -s 256M disk.raw
@@ -60,57 +61,62 @@ if command -v nbdcopy >/dev/null; then
 else
     echo "(nbdcopy missing: run scripts/install-deps.sh)"; exit 1
 fi
-"$ferry" filter tag demo-point --state "$work/web01"
 replica=site-b/hosts/web01/data/replica.vhd
-for _ in $(seq 600); do   # until the replica holds every write and is a consistent point
-    "$ferry" image compare disk.raw "$replica" >/dev/null 2>&1 &&
-        "$ferry" target status --data ./site-b --json | grep -q '"state": "consistent"' && break
-    sleep 0.1
-done
+wait_replicated() { # until the replica holds every write of $1 and is a consistent point
+    for _ in $(seq 600); do
+        "$ferry" image compare "$1" "$replica" >/dev/null 2>&1 &&
+            "$ferry" target status --data ./site-b --json | grep -q '"state": "consistent"' && return 0
+        sleep 0.1
+    done
+    echo "the replica did not catch up" >&2; exit 1
+}
+wait_point() { # until the target lists point $1
+    for _ in $(seq 300); do
+        "$ferry" points web01 --data ./site-b --json | grep -q "\"name\": \"$1\"" && return 0
+        sleep 0.1
+    done
+    echo "point $1 not recorded" >&2; exit 1
+}
+wait_replicated disk.raw
+"$ferry" filter tag demo-point --state "$work/web01"
+wait_point demo-point
+cp --sparse=always protected.img at-demo-point.raw
+
+step "more writes after the point (a new 8 MiB region, an overwrite), then a second point"
+head -c 8M /dev/urandom >more.bin
+qemu-io -f raw "$uri" -c "write -s more.bin 100M 8M" >/dev/null
+qemu-io -f raw "$uri" -c "write -P 0x5a 0 1M" >/dev/null
+"$ferry" filter tag after-change --state "$work/web01"
+wait_replicated protected.img
+wait_point after-change
 sleep 1   # one more metrics interval, so that the sidecar's status below is current
 "$ferry" filter status --state "$work/web01"
 "$ferry" sidecar status --state "$work/web01"
 "$ferry" target status --data ./site-b
-kill -TERM $pids; wait $pids 2>/dev/null || true
-trap - EXIT
-cmp protected.img disk.raw && echo "protected disk holds every write"
+"$ferry" points web01 --data ./site-b
 
-step "the replica at the recovery site: dynamic VHD (zero blocks stay unallocated)"
-"$ferry" image compare disk.raw "$replica" && echo "replica equals the protected disk"
-cp "$replica" replica.vhd
-"$ferry" image info replica.vhd
-"$ferry" image check replica.vhd
+step "test failover at demo-point while replication goes on: a writable differencing VHD over a base at the point"
+"$ferry" test-failover web01 --data ./site-b --point demo-point --out ./drill
+"$ferry" image compare at-demo-point.raw drill/data.vhd && echo "the drill image is the disk as it was at demo-point"
+"$ferry" test-failover cleanup web01 --data ./site-b
 
-step "test failover: a writable differencing overlay; the replica is untouched"
-"$ferry" image create --format vhd-diff --parent replica.vhd test-failover.vhd
-"$ferry" image info test-failover.vhd
-"$ferry" image compare disk.raw test-failover.vhd
-echo "scribble from the test VM" > note.txt
-"$ferry" image convert --format raw test-failover.vhd tf.raw >/dev/null 2>&1
-dd if=note.txt of=tf.raw bs=512 seek=100 conv=notrunc status=none
-rm -f test-failover.vhd
-"$ferry" image convert --format vhd-diff --parent replica.vhd tf.raw test-failover.vhd
-"$ferry" image compare disk.raw test-failover.vhd || echo "(the overlay differs, as the test VM wrote to it)"
-"$ferry" image compare disk.raw replica.vhd
-rm -f tf.raw note.txt
+step "failover to demo-point: replication of web01 stops, a fixed VHD for Azure"
+"$ferry" failover web01 --data ./site-b --point demo-point --format vhd-fixed --out ./failover
+"$ferry" image compare at-demo-point.raw failover/data.vhd && echo "failed over to the disk as it was at demo-point"
 
-step "failover export for Azure: fixed VHD, whole MiB, force_size geometry"
-"$ferry" image convert --format vhd-fixed replica.vhd azure.vhd
-"$ferry" image info azure.vhd
-
-step "failover export for VMware: stream-optimized VMDK (OVA transport) and sparse VMDK"
-"$ferry" image convert --format vmdk-stream replica.vhd vmware.vmdk
-"$ferry" image convert --format vmdk-sparse replica.vhd vmware-sparse.vmdk
-"$ferry" image info vmware.vmdk
-"$ferry" image compare disk.raw vmware.vmdk
-"$ferry" image compare disk.raw vmware-sparse.vmdk
+step "change of mind before commit: the newer point, as a stream-optimized VMDK for VMware"
+"$ferry" failover web01 --data ./site-b --point after-change --format vmdk-stream --change-point
+"$ferry" image compare protected.img failover/data.vmdk && echo "failed over to the disk as it was at after-change"
+"$ferry" commit web01 --data ./site-b
+cat failover/manifest.json
 
 if command -v qemu-img >/dev/null; then
     step "second opinion from qemu-img"
-    qemu-img compare -f raw -F vpc disk.raw azure.vhd
-    qemu-img compare -f raw -F vmdk disk.raw vmware.vmdk
-    qemu-img check -f vmdk vmware-sparse.vmdk
+    qemu-img compare -f raw -F vmdk protected.img failover/data.vmdk
+    qemu-img check -f vmdk failover/data.vmdk
 fi
+kill -TERM $pids; wait $pids 2>/dev/null || true
+trap - EXIT
 
 step "done: images are in $work"
-ls -ls "$work"
+ls -ls "$work" "$work/failover"

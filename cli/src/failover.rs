@@ -131,22 +131,20 @@ pub fn run_failover(args: &FailoverArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let m: Manifest = serde_json::from_value(v)?;
-    print_manifest(&m);
+    print_manifest(&m)?;
     Ok(ExitCode::SUCCESS)
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
-    if p.is_absolute() {
-        return Ok(p.to_path_buf());
-    }
-    Ok(std::env::current_dir()
-        .context("current directory")?
-        .join(p))
+    std::path::absolute(p).with_context(|| format!("absolute path of {}", p.display()))
 }
 
-fn print_manifest(m: &Manifest) {
+fn print_manifest(m: &Manifest) -> Result<()> {
     println!("host      {}", m.host);
-    println!("state     {:?}", m.state);
+    println!(
+        "state     {}",
+        serde_json::to_value(m.state)?.as_str().unwrap_or("?")
+    );
     println!("point     {}", m.point.describe());
     if let Some(n) = &m.point.note {
         println!("note      {n}");
@@ -166,6 +164,7 @@ fn print_manifest(m: &Manifest) {
         );
     }
     println!("manifest  {}", m.out.join("manifest.json").display());
+    Ok(())
 }
 
 /// `ferry commit HOST --data DIR`.
@@ -195,7 +194,7 @@ pub fn run_commit(args: &CommitArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let m: Manifest = serde_json::from_value(v)?;
-    print_manifest(&m);
+    print_manifest(&m)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -233,7 +233,11 @@ fn print_disk(st: &DiskStatus) {
         st.apply_backlog_sets,
         human_bytes(st.apply_backlog_bytes)
     );
-    println!("  journal          {}", human_bytes(st.journal_bytes));
+    println!(
+        "  journal          {} (received sets, dropped once applied), history {} (undo behind the points)",
+        human_bytes(st.journal_bytes),
+        human_bytes(st.undo_bytes)
+    );
     println!(
         "  replica          {} ({})",
         st.replica_path.display(),

@@ -263,6 +263,9 @@ pub struct DiskImage {
     pub sha256: Option<String>,
     /// Bytes the rewind wrote back (the data that differed from the replica).
     pub rewound_bytes: u64,
+    /// How the replica was copied (a reflink costs no data movement).
+    #[serde(default)]
+    pub copy: Option<materialize::CopyMethod>,
 }
 
 /// The manifest written next to the images, and the failover state.
@@ -352,44 +355,51 @@ fn materialize_disk(
     let image = out.join(name);
     let tmp = out.join(format!(".{name}.materializing"));
     remove_if_present(&tmp)?;
-    let (replica, replica_format, size, applied) = {
-        // The applier waits while the replica is copied: the copy is one
-        // applied state. Replication itself (the journal) goes on.
-        let _paused = d.pause_apply();
-        let st = d.snapshot();
-        let format = Format::from_name(&st.replica_format).unwrap_or(Format::VhdDynamic);
-        materialize::snapshot(&st.replica_path, format, &tmp)?;
-        (st.replica_path, format, st.size, st.applied_seq)
-    };
+    let mut size = 0;
     let outcome = (|| {
+        let (replica_format, applied, method) = {
+            // The applier waits while the replica is copied: the copy is
+            // one applied state. Replication itself (the journal) goes on.
+            let _paused = d.pause_apply();
+            let st = d.snapshot();
+            size = st.size;
+            let format = Format::from_name(&st.replica_format).unwrap_or(Format::VhdDynamic);
+            let method = materialize::snapshot(&st.replica_path, format, &tmp)?;
+            (format, st.applied_seq, method)
+        };
         let rewound =
             materialize::rewind_file(&tmp, replica_format, &d.undo_dir(), Some(seq), applied)?;
         progress(&format!(
-            "{}: copied the replica, rewound {} sets ({} bytes restored, {} zeroed)",
+            "{}: replica {}, rewound {} sets ({} bytes restored, {} zeroed)",
             d.disk(),
+            match method {
+                materialize::CopyMethod::Reflink => "reflinked",
+                materialize::CopyMethod::Copy => "copied",
+            },
             rewound.sets,
             rewound.bytes_restored,
             rewound.bytes_zeroed
         ));
         let exported = materialize::export(&tmp, replica_format, format, &image, &mut |_, _| {})?;
-        Ok::<_, Error>((rewound, exported))
+        Ok::<_, Error>((rewound, exported, method))
     })();
-    let (rewound, exported) = match outcome {
+    let (rewound, exported, method) = match outcome {
         Ok(v) => v,
         Err(e) => {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
     };
-    let _ = replica;
-    disk_image(
+    let mut img = disk_image(
         d.disk(),
         size,
         format,
         &exported,
         checksums,
         rewound.bytes_restored + rewound.bytes_zeroed,
-    )
+    )?;
+    img.copy = Some(method);
+    Ok(img)
 }
 
 fn disk_image(
@@ -419,6 +429,7 @@ fn disk_image(
             None
         },
         rewound_bytes,
+        copy: None,
     })
 }
 

@@ -5,10 +5,11 @@
 //! overwrote. A point `P` is reached in three steps, none of which reads
 //! more than the replica file plus the undo recorded after `P`:
 //!
-//! 1. [`snapshot`]: copy the replica file (in-kernel `copy_file_range`
-//!    through `std::io::copy`; a raw replica's holes stay holes). The
-//!    caller holds the disk's apply gate meanwhile, so the copy is one
-//!    applied state `A`.
+//! 1. [`snapshot`]: copy the replica file: a reflink where the file
+//!    system shares blocks (XFS, btrfs: nothing moves), else in-kernel
+//!    `copy_file_range` through `std::io::copy` (a raw replica's holes stay
+//!    holes). The caller holds the disk's apply gate meanwhile, so the copy
+//!    is one applied state `A`.
 //! 2. [`rewind`]: walk the undo sets recorded after `P` (up to `A`) in
 //!    order and write each range's old bytes into the copy, the first set
 //!    to mention a byte winning: that set saw the byte as it was at `P`.
@@ -213,17 +214,51 @@ pub(crate) fn zero_allocated(
     Ok(())
 }
 
-/// Copy the replica file `replica` (of `format`) to the new file `dst`.
-/// Raw replicas are copied run by run so holes stay holes; image formats
-/// are copied whole. The copy is not synced (the caller syncs the final
-/// image once). Returns the bytes copied.
-pub fn snapshot(replica: &Path, format: Format, dst: &Path) -> Result<u64> {
+/// How [`snapshot`] copied the replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CopyMethod {
+    /// A reflink (`FICLONE`: XFS, btrfs): the copy shares the replica's
+    /// blocks until either is written; no data moves.
+    Reflink,
+    /// `copy_file_range` of the file (raw replicas: of each data run).
+    Copy,
+}
+
+/// Share `src`'s blocks with the empty file `dst` (FICLONE). `Ok(false)`
+/// when the file system cannot (ext4, another file system): the caller
+/// copies instead.
+fn reflink(src: &File, dst: &File) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: FICLONE takes the source descriptor as its argument and
+    // touches no memory of ours; both descriptors are open for the call.
+    let rc = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP | libc::EXDEV | libc::EINVAL | libc::ENOTTY | libc::EPERM) => {
+            Ok(false)
+        }
+        _ => Err(e),
+    }
+}
+
+/// Copy the replica file `replica` (of `format`) to the new file `dst`:
+/// a reflink where the file system shares blocks, else an in-kernel copy
+/// (raw replicas run by run, so holes stay holes; image formats whole).
+/// The copy is not synced (the caller syncs the final image once).
+pub fn snapshot(replica: &Path, format: Format, dst: &Path) -> Result<CopyMethod> {
     let mut src = File::open(replica).map_err(|e| Error::io("open replica", replica, e))?;
     let mut out = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(dst)
         .map_err(|e| Error::io("create snapshot", dst, e))?;
+    if reflink(&src, &out).map_err(|e| Error::io("reflink replica", dst, e))? {
+        return Ok(CopyMethod::Reflink);
+    }
     let len = src
         .metadata()
         .map_err(|e| Error::io("stat replica", replica, e))?
@@ -242,7 +277,6 @@ pub fn snapshot(replica: &Path, format: Format, dst: &Path) -> Result<u64> {
     };
     out.set_len(len)
         .map_err(|e| Error::io("size snapshot", dst, e))?;
-    let mut copied = 0;
     for (offset, length) in runs {
         src.seek(SeekFrom::Start(offset))
             .and_then(|_| out.seek(SeekFrom::Start(offset)))
@@ -257,9 +291,8 @@ pub fn snapshot(replica: &Path, format: Format, dst: &Path) -> Result<u64> {
                 std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "replica shrank"),
             ));
         }
-        copied += n;
     }
-    Ok(copied)
+    Ok(CopyMethod::Copy)
 }
 
 /// Open the snapshot `path` (of `format`) for writing and rewind it to

@@ -122,7 +122,9 @@ impl PointRig {
 
     /// Write, tag `name`, keep a copy of the backing file as it is at the tag.
     fn round(&mut self, name: &str, writes: &[(u64, u64, u8)]) {
-        qemu_io_writes(&self.filter.uri(DISK), writes);
+        if !writes.is_empty() {
+            qemu_io_writes(&self.filter.uri(DISK), writes);
+        }
         let tag = ferry_tests::ferry(["filter", "tag", name, "--state", s(&self.filter.state)]);
         expect_code(&tag, 0, "ferry filter tag");
         let copy = self.scratch.path(&format!("at-{name}.raw"));
@@ -956,4 +958,61 @@ fn retention_drops_history_older_than_the_window_and_keeps_every_point_inside() 
         "a pruned point cannot be chosen"
     );
     drop(sidecar);
+}
+
+#[test]
+fn a_target_killed_while_applying_keeps_every_point_exact() {
+    let mut rig = PointRig::up("fo-kill-target");
+    for i in 0..6u64 {
+        // 16 MiB of incompressible data a round, overlapping the previous
+        // round's, so that the target is busy applying when it dies.
+        let src = rig.scratch.path("random.bin");
+        std::fs::write(&src, ferry_tests::pattern(1000 + i, 16 << 20)).unwrap();
+        let out = run(
+            "qemu-io",
+            [
+                "-f",
+                "raw",
+                &rig.filter.uri(DISK),
+                "-c",
+                &format!("write -s {} {}M 16M", s(&src), i * 8),
+            ],
+        );
+        expect_code(&out, 0, "qemu-io write");
+        rig.round(&format!("k{i}"), &[]);
+        if i % 2 == 1 {
+            rig.site.target.kill9();
+            rig.site.target.restart();
+            rig.site.wait_listening();
+        }
+    }
+    wait_point(rig.data(), "k5");
+    let data = rig.data().to_path_buf();
+    let out = rig.scratch.path("dr");
+    for (n, (name, copy)) in rig.copies.iter().enumerate() {
+        let mut args = vec![
+            "failover",
+            "web01",
+            "--data",
+            s(&data),
+            "--point",
+            name,
+            "--format",
+            "raw",
+            "--out",
+            s(&out),
+            "--no-checksum",
+            "--json",
+        ];
+        if n > 0 {
+            args.push("--change-point");
+        }
+        let m = json_of(&ferry_tests::ferry(&args), "failover after target crashes");
+        assert_same(
+            copy,
+            Path::new(m["disks"][0]["file"].as_str().unwrap()),
+            "raw",
+            name,
+        );
+    }
 }
