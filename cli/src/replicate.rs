@@ -206,7 +206,9 @@ fn print_disk(st: &DiskStatus) {
         st.host,
         st.disk,
         human_bytes(st.size),
-        if st.connected {
+        if st.replication_stopped {
+            "failed over: replication stopped"
+        } else if st.connected {
             "sidecar connected"
         } else {
             "sidecar not connected"

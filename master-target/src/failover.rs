@@ -342,7 +342,12 @@ fn image_name(disk: &str, format: Format) -> String {
     format!("{disk}.{}", extension(format))
 }
 
-/// Materialize `disk` at `seq` as `out/NAME` in `format`.
+/// Materialize `disk` at `seq` as `out/NAME` in `format`: a copy of the
+/// replica rewound to the point, converted if `format` is not the
+/// replica's. With `direct` (the host's replication is stopped), another
+/// format is converted straight from a view of the replica at the point
+/// instead (one pass; the applier waits meanwhile).
+#[allow(clippy::too_many_arguments)]
 fn materialize_disk(
     d: &DiskHandle,
     seq: u64,
@@ -350,31 +355,38 @@ fn materialize_disk(
     out: &Path,
     name: &str,
     checksums: bool,
+    direct: bool,
     progress: Progress<'_>,
 ) -> Result<DiskImage> {
     let image = out.join(name);
     let tmp = out.join(format!(".{name}.materializing"));
     remove_if_present(&tmp)?;
+    if direct {
+        let replica_format = Format::from_name(&d.snapshot().replica_format);
+        if replica_format.is_some_and(|f| f != format) {
+            return materialize_through_view(d, seq, format, &image, &tmp, checksums, progress);
+        }
+    }
     let mut size = 0;
     let outcome = (|| {
-        let (replica_format, applied, method) = {
+        let (replica_format, applied, method, undo) = {
             // The applier waits while the replica is copied: the copy is
-            // one applied state. Replication itself (the journal) goes on.
+            // one applied state, and the undo copy holds every set up to
+            // it. Replication itself (the journal) goes on.
             let _paused = d.pause_apply();
             let st = d.snapshot();
             size = st.size;
             let format = Format::from_name(&st.replica_format).unwrap_or(Format::VhdDynamic);
             let method = materialize::snapshot(&st.replica_path, format, &tmp)?;
-            (format, st.applied_seq, method)
+            (format, st.applied_seq, method, d.undo_reader()?)
         };
-        let rewound =
-            materialize::rewind_file(&tmp, replica_format, &d.undo_dir(), Some(seq), applied)?;
+        let rewound = materialize::rewind_file(&tmp, replica_format, &undo, Some(seq), applied)?;
         progress(&format!(
             "{}: replica {}, rewound {} sets ({} bytes restored, {} zeroed)",
             d.disk(),
             match method {
                 materialize::CopyMethod::Reflink => "reflinked",
-                materialize::CopyMethod::Copy => "copied",
+                materialize::CopyMethod::Copy | materialize::CopyMethod::Converted => "copied",
             },
             rewound.sets,
             rewound.bytes_restored,
@@ -399,6 +411,44 @@ fn materialize_disk(
         rewound.bytes_restored + rewound.bytes_zeroed,
     )?;
     img.copy = Some(method);
+    Ok(img)
+}
+
+/// [`materialize_disk`] through a [`materialize::PointView`].
+fn materialize_through_view(
+    d: &DiskHandle,
+    seq: u64,
+    format: Format,
+    image: &Path,
+    overlay: &Path,
+    checksums: bool,
+    progress: Progress<'_>,
+) -> Result<DiskImage> {
+    let _paused = d.pause_apply();
+    let st = d.snapshot();
+    let replica = ferry_vhd::open(&st.replica_path, ferry_vhd::OpenOptions::read_only())
+        .map_err(|e| Error::image("open replica", e))?;
+    let undo = d.undo_reader()?;
+    let (mut view, rewound) =
+        materialize::PointView::new(replica, &undo, Some(seq), st.applied_seq, overlay)?;
+    progress(&format!(
+        "{}: converting the replica as it was at the point ({} sets, {} bytes restored, {} zeroed)",
+        d.disk(),
+        rewound.sets,
+        rewound.bytes_restored,
+        rewound.bytes_zeroed
+    ));
+    let exported = materialize::export_view(&mut view, format, image, &mut |_, _| {})?;
+    drop(view);
+    let mut img = disk_image(
+        d.disk(),
+        st.size,
+        format,
+        &exported,
+        checksums,
+        rewound.bytes_restored + rewound.bytes_zeroed,
+    )?;
+    img.copy = Some(materialize::CopyMethod::Converted);
     Ok(img)
 }
 
@@ -544,6 +594,7 @@ pub fn failover(site: &Site, req: &FailoverRequest, progress: Progress<'_>) -> R
             &req.out,
             &name,
             req.checksums,
+            true,
             progress,
         )?);
     }
@@ -663,6 +714,7 @@ pub fn test_failover(
             Format::VhdDynamic,
             out,
             &base_name,
+            false,
             false,
             progress,
         )?;

@@ -26,6 +26,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use ferry_vhd::convert::{self, Destination};
@@ -114,23 +115,26 @@ pub struct Rewound {
     pub bytes_zeroed: u64,
 }
 
-/// Rewind `image`, which holds the replica's state after applying
-/// `applied`, to the state after `point` (`None`: before the first set,
-/// the empty disk). `undo` must reach `point` ([`UndoLog::reaches`]);
-/// sets recorded after `applied` (appended after the snapshot was taken)
-/// are not read.
-pub fn rewind(
-    image: &mut dyn Image,
+/// Where [`walk_undo`] puts a range's old bytes: (offset, length, bytes or
+/// `None` for zeros).
+pub type Restore<'a> = &'a mut dyn FnMut(u64, u64, Option<&[u8]>) -> Result<()>;
+
+/// Walk the undo recorded after `point` (`None`: before the first set, the
+/// empty disk) up to `applied`, calling `restore(offset, bytes)` with the
+/// bytes a range held at `point` (`None`: zeros), each byte once: the first
+/// set to mention a byte saw it as it was at `point`. Sets recorded after
+/// `applied` (appended after a snapshot was taken) are not read.
+pub fn walk_undo(
     undo: &UndoLog,
     point: Option<u64>,
     applied: Option<u64>,
-) -> Result<Rewound> {
+    restore: Restore<'_>,
+) -> Result<(Rewound, Covered)> {
     let mut done = Rewound::default();
-    if point == applied {
-        return Ok(done);
-    }
     let mut covered = Covered::default();
-    let zeros = vec![0u8; ZERO_CHUNK];
+    if point == applied {
+        return Ok((done, covered));
+    }
     let mut last_set = None;
     for part in undo.parts_from(point)? {
         let part = part?;
@@ -154,13 +158,11 @@ pub fn rewind(
                             .and_then(|n| from.checked_add(n))
                             .and_then(|end| part.data.get(from..end))
                             .ok_or_else(|| bad_part(x.offset, "extent runs past its data"))?;
-                        image
-                            .write_at(piece, off)
-                            .map_err(|e| Error::image("rewind", e))?;
+                        restore(off, n, Some(piece))?;
                         done.bytes_restored += n;
                     }
                     UndoKind::Zeros => {
-                        zero_range(image, off, n, &zeros)?;
+                        restore(off, n, None)?;
                         done.bytes_zeroed += n;
                     }
                 }
@@ -171,8 +173,215 @@ pub fn rewind(
             }
         }
     }
+    Ok((done, covered))
+}
+
+/// Rewind `image`, which holds the replica's state after applying
+/// `applied`, to the state after `point` (see [`walk_undo`]).
+pub fn rewind(
+    image: &mut dyn Image,
+    undo: &UndoLog,
+    point: Option<u64>,
+    applied: Option<u64>,
+) -> Result<Rewound> {
+    let zeros = vec![0u8; ZERO_CHUNK];
+    let (done, _) = walk_undo(undo, point, applied, &mut |off, n, bytes| match bytes {
+        Some(b) => image
+            .write_at(b, off)
+            .map_err(|e| Error::image("rewind", e)),
+        None => zero_range(image, off, n, &zeros),
+    })?;
     image.flush().map_err(|e| Error::image("rewind", e))?;
     Ok(done)
+}
+
+/// The replica as it was at a point, read-only, without copying it: reads
+/// come from the replica except in the ranges written after the point,
+/// whose old bytes a sparse overlay file holds (zeros are its holes). The
+/// replica must not change while the view is read (hold the apply gate).
+#[derive(Debug)]
+pub struct PointView {
+    replica: Box<dyn Image>,
+    overlay: File,
+    covered: Covered,
+}
+
+impl PointView {
+    /// Build the view of `replica` (at `applied`) at `point`, the overlay
+    /// in the new file `overlay` (removed when the view is dropped).
+    pub fn new(
+        replica: Box<dyn Image>,
+        undo: &UndoLog,
+        point: Option<u64>,
+        applied: Option<u64>,
+        overlay: &Path,
+    ) -> Result<(PointView, Rewound)> {
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(overlay)
+            .map_err(|e| Error::io("create overlay", overlay, e))?;
+        // Unlinked at once: the descriptor keeps it for the view's life, and
+        // nothing is left behind whatever happens.
+        fs::remove_file(overlay).map_err(|e| Error::io("unlink overlay", overlay, e))?;
+        file.set_len(replica.size())
+            .map_err(|e| Error::io("size overlay", overlay, e))?;
+        let (done, covered) = walk_undo(undo, point, applied, &mut |off, _, bytes| {
+            match bytes {
+                Some(b) => file
+                    .write_all_at(b, off)
+                    .map_err(|e| Error::io("write overlay", overlay, e)),
+                None => Ok(()), // a hole reads as zeros
+            }
+        })?;
+        Ok((
+            PointView {
+                replica,
+                overlay: file,
+                covered,
+            },
+            done,
+        ))
+    }
+}
+
+fn read_only() -> ferry_vhd::Error {
+    ferry_vhd::Error::invalid("a point view is read-only".to_owned())
+}
+
+impl Image for PointView {
+    fn format(&self) -> Format {
+        self.replica.format()
+    }
+
+    fn path(&self) -> &Path {
+        self.replica.path()
+    }
+
+    fn size(&self) -> u64 {
+        self.replica.size()
+    }
+
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> ferry_vhd::Result<()> {
+        let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
+        let mut at = 0u64;
+        let gaps = self.covered.uncovered(offset, len);
+        let mut gaps = gaps.into_iter().peekable();
+        while at < len {
+            let pos = offset + at;
+            let (from_replica, n) = match gaps.peek() {
+                Some(&(g, gl)) if g == pos => {
+                    gaps.next();
+                    (true, gl)
+                }
+                Some(&(g, _)) => (false, g - pos),
+                None => (false, len - at),
+            };
+            let lo = usize::try_from(at).unwrap_or(usize::MAX);
+            let hi = usize::try_from(at + n).unwrap_or(usize::MAX);
+            let piece = &mut buf[lo..hi];
+            if from_replica {
+                self.replica.read_at(piece, pos)?;
+            } else {
+                self.overlay
+                    .read_exact_at(piece, pos)
+                    .map_err(|e| ferry_vhd::Error::io(e, "read overlay"))?;
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    fn write_at(&mut self, _buf: &[u8], _offset: u64) -> ferry_vhd::Result<()> {
+        Err(read_only())
+    }
+
+    fn flush(&mut self) -> ferry_vhd::Result<()> {
+        Ok(())
+    }
+
+    fn map(&mut self, offset: u64, length: u64) -> ferry_vhd::Result<Vec<ferry_vhd::Extent>> {
+        // A range restored from the overlay may hold data where the
+        // replica holds none: call it allocated (zeros read from it are
+        // skipped by the conversion anyway).
+        let mut out = Vec::new();
+        let end = offset.saturating_add(length);
+        let mut at = offset;
+        for (g, gl) in self.covered.uncovered(offset, length) {
+            if g > at {
+                ferry_vhd::image::push_extent(
+                    &mut out,
+                    ferry_vhd::Extent {
+                        offset: at,
+                        length: g - at,
+                        allocated: true,
+                    },
+                );
+            }
+            for x in self.replica.map(g, gl)? {
+                ferry_vhd::image::push_extent(&mut out, x);
+            }
+            at = g + gl;
+        }
+        if at < end {
+            ferry_vhd::image::push_extent(
+                &mut out,
+                ferry_vhd::Extent {
+                    offset: at,
+                    length: end - at,
+                    allocated: true,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    fn allocated_bytes(&mut self) -> ferry_vhd::Result<u64> {
+        Ok(self.replica.allocated_bytes()? + self.covered.bytes())
+    }
+
+    fn check(&mut self) -> ferry_vhd::Result<Vec<ferry_vhd::Problem>> {
+        Ok(Vec::new())
+    }
+}
+
+/// Convert `view` into the new image `out` of `format` (synced).
+pub fn export_view(
+    view: &mut PointView,
+    format: Format,
+    out: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Exported> {
+    if out.exists() {
+        return Err(Error::new(
+            crate::ErrorKind::InvalidInput,
+            "export",
+            "the image exists; ferry never overwrites an image",
+        )
+        .at_path(out));
+    }
+    let options = CreateOptions {
+        parent: None,
+        round: true,
+        sync: SyncPolicy::Deferred,
+    };
+    let mut dst = ferry_vhd::create(out, format, view.size(), &options)
+        .map_err(|e| Error::image("create image", e))?;
+    let exported = Exported {
+        path: out.to_path_buf(),
+        extra: dst.extra_files(),
+    };
+    let outcome = convert::convert(view, dst.as_mut(), Destination::Fresh, progress);
+    drop(dst);
+    if let Err(e) = outcome {
+        for f in exported.files() {
+            let _ = fs::remove_file(f);
+        }
+        return Err(Error::image("convert", e));
+    }
+    sync_parent(out)?;
+    Ok(exported)
 }
 
 fn bad_part(offset: u64, what: &str) -> Error {
@@ -223,6 +432,9 @@ pub enum CopyMethod {
     Reflink,
     /// `copy_file_range` of the file (raw replicas: of each data run).
     Copy,
+    /// No copy: converted into the asked format straight from the replica
+    /// read at the point ([`PointView`]).
+    Converted,
 }
 
 /// Share `src`'s blocks with the empty file `dst` (FICLONE). `Ok(false)`
@@ -296,19 +508,18 @@ pub fn snapshot(replica: &Path, format: Format, dst: &Path) -> Result<CopyMethod
 }
 
 /// Open the snapshot `path` (of `format`) for writing and rewind it to
-/// `point` with the undo log in `undo_dir` (opened read-only: the applier
-/// may be appending to it).
+/// `point` with `undo` (a read-only copy: the applier may be appending to
+/// the log meanwhile).
 pub fn rewind_file(
     path: &Path,
     format: Format,
-    undo_dir: &Path,
+    undo: &UndoLog,
     point: Option<u64>,
     applied: Option<u64>,
 ) -> Result<Rewound> {
     if point == applied {
         return Ok(Rewound::default());
     }
-    let undo = UndoLog::open_read_only(undo_dir)?;
     let mut image = ferry_vhd::open_as(
         path,
         format,
@@ -318,7 +529,7 @@ pub fn rewind_file(
         },
     )
     .map_err(|e| Error::image("open snapshot", e))?;
-    rewind(image.as_mut(), &undo, point, applied)
+    rewind(image.as_mut(), undo, point, applied)
 }
 
 /// The files an export wrote.
@@ -448,6 +659,85 @@ mod tests {
         assert!(c.uncovered(0, 100).is_empty());
         assert_eq!(c.bytes(), 100);
         assert_eq!(c.ranges.len(), 1);
+    }
+
+    /// A 1 MiB raw replica written by three sets, their undo recorded the
+    /// way the applier does; every point through a copy + rewind and
+    /// through a view + conversion gives the disk as it was.
+    #[test]
+    fn a_view_and_a_rewound_copy_agree_with_the_disk_at_every_point() {
+        use crate::undo::{SetInfo, UndoExtent, UndoOptions};
+        let t = crate::testutil::TempDir::new("materialize");
+        let replica = t.path().join("replica.img");
+        let size = 1u64 << 20;
+        let opts = CreateOptions::default();
+        drop(ferry_vhd::create(&replica, Format::Raw, size, &opts).unwrap());
+        let (mut undo, _) = UndoLog::open(&t.path().join("undo"), UndoOptions::default()).unwrap();
+        let mut disk = vec![0u8; 1 << 20];
+        let mut states = vec![(None, disk.clone())];
+        let writes: [&[(usize, usize, u8)]; 3] = [
+            &[(0, 8192, 1), (500_000, 100, 2)],
+            &[(4096, 8192, 3), (700_000, 4096, 4)],
+            &[(0, 4096, 0), (500_050, 100, 5), (1_040_000, 8576, 6)],
+        ];
+        let mut img = ferry_vhd::open(&replica, OpenOptions::read_write()).unwrap();
+        let mut applied = None;
+        for (i, set) in writes.iter().enumerate() {
+            let seq = u64::try_from(i + 1).unwrap() * 10;
+            let mut w = undo
+                .begin_set(SetInfo {
+                    epoch: 1,
+                    first_seq: seq - 5,
+                    last_seq: seq,
+                    prev_applied: applied,
+                    consistent_from: 1,
+                })
+                .unwrap();
+            let mut extents = Vec::new();
+            let mut old = Vec::new();
+            for &(off, len, _) in set.iter() {
+                let o = u64::try_from(off).unwrap();
+                let l = u64::try_from(len).unwrap();
+                extents.push(UndoExtent::data(o, l));
+                old.extend_from_slice(&disk[off..off + len]);
+            }
+            w.add_part(&extents, &old).unwrap();
+            w.finish().unwrap();
+            for &(off, len, byte) in set.iter() {
+                disk[off..off + len].fill(byte);
+                img.write_at(&disk[off..off + len], u64::try_from(off).unwrap())
+                    .unwrap();
+            }
+            applied = Some(seq);
+            states.push((applied, disk.clone()));
+        }
+        img.flush().unwrap();
+        drop(img);
+        let read_all = |img: &mut dyn Image| {
+            let mut buf = vec![0u8; 1 << 20];
+            img.read_at(&mut buf, 0).unwrap();
+            buf
+        };
+        for (n, (point, want)) in states.iter().enumerate() {
+            let copy = t.path().join(format!("copy-{n}.img"));
+            snapshot(&replica, Format::Raw, &copy).unwrap();
+            rewind_file(&copy, Format::Raw, &undo, *point, applied).unwrap();
+            let mut c = ferry_vhd::open(&copy, OpenOptions::read_only()).unwrap();
+            assert!(read_all(c.as_mut()) == *want, "rewound copy at {point:?}");
+
+            let base = ferry_vhd::open(&replica, OpenOptions::read_only()).unwrap();
+            let overlay = t.path().join(format!("overlay-{n}"));
+            let (mut view, _) = PointView::new(base, &undo, *point, applied, &overlay).unwrap();
+            assert!(!overlay.exists(), "the overlay is unlinked at once");
+            assert!(read_all(&mut view) == *want, "view at {point:?}");
+            let mut piece = vec![0u8; 300];
+            view.read_at(&mut piece, 499_990).unwrap();
+            assert_eq!(piece[..], want[499_990..500_290]);
+            let out = t.path().join(format!("out-{n}.vhd"));
+            export_view(&mut view, Format::VhdDynamic, &out, &mut |_, _| {}).unwrap();
+            let mut o = ferry_vhd::open(&out, OpenOptions::read_only()).unwrap();
+            assert!(read_all(o.as_mut()) == *want, "converted view at {point:?}");
+        }
     }
 
     proptest::proptest! {

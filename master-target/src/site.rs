@@ -173,6 +173,9 @@ pub struct DiskStatus {
     pub points: PointSummary,
     /// Whether a sidecar is connected for this disk.
     pub connected: bool,
+    /// Replication is stopped: the host was failed over.
+    #[serde(default)]
+    pub replication_stopped: bool,
     /// When this status was written (UNIX ns).
     pub updated_ns: u64,
 }
@@ -384,6 +387,8 @@ impl DiskHandle {
     pub fn stop_replication(&self) {
         self.stopped.store(true, Ordering::SeqCst);
         drop(self.journal());
+        self.status().replication_stopped = true;
+        self.write_status();
     }
 
     /// Whether replication is stopped.
@@ -400,6 +405,12 @@ impl DiskHandle {
     /// The disk's undo log directory (see [`crate::undo`]).
     pub fn undo_dir(&self) -> PathBuf {
         self.dir.join(UNDO_DIR)
+    }
+
+    /// A read-only copy of the undo log as it is now (reads go on while
+    /// the applier appends and prunes).
+    pub fn undo_reader(&self) -> Result<crate::undo::UndoLog> {
+        self.undo.lock().expect("undo lock").read_only_clone()
     }
 
     /// The disk's recovery points file.
@@ -775,7 +786,10 @@ impl Site {
                 reason: "no change set applied yet (initial copy pending)".into(),
             },
         };
+        // A failed-over host's disks stay stopped across restarts.
+        let stopped = crate::failover::is_failed_over(&self.dir, host);
         let status = DiskStatus {
+            replication_stopped: stopped,
             host: host.to_owned(),
             disk: disk.to_owned(),
             size,
@@ -817,7 +831,7 @@ impl Site {
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
             gate: Mutex::new(()),
-            stopped: AtomicBool::new(false),
+            stopped: AtomicBool::new(stopped),
             undo: Mutex::new(undo),
         });
         let h = Arc::clone(&handle);

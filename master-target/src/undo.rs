@@ -110,9 +110,15 @@
 //! * Recovery ([`UndoLog::open`]) validates every segment header and record
 //!   (magic, version, flags, lengths bounded by the file size before
 //!   anything is allocated, crc32c, extent kinds and bounds, data length
-//!   sums, decompressed length with an allocation bound of
-//!   [`MAX_PART_DATA`], consecutive part numbers with identical header
-//!   fields, the chain rules between sets, contiguous segment numbers).
+//!   sums, the stored data length: equal to `raw_data_len` for raw data,
+//!   positive and smaller than it for a zstd frame, which the writer stores
+//!   only where it is smaller; consecutive part numbers with identical
+//!   header fields, the chain rules between sets, contiguous segment
+//!   numbers). It does not decompress: a frame that does not decompress to
+//!   exactly `raw_data_len` bytes (checked, with an allocation bound of
+//!   [`MAX_PART_DATA`], when the part is read by [`UndoLog::parts_from`])
+//!   is [`ErrorKind::Corrupt`] at read time (the crc32c covers the frame,
+//!   so only a frame written damaged gets that far).
 //!   In the last segment, a bad record is a torn tail when no valid record
 //!   of a later set follows it: after it only the set being written at
 //!   that point (the set the bad record is part of) may have valid
@@ -139,8 +145,15 @@
 //! * After a failed write, sync or truncation the log refuses further sets;
 //!   reopen it (recovery decides what is durable).
 //!
-//! Opening reads, checks and decompresses the whole log (one record at a
-//! time): its cost grows with the history held.
+//! Opening reads and checksums the whole log (one record at a time; that is
+//! how a torn tail is found) but decompresses nothing: its cost grows with
+//! the bytes of history held, not with their decompression. Decompression
+//! happens when parts are read.
+//!
+//! [`UndoLog::read_only_clone`] gives another thread a read-only copy of an
+//! open log without rescanning: the index as of the clone, with its own
+//! descriptor for every segment file (a segment the original prunes later
+//! stays readable through the clone).
 //!
 //! [`UndoLog::open_read_only`] applies the same validation but never
 //! modifies anything: a torn or incomplete tail is ignored (another process
@@ -441,6 +454,10 @@ struct Segment {
     len: u64,
     /// Complete sets in it.
     sets: usize,
+    /// A descriptor held open for reading (a [`UndoLog::read_only_clone`]'s
+    /// segments, readable even after the file is deleted); `None`: readers
+    /// open the file by path.
+    reader: Option<File>,
 }
 
 /// Lazily made zstd contexts (they are not `Debug`).
@@ -651,12 +668,18 @@ fn decode_rec_head(h: &[u8]) -> std::result::Result<RecHead, String> {
     })
 }
 
-/// A fully validated record.
+/// A record whose every structural field is validated (checksum, extents,
+/// lengths); its data is still as stored: one zstd frame, not yet
+/// decompressed, if [`REC_FLAG_COMPRESSED`] (see [`Record::into_part`]).
 #[derive(Debug)]
 struct Record {
     head: RecHead,
     extents: Vec<UndoExtent>,
-    data: Vec<u8>,
+    /// The whole body; the stored data starts at `data_at`.
+    body: Vec<u8>,
+    data_at: usize,
+    /// The data's raw length (at most [`MAX_PART_DATA`]).
+    raw_len: u64,
 }
 
 impl Record {
@@ -667,6 +690,52 @@ impl Record {
     fn last(&self) -> bool {
         self.head.flags & REC_FLAG_LAST != 0
     }
+
+    fn compressed(&self) -> bool {
+        self.head.flags & REC_FLAG_COMPRESSED != 0
+    }
+
+    /// The part the record holds, its data decompressed (the allocation
+    /// bounded by `raw_len`, at most [`MAX_PART_DATA`]). I/O-like failures
+    /// (no zstd context) are errors; a frame that does not decompress to
+    /// exactly `raw_len` bytes is `Ok(Err(why))`.
+    fn into_part(self, zstd: &mut Zstd) -> Result<std::result::Result<UndoPart, String>> {
+        let last = self.last();
+        let data = if self.compressed() {
+            if self.raw_len > u64_len(MAX_PART_DATA) {
+                return Ok(Err(format!(
+                    "raw data length {}, at most {MAX_PART_DATA}",
+                    self.raw_len
+                )));
+            }
+            let mut out = vec![0u8; usize_len(self.raw_len)];
+            let stored = &self.body[self.data_at..];
+            match zstd
+                .decompressor()?
+                .decompress_to_buffer(stored, &mut out[..])
+            {
+                Ok(n) if u64_len(n) == self.raw_len => out,
+                Ok(n) => {
+                    return Ok(Err(format!(
+                        "data decompressed to {n} bytes, expected {}",
+                        self.raw_len
+                    )))
+                }
+                Err(e) => return Ok(Err(format!("data does not decompress: {e}"))),
+            }
+        } else {
+            let mut body = self.body;
+            body.drain(..self.data_at);
+            body
+        };
+        Ok(Ok(UndoPart {
+            set: self.head.info,
+            part: self.head.part,
+            last,
+            extents: self.extents,
+            data,
+        }))
+    }
 }
 
 /// Outcome of parsing one record.
@@ -675,16 +744,16 @@ enum RecParse {
     Bad(String),
 }
 
-/// Parse and fully validate the record at `off` of segment `segno`, which
-/// must end by `limit` (at most the file length). I/O errors are errors;
-/// every format defect is `RecParse::Bad`.
+/// Parse and validate the record at `off` of segment `segno`, which must
+/// end by `limit` (at most the file length): everything but the
+/// decompression of its data (see [`Record::into_part`]). I/O errors are
+/// errors; every format defect is `RecParse::Bad`.
 fn parse_record(
     file: &File,
     path: &Path,
     segno: u64,
     off: u64,
     limit: u64,
-    zstd: &mut Zstd,
     op: &'static str,
 ) -> Result<RecParse> {
     let avail = limit.saturating_sub(off);
@@ -732,7 +801,7 @@ fn parse_record(
     if record_crc(segno, off, &rec) != le_u32(&rec, REC_OFF_CRC) {
         return Ok(RecParse::Bad("record checksum mismatch".into()));
     }
-    let mut body = rec.split_off(usize_len(REC_HEADER_LEN));
+    let body = rec.split_off(usize_len(REC_HEADER_LEN));
     let mut extents = Vec::with_capacity(usize_len(u64::from(head.extent_count)));
     let mut data_sum = 0u64;
     for (i, e) in body[..usize_len(ext_bytes)]
@@ -777,35 +846,26 @@ fn parse_record(
         )));
     }
     let stored_len = body_len - data_at;
-    let data = if head.flags & REC_FLAG_COMPRESSED != 0 {
-        // Allocation bounded by MAX_PART_DATA (checked above).
-        let mut out = vec![0u8; usize_len(raw_len)];
-        let stored = &body[usize_len(data_at)..];
-        match zstd
-            .decompressor()?
-            .decompress_to_buffer(stored, &mut out[..])
-        {
-            Ok(n) if u64_len(n) == raw_len => out,
-            Ok(n) => {
-                return Ok(RecParse::Bad(format!(
-                    "data decompressed to {n} bytes, expected {raw_len}"
-                )))
-            }
-            Err(e) => return Ok(RecParse::Bad(format!("data does not decompress: {e}"))),
-        }
-    } else {
-        if stored_len != raw_len {
+    if head.flags & REC_FLAG_COMPRESSED != 0 {
+        // Checked without decompressing: the writer stores a frame only
+        // where it is smaller than the raw data (and never an empty one).
+        if stored_len == 0 || stored_len >= raw_len {
             return Ok(RecParse::Bad(format!(
-                "{stored_len} raw data bytes stored, expected {raw_len}"
+                "{stored_len} compressed data bytes stored for {raw_len} raw bytes \
+                 (a frame is stored only where it is smaller)"
             )));
         }
-        body.drain(..usize_len(data_at));
-        body
-    };
+    } else if stored_len != raw_len {
+        return Ok(RecParse::Bad(format!(
+            "{stored_len} raw data bytes stored, expected {raw_len}"
+        )));
+    }
     Ok(RecParse::Ok(Box::new(Record {
         head,
         extents,
-        data,
+        body,
+        data_at: usize_len(data_at),
+        raw_len,
     })))
 }
 
@@ -931,6 +991,7 @@ fn create_segment(dir: &Path, segno: u64) -> Result<(Segment, File)> {
             path,
             len: SEG_HEADER_LEN,
             sets: 0,
+            reader: None,
         },
         file,
     ))
@@ -1076,6 +1137,7 @@ impl UndoLog {
                 path,
                 len: scan.valid_len,
                 sets: scan.sets,
+                reader: None,
             });
             if writable {
                 log.active = Some(file);
@@ -1105,7 +1167,7 @@ impl UndoLog {
         let mut sets = 0usize;
         let mut pending: Option<InProgress> = None;
         while off < file_len {
-            match parse_record(file, path, segno, off, file_len, &mut self.zstd, "open")? {
+            match parse_record(file, path, segno, off, file_len, "open")? {
                 RecParse::Ok(r) => {
                     let corrupt = |m: String| Error::corrupt("open", path, off, m);
                     match &mut pending {
@@ -1223,7 +1285,7 @@ impl UndoLog {
     /// record of an older set cannot have been written there, and skipping
     /// them on their header alone keeps the scan cheap.
     fn later_record(
-        &mut self,
+        &self,
         file: &File,
         path: &Path,
         segno: u64,
@@ -1250,9 +1312,7 @@ impl UndoLog {
             if after.is_some_and(|a| head.info.first_seq <= a) {
                 return Ok(None);
             }
-            let RecParse::Ok(r) =
-                parse_record(file, path, segno, cand, file_len, &mut self.zstd, "open")?
-            else {
+            let RecParse::Ok(r) = parse_record(file, path, segno, cand, file_len, "open")? else {
                 return Ok(None);
             };
             match cur {
@@ -1286,7 +1346,8 @@ impl UndoLog {
         &self.dir
     }
 
-    /// Opened with [`UndoLog::open_read_only`].
+    /// Opened with [`UndoLog::open_read_only`], or made by
+    /// [`UndoLog::read_only_clone`].
     pub fn is_read_only(&self) -> bool {
         self.read_only
     }
@@ -1357,6 +1418,58 @@ impl UndoLog {
         self.segments.iter().map(|s| s.segno).collect()
     }
 
+    /// The segment numbered `segno`, if held.
+    fn segment(&self, segno: u64) -> Option<&Segment> {
+        self.segments
+            .binary_search_by_key(&segno, |g| g.segno)
+            .ok()
+            .map(|i| &self.segments[i])
+    }
+
+    /// A read-only copy of this log, for readers elsewhere (another thread,
+    /// while this one goes on appending and pruning). It shares nothing
+    /// mutable with `self`: it copies the index of complete sets and
+    /// segments (no rescanning) and opens its own descriptor for every
+    /// segment file now, so a segment `self` deletes later (pruning,
+    /// [`UndoLog::clear`]) stays readable through it (on Linux: an open
+    /// file outlives its name). A clone of a clone duplicates the
+    /// descriptors it holds (only positional reads are used, so the shared
+    /// file offset never matters). Its [`UndoLog::parts_from`],
+    /// [`UndoLog::reaches`], [`UndoLog::boundaries`], [`UndoLog::floor`],
+    /// [`UndoLog::last_set`] etc. answer from the index as of the clone;
+    /// its reads still verify every record. Like
+    /// [`UndoLog::open_read_only`], [`UndoLog::is_read_only`] is true and
+    /// writing through it is [`ErrorKind::InvalidInput`]. A segment file
+    /// that cannot be opened is an [`ErrorKind::Io`] error.
+    pub fn read_only_clone(&self) -> Result<UndoLog> {
+        const OP: &str = "clone undo log";
+        let mut segments = Vec::with_capacity(self.segments.len());
+        for g in &self.segments {
+            let reader = match &g.reader {
+                Some(f) => f.try_clone(),
+                None => File::open(&g.path),
+            }
+            .map_err(|e| Error::io(OP, &g.path, e))?;
+            segments.push(Segment {
+                segno: g.segno,
+                path: g.path.clone(),
+                len: g.len,
+                sets: g.sets,
+                reader: Some(reader),
+            });
+        }
+        Ok(UndoLog {
+            dir: self.dir.clone(),
+            opts: self.opts,
+            read_only: true,
+            segments,
+            sets: self.sets.clone(),
+            active: None,
+            poisoned: false,
+            zstd: Zstd::default(),
+        })
+    }
+
     /// Index of the set whose `prev_applied` is `point` (they strictly
     /// increase along the log, `None` first).
     fn find(&self, point: Option<u64>) -> Option<usize> {
@@ -1369,9 +1482,12 @@ impl UndoLog {
     /// `prev_applied == point` (`None`: the set that starts from the empty
     /// disk) to the end of the log: what rewinding the replica to `point`
     /// reads (first writer wins, see the module docs). Each record is
-    /// re-read with positional reads and re-verified; a defect ends the
-    /// iteration with an error. [`ErrorKind::InvalidInput`] when no set
-    /// starts at `point`.
+    /// re-read with positional reads, re-verified and its data
+    /// decompressed here (opening does not decompress); a defect, such as a
+    /// zstd frame that does not decompress to exactly its recorded length,
+    /// ends the iteration with an [`ErrorKind::Corrupt`] error naming the
+    /// segment path and record offset. [`ErrorKind::InvalidInput`] when no
+    /// set starts at `point`.
     pub fn parts_from(&self, point: Option<u64>) -> Result<UndoParts<'_>> {
         let Some(i) = self.find(point) else {
             let show =
@@ -1700,24 +1816,22 @@ impl UndoParts<'_> {
                 continue;
             }
             let path = self.log.dir.join(seg_name(s.segno));
-            if self.file.as_ref().is_none_or(|(n, _)| *n != s.segno) {
-                match File::open(&path) {
-                    Ok(f) => self.file = Some((s.segno, f)),
-                    Err(e) => return Some(Err(Error::io("read undo", &path, e))),
+            let held = self.log.segment(s.segno).and_then(|g| g.reader.as_ref());
+            let file = match held {
+                Some(f) => f,
+                None => {
+                    if self.file.as_ref().is_none_or(|(n, _)| *n != s.segno) {
+                        match File::open(&path) {
+                            Ok(f) => self.file = Some((s.segno, f)),
+                            Err(e) => return Some(Err(Error::io("read undo", &path, e))),
+                        }
+                    }
+                    &self.file.as_ref()?.1
                 }
-            }
-            let (_, file) = self.file.as_ref()?;
+            };
             let off = self.off;
             let corrupt = |m: String| Error::corrupt("read undo", &path, off, m);
-            let r = match parse_record(
-                file,
-                &path,
-                s.segno,
-                off,
-                s.end,
-                &mut self.zstd,
-                "read undo",
-            ) {
+            let r = match parse_record(file, &path, s.segno, off, s.end, "read undo") {
                 Ok(RecParse::Ok(r)) => r,
                 Ok(RecParse::Bad(why)) => return Some(Err(corrupt(why))),
                 Err(e) => return Some(Err(e)),
@@ -1734,20 +1848,16 @@ impl UndoParts<'_> {
                     self.part
                 ))));
             }
-            self.off += r.len();
+            let len = r.len();
+            // Decompression happens here, not at open.
+            let part = match r.into_part(&mut self.zstd) {
+                Ok(Ok(p)) => p,
+                Ok(Err(why)) => return Some(Err(corrupt(why))),
+                Err(e) => return Some(Err(e.at_path(&path).at_offset(off))),
+            };
+            self.off += len;
             self.part += 1;
-            let Record {
-                head,
-                extents,
-                data,
-            } = *r;
-            return Some(Ok(UndoPart {
-                set: head.info,
-                part: head.part,
-                last: head.flags & REC_FLAG_LAST != 0,
-                extents,
-                data,
-            }));
+            return Some(Ok(part));
         }
     }
 }
@@ -2446,6 +2556,183 @@ mod tests {
         let (log, rec) = UndoLog::open(td.path(), opts).unwrap();
         assert_eq!((rec.sets, rec.segments), (1, 1));
         assert_eq!(log.floor(), Some(Some(5000)));
+    }
+
+    /// Change the record at `off` of segment `segno` in `path` with `f`
+    /// (given the whole record) and give it a valid checksum again.
+    fn patch_record(path: &Path, segno: u64, off: u64, f: impl FnOnce(&mut [u8])) {
+        let mut b = fs::read(path).unwrap();
+        let o = usize_len(off);
+        let len =
+            usize_len(REC_HEADER_LEN) + usize_len(u64::from(le_u32(&b, o + REC_OFF_BODY_LEN)));
+        let rec = &mut b[o..o + len];
+        f(rec);
+        let crc = record_crc(segno, off, rec);
+        put_bytes(rec, REC_OFF_CRC, &crc.to_le_bytes());
+        fs::write(path, b).unwrap();
+    }
+
+    #[test]
+    fn damaged_zstd_frame_opens_and_fails_at_read() {
+        let td = TempDir::new("undo-frame");
+        let src = td.path().join("src");
+        let (mut log, _) = UndoLog::open(&src, UndoOptions::default()).unwrap();
+        let sets: Vec<(SetInfo, Vec<Part>)> = vec![
+            (
+                info(0),
+                vec![(vec![UndoExtent::data(0, 4096)], bytes(1, 4096, true))],
+            ),
+            (
+                info(1),
+                vec![(vec![UndoExtent::data(0, 500)], bytes(2, 500, false))],
+            ),
+            (info(2), vec![]),
+        ];
+        for (i, p) in &sets {
+            write_set(&mut log, *i, p);
+        }
+        let o0 = record_offsets(&log, 0);
+        let o1 = record_offsets(&log, 1);
+        assert_eq!((o0.len(), o1.len()), (1, 1));
+        let (o0, o1) = (o0[0], o1[0]);
+        drop(log);
+        let b = fs::read(seg_path(&src, 0)).unwrap();
+        let flags = |o: u64| le_u16(&b, usize_len(o) + REC_OFF_FLAGS);
+        assert_ne!(flags(o0) & REC_FLAG_COMPRESSED, 0, "set 0 is compressed");
+        assert_eq!(flags(o1) & REC_FLAG_COMPRESSED, 0, "set 1 is raw");
+        // The record's raw_data_len field and its stored data.
+        let raw_at = usize_len(REC_HEADER_LEN + EXTENT_LEN);
+        let data_at = raw_at + usize_len(RAW_LEN_FIELD_LEN);
+
+        // A damaged frame (bad zstd magic), or one that decompresses to
+        // fewer bytes than recorded: both pass the checksum, so the log
+        // opens, and both fail when the part is read.
+        let bad_magic = |r: &mut [u8]| r[data_at] ^= 0xff;
+        let longer = |r: &mut [u8]| {
+            let ext = usize_len(REC_HEADER_LEN);
+            let l = le_u64(r, ext + EXT_OFF_LENGTH) + 1;
+            put_bytes(r, ext + EXT_OFF_LENGTH, &l.to_le_bytes());
+            let n = le_u64(r, raw_at) + 1;
+            put_bytes(r, raw_at, &n.to_le_bytes());
+        };
+        type Patch<'a> = &'a dyn Fn(&mut [u8]);
+        let cases: [(&str, Patch<'_>); 2] = [("magic", &bad_magic), ("length", &longer)];
+        for (name, patch) in cases {
+            let work = td.path().join(name);
+            copy_dir(&src, &work);
+            let p = seg_path(&work, 0);
+            patch_record(&p, 0, o0, patch);
+            let (rw, rec) = UndoLog::open(&work, UndoOptions::default()).unwrap();
+            assert_eq!((rec.torn_tail, rec.sets), (None, 3), "{name}");
+            let ro = UndoLog::open_read_only(&work).unwrap();
+            for log in [&rw, &ro] {
+                assert_eq!(log.sets(), 3);
+                // Sets after the damaged one read fine.
+                let want: Vec<UndoPart> = sets[1..]
+                    .iter()
+                    .flat_map(|(i, p)| expected(*i, p))
+                    .collect();
+                assert_eq!(read_all(log, Some(10)), want, "{name}");
+                let mut it = log.parts_from(None).unwrap();
+                let e = it.next().unwrap().unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::Corrupt, "{name}: {e}");
+                assert_eq!(e.path(), Some(p.as_path()), "{name}");
+                assert_eq!(e.offset(), Some(o0), "{name}: {e}");
+                assert!(it.next().is_none(), "{name}");
+            }
+        }
+
+        // A raw record marked compressed (stored length == raw length) is
+        // caught at open without decompressing: a middle set followed by
+        // a valid one is corrupt.
+        let work = td.path().join("flag");
+        copy_dir(&src, &work);
+        let p = seg_path(&work, 0);
+        patch_record(&p, 0, o1, |r| {
+            let f = le_u16(r, REC_OFF_FLAGS) | REC_FLAG_COMPRESSED;
+            put_bytes(r, REC_OFF_FLAGS, &f.to_le_bytes());
+        });
+        for ro in [true, false] {
+            let e = if ro {
+                UndoLog::open_read_only(&work).unwrap_err()
+            } else {
+                UndoLog::open(&work, UndoOptions::default())
+                    .map(|_| ())
+                    .unwrap_err()
+            };
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+            assert_eq!(e.path(), Some(p.as_path()));
+            assert_eq!(e.offset(), Some(o1), "{e}");
+        }
+    }
+
+    #[test]
+    fn read_only_clone_survives_append_and_prune() {
+        let td = TempDir::new("undo-clone");
+        let opts = UndoOptions { segment_size: 700 };
+        let (mut log, _) = UndoLog::open(td.path(), opts).unwrap();
+        let all: Vec<(SetInfo, Vec<Part>)> = (0..12u64)
+            .map(|i| {
+                let n = usize_len(100 + 97 * (i % 4));
+                let p: Vec<Part> = (0..(i % 3) + 1)
+                    .map(|k| {
+                        (
+                            vec![
+                                UndoExtent::data(k * 1000, u64_len(n)),
+                                UndoExtent::zeros(k * 1000 + 900, 50),
+                            ],
+                            bytes(i * 10 + k, n, (i + k) % 2 == 0),
+                        )
+                    })
+                    .collect();
+                (info(i), p)
+            })
+            .collect();
+        for (i, p) in &all[..6] {
+            write_set(&mut log, *i, p);
+        }
+        let old_segs = log.segment_numbers();
+        assert!(old_segs.len() >= 3, "{old_segs:?}");
+        let clone = log.read_only_clone().unwrap();
+        assert!(clone.is_read_only() && !log.is_read_only());
+
+        // The original goes on: more sets, then everything old pruned.
+        for (i, p) in &all[6..] {
+            write_set(&mut log, *i, p);
+        }
+        log.prune_before(1000).unwrap();
+        assert_eq!(log.segment_count(), 1);
+        for n in &old_segs {
+            assert!(!seg_path(td.path(), *n).exists(), "segment {n} pruned");
+        }
+        let first = usize_len((log.first_set().unwrap().first_seq - 1) / 10);
+        check_reads(&log, &all[first..]);
+
+        // The clone answers as of the clone, from its own descriptors.
+        assert_eq!(clone.sets(), 6);
+        assert_eq!(clone.segment_numbers(), old_segs);
+        assert_eq!(clone.floor(), Some(None));
+        assert_eq!(clone.first_set(), Some(info(0)));
+        assert_eq!(clone.last_set(), Some(info(5)));
+        assert!(clone.reaches(10) && clone.reaches(50) && !clone.reaches(60));
+        assert_eq!(clone.boundaries(), (1..6).map(|i| 10 * i).collect());
+        check_reads(&clone, &all[..6]);
+        // A clone of the clone still reads the deleted files.
+        let clone2 = clone.read_only_clone().unwrap();
+        assert!(clone2.is_read_only());
+        check_reads(&clone2, &all[..6]);
+        // Writing through it is refused.
+        let mut c = clone2;
+        let inv = |e: Error| assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        inv(c.begin_set(info(12)).map(|_| ()).unwrap_err());
+        inv(c.prune_before(1000).unwrap_err());
+        inv(c.clear().unwrap_err());
+        // And it reads from another thread.
+        let want: Vec<UndoPart> = all[..6].iter().flat_map(|(i, p)| expected(*i, p)).collect();
+        let got = std::thread::spawn(move || read_all(&clone, clone.floor().unwrap()))
+            .join()
+            .unwrap();
+        assert_eq!(got, want);
     }
 
     // ---- model-based property test ----
