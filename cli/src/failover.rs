@@ -11,14 +11,7 @@ use clap::{Args, Subcommand};
 use ferry_master_target::control::{self, Request};
 use ferry_master_target::daemon;
 use ferry_master_target::failover::{Manifest, TestFailover};
-use ferry_master_target::site::{Site, SiteOptions};
-
-/// Where the credentials are when the data directory does not say.
-fn credentials_of(data: &Path, given: Option<&Path>) -> Option<PathBuf> {
-    given
-        .map(Path::to_path_buf)
-        .or_else(|| daemon::recorded_credentials(data))
-}
+use ferry_master_target::site::Site;
 
 /// Run `req` in the target that owns `data`, or here if none runs.
 fn run(data: &Path, credentials: Option<&Path>, req: &Request) -> Result<serde_json::Value> {
@@ -28,7 +21,8 @@ fn run(data: &Path, credentials: Option<&Path>, req: &Request) -> Result<serde_j
     }
     if daemon::is_running(data) {
         bail!(
-            "a ferry target runs on {} but its control socket does not answer",
+            "a ferry target runs on {} but its control socket does not answer \
+             (see its log; stop it to run this verb without it)",
             data.display()
         );
     }
@@ -36,10 +30,13 @@ fn run(data: &Path, credentials: Option<&Path>, req: &Request) -> Result<serde_j
         bail!("{} is not a target data directory", data.display());
     }
     let _lock = daemon::lock_data_dir(data)?;
-    let creds = credentials_of(data, credentials);
+    // The options the target ran with: its appliers run here meanwhile
+    // (retention included).
+    let (recorded, options) = daemon::recorded_target(data);
+    let creds = credentials.map(Path::to_path_buf).or(recorded);
     let site = Site::new(
         data,
-        SiteOptions::default(),
+        options,
         Box::new(move |host, disk| match &creds {
             Some(c) => {
                 ferry_protocol::credentials::data_key(c, host, disk).map_err(|e| e.to_string())

@@ -47,16 +47,24 @@ pub fn utc(ns: u64) -> String {
     )
 }
 
-/// Parse `YYYY-MM-DD[ T]HH:MM[:SS[.fraction]][Z]` (UTC) into UNIX
-/// nanoseconds; `None` if it is not such a time.
+/// Parse `YYYY-MM-DD[[ T]HH:MM[:SS[.fraction]]][Z]` (UTC; a date alone
+/// is its midnight) into UNIX nanoseconds; `None` if it is not such a time
+/// (years 1970 to 9999).
 pub fn parse_utc(text: &str) -> Option<u64> {
     let text = text.trim().trim_end_matches('Z');
-    let (date, time) = text.split_once(['T', ' '])?;
+    let (date, time) = match text.split_once(['T', ' ']) {
+        Some((d, t)) => (d, t),
+        None => (text, "00:00"),
+    };
     let mut date = date.split('-');
     let y: i64 = date.next()?.parse().ok()?;
     let m: u32 = date.next()?.parse().ok()?;
     let d: u32 = date.next()?.parse().ok()?;
-    if date.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&d) || y < 1970 {
+    if date.next().is_some()
+        || !(1..=12).contains(&m)
+        || !(1..=31).contains(&d)
+        || !(1970..=9999).contains(&y)
+    {
         return None;
     }
     let (hms, frac) = match time.split_once('.') {
@@ -113,12 +121,15 @@ mod tests {
             parse_utc("2026-11-26 05:15"),
             Some(1_795_670_100_000_000_000)
         );
+        assert_eq!(parse_utc("2026-11-26"), Some(1_795_651_200_000_000_000));
         for bad in [
             "latest",
             "2026-13-01 00:00",
-            "2026-11-26",
             "2026-11-26 25:00",
             "x y",
+            "30000000000000000-01-01 00:00",
+            "10000-01-01",
+            "before-upgrade",
         ] {
             assert_eq!(parse_utc(bad), None, "{bad}");
         }

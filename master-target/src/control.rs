@@ -110,6 +110,13 @@ pub fn execute(
         p.parse::<PointSpec>()
             .map_err(|e| invalid("parse point", e))
     };
+    let host = match req {
+        Request::Failover { host, .. }
+        | Request::Commit { host }
+        | Request::TestFailover { host, .. }
+        | Request::TestFailoverCleanup { host } => host,
+    };
+    let _one_at_a_time = site.host_operation(host)?;
     match req {
         Request::Failover {
             host,

@@ -112,18 +112,34 @@ fn absolute(p: &Path) -> PathBuf {
     std::env::current_dir().map_or_else(|_| p.to_path_buf(), |d| d.join(p))
 }
 
-fn record_credentials(data: &Path, credentials: &Path) {
-    let value = serde_json::json!({ "credentials": credentials });
+fn record_target(data: &Path, credentials: &Path, options: &SiteOptions) {
+    let value = serde_json::json!({
+        "credentials": credentials,
+        "retention_secs": options.retention.as_secs(),
+        "history_segment_size": options.history_segment_size,
+    });
     if let Err(e) = crate::site::write_json_atomically(&data.join(TARGET_FILE), &value, true) {
         tracing::warn!(error = %e, "cannot record the credentials directory");
     }
 }
 
-/// The credentials directory the target last ran with, if recorded.
-pub fn recorded_credentials(data: &Path) -> Option<PathBuf> {
-    let text = std::fs::read(data.join(TARGET_FILE)).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
-    v["credentials"].as_str().map(PathBuf::from)
+/// The credentials directory and site options the target last ran with,
+/// as far as recorded (defaults otherwise).
+pub fn recorded_target(data: &Path) -> (Option<PathBuf>, SiteOptions) {
+    let mut options = SiteOptions::default();
+    let Some(v) = std::fs::read(data.join(TARGET_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+    else {
+        return (None, options);
+    };
+    if let Some(r) = v["retention_secs"].as_u64().filter(|&r| r > 0) {
+        options.retention = Duration::from_secs(r);
+    }
+    if let Some(n) = v["history_segment_size"].as_u64().filter(|&n| n > 0) {
+        options.history_segment_size = n;
+    }
+    (v["credentials"].as_str().map(PathBuf::from), options)
 }
 
 /// Run until `stop` is set. `ready` is called with the bound address once
@@ -139,19 +155,28 @@ pub fn run(cfg: TargetConfig, stop: Arc<AtomicBool>, ready: impl FnOnce(&str)) -
         .at_path(&cfg.credentials)
     })?;
     let site_creds = absolute(&cfg.credentials);
-    record_credentials(&cfg.data, &site_creds);
+    let options = SiteOptions {
+        replica_format: cfg.replica_format,
+        retention: cfg.retention,
+        history_segment_size: cfg.history_segment_size,
+    };
+    record_target(&cfg.data, &site_creds, &options);
     let site = Arc::new(Site::new(
         &cfg.data,
-        SiteOptions {
-            replica_format: cfg.replica_format,
-            retention: cfg.retention,
-            history_segment_size: cfg.history_segment_size,
-        },
+        options,
         Box::new(move |host, disk| {
             credentials::data_key(&site_creds, host, disk).map_err(|e| e.to_string())
         }),
     )?);
-    let control = crate::control::serve(Arc::clone(&site), Arc::clone(&stop))?;
+    // Without the control socket (a path too long for a unix socket) the
+    // target still replicates; the verbs then say how to run them.
+    let control = match crate::control::serve(Arc::clone(&site), Arc::clone(&stop)) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!(error = %e, "no control socket: failover verbs need the target stopped");
+            None
+        }
+    };
     let creds = cfg.credentials.clone();
     let ctx = Arc::new(ServerContext {
         site: Arc::clone(&site),
@@ -209,7 +234,9 @@ pub fn run(cfg: TargetConfig, stop: Arc<AtomicBool>, ready: impl FnOnce(&str)) -
         }
     }
     tracing::info!("target stopping");
-    let _ = control.join();
+    if let Some(t) = control {
+        let _ = t.join();
+    }
     site.shutdown();
     Ok(())
 }

@@ -6,16 +6,20 @@
 //! ```text
 //!  (protected) --failover--> failing-over --images written--> failed-over
 //!                                 ^  |                          |   |
-//!                                 +--+ (retry after a crash)    |   +--commit--> committed
+//!                                 +--+ (retry after a crash)    |   +--commit--> committing --> committed
 //!                                             failover --change-point
 //! ```
 //!
 //! The file's existence stops replication of the host: the target refuses
-//! its sidecar's connections and change sets (the refusal says why), so the
-//! replica and its undo log stay where the failover found them. The
-//! replica is never modified by a failover: images are materialized from a
-//! copy (see [`crate::materialize`]), so a new point can be chosen until
-//! the commit, which drops every other point.
+//! its sidecar's connections and change sets (the refusal says why) and
+//! retention leaves its history alone. What was received before the stop
+//! is still applied (so `latest` can include it), each set's undo captured
+//! first. The replica is never rewound by a failover: images are
+//! materialized from a copy or a view of it (see [`crate::materialize`]), so
+//! another point can be chosen until the commit, which drops the history.
+//! A point is chosen before anything stops (except `latest`, chosen once
+//! the backlog is applied); a failover that cannot choose one puts the
+//! host back as it was. One verb runs on a host at a time.
 //!
 //! A test failover (`test-failover.json`) leaves replication running: its
 //! images are a read-only base at the point (`DISK.base.vhd`) and a
@@ -220,10 +224,16 @@ pub fn resolve(disks: &[DiskView], spec: &PointSpec) -> Result<Chosen> {
                     "no point named {name:?} (list them with `ferry points`)"
                 )));
             };
-            if !reachable(p.seq) {
+            if let Some(d) = disks.iter().find(|d| !d.reaches(p.seq)) {
+                let oldest = d
+                    .reachable
+                    .first()
+                    .or(d.applied.as_ref())
+                    .map_or_else(|| "nothing".to_owned(), |s| format!("seq {s}"));
                 return Err(none(format!(
-                    "point {name:?} (seq {}) is older than the history the target keeps (retention)",
-                    p.seq
+                    "point {name:?} (seq {}) cannot be reached on disk {}: its history goes back to {oldest} \
+                     (retention, a commit, or history lost to a crash of an older version)",
+                    p.seq, d.disk
                 )));
             }
             Ok(Chosen::of_point(p))
@@ -239,6 +249,8 @@ pub enum FailoverState {
     FailingOver,
     /// Images written; the point may still change.
     FailedOver,
+    /// Dropping the other points (a crash here: commit again).
+    Committing,
     /// Finalized at the point; the other points are gone.
     Committed,
 }
@@ -281,6 +293,9 @@ pub struct Manifest {
     pub out: PathBuf,
     /// The images.
     pub disks: Vec<DiskImage>,
+    /// Files a failover in progress will write (removed by a retry).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub planned: Vec<PathBuf>,
     /// When this was written (UNIX ns).
     pub updated_ns: u64,
 }
@@ -517,7 +532,12 @@ pub fn failover(site: &Site, req: &FailoverRequest, progress: Progress<'_>) -> R
                 state_name(m.state)
             )))
         }
-        (Some(m), true) if m.state == FailoverState::Committed => {
+        (Some(m), true)
+            if matches!(
+                m.state,
+                FailoverState::Committed | FailoverState::Committing
+            ) =>
+        {
             return Err(refuse(format!(
                 "host {} is committed at {}: the other points are gone",
                 req.host,
@@ -533,6 +553,24 @@ pub fn failover(site: &Site, req: &FailoverRequest, progress: Progress<'_>) -> R
         _ => {}
     }
     let disks = site.host_disks(&req.host)?;
+    // Choose before stopping anything: a mistyped or unreachable point
+    // must not stop a production host. (`latest` is chosen after the
+    // backlog is applied; it always has an answer if any point exists.)
+    if req.point != PointSpec::Latest {
+        resolve(&views(&disks)?, &req.point)?;
+    }
+    let planned: Vec<PathBuf> = disks
+        .iter()
+        .map(|d| req.out.join(image_name(d.disk(), req.format)))
+        .collect();
+    if previous.is_none() {
+        if let Some(p) = planned.iter().find(|p| p.exists()) {
+            return Err(refuse(format!(
+                "{} exists; ferry never overwrites an image",
+                p.display()
+            )));
+        }
+    }
     fs::create_dir_all(&req.out).map_err(|e| Error::io("create output directory", &req.out, e))?;
     let stopping = Manifest {
         host: req.host.clone(),
@@ -549,6 +587,12 @@ pub fn failover(site: &Site, req: &FailoverRequest, progress: Progress<'_>) -> R
         ),
         out: req.out.clone(),
         disks: previous.as_ref().map_or_else(Vec::new, |m| m.disks.clone()),
+        planned: previous
+            .as_ref()
+            .map_or_else(Vec::new, |m| m.planned.clone())
+            .into_iter()
+            .chain(planned)
+            .collect(),
         updated_ns: now_ns(),
     };
     // Durable first: from here on the host's sidecar is refused, even
@@ -558,32 +602,32 @@ pub fn failover(site: &Site, req: &FailoverRequest, progress: Progress<'_>) -> R
         d.stop_replication();
     }
     progress(&format!("replication of {} stopped", req.host));
-    if req.point == PointSpec::Latest {
-        for d in &disks {
-            let target = d.last_seq();
-            if let Some(seq) = target {
-                progress(&format!(
-                    "{}: applying everything received (up to seq {seq})",
-                    d.disk()
-                ));
-                while !d.wait_applied(seq, Duration::from_secs(5)) {
-                    if let Some(e) = d.snapshot().apply_error {
-                        return Err(refuse(format!(
-                            "disk {}: the applier is stuck: {e}",
-                            d.disk()
-                        )));
+    let chosen = match choose_after_stop(&disks, &req.point, progress) {
+        Ok(c) => c,
+        Err(e) => {
+            // Nothing was replaced yet: back to where the host was.
+            match &previous {
+                Some(m) => write_state(&state_path, m)?,
+                None => {
+                    remove_if_present(&state_path)?;
+                    for d in &disks {
+                        d.resume_replication();
                     }
                 }
             }
+            return Err(e);
         }
-    }
-    let chosen = resolve(&views(&disks)?, &req.point)?;
+    };
     if let Some(note) = &chosen.note {
         progress(note);
     }
     progress(&format!("point: {}", chosen.describe()));
-    // A new point replaces the old images (they can be made again).
+    // A new point replaces the old images (they can be made again), and a
+    // retry removes what an interrupted attempt left.
     remove_images(&stopping.disks)?;
+    for f in &stopping.planned {
+        remove_if_present(f)?;
+    }
     let mut images = Vec::new();
     for d in &disks {
         let name = image_name(d.disk(), req.format);
@@ -604,6 +648,7 @@ pub fn failover(site: &Site, req: &FailoverRequest, progress: Progress<'_>) -> R
         point: chosen,
         out: req.out.clone(),
         disks: images,
+        planned: Vec::new(),
         updated_ns: now_ns(),
     };
     write_state(&req.out.join(MANIFEST_FILE), &manifest)?;
@@ -611,16 +656,54 @@ pub fn failover(site: &Site, req: &FailoverRequest, progress: Progress<'_>) -> R
     Ok(manifest)
 }
 
+/// With replication stopped: for `latest`, wait until everything received
+/// is applied; then choose the point.
+fn choose_after_stop(
+    disks: &[Arc<DiskHandle>],
+    point: &PointSpec,
+    progress: Progress<'_>,
+) -> Result<Chosen> {
+    if *point == PointSpec::Latest {
+        for d in disks {
+            let Some(seq) = d.last_seq() else { continue };
+            progress(&format!(
+                "{}: applying everything received (up to seq {seq})",
+                d.disk()
+            ));
+            while !d.wait_applied(seq, Duration::from_secs(5)) {
+                let why = if d.is_shutting_down() {
+                    Some("the target is stopping".to_owned())
+                } else {
+                    d.snapshot()
+                        .apply_error
+                        .map(|e| format!("the applier is stuck: {e}"))
+                };
+                if let Some(why) = why {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        "failover",
+                        format!("disk {}: {why}", d.disk()),
+                    ));
+                }
+            }
+        }
+    }
+    resolve(&views(disks)?, point)
+}
+
 fn state_name(s: FailoverState) -> &'static str {
     match s {
         FailoverState::FailingOver => "failing over",
         FailoverState::FailedOver => "failed over",
+        FailoverState::Committing => "committing",
         FailoverState::Committed => "committed",
     }
 }
 
-/// Finalize the failover of `host` at its point: every other point is
-/// dropped (undo logs and point lists).
+/// Finalize the failover of `host` at its point: the history behind the
+/// points is dropped (undo logs), and so is every point the replica can no
+/// longer be brought to (the chosen one stays listed when the replica is
+/// at it; the manifest records it either way).
 pub fn commit(site: &Site, host: &str) -> Result<Manifest> {
     let state_path = host_dir(site, host).join(FAILOVER_FILE);
     let Some(mut m) = read_state::<Manifest>(&state_path)? else {
@@ -631,7 +714,7 @@ pub fn commit(site: &Site, host: &str) -> Result<Manifest> {
         ));
     };
     match m.state {
-        FailoverState::FailedOver => {}
+        FailoverState::FailedOver | FailoverState::Committing => {}
         FailoverState::Committed => return Ok(m),
         FailoverState::FailingOver => {
             return Err(Error::new(
@@ -641,6 +724,11 @@ pub fn commit(site: &Site, host: &str) -> Result<Manifest> {
             ))
         }
     }
+    // Recorded first: a crash while the disks drop their history leaves
+    // `committing`, and commit runs again; the point can no longer change.
+    m.state = FailoverState::Committing;
+    m.updated_ns = now_ns();
+    write_state(&state_path, &m)?;
     for d in site.host_disks(host)? {
         d.drop_points_except(m.point.seq)?;
     }
@@ -664,6 +752,9 @@ pub struct TestFailover {
     pub bases: Vec<DiskImage>,
     /// Per disk: the writable differencing VHD over its base.
     pub images: Vec<PathBuf>,
+    /// Every file the test failover makes (cleanup removes what exists).
+    #[serde(default)]
+    pub planned: Vec<PathBuf>,
     /// When it was made (UNIX ns).
     pub created_ns: u64,
 }
@@ -690,11 +781,29 @@ pub fn test_failover(
         ));
     }
     let disks = site.host_disks(host)?;
+    // Retention must not drop the point between choosing it and copying.
+    let _pins: Vec<_> = disks.iter().map(|d| d.pin_history()).collect();
     let chosen = resolve(&views(&disks)?, point)?;
     if let Some(note) = &chosen.note {
         progress(note);
     }
     progress(&format!("point: {}", chosen.describe()));
+    let planned: Vec<PathBuf> = disks
+        .iter()
+        .flat_map(|d| {
+            [
+                out.join(format!("{}.base.vhd", d.disk())),
+                out.join(format!("{}.vhd", d.disk())),
+            ]
+        })
+        .collect();
+    if let Some(p) = planned.iter().find(|p| p.exists()) {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "test failover",
+            format!("{} exists; ferry never overwrites an image", p.display()),
+        ));
+    }
     fs::create_dir_all(out).map_err(|e| Error::io("create output directory", out, e))?;
     let mut record = TestFailover {
         host: host.to_owned(),
@@ -702,6 +811,7 @@ pub fn test_failover(
         out: out.to_path_buf(),
         bases: Vec::new(),
         images: Vec::new(),
+        planned,
         created_ns: now_ns(),
     };
     // Recorded before any file is made, so cleanup finds whatever a crash left.
@@ -752,7 +862,7 @@ pub fn cleanup_test(site: &Site, host: &str) -> Result<TestFailover> {
             format!("host {host} has no test failover"),
         ));
     };
-    for i in &t.images {
+    for i in t.images.iter().chain(&t.planned) {
         remove_if_present(i)?;
     }
     remove_images(&t.bases)?;

@@ -65,13 +65,18 @@ pub fn capture(
     prev_applied: Option<u64>,
 ) -> Result<bool> {
     if let Some(last) = undo.last_set() {
-        if last.last_seq >= h.last_seq {
+        let same_set = last.first_seq == h.first_seq
+            && last.last_seq == h.last_seq
+            && last.epoch == h.epoch
+            && last.prev_applied == prev_applied;
+        if same_set {
             return Ok(false); // captured before a crash
         }
-        if Some(last.last_seq) != prev_applied {
-            // The log does not continue where the replica is (it was
-            // written by an older ferry, or lost a set): history across
-            // the hole cannot be rebuilt; start afresh from here.
+        if last.last_seq >= h.last_seq || Some(last.last_seq) != prev_applied {
+            // The log does not continue where the replica is (written by
+            // an older ferry, a journal reset under it, a set recorded and
+            // then lost from the journal): history across the hole cannot
+            // be rebuilt; start afresh from here.
             tracing::warn!(disk = %h.disk, undo_last = last.last_seq, applied = ?prev_applied, "undo log does not continue the replica: older history dropped");
             undo.clear()?;
         }

@@ -120,10 +120,16 @@ pub struct Rewound {
 pub type Restore<'a> = &'a mut dyn FnMut(u64, u64, Option<&[u8]>) -> Result<()>;
 
 /// Walk the undo recorded after `point` (`None`: before the first set, the
-/// empty disk) up to `applied`, calling `restore(offset, bytes)` with the
-/// bytes a range held at `point` (`None`: zeros), each byte once: the first
-/// set to mention a byte saw it as it was at `point`. Sets recorded after
-/// `applied` (appended after a snapshot was taken) are not read.
+/// empty disk), calling `restore(offset, length, bytes)` with the bytes a
+/// range held at `point` (`None`: zeros), each byte once: the first set to
+/// mention a byte saw it as it was at `point`.
+///
+/// `undo` must be a copy taken together with the replica's snapshot (under
+/// the apply gate): every set in it is walked, also one whose undo was
+/// captured but whose apply had not finished (its old bytes are then
+/// partly the current ones: restoring them is right either way). When no
+/// set starts at `point`, nothing was applied after it only if `point` is
+/// the `applied` watermark; otherwise the point is out of reach (error).
 pub fn walk_undo(
     undo: &UndoLog,
     point: Option<u64>,
@@ -132,15 +138,16 @@ pub fn walk_undo(
 ) -> Result<(Rewound, Covered)> {
     let mut done = Rewound::default();
     let mut covered = Covered::default();
-    if point == applied {
+    let starts_here = match point {
+        Some(p) => undo.reaches(p),
+        None => undo.first_set().is_some_and(|s| s.prev_applied.is_none()),
+    };
+    if !starts_here && point == applied {
         return Ok((done, covered));
     }
     let mut last_set = None;
     for part in undo.parts_from(point)? {
         let part = part?;
-        if applied.is_none_or(|a| part.set.first_seq > a) {
-            break;
-        }
         if last_set != Some(part.set.last_seq) {
             done.sets += 1;
             last_set = Some(part.set.last_seq);
@@ -517,9 +524,6 @@ pub fn rewind_file(
     point: Option<u64>,
     applied: Option<u64>,
 ) -> Result<Rewound> {
-    if point == applied {
-        return Ok(Rewound::default());
-    }
     let mut image = ferry_vhd::open_as(
         path,
         format,

@@ -268,6 +268,10 @@ pub struct DiskHandle {
     stopped: AtomicBool,
     /// The undo log: written by the applier, cleared by a commit.
     undo: Mutex<crate::undo::UndoLog>,
+    /// Segment size of the undo log (for reopening it).
+    history_segment_size: u64,
+    /// Test failovers choosing or materializing a point: no pruning.
+    pins: std::sync::atomic::AtomicUsize,
 }
 
 impl DiskHandle {
@@ -383,12 +387,36 @@ impl DiskHandle {
     }
 
     /// Stop replication: every later append is refused. Returns once an
-    /// append in progress (holding the journal lock) finished.
+    /// append in progress (holding the journal lock) and a retention pass
+    /// (holding the gate) finished.
     pub fn stop_replication(&self) {
         self.stopped.store(true, Ordering::SeqCst);
         drop(self.journal());
+        drop(self.pause_apply());
         self.status().replication_stopped = true;
         self.write_status();
+    }
+
+    /// Undo [`DiskHandle::stop_replication`] (a failover that could not
+    /// start).
+    pub fn resume_replication(&self) {
+        self.stopped.store(false, Ordering::SeqCst);
+        self.status().replication_stopped = false;
+        self.write_status();
+    }
+
+    /// Keep retention from pruning until the guard is dropped (a test
+    /// failover choosing and materializing its point). Returns once a
+    /// retention pass in progress finished.
+    pub fn pin_history(self: &Arc<Self>) -> HistoryPin {
+        self.pins.fetch_add(1, Ordering::SeqCst);
+        drop(self.pause_apply());
+        HistoryPin(Arc::clone(self))
+    }
+
+    /// Whether the applier stopped (the daemon is shutting down).
+    pub fn is_shutting_down(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
     }
 
     /// Whether replication is stopped.
@@ -437,9 +465,11 @@ impl DiskHandle {
         let _paused = self.pause_apply();
         self.undo.lock().expect("undo lock").clear()?;
         let path = self.points_path();
+        // Without history only the replica's own state can be reached.
+        let applied = self.snapshot().applied_seq;
         let kept: Vec<Point> = crate::points::read(&path)?
             .into_iter()
-            .filter(|p| p.seq == seq)
+            .filter(|p| p.seq == seq && Some(seq) == applied)
             .collect();
         crate::points::rewrite(&path, &kept)?;
         let mut st = self.status();
@@ -561,6 +591,9 @@ impl DiskHandle {
                 continue;
             };
             let applied = next.map_err(|e| e.to_string()).and_then(|cs| {
+                // Everything a set changes (replica, undo, points, watermark,
+                // status) changes under the gate: whoever holds it sees one
+                // applied state.
                 let _gate = self.gate.lock().expect("apply gate");
                 let mut undo = self.undo.lock().expect("undo lock");
                 crate::history::capture(&mut replica, &mut undo, &cs.header, prev_applied)
@@ -570,6 +603,11 @@ impl DiskHandle {
                 replica
                     .apply_change_set(&cs, &self.key, &mut stats)
                     .map_err(|e| e.to_string())?;
+                // Points before the watermark: a crash in between replays
+                // the set and records them again (readers keep the first).
+                let points = crate::points::points_of(&cs.header);
+                crate::points::append(&self.points_path(), &points)
+                    .map_err(|e| format!("recovery points not recorded: {e}"))?;
                 let mut j = self.journal();
                 j.set_applied(cs.header.last_seq)
                     .map_err(|e| e.to_string())?;
@@ -579,22 +617,17 @@ impl DiskHandle {
                 if let Err(e) = j.truncate_before(cs.header.last_seq.saturating_sub(1)) {
                     tracing::warn!(host = %self.host, disk = %self.disk, error = %e, "journal pruning failed");
                 }
-                Ok((cs, undo_bytes))
+                drop(j);
+                let mut st = self.status();
+                st.points.add(&points);
+                st.applied_seq = Some(cs.header.last_seq);
+                st.consistency = Consistency::after(&cs.header);
+                st.apply_error = None;
+                st.undo_bytes = undo_bytes;
+                Ok(())
             });
             match applied {
-                Ok((cs, undo_bytes)) => {
-                    let points = crate::points::points_of(&cs.header);
-                    if let Err(e) = crate::points::append(&self.points_path(), &points) {
-                        tracing::error!(host = %self.host, disk = %self.disk, error = %e, "recovery points not recorded");
-                    }
-                    {
-                        let mut st = self.status();
-                        st.points.add(&points);
-                        st.applied_seq = Some(cs.header.last_seq);
-                        st.consistency = Consistency::after(&cs.header);
-                        st.apply_error = None;
-                        st.undo_bytes = undo_bytes;
-                    }
+                Ok(()) => {
                     self.refresh_backlog();
                     self.write_status();
                     self.wake.notify_all();
@@ -603,6 +636,10 @@ impl DiskHandle {
                     tracing::error!(host = %self.host, disk = %self.disk, error = %e, "applying the journal failed; retrying in 5 s");
                     self.status().apply_error = Some(e);
                     self.write_status();
+                    // A failed undo write leaves the log refusing appends
+                    // until it is opened again (recovery decides what is
+                    // durable).
+                    self.reopen_undo();
                     self.sleep(Duration::from_secs(5));
                 }
             }
@@ -610,13 +647,29 @@ impl DiskHandle {
         self.write_status();
     }
 
+    fn reopen_undo(&self) {
+        let _gate = self.gate.lock().expect("apply gate");
+        let mut undo = self.undo.lock().expect("undo lock");
+        let options = crate::undo::UndoOptions {
+            segment_size: self.history_segment_size,
+        };
+        match crate::undo::UndoLog::open(&self.undo_dir(), options) {
+            Ok((log, _)) => *undo = log,
+            Err(e) => {
+                tracing::error!(host = %self.host, disk = %self.disk, error = %e, "undo log cannot be reopened")
+            }
+        }
+    }
+
     /// Drop history older than the retention window (not while the host is
     /// failed over: its points are the user's to choose from).
     fn prune_history(&self, retention: Duration) {
-        if self.is_stopped() {
+        let _gate = self.gate.lock().expect("apply gate");
+        // Checked under the gate: a failover or drill stops or pins the
+        // disk, then passes the gate once, before it chooses its point.
+        if self.is_stopped() || self.pins.load(Ordering::SeqCst) > 0 {
             return;
         }
-        let _gate = self.gate.lock().expect("apply gate");
         let applied = self.snapshot().applied_seq;
         let mut undo = self.undo.lock().expect("undo lock");
         match crate::history::prune(&mut undo, &self.points_path(), applied, retention, now_ns()) {
@@ -666,6 +719,33 @@ impl DiskHandle {
     }
 }
 
+/// An operator verb running on a host ([`Site::host_operation`]).
+#[derive(Debug)]
+pub struct HostOperation<'a> {
+    site: &'a Site,
+    host: String,
+}
+
+impl Drop for HostOperation<'_> {
+    fn drop(&mut self) {
+        self.site
+            .operations
+            .lock()
+            .expect("operations lock")
+            .remove(&self.host);
+    }
+}
+
+/// Retention is held off while this lives ([`DiskHandle::pin_history`]).
+#[derive(Debug)]
+pub struct HistoryPin(Arc<DiskHandle>);
+
+impl Drop for HistoryPin {
+    fn drop(&mut self) {
+        self.0.pins.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Write `value` as pretty JSON to `path` atomically (temp + rename; the
 /// temp file synced first when `durable`).
 pub fn write_json_atomically(
@@ -691,6 +771,8 @@ pub struct Site {
     dir: PathBuf,
     options: SiteOptions,
     keys: KeySource,
+    /// Hosts an operator verb (failover, commit, drill) is running on.
+    operations: Mutex<std::collections::HashSet<String>>,
     disks: Mutex<HashMap<(String, String), Arc<DiskHandle>>>,
     appliers: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -705,6 +787,7 @@ impl Site {
             dir: dir.to_path_buf(),
             options,
             keys,
+            operations: Mutex::new(std::collections::HashSet::new()),
             disks: Mutex::new(HashMap::new()),
             appliers: Mutex::new(Vec::new()),
         })
@@ -833,6 +916,8 @@ impl Site {
             gate: Mutex::new(()),
             stopped: AtomicBool::new(stopped),
             undo: Mutex::new(undo),
+            history_segment_size: self.options.history_segment_size,
+            pins: std::sync::atomic::AtomicUsize::new(0),
         });
         let h = Arc::clone(&handle);
         let (data, host_name, default) =
@@ -904,6 +989,26 @@ impl Site {
             ));
         }
         Ok(out)
+    }
+
+    /// Claim `host` for one operator verb: a second one (an operator who
+    /// pressed Ctrl-C and ran it again while the first goes on) is refused
+    /// until the guard is dropped.
+    pub fn host_operation(&self, host: &str) -> Result<HostOperation<'_>> {
+        let mut ops = self.operations.lock().expect("operations lock");
+        if !ops.insert(host.to_owned()) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "operation",
+                format!(
+                    "another failover, commit or test failover of {host} is running at this target"
+                ),
+            ));
+        }
+        Ok(HostOperation {
+            site: self,
+            host: host.to_owned(),
+        })
     }
 
     /// The retention window of `host`: its policy's, else the site default.
