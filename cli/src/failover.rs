@@ -123,17 +123,21 @@ pub fn run_failover(args: &FailoverArgs) -> Result<ExitCode> {
         checksums: !args.no_checksum,
     };
     let v = run(&args.data, args.credentials.as_deref(), &req)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    let m: Manifest = serde_json::from_value(v)?;
-    print_manifest(&m)?;
-    Ok(ExitCode::SUCCESS)
+    show_manifest(v, args.json)
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("absolute path of {}", p.display()))
+}
+
+/// Print a verb's manifest: JSON as it came, or for people.
+fn show_manifest(v: serde_json::Value, json: bool) -> Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_manifest(&serde_json::from_value(v)?)?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_manifest(m: &Manifest) -> Result<()> {
@@ -186,13 +190,7 @@ pub fn run_commit(args: &CommitArgs) -> Result<ExitCode> {
         host: args.host.clone(),
     };
     let v = run(&args.data, args.credentials.as_deref(), &req)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    let m: Manifest = serde_json::from_value(v)?;
-    print_manifest(&m)?;
-    Ok(ExitCode::SUCCESS)
+    show_manifest(v, args.json)
 }
 
 /// `ferry test-failover HOST --data DIR --point P --out DIR`, and

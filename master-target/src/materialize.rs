@@ -360,6 +360,11 @@ pub fn export_view(
     out: &Path,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Exported> {
+    refuse_existing(out)?;
+    convert_into(view, format, out, progress)
+}
+
+fn refuse_existing(out: &Path) -> Result<()> {
     if out.exists() {
         return Err(Error::new(
             crate::ErrorKind::InvalidInput,
@@ -368,18 +373,29 @@ pub fn export_view(
         )
         .at_path(out));
     }
+    Ok(())
+}
+
+/// Convert `src` into the new image `out` of `format`, synced; nothing is
+/// left under `out` on failure.
+fn convert_into(
+    src: &mut dyn Image,
+    format: Format,
+    out: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Exported> {
     let options = CreateOptions {
         parent: None,
         round: true,
         sync: SyncPolicy::Deferred,
     };
-    let mut dst = ferry_vhd::create(out, format, view.size(), &options)
+    let mut dst = ferry_vhd::create(out, format, src.size(), &options)
         .map_err(|e| Error::image("create image", e))?;
     let exported = Exported {
         path: out.to_path_buf(),
         extra: dst.extra_files(),
     };
-    let outcome = convert::convert(view, dst.as_mut(), Destination::Fresh, progress);
+    let outcome = convert::convert(src, dst.as_mut(), Destination::Fresh, progress);
     drop(dst);
     if let Err(e) = outcome {
         for f in exported.files() {
@@ -564,14 +580,7 @@ pub fn export(
     out: &Path,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Exported> {
-    if out.exists() {
-        return Err(Error::new(
-            crate::ErrorKind::InvalidInput,
-            "export",
-            "the image exists; ferry never overwrites an image",
-        )
-        .at_path(out));
-    }
+    refuse_existing(out)?;
     if format == base_format {
         File::open(base)
             .and_then(|f| f.sync_all())
@@ -585,28 +594,9 @@ pub fn export(
     }
     let mut src = ferry_vhd::open_as(base, base_format, OpenOptions::read_only())
         .map_err(|e| Error::image("open snapshot", e))?;
-    let options = CreateOptions {
-        parent: None,
-        round: true,
-        sync: SyncPolicy::Deferred,
-    };
-    let mut dst = ferry_vhd::create(out, format, src.size(), &options)
-        .map_err(|e| Error::image("create image", e))?;
-    let exported = Exported {
-        path: out.to_path_buf(),
-        extra: dst.extra_files(),
-    };
-    let outcome = convert::convert(src.as_mut(), dst.as_mut(), Destination::Fresh, progress);
-    drop(dst);
-    if let Err(e) = outcome {
-        for f in exported.files() {
-            let _ = fs::remove_file(f);
-        }
-        return Err(Error::image("convert", e));
-    }
+    let exported = convert_into(src.as_mut(), format, out, progress)?;
     drop(src);
     fs::remove_file(base).map_err(|e| Error::io("remove snapshot", base, e))?;
-    sync_parent(out)?;
     Ok(exported)
 }
 

@@ -63,6 +63,38 @@ fn json_of(out: &std::process::Output, what: &str) -> serde_json::Value {
     })
 }
 
+/// `ferry failover` of web01 at `point` as raw images into `out` (a change
+/// of point after the first), returning the manifest.
+fn fail_over_raw(data: &Path, out: &Path, point: &str, change: bool) -> serde_json::Value {
+    let mut args = vec![
+        "failover",
+        "web01",
+        "--data",
+        s(data),
+        "--point",
+        point,
+        "--format",
+        "raw",
+        "--out",
+        s(out),
+        "--no-checksum",
+        "--json",
+    ];
+    if change {
+        args.push("--change-point");
+    }
+    json_of(&ferry_tests::ferry(&args), &format!("failover at {point}"))
+}
+
+/// The image of `disk` in a manifest.
+fn image_of(m: &serde_json::Value, disk: &str) -> PathBuf {
+    let d = m["disks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|d| d["disk"] == disk))
+        .unwrap_or_else(|| panic!("no disk {disk} in {m}"));
+    PathBuf::from(d["file"].as_str().unwrap())
+}
+
 /// `qemu-img compare` of a raw copy with an image of `format`.
 fn assert_same(raw: &Path, image: &Path, format: &str, what: &str) {
     let out = qemu_img([
@@ -801,33 +833,8 @@ fn a_dependency_across_two_disks_holds_at_every_point() {
     let mut last_entries = 0;
     let mut mid_workload = 0;
     for (n, name) in names.iter().enumerate() {
-        let mut args = vec![
-            "failover",
-            "web01",
-            "--data",
-            s(&data),
-            "--point",
-            name,
-            "--format",
-            "raw",
-            "--out",
-            s(&out),
-            "--no-checksum",
-            "--json",
-        ];
-        if n > 0 {
-            args.push("--change-point");
-        }
-        let m = json_of(&ferry_tests::ferry(&args), "failover at a dependency point");
-        let file = |disk: &str| {
-            let d = m["disks"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|d| d["disk"] == disk)
-                .unwrap();
-            std::fs::read(d["file"].as_str().unwrap()).unwrap()
-        };
+        let m = fail_over_raw(&data, &out, name, n > 0);
+        let file = |disk: &str| std::fs::read(image_of(&m, disk)).unwrap();
         let (dangling, entries) = dangling_entries(&file("a"), &file("b"));
         assert_eq!(
             dangling, 0,
@@ -944,30 +951,8 @@ fn retention_drops_history_older_than_the_window_and_keeps_every_point_inside() 
     let out = scratch.path("dr");
     for (n, name) in kept.iter().enumerate() {
         let copy = &copies.iter().find(|(c, _)| c == name).unwrap().1;
-        let mut args = vec![
-            "failover",
-            "web01",
-            "--data",
-            s(&data),
-            "--point",
-            name,
-            "--format",
-            "raw",
-            "--out",
-            s(&out),
-            "--no-checksum",
-            "--json",
-        ];
-        if n > 0 {
-            args.push("--change-point");
-        }
-        let m = json_of(&ferry_tests::ferry(&args), "failover at a retained point");
-        assert_same(
-            copy,
-            Path::new(m["disks"][0]["file"].as_str().unwrap()),
-            "raw",
-            name,
-        );
+        let m = fail_over_raw(&data, &out, name, n > 0);
+        assert_same(copy, &image_of(&m, DISK), "raw", name);
     }
     let gone = ferry_tests::ferry([
         "failover",
@@ -1016,29 +1001,7 @@ fn a_target_killed_while_applying_keeps_every_point_exact() {
     let data = rig.data().to_path_buf();
     let out = rig.scratch.path("dr");
     for (n, (name, copy)) in rig.copies.iter().enumerate() {
-        let mut args = vec![
-            "failover",
-            "web01",
-            "--data",
-            s(&data),
-            "--point",
-            name,
-            "--format",
-            "raw",
-            "--out",
-            s(&out),
-            "--no-checksum",
-            "--json",
-        ];
-        if n > 0 {
-            args.push("--change-point");
-        }
-        let m = json_of(&ferry_tests::ferry(&args), "failover after target crashes");
-        assert_same(
-            copy,
-            Path::new(m["disks"][0]["file"].as_str().unwrap()),
-            "raw",
-            name,
-        );
+        let m = fail_over_raw(&data, &out, name, n > 0);
+        assert_same(copy, &image_of(&m, DISK), "raw", name);
     }
 }
