@@ -4,6 +4,7 @@
 mod credentials;
 mod failover;
 mod filter;
+mod group;
 mod image;
 mod replicate;
 
@@ -43,6 +44,10 @@ enum Command {
     Failover(Box<failover::FailoverArgs>),
     /// Finalize a failover at its point; the other points are dropped.
     Commit(failover::CommitArgs),
+    /// Group-consistent points across hosts (`ferry group point NAME
+    /// --member STATE ...`).
+    #[command(subcommand)]
+    Group(group::GroupCommand),
     /// Writable images of a host at a point while replication goes on
     /// (`ferry test-failover cleanup HOST --data DIR` removes them).
     TestFailover(Box<failover::TestFailoverArgs>),
@@ -94,6 +99,7 @@ fn main() -> ExitCode {
         Command::Points(args) => replicate::run_points(&args),
         Command::Failover(args) => failover::run_failover(&args),
         Command::Commit(args) => failover::run_commit(&args),
+        Command::Group(cmd) => group::run(&cmd),
         Command::TestFailover(args) => failover::run_test_failover(&args),
     };
     match outcome {

@@ -67,6 +67,47 @@ pub enum Request {
     Barrier,
     /// Mark the whole allocated area of a disk (or all disks) dirty.
     ResyncAll(ResyncRequest),
+    /// First half of a group point: hold every disk's writes, answer the
+    /// quiet sequence (`held`), then wait for `commit` or `abort` on the
+    /// same connection (at most `timeout_ms`; silence or a hang-up aborts).
+    Hold(HoldRequest),
+    /// Second half of a hold: take the tag and release.
+    Commit,
+    /// Second half of a hold: release without a tag.
+    Abort,
+}
+
+/// What `hold` asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldRequest {
+    /// Name of the tag a `commit` takes.
+    pub name: String,
+    /// Longest time writes stay held, ms (at most [`MAX_HOLD_MS`]).
+    #[serde(default = "default_hold_ms")]
+    pub timeout_ms: u64,
+}
+
+/// Default longest hold of a group point, ms.
+pub const DEFAULT_HOLD_MS: u64 = 300;
+/// Longest hold accepted, ms: writes of production hosts wait meanwhile.
+pub const MAX_HOLD_MS: u64 = 10_000;
+
+fn default_hold_ms() -> u64 {
+    DEFAULT_HOLD_MS
+}
+
+/// Answer to a finished `hold`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldOutcome {
+    /// The quiet sequence while held.
+    pub held_seq: u64,
+    /// Whether the tag was taken.
+    pub committed: bool,
+    /// The tag, when committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<TagOutcome>,
+    /// How long writes were held, µs.
+    pub held_us: u64,
 }
 
 /// What `resync-all` asks for.
@@ -263,6 +304,12 @@ pub struct Response {
     /// Answer to `resync-all`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resync: Option<ResyncOutcome>,
+    /// First answer to `hold`: writes are held at this quiet sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<u64>,
+    /// Final answer to `hold`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<HoldOutcome>,
 }
 
 impl Response {
@@ -275,6 +322,8 @@ impl Response {
             tag: None,
             barrier: None,
             resync: None,
+            held: None,
+            hold: None,
         }
     }
 
@@ -297,6 +346,13 @@ pub trait Handler: Send + Sync {
     fn barrier(&self) -> Result<BarrierOutcome>;
     /// Mark a disk's (or every disk's) allocated area dirty.
     fn resync_all(&self, request: &ResyncRequest) -> Result<ResyncOutcome>;
+    /// Hold every disk's writes, call `decide` with the quiet sequence, and
+    /// take the tag `request.name` if it says so; release either way.
+    fn hold(
+        &self,
+        request: &HoldRequest,
+        decide: &mut dyn FnMut(u64) -> bool,
+    ) -> Result<HoldOutcome>;
 }
 
 /// Decode one request line and produce the response line.
@@ -331,6 +387,12 @@ pub fn answer(line: &str, handler: &dyn Handler) -> String {
                     },
                     Err(e) => Response::error(e.to_string()),
                 },
+                Ok(Request::Hold(_)) => {
+                    Response::error("hold is answered on its connection (internal error)")
+                }
+                Ok(Request::Commit | Request::Abort) => {
+                    Response::error("commit and abort follow a hold on the same connection")
+                }
             },
             other => Response::error(format!(
                 "control protocol version {other:?} not spoken here (this filter speaks {VERSION})"
@@ -402,7 +464,11 @@ fn serve_connection(mut stream: UnixStream, handler: &dyn Handler, stop: &Atomic
         }
         while let Some(end) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
-            let reply = answer(String::from_utf8_lossy(&line).trim_end(), handler);
+            let line = String::from_utf8_lossy(&line).trim_end().to_owned();
+            let reply = match hold_request(&line) {
+                Some(hold) => hold_round(&mut stream, &mut pending, handler, &hold),
+                None => answer(&line, handler),
+            };
             if writeln!(stream, "{reply}").is_err() {
                 return;
             }
@@ -414,6 +480,73 @@ fn serve_connection(mut stream: UnixStream, handler: &dyn Handler, stop: &Atomic
             return;
         }
     }
+}
+
+/// The `hold` request a line carries, if it is one (of this version).
+fn hold_request(line: &str) -> Option<HoldRequest> {
+    match serde_json::from_str::<Envelope<Request>>(line) {
+        Ok(Envelope {
+            version: VERSION,
+            body: Request::Hold(h),
+        }) => Some(h),
+        _ => None,
+    }
+}
+
+/// Run a hold on this connection: answer `held`, wait (until the hold's
+/// deadline) for the next line, commit if it says so, answer the outcome.
+fn hold_round(
+    stream: &mut UnixStream,
+    pending: &mut Vec<u8>,
+    handler: &dyn Handler,
+    hold: &HoldRequest,
+) -> String {
+    use std::io::Read;
+    let limit = Duration::from_millis(hold.timeout_ms.clamp(1, MAX_HOLD_MS));
+    let mut decide = |seq: u64| {
+        let deadline = std::time::Instant::now() + limit;
+        let held = Response {
+            held: Some(seq),
+            ..Response::ok()
+        };
+        let line = serde_json::to_string(&held).expect("responses serialize");
+        if writeln!(stream, "{line}").is_err() {
+            return false;
+        }
+        let mut chunk = [0u8; 1024];
+        loop {
+            if let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let verdict = serde_json::from_slice::<Envelope<Request>>(&line);
+                return matches!(
+                    verdict,
+                    Ok(Envelope {
+                        body: Request::Commit,
+                        ..
+                    })
+                );
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() || pending.len() as u64 > MAX_LINE {
+                return false;
+            }
+            let _ = stream.set_read_timeout(Some(left));
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return false, // hang-up or deadline: abort
+                Ok(n) => pending.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    let outcome = handler.hold(hold, &mut decide);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let response = match outcome {
+        Ok(o) => Response {
+            hold: Some(o),
+            ..Response::ok()
+        },
+        Err(e) => Response::error(e.to_string()),
+    };
+    serde_json::to_string(&response).expect("responses serialize")
 }
 
 /// Client side: send one request to the filter whose state directory is `state`.
@@ -496,6 +629,79 @@ mod tests {
                 }),
             }
         }
+        fn hold(
+            &self,
+            request: &HoldRequest,
+            decide: &mut dyn FnMut(u64) -> bool,
+        ) -> Result<HoldOutcome> {
+            let committed = decide(41);
+            Ok(HoldOutcome {
+                held_seq: 41,
+                committed,
+                tag: committed.then(|| TagOutcome {
+                    name: request.name.clone(),
+                    seq: 42,
+                    app: false,
+                    disks: Vec::new(),
+                    barrier_us: 0,
+                    frozen_us: 0,
+                }),
+                held_us: 0,
+            })
+        }
+    }
+
+    /// A hold over a real socket: `held` first, then the outcome the
+    /// second line chose; silence past the deadline and a hang-up abort.
+    #[test]
+    fn a_hold_commits_aborts_and_times_out_on_its_connection() {
+        use std::io::{BufRead, BufReader, Write};
+        let dir = std::env::temp_dir().join(format!("ferry-hold-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(SOCKET_NAME);
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || serve(listener, Arc::new(Fake), stop))
+        };
+        let round = |second: Option<&str>, timeout_ms: u64| {
+            let stream = UnixStream::connect(&path).unwrap();
+            let mut w = stream.try_clone().unwrap();
+            let mut r = BufReader::new(stream);
+            writeln!(
+                w,
+                r#"{{"version":1,"op":"hold","name":"g1","timeout_ms":{timeout_ms}}}"#
+            )
+            .unwrap();
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            let held: Response = serde_json::from_str(&line).unwrap();
+            assert_eq!(held.held, Some(41), "{line}");
+            if let Some(op) = second {
+                writeln!(w, r#"{{"version":1,"op":"{op}"}}"#).unwrap();
+            }
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            let done: Response = serde_json::from_str(&line).unwrap();
+            done.hold.unwrap()
+        };
+        let c = round(Some("commit"), 5_000);
+        assert!(c.committed);
+        assert_eq!(c.tag.unwrap().name, "g1");
+        assert!(!round(Some("abort"), 5_000).committed);
+        assert!(
+            !round(None, 50).committed,
+            "silence past the deadline aborts"
+        );
+        // Outside a hold, commit is refused.
+        let r: Response =
+            serde_json::from_str(&answer(r#"{"version":1,"op":"commit"}"#, &Fake)).unwrap();
+        assert!(!r.ok);
+        stop.store(true, Ordering::Relaxed);
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

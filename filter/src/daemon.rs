@@ -31,8 +31,8 @@ use serde::Serialize;
 
 use crate::config::{FilterConfig, Listen};
 use crate::control::{
-    self, BarrierOutcome, HostStatus, ResyncDisk, ResyncOutcome, ResyncRequest, TagOutcome,
-    TagRequest,
+    self, BarrierOutcome, HoldOutcome, HoldRequest, HostStatus, ResyncDisk, ResyncOutcome,
+    ResyncRequest, TagOutcome, TagRequest,
 };
 use crate::disk::Disk;
 use crate::error::{Error, Result};
@@ -194,6 +194,51 @@ impl control::Handler for Host {
     fn barrier(&self) -> Result<BarrierOutcome> {
         Ok(BarrierOutcome {
             seq: self.quiet_seq(),
+        })
+    }
+
+    fn hold(
+        &self,
+        request: &HoldRequest,
+        decide: &mut dyn FnMut(u64) -> bool,
+    ) -> Result<HoldOutcome> {
+        let tag = TagRequest {
+            name: request.name.clone(),
+            ..TagRequest::default()
+        };
+        if tag.name.is_empty() || tag.name.len() > 128 || tag.name.contains(['\n', '\0']) {
+            return Err(Error::control(
+                "a tag name is 1-128 characters without newlines",
+            ));
+        }
+        let _one_at_a_time = self.tag_lock.lock().expect("tag lock");
+        let started = Instant::now();
+        // Every disk's gate held: writes in flight finish and are recorded,
+        // new ones wait, until the coordinator has every member quiet.
+        let barriers: Vec<_> = self.disks.iter().map(|d| d.gate().barrier()).collect();
+        if let Some(why) = self.disks.iter().find_map(|d| d.unfit_for_tag()) {
+            return Err(Error::control(why));
+        }
+        let held_seq = self.sequencer.peek().saturating_sub(1);
+        let committed = decide(held_seq);
+        let tag_outcome = if committed {
+            let seq = self.sequencer.next();
+            self.record_tag_name(seq, &tag)?;
+            for disk in &self.disks {
+                disk.tag(seq, seq)?;
+            }
+            Some(self.outcome(&tag, seq, started.elapsed(), Duration::ZERO))
+        } else {
+            None
+        };
+        drop(barriers);
+        let held_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        tracing::info!(name = %request.name, held_seq, committed, held_us, "group hold");
+        Ok(HoldOutcome {
+            held_seq,
+            committed,
+            tag: tag_outcome,
+            held_us,
         })
     }
 

@@ -7,7 +7,9 @@
 //! dirty bitmap on disk for crash safety ([`disk`], `ferry_ring::meta`).
 //! Backing I/O goes through io_uring ([`uring`]); [`control`] answers
 //! `ferry filter status` and `ferry filter tag`; [`freeze`] makes tags
-//! app-consistent; [`daemon`] ties it together.
+//! app-consistent; [`daemon`] ties it together. [`group`] is the
+//! coordinator of group-consistent points across hosts (hold, tag, release
+//! on every member's control socket).
 
 pub mod config;
 pub mod control;
@@ -16,6 +18,7 @@ pub mod disk;
 pub mod error;
 pub mod export;
 pub mod freeze;
+pub mod group;
 pub mod nbd;
 pub mod order;
 pub mod tracker;

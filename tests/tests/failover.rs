@@ -1005,3 +1005,192 @@ fn a_target_killed_while_applying_keeps_every_point_exact() {
         assert_same(copy, &image_of(&m, DISK), "raw", name);
     }
 }
+
+/// A second protected host (web02) at the same site: credentials, a
+/// filter with one disk, a sidecar.
+fn second_host(
+    site: &Site,
+    scratch: &Scratch,
+    disk: &Path,
+) -> (FilterProcess, ferry_tests::Daemon) {
+    let creds = ferry_tests::ferry(["credentials", "init", s(&site.creds), "--host", "web02"]);
+    expect_code(&creds, 0, "credentials for web02");
+    let filter = FilterProcess::start(&scratch.path("filter-web02"), &[("b", disk)], &[]);
+    let sidecar = site.sidecar(
+        &filter.state,
+        &scratch.path("sidecar-web02.log"),
+        &["--host", "web02"],
+    );
+    (filter, sidecar)
+}
+
+fn host_consistent(site: &Site, host: &str) -> bool {
+    let out = ferry_tests::ferry(["target", "status", "--json", "--data", s(&site.data)]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["disks"].as_array().is_some_and(|a| {
+        a.iter()
+            .any(|d| d["host"] == host && d["consistency"]["state"] == "consistent")
+    })
+}
+
+fn host_points(data: &Path, host: &str) -> Vec<String> {
+    let out = ferry_tests::ferry(["points", host, "--data", s(data), "--json"]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn group_points_hold_a_dependency_across_two_hosts() {
+    let scratch = Scratch::new("fo-group");
+    let site = Site::start(&scratch.path("site"));
+    let (disk_a, disk_b) = (scratch.path("a.img"), scratch.path("b.img"));
+    for d in [&disk_a, &disk_b] {
+        expect_code(&run("truncate", ["-s", "64M", s(d)]), 0, "truncate");
+    }
+    let web01 = FilterProcess::start(&scratch.path("filter-web01"), &[("a", &disk_a)], &[]);
+    let sidecar01 = site.sidecar(&web01.state, &scratch.path("sidecar-web01.log"), &[]);
+    let (web02, sidecar02) = second_host(&site, &scratch, &disk_b);
+    let consistent = wait_until(Duration::from_secs(60), || {
+        host_consistent(&site, "web01") && host_consistent(&site, "web02")
+    });
+    assert!(
+        consistent,
+        "both hosts consistent:\n{}\n{}",
+        sidecar01.log_text(),
+        sidecar02.log_text()
+    );
+    let members = [s(&web01.state).to_owned(), s(&web02.state).to_owned()];
+    let group_point = |name: &str| {
+        let mut args = vec!["group", "point", name, "--json", "--timeout-ms", "2000"];
+        for m in &members {
+            args.extend(["--member", m.as_str()]);
+        }
+        ferry_tests::ferry(&args)
+    };
+    // Records on web02's disk, then the index entry on web01's disk.
+    let ctl = scratch.path("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let workload = std::process::Command::new("/usr/bin/python3")
+        .args([
+            s(&workload_script("cross_disk.py")),
+            &web01.uri("a"),
+            &web02.uri("b"),
+            s(&ctl),
+            "3000",
+        ])
+        .stderr(std::fs::File::create(scratch.path("workload.log")).unwrap())
+        .spawn()
+        .expect("start the workload");
+    let _workload = ferry_tests::ChildGuard(workload);
+    let mut names = Vec::new();
+    while !ctl.join("done").exists() && names.len() < 30 {
+        let name = format!("grp-{}", names.len() + 1);
+        let out = group_point(&name);
+        let v = json_of(&out, "ferry group point");
+        assert_eq!(v["committed"], true, "{v}");
+        names.push(name);
+    }
+    assert!(
+        wait_until(Duration::from_secs(120), || ctl.join("done").exists()),
+        "workload done"
+    );
+    let v = json_of(&group_point("grp-end"), "last group point");
+    assert_eq!(v["committed"], true, "{v}");
+    names.push("grp-end".into());
+    let listed = wait_until(Duration::from_secs(60), || {
+        ["web01", "web02"]
+            .iter()
+            .all(|h| host_points(&site.data, h).contains(&"grp-end".to_owned()))
+    });
+    assert!(listed, "group points listed on both hosts");
+
+    // Both hosts at each group point: no index entry on web01 without its
+    // record on web02.
+    let out = scratch.path("dr");
+    let mut mid_workload = 0;
+    for (n, name) in names.iter().enumerate() {
+        let mut images = Vec::new();
+        for host in ["web01", "web02"] {
+            let mut args = vec![
+                "failover",
+                host,
+                "--data",
+                s(&site.data),
+                "--point",
+                name,
+                "--format",
+                "raw",
+                "--no-checksum",
+                "--json",
+                "--out",
+            ];
+            let dir = out.join(host);
+            args.push(s(&dir));
+            if n > 0 {
+                args.push("--change-point");
+            }
+            let m = json_of(&ferry_tests::ferry(&args), "failover at a group point");
+            images.push(
+                std::fs::read(image_of(&m, if host == "web01" { "a" } else { "b" })).unwrap(),
+            );
+        }
+        let (dangling, entries) = dangling_entries(&images[0], &images[1]);
+        assert_eq!(
+            dangling, 0,
+            "at {name}: an index entry on web01 without its record on web02"
+        );
+        if 0 < entries && entries < 3000 {
+            mid_workload += 1;
+        }
+    }
+    assert!(
+        mid_workload >= 2,
+        "{mid_workload} group points fell inside the workload"
+    );
+    drop((sidecar01, sidecar02));
+}
+
+#[test]
+fn a_member_that_does_not_answer_aborts_the_round_and_releases_the_others() {
+    let scratch = Scratch::new("fo-group-abort");
+    let disk = scratch.path("a.img");
+    expect_code(&run("truncate", ["-s", "16M", s(&disk)]), 0, "truncate");
+    let live = FilterProcess::start(&scratch.path("filter"), &[("a", &disk)], &[]);
+    // A member that accepts the connection and never answers.
+    let mute = scratch.path("mute");
+    std::fs::create_dir_all(&mute).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(mute.join("control.sock")).unwrap();
+    let out = ferry_tests::ferry([
+        "group",
+        "point",
+        "never",
+        "--member",
+        s(&live.state),
+        "--member",
+        s(&mute),
+        "--timeout-ms",
+        "300",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "the round aborts");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["committed"], false, "{v}");
+    assert!(
+        v["members"][1]["error"].is_string(),
+        "the mute member is named: {v}"
+    );
+    assert!(
+        v["members"][0]["tag_seq"].is_null(),
+        "no tag on the live member: {v}"
+    );
+    // The live member takes writes again, and has no tag of that name.
+    qemu_io_writes(&live.uri("a"), &[(0, 64, 7)]);
+    let tags = std::fs::read_to_string(live.state.join("tags.jsonl")).unwrap_or_default();
+    assert!(!tags.contains("\"never\""), "{tags}");
+    drop(listener);
+}
