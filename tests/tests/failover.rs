@@ -1194,3 +1194,106 @@ fn a_member_that_does_not_answer_aborts_the_round_and_releases_the_others() {
     assert!(!tags.contains("\"never\""), "{tags}");
     drop(listener);
 }
+
+#[test]
+fn a_failover_interrupted_by_a_target_crash_completes_when_run_again() {
+    let mut rig = PointRig::up("fo-interrupted");
+    // 48 MiB of incompressible data so that materializing takes a moment.
+    let src = rig.scratch.path("random.bin");
+    std::fs::write(&src, ferry_tests::pattern(77, 48 << 20)).unwrap();
+    let out = run(
+        "qemu-io",
+        [
+            "-f",
+            "raw",
+            &rig.filter.uri(DISK),
+            "-c",
+            &format!("write -s {} 0 48M", s(&src)),
+        ],
+    );
+    expect_code(&out, 0, "qemu-io write");
+    rig.round("before", &[(0, 4096, 3)]);
+    rig.round("after", &[(8192, 4096, 4)]);
+    wait_point(rig.data(), "after");
+    let data = rig.data().to_path_buf();
+    let dr = rig.scratch.path("dr");
+    // Start a failover into another format (a full conversion) and kill
+    // the target while it runs, if it still runs.
+    let mut child = std::process::Command::new(ferry_tests::ferry_bin())
+        .args([
+            "failover",
+            "web01",
+            "--data",
+            s(&data),
+            "--point",
+            "before",
+            "--format",
+            "vmdk-sparse",
+            "--out",
+            s(&dr),
+            "--json",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(30), || {
+        std::fs::read_dir(&dr).is_ok_and(|mut d| d.next().is_some())
+    });
+    rig.site.target.kill9();
+    let _ = child.wait();
+    rig.site.target.restart();
+    rig.site.wait_listening();
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(data.join("hosts/web01/failover.json")).expect("failover state"),
+    )
+    .unwrap();
+    eprintln!("state after the crash: {}", state["state"]);
+    let again = if state["state"] == "failing-over" {
+        // Interrupted: the same command again finishes the job.
+        vec![
+            "failover",
+            "web01",
+            "--data",
+            s(&data),
+            "--point",
+            "before",
+            "--format",
+            "vmdk-sparse",
+            "--out",
+            s(&dr),
+            "--json",
+        ]
+    } else {
+        // It finished before the kill: a change of point still works.
+        vec![
+            "failover",
+            "web01",
+            "--data",
+            s(&data),
+            "--point",
+            "before",
+            "--format",
+            "vmdk-sparse",
+            "--change-point",
+            "--json",
+        ]
+    };
+    let m = json_of(&ferry_tests::ferry(&again), "failover after the crash");
+    assert_eq!(m["state"], "failed-over", "{m}");
+    assert_same(
+        &rig.copies[0].1,
+        &image_of(&m, DISK),
+        "vmdk-sparse",
+        "before",
+    );
+    let left: Vec<String> = std::fs::read_dir(&dr)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        left.iter().all(|n| !n.contains("materializing")),
+        "no temporary files left: {left:?}"
+    );
+}
