@@ -347,10 +347,13 @@ pub trait Handler: Send + Sync {
     /// Mark a disk's (or every disk's) allocated area dirty.
     fn resync_all(&self, request: &ResyncRequest) -> Result<ResyncOutcome>;
     /// Hold every disk's writes, call `decide` with the quiet sequence, and
-    /// take the tag `request.name` if it says so; release either way.
+    /// take the tag `request.name` if it says so; release either way. Give
+    /// up (an error, nothing held) if another tag keeps the disks past
+    /// `deadline`.
     fn hold(
         &self,
         request: &HoldRequest,
+        deadline: std::time::Instant,
         decide: &mut dyn FnMut(u64) -> bool,
     ) -> Result<HoldOutcome>;
 }
@@ -425,7 +428,9 @@ pub fn serve(listener: UnixListener, handler: Arc<dyn Handler>, stop: Arc<Atomic
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(50));
+                // Short: a group point's members should all start holding
+                // within a few ms of the coordinator's request.
+                std::thread::sleep(Duration::from_millis(5));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "control socket accept failed");
@@ -502,27 +507,40 @@ fn hold_round(
     hold: &HoldRequest,
 ) -> String {
     use std::io::Read;
-    let limit = Duration::from_millis(hold.timeout_ms.clamp(1, MAX_HOLD_MS));
+    // The deadline runs from the request: waiting for the tag lock and
+    // for writes in flight comes out of it, so writes stay held no longer
+    // than the timeout after the coordinator asked.
+    let deadline =
+        std::time::Instant::now() + Duration::from_millis(hold.timeout_ms.clamp(1, MAX_HOLD_MS));
     let mut decide = |seq: u64| {
-        let deadline = std::time::Instant::now() + limit;
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
         let held = Response {
             held: Some(seq),
             ..Response::ok()
         };
         let line = serde_json::to_string(&held).expect("responses serialize");
-        if writeln!(stream, "{line}").is_err() {
+        // A coordinator that does not read cannot keep the writes held.
+        let _ = stream.set_write_timeout(Some(left));
+        let sent = writeln!(stream, "{line}");
+        let _ = stream.set_write_timeout(None);
+        if sent.is_err() {
             return false;
         }
         let mut chunk = [0u8; 1024];
         loop {
             if let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                // The verdict: `commit` of this version takes the tag;
+                // anything else (abort, a stray request) releases without.
                 let line: Vec<u8> = pending.drain(..=end).collect();
                 let verdict = serde_json::from_slice::<Envelope<Request>>(&line);
                 return matches!(
                     verdict,
                     Ok(Envelope {
+                        version: VERSION,
                         body: Request::Commit,
-                        ..
                     })
                 );
             }
@@ -532,12 +550,13 @@ fn hold_round(
             }
             let _ = stream.set_read_timeout(Some(left));
             match stream.read(&mut chunk) {
-                Ok(0) | Err(_) => return false, // hang-up or deadline: abort
-                Ok(n) => pending.extend_from_slice(&chunk[..n]),
+                Ok(n) if n > 0 => pending.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                _ => return false, // hang-up or deadline: release
             }
         }
     };
-    let outcome = handler.hold(hold, &mut decide);
+    let outcome = handler.hold(hold, deadline, &mut decide);
     let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
     let response = match outcome {
         Ok(o) => Response {
@@ -632,6 +651,7 @@ mod tests {
         fn hold(
             &self,
             request: &HoldRequest,
+            _deadline: std::time::Instant,
             decide: &mut dyn FnMut(u64) -> bool,
         ) -> Result<HoldOutcome> {
             let committed = decide(41);

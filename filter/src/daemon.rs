@@ -200,6 +200,7 @@ impl control::Handler for Host {
     fn hold(
         &self,
         request: &HoldRequest,
+        deadline: Instant,
         decide: &mut dyn FnMut(u64) -> bool,
     ) -> Result<HoldOutcome> {
         let tag = TagRequest {
@@ -211,10 +212,25 @@ impl control::Handler for Host {
                 "a tag name is 1-128 characters without newlines",
             ));
         }
-        let _one_at_a_time = self.tag_lock.lock().expect("tag lock");
+        // Another tag (an app-consistent one freezes file systems) may hold
+        // the lock: wait for it only until the deadline.
+        let _one_at_a_time = loop {
+            match self.tag_lock.try_lock() {
+                Ok(g) => break g,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    return Err(Error::control("another tag is being taken: no hold"))
+                }
+            }
+        };
         let started = Instant::now();
         // Every disk's gate held: writes in flight finish and are recorded,
         // new ones wait, until the coordinator has every member quiet.
+        // (Waiting for writes in flight is not bounded by the deadline:
+        // they are ordinary I/O; `decide` releases at once if it passed.)
         let barriers: Vec<_> = self.disks.iter().map(|d| d.gate().barrier()).collect();
         if let Some(why) = self.disks.iter().find_map(|d| d.unfit_for_tag()) {
             return Err(Error::control(why));

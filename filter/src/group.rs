@@ -16,10 +16,14 @@
 //! and before the first `commit`), so a write that depends on another
 //! host's acknowledged write is in a member's point only if that write is
 //! in its host's point: the tags are one cut across the group. A member
-//! holds for at most the timeout whatever the coordinator does (its own
-//! deadline; a hang-up aborts), so no member stays blocked. A round is a
-//! group point only when every member committed; a member that missed the
-//! commit (its deadline passed) makes it a partial tag, reported as such.
+//! holds for at most the timeout from its request whatever the coordinator
+//! does (its own deadline; a hang-up aborts), so no member stays blocked.
+//! The coordinator counts `held` answers only in the first half of the
+//! timeout, so that its commit reaches every member before it lets go. A
+//! round is a group point only when every member committed; one that
+//! committed on some members only (a member failed to write its tag, or
+//! its answer was lost) is reported as partial: take the next round under
+//! a new name.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -35,11 +39,25 @@ use crate::error::{Error, Result};
 /// tag log is synced).
 const FINISH_SLACK: Duration = Duration::from_secs(10);
 
+/// How a member ended a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemberState {
+    /// It took the tag.
+    Committed,
+    /// It released without a tag (or never held).
+    Released,
+    /// It was told to commit but its answer never came: it may hold the tag.
+    Unknown,
+}
+
 /// One member's part of a round.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberOutcome {
     /// The member (its state directory).
     pub member: PathBuf,
+    /// How it ended.
+    pub state: MemberState,
     /// The quiet sequence it held at.
     pub held_seq: Option<u64>,
     /// The tag's sequence, when it committed.
@@ -50,13 +68,27 @@ pub struct MemberOutcome {
     pub error: Option<String>,
 }
 
+/// How a round ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoundResult {
+    /// Every member took the tag: a group-consistent point.
+    Taken,
+    /// No member took the tag.
+    Aborted,
+    /// Some members took the tag (or may have) and others did not: not a
+    /// group point. Use a new name for the next round; failing over to
+    /// this name would mix rounds.
+    Partial,
+}
+
 /// What a round did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupOutcome {
     /// The point's name.
     pub name: String,
-    /// Every member took the tag: a group-consistent point.
-    pub committed: bool,
+    /// How it ended.
+    pub result: RoundResult,
     /// Per member, in the order given.
     pub members: Vec<MemberOutcome>,
     /// From the first hold sent to the last answer, µs.
@@ -82,6 +114,7 @@ impl Member {
             reader: BufReader::new(stream),
             outcome: MemberOutcome {
                 member: state.to_path_buf(),
+                state: MemberState::Released,
                 held_seq: None,
                 tag_seq: None,
                 held_us: None,
@@ -100,13 +133,12 @@ impl Member {
         sent.is_ok()
     }
 
-    /// The next answer, by `deadline`.
+    /// The next answer, by `deadline` (one already received counts even
+    /// when the deadline has passed).
     fn answer(&mut self, deadline: Instant) -> Option<Response> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            self.outcome.error = Some("no answer before the deadline".into());
-            return None;
-        }
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
         let _ = self.reader.get_ref().set_read_timeout(Some(left));
         let mut line = String::new();
         match self.reader.read_line(&mut line) {
@@ -145,7 +177,10 @@ pub fn group_point(name: &str, members: &[PathBuf], timeout: Duration) -> Result
         .map(|m| Member::connect(m))
         .collect::<Result<Vec<_>>>()?;
     let started = Instant::now();
-    let deadline = started + timeout;
+    // Members hold for at most `timeout` from their request; the commit
+    // must reach every one of them before that, so `held` answers count
+    // only in the first half.
+    let held_deadline = started + timeout / 2;
     let timeout_ms = u64::try_from(timeout.as_millis())
         .unwrap_or(u64::MAX)
         .max(1);
@@ -158,47 +193,65 @@ pub fn group_point(name: &str, members: &[PathBuf], timeout: Duration) -> Result
             all_held = false;
             continue;
         }
-        match m.answer(deadline).and_then(|r| r.held) {
+        match m.answer(held_deadline).and_then(|r| r.held) {
             Some(seq) => m.outcome.held_seq = Some(seq),
             None => all_held = false,
         }
     }
     let verdict = if all_held { "commit" } else { "abort" };
+    // Everyone gets the verdict: a member that holds late reads `abort` as
+    // soon as it is quiet.
     for m in &mut conns {
-        if m.outcome.held_seq.is_some() {
-            m.send(serde_json::json!({ "op": verdict }));
-        }
+        m.send(serde_json::json!({ "op": verdict }));
     }
     let finish = Instant::now() + FINISH_SLACK;
     for m in &mut conns {
         if m.outcome.held_seq.is_none() {
-            // Not held in time: dropping the connection below makes it
-            // abort as soon as it holds (or it already failed).
-            continue;
+            continue; // released by the abort or by the hang-up below
         }
-        if let Some(HoldOutcome {
-            committed,
-            tag,
-            held_us,
-            ..
-        }) = m.answer(finish).and_then(|r| r.hold)
-        {
-            m.outcome.held_us = Some(held_us);
-            if committed {
+        match m.answer(finish).and_then(|r| r.hold) {
+            Some(HoldOutcome {
+                committed: true,
+                tag,
+                held_us,
+                ..
+            }) => {
+                m.outcome.held_us = Some(held_us);
                 m.outcome.tag_seq = tag.map(|t| t.seq);
-            } else if all_held {
-                m.outcome.error = Some("the member's hold expired before the commit".into());
+                m.outcome.state = MemberState::Committed;
             }
+            Some(HoldOutcome { held_us, .. }) => {
+                m.outcome.held_us = Some(held_us);
+                if all_held {
+                    m.outcome.error = Some("the member's hold expired before the commit".into());
+                }
+            }
+            None if all_held => m.outcome.state = MemberState::Unknown,
+            None => {}
         }
     }
-    let committed = conns.iter().all(|m| m.outcome.tag_seq.is_some());
+    let committed = conns
+        .iter()
+        .filter(|m| m.outcome.state != MemberState::Released)
+        .count();
+    let result = match committed {
+        0 => RoundResult::Aborted,
+        n if n == conns.len()
+            && conns
+                .iter()
+                .all(|m| m.outcome.state == MemberState::Committed) =>
+        {
+            RoundResult::Taken
+        }
+        _ => RoundResult::Partial,
+    };
     let outcome = GroupOutcome {
         name: name.to_owned(),
-        committed,
+        result,
         members: conns.into_iter().map(|m| m.outcome).collect(),
         elapsed_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
     };
-    if !outcome.committed {
+    if outcome.result != RoundResult::Taken {
         let why: Vec<String> = outcome
             .members
             .iter()
@@ -208,7 +261,7 @@ pub fn group_point(name: &str, members: &[PathBuf], timeout: Duration) -> Result
                     .map(|e| format!("{}: {e}", m.member.display()))
             })
             .collect();
-        tracing::warn!(name, reasons = ?why, "group point not taken");
+        tracing::warn!(name, result = ?outcome.result, reasons = ?why, "group point not taken");
     }
     Ok(outcome)
 }

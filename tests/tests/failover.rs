@@ -1064,7 +1064,10 @@ fn group_points_hold_a_dependency_across_two_hosts() {
         sidecar01.log_text(),
         sidecar02.log_text()
     );
-    let members = [s(&web01.state).to_owned(), s(&web02.state).to_owned()];
+    // The record host first: committing in the order given then tags web02
+    // before web01, which without a working hold could cut between a
+    // record and its index entry.
+    let members = [s(&web02.state).to_owned(), s(&web01.state).to_owned()];
     let group_point = |name: &str| {
         let mut args = vec!["group", "point", name, "--json", "--timeout-ms", "2000"];
         for m in &members {
@@ -1092,7 +1095,7 @@ fn group_points_hold_a_dependency_across_two_hosts() {
         let name = format!("grp-{}", names.len() + 1);
         let out = group_point(&name);
         let v = json_of(&out, "ferry group point");
-        assert_eq!(v["committed"], true, "{v}");
+        assert_eq!(v["result"], "taken", "{v}");
         names.push(name);
     }
     assert!(
@@ -1100,7 +1103,7 @@ fn group_points_hold_a_dependency_across_two_hosts() {
         "workload done"
     );
     let v = json_of(&group_point("grp-end"), "last group point");
-    assert_eq!(v["committed"], true, "{v}");
+    assert_eq!(v["result"], "taken", "{v}");
     names.push("grp-end".into());
     let listed = wait_until(Duration::from_secs(60), || {
         ["web01", "web02"]
@@ -1161,38 +1164,147 @@ fn a_member_that_does_not_answer_aborts_the_round_and_releases_the_others() {
     let disk = scratch.path("a.img");
     expect_code(&run("truncate", ["-s", "16M", s(&disk)]), 0, "truncate");
     let live = FilterProcess::start(&scratch.path("filter"), &[("a", &disk)], &[]);
-    // A member that accepts the connection and never answers.
+    // A member that accepts the connection and never answers, listed
+    // first, and one that hangs up at once.
     let mute = scratch.path("mute");
     std::fs::create_dir_all(&mute).unwrap();
-    let listener = std::os::unix::net::UnixListener::bind(mute.join("control.sock")).unwrap();
-    let out = ferry_tests::ferry([
-        "group",
-        "point",
-        "never",
-        "--member",
-        s(&live.state),
-        "--member",
-        s(&mute),
-        "--timeout-ms",
-        "300",
-        "--json",
-    ]);
-    assert_eq!(out.status.code(), Some(1), "the round aborts");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["committed"], false, "{v}");
-    assert!(
-        v["members"][1]["error"].is_string(),
-        "the mute member is named: {v}"
-    );
-    assert!(
-        v["members"][0]["tag_seq"].is_null(),
-        "no tag on the live member: {v}"
-    );
+    let _mute_listener = std::os::unix::net::UnixListener::bind(mute.join("control.sock")).unwrap();
+    let gone = scratch.path("gone");
+    std::fs::create_dir_all(&gone).unwrap();
+    let gone_listener = std::os::unix::net::UnixListener::bind(gone.join("control.sock")).unwrap();
+    std::thread::spawn(move || {
+        for c in gone_listener.incoming() {
+            drop(c);
+        }
+    });
+    for (other, timeout_ms) in [(&mute, 2000u64), (&gone, 5000)] {
+        let out = ferry_tests::ferry([
+            "group",
+            "point",
+            "never",
+            "--member",
+            s(other),
+            "--member",
+            s(&live.state),
+            "--timeout-ms",
+            &timeout_ms.to_string(),
+            "--json",
+        ]);
+        assert_eq!(out.status.code(), Some(1), "the round aborts");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["result"], "aborted", "{v}");
+        assert!(
+            v["members"][0]["error"].is_string(),
+            "the bad member is named: {v}"
+        );
+        let live_member = &v["members"][1];
+        assert_eq!(live_member["state"], "released", "{v}");
+        // Released by the coordinator's abort, not by its own deadline.
+        let held_us = live_member["held_us"]
+            .as_u64()
+            .expect("the live member held");
+        assert!(
+            held_us < timeout_ms * 1000,
+            "released before its deadline: {v}"
+        );
+    }
     // The live member takes writes again, and has no tag of that name.
     qemu_io_writes(&live.uri("a"), &[(0, 64, 7)]);
     let tags = std::fs::read_to_string(live.state.join("tags.jsonl")).unwrap_or_default();
     assert!(!tags.contains("\"never\""), "{tags}");
-    drop(listener);
+}
+
+/// One line to and one line from a filter's control socket.
+struct ControlLine {
+    writer: std::os::unix::net::UnixStream,
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl ControlLine {
+    fn open(state: &Path) -> ControlLine {
+        let stream = std::os::unix::net::UnixStream::connect(state.join("control.sock")).unwrap();
+        ControlLine {
+            writer: stream.try_clone().unwrap(),
+            reader: std::io::BufReader::new(stream),
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        use std::io::Write;
+        writeln!(self.writer, "{line}").unwrap();
+    }
+
+    fn receive(&mut self) -> serde_json::Value {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+}
+
+#[test]
+fn a_held_member_blocks_writes_until_the_commit_and_records_them_after_its_tag() {
+    let scratch = Scratch::new("fo-hold");
+    let (disk_a, disk_b) = (scratch.path("a.img"), scratch.path("b.img"));
+    for d in [&disk_a, &disk_b] {
+        expect_code(&run("truncate", ["-s", "16M", s(d)]), 0, "truncate");
+    }
+    let hosts = [
+        FilterProcess::start(&scratch.path("h1"), &[("a", &disk_a)], &[]),
+        FilterProcess::start(&scratch.path("h2"), &[("b", &disk_b)], &[]),
+    ];
+    let mut lines: Vec<ControlLine> = hosts.iter().map(|h| ControlLine::open(&h.state)).collect();
+    for l in &mut lines {
+        l.send(r#"{"version":1,"op":"hold","name":"held-1","timeout_ms":10000}"#);
+    }
+    let held: Vec<u64> = lines
+        .iter_mut()
+        .map(|l| {
+            let v = l.receive();
+            v["held"].as_u64().unwrap_or_else(|| panic!("held: {v}"))
+        })
+        .collect();
+    // Writes issued while both are held do not complete.
+    let writers: Vec<_> = hosts
+        .iter()
+        .zip(["a", "b"])
+        .map(|(h, disk)| {
+            let uri = h.uri(disk);
+            std::thread::spawn(move || qemu_io_writes(&uri, &[(0, 4, 9)]))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        writers.iter().all(|w| !w.is_finished()),
+        "writes wait while the members are held"
+    );
+    for l in &mut lines {
+        l.send(r#"{"version":1,"op":"commit"}"#);
+    }
+    let tags: Vec<u64> = lines
+        .iter_mut()
+        .map(|l| {
+            let v = l.receive();
+            assert_eq!(v["hold"]["committed"], true, "{v}");
+            v["hold"]["tag"]["seq"].as_u64().unwrap()
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    for ((h, tag), held) in hosts.iter().zip(&tags).zip(&held) {
+        assert_eq!(
+            *tag,
+            held + 1,
+            "the tag comes right after the quiet sequence"
+        );
+        let status = h.status();
+        let seq = status["seq"].as_u64().unwrap();
+        assert!(
+            seq > *tag,
+            "the held write was recorded after the tag: {status}"
+        );
+    }
 }
 
 #[test]
