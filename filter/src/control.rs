@@ -671,12 +671,9 @@ mod tests {
         }
     }
 
-    /// A hold over a real socket: `held` first, then the outcome the
-    /// second line chose; silence past the deadline and a hang-up abort.
-    #[test]
-    fn a_hold_commits_aborts_and_times_out_on_its_connection() {
-        use std::io::{BufRead, BufReader, Write};
-        let dir = std::env::temp_dir().join(format!("ferry-hold-{}", std::process::id()));
+    /// The control socket served for [`Fake`] in a fresh directory.
+    fn serve_fake(tag: &str) -> (PathBuf, Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+        let dir = std::env::temp_dir().join(format!("ferry-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(SOCKET_NAME);
         let _ = std::fs::remove_file(&path);
@@ -686,6 +683,16 @@ mod tests {
             let stop = Arc::clone(&stop);
             std::thread::spawn(move || serve(listener, Arc::new(Fake), stop))
         };
+        (dir, stop, server)
+    }
+
+    /// A hold over a real socket: `held` first, then the outcome the
+    /// second line chose; silence past the deadline and a hang-up abort.
+    #[test]
+    fn a_hold_commits_aborts_and_times_out_on_its_connection() {
+        use std::io::{BufRead, BufReader, Write};
+        let (dir, stop, server) = serve_fake("hold");
+        let path = dir.join(SOCKET_NAME);
         let round = |second: Option<&str>, timeout_ms: u64| {
             let stream = UnixStream::connect(&path).unwrap();
             let mut w = stream.try_clone().unwrap();
@@ -780,16 +787,7 @@ mod tests {
 
     #[test]
     fn socket_round_trip() {
-        let dir = std::env::temp_dir().join(format!("ferry-control-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(SOCKET_NAME);
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let server = {
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || serve(listener, Arc::new(Fake), stop))
-        };
+        let (dir, stop, server) = serve_fake("control");
         let r = call(&dir, &Request::Status, Duration::from_secs(5)).unwrap();
         assert_eq!(r.status.unwrap().pid, 7);
         let e = call(

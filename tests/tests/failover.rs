@@ -736,6 +736,29 @@ fn sqlite_on_ext4_fails_over_at_app_crash_and_past_points_and_drills_while_runni
     drop(sidecar);
 }
 
+/// `cross_disk.py` writing records through `uri_b` and index entries
+/// through `uri_a`; `CTL/done` appears when it finished.
+fn start_cross_disk(
+    scratch: &Scratch,
+    uri_a: &str,
+    uri_b: &str,
+) -> (PathBuf, ferry_tests::ChildGuard) {
+    let ctl = scratch.path("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let workload = std::process::Command::new("/usr/bin/python3")
+        .args([
+            s(&workload_script("cross_disk.py")),
+            uri_a,
+            uri_b,
+            s(&ctl),
+            "3000",
+        ])
+        .stderr(std::fs::File::create(scratch.path("workload.log")).unwrap())
+        .spawn()
+        .expect("start the workload");
+    (ctl, ferry_tests::ChildGuard(workload))
+}
+
 /// Index entries on disk A (as `cross_disk.py` writes them) whose record is
 /// missing on disk B, and the number of entries.
 fn dangling_entries(a: &[u8], b: &[u8]) -> (usize, u64) {
@@ -789,20 +812,7 @@ fn a_dependency_across_two_disks_holds_at_every_point() {
         "both replicas consistent:\n{}",
         sidecar.log_text()
     );
-    let ctl = scratch.path("ctl");
-    std::fs::create_dir_all(&ctl).unwrap();
-    let workload = std::process::Command::new("/usr/bin/python3")
-        .args([
-            s(&workload_script("cross_disk.py")),
-            &filter.uri("a"),
-            &filter.uri("b"),
-            s(&ctl),
-            "3000",
-        ])
-        .stderr(std::fs::File::create(scratch.path("workload.log")).unwrap())
-        .spawn()
-        .expect("start the workload");
-    let _workload = ferry_tests::ChildGuard(workload);
+    let (ctl, _workload) = start_cross_disk(&scratch, &filter.uri("a"), &filter.uri("b"));
     // Points while the workload runs, at whatever instant the tags land.
     let mut names = Vec::new();
     let mut i = 0;
@@ -1076,20 +1086,7 @@ fn group_points_hold_a_dependency_across_two_hosts() {
         ferry_tests::ferry(&args)
     };
     // Records on web02's disk, then the index entry on web01's disk.
-    let ctl = scratch.path("ctl");
-    std::fs::create_dir_all(&ctl).unwrap();
-    let workload = std::process::Command::new("/usr/bin/python3")
-        .args([
-            s(&workload_script("cross_disk.py")),
-            &web01.uri("a"),
-            &web02.uri("b"),
-            s(&ctl),
-            "3000",
-        ])
-        .stderr(std::fs::File::create(scratch.path("workload.log")).unwrap())
-        .spawn()
-        .expect("start the workload");
-    let _workload = ferry_tests::ChildGuard(workload);
+    let (ctl, _workload) = start_cross_disk(&scratch, &web01.uri("a"), &web02.uri("b"));
     let mut names = Vec::new();
     while !ctl.join("done").exists() && names.len() < 30 {
         let name = format!("grp-{}", names.len() + 1);
