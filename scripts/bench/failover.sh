@@ -35,12 +35,8 @@ churn=${3:-10}
 for t in nbdcopy qemu-img qemu-io python3 jq; do
     command -v "$t" >/dev/null || { echo "$t is required" >&2; exit 1; }
 done
-if [ -n "${FERRY_BIN:-}" ]; then
-    ferry=$FERRY_BIN
-else
-    cargo build --release --locked -p ferry >/dev/null 2>&1 || cargo build --release --locked -p ferry
-    ferry=$root/target/release/ferry
-fi
+. "$root/scripts/bench/lib.sh"
+bench_ferry
 umount "$work" 2>/dev/null || true
 rm -rf "$work" "$work.xfs"
 mkdir -p "$work"
@@ -53,10 +49,8 @@ fi
 bytes=$(numfmt --from=iec "$size")
 mib=$((bytes >> 20))
 
-pids=()
 cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    stop_all
     if [ "${BENCH_FS:-}" = xfs ]; then umount "$work" 2>/dev/null || true; rm -f "$work.xfs"; fi
 }
 trap cleanup EXIT

@@ -53,31 +53,9 @@ have nbdcopy || have qemu-img || { echo "nbdcopy or qemu-img is required to writ
 
 mkdir -p "$work"
 work=$(cd "$work" && pwd)
-if [ -n "${FERRY_BIN:-}" ]; then
-    ferry=$FERRY_BIN # a given binary (e.g. built from a clean checkout): no cargo build
-else
-    cargo build --release --locked -p ferry >/dev/null 2>&1 || cargo build --release --locked -p ferry
-    ferry="$root/target/release/ferry"
-fi
-export FERRY=$ferry NO_COLOR=1
-
-# --- processes: every one we start is stopped on exit ------------------------
-pids=()
-stop_pid() { # PID: TERM, wait up to 10 s, then KILL
-    local p=$1
-    kill "$p" 2>/dev/null || return 0
-    for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$p" 2>/dev/null; then
-        echo "warning: pid $p ignored SIGTERM for 10 s; killing it" >&2
-        kill -9 "$p" 2>/dev/null || true
-    fi
-    wait "$p" 2>/dev/null || true
-}
-cleanup() {
-    local p
-    for p in "${pids[@]}"; do stop_pid "$p"; done
-    pids=()
-}
+. "$root/scripts/bench/lib.sh"
+bench_ferry
+cleanup() { stop_all; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 

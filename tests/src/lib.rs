@@ -143,6 +143,20 @@ pub fn qemu_format(ferry_format: &str) -> &'static str {
     }
 }
 
+/// `qemu-img compare` of the raw file `raw` with `image`, an image of the
+/// ferry format `format` (the caller judges the output).
+pub fn qemu_compare_raw(raw: &Path, image: &Path, format: &str) -> Output {
+    qemu_img([
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        qemu_format(format),
+        raw.to_str().expect("utf-8 path"),
+        image.to_str().expect("utf-8 path"),
+    ])
+}
+
 /// The crash-test writer's (`image-writer`) record layout, shared with the test.
 pub mod crash_writer {
     /// Virtual size of the test image.

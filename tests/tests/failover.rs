@@ -9,9 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferry_tests::{
-    expect_code, qemu_format, qemu_img, run, wait_until, FilterProcess, Scratch, Site,
-};
+use ferry_tests::{expect_code, run, wait_until, FilterProcess, Scratch, Site};
 
 const DISK: &str = "data";
 
@@ -63,12 +61,18 @@ fn json_of(out: &std::process::Output, what: &str) -> serde_json::Value {
     })
 }
 
-/// `ferry failover` of web01 at `point` as raw images into `out` (a change
-/// of point after the first), returning the manifest.
-fn fail_over_raw(data: &Path, out: &Path, point: &str, change: bool) -> serde_json::Value {
+/// `ferry failover` of `host` at `point` as raw images into `out` (a
+/// change of point after the first), returning the manifest.
+fn fail_over_raw(
+    data: &Path,
+    host: &str,
+    out: &Path,
+    point: &str,
+    change: bool,
+) -> serde_json::Value {
     let mut args = vec![
         "failover",
-        "web01",
+        host,
         "--data",
         s(data),
         "--point",
@@ -97,15 +101,7 @@ fn image_of(m: &serde_json::Value, disk: &str) -> PathBuf {
 
 /// `qemu-img compare` of a raw copy with an image of `format`.
 fn assert_same(raw: &Path, image: &Path, format: &str, what: &str) {
-    let out = qemu_img([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        qemu_format(format),
-        s(raw),
-        s(image),
-    ]);
+    let out = ferry_tests::qemu_compare_raw(raw, image, format);
     assert!(
         out.status.success(),
         "{what}: {} differs from {}: {}{}",
@@ -394,15 +390,7 @@ fn a_test_failover_is_writable_while_replication_goes_on_and_cleanup_leaves_no_t
         Duration::from_secs(60),
         &rig.sidecar,
     );
-    let compare = qemu_img([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "vpc",
-        s(&rig.disk),
-        s(&rig.site.replica(DISK)),
-    ]);
+    let compare = ferry_tests::qemu_compare_raw(&rig.disk, &rig.site.replica(DISK), "vhd-dynamic");
     expect_code(&compare, 0, "replica equals the disk after the drill");
 }
 
@@ -843,7 +831,7 @@ fn a_dependency_across_two_disks_holds_at_every_point() {
     let mut last_entries = 0;
     let mut mid_workload = 0;
     for (n, name) in names.iter().enumerate() {
-        let m = fail_over_raw(&data, &out, name, n > 0);
+        let m = fail_over_raw(&data, "web01", &out, name, n > 0);
         let file = |disk: &str| std::fs::read(image_of(&m, disk)).unwrap();
         let (dangling, entries) = dangling_entries(&file("a"), &file("b"));
         assert_eq!(
@@ -961,7 +949,7 @@ fn retention_drops_history_older_than_the_window_and_keeps_every_point_inside() 
     let out = scratch.path("dr");
     for (n, name) in kept.iter().enumerate() {
         let copy = &copies.iter().find(|(c, _)| c == name).unwrap().1;
-        let m = fail_over_raw(&data, &out, name, n > 0);
+        let m = fail_over_raw(&data, "web01", &out, name, n > 0);
         assert_same(copy, &image_of(&m, DISK), "raw", name);
     }
     let gone = ferry_tests::ferry([
@@ -1011,7 +999,7 @@ fn a_target_killed_while_applying_keeps_every_point_exact() {
     let data = rig.data().to_path_buf();
     let out = rig.scratch.path("dr");
     for (n, (name, copy)) in rig.copies.iter().enumerate() {
-        let m = fail_over_raw(&data, &out, name, n > 0);
+        let m = fail_over_raw(&data, "web01", &out, name, n > 0);
         assert_same(copy, &image_of(&m, DISK), "raw", name);
     }
 }
@@ -1116,25 +1104,7 @@ fn group_points_hold_a_dependency_across_two_hosts() {
     for (n, name) in names.iter().enumerate() {
         let mut images = Vec::new();
         for host in ["web01", "web02"] {
-            let mut args = vec![
-                "failover",
-                host,
-                "--data",
-                s(&site.data),
-                "--point",
-                name,
-                "--format",
-                "raw",
-                "--no-checksum",
-                "--json",
-                "--out",
-            ];
-            let dir = out.join(host);
-            args.push(s(&dir));
-            if n > 0 {
-                args.push("--change-point");
-            }
-            let m = json_of(&ferry_tests::ferry(&args), "failover at a group point");
+            let m = fail_over_raw(&site.data, host, &out.join(host), name, n > 0);
             images.push(
                 std::fs::read(image_of(&m, if host == "web01" { "a" } else { "b" })).unwrap(),
             );
@@ -1326,10 +1296,8 @@ fn a_failover_interrupted_by_a_target_crash_completes_when_run_again() {
     wait_point(rig.data(), "after");
     let data = rig.data().to_path_buf();
     let dr = rig.scratch.path("dr");
-    // Start a failover into another format (a full conversion) and kill
-    // the target while it runs, if it still runs.
-    let mut child = std::process::Command::new(ferry_tests::ferry_bin())
-        .args([
+    let failover = |extra: &[&str]| {
+        let mut args = vec![
             "failover",
             "web01",
             "--data",
@@ -1338,10 +1306,15 @@ fn a_failover_interrupted_by_a_target_crash_completes_when_run_again() {
             "before",
             "--format",
             "vmdk-sparse",
-            "--out",
-            s(&dr),
             "--json",
-        ])
+        ];
+        args.extend_from_slice(extra);
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    // Start a failover into another format (a full conversion) and kill
+    // the target while it runs, if it still runs.
+    let mut child = std::process::Command::new(ferry_tests::ferry_bin())
+        .args(failover(&["--out", s(&dr)]))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -1360,33 +1333,10 @@ fn a_failover_interrupted_by_a_target_crash_completes_when_run_again() {
     eprintln!("state after the crash: {}", state["state"]);
     let again = if state["state"] == "failing-over" {
         // Interrupted: the same command again finishes the job.
-        vec![
-            "failover",
-            "web01",
-            "--data",
-            s(&data),
-            "--point",
-            "before",
-            "--format",
-            "vmdk-sparse",
-            "--out",
-            s(&dr),
-            "--json",
-        ]
+        failover(&["--out", s(&dr)])
     } else {
         // It finished before the kill: a change of point still works.
-        vec![
-            "failover",
-            "web01",
-            "--data",
-            s(&data),
-            "--point",
-            "before",
-            "--format",
-            "vmdk-sparse",
-            "--change-point",
-            "--json",
-        ]
+        failover(&["--change-point"])
     };
     let m = json_of(&ferry_tests::ferry(&again), "failover after the crash");
     assert_eq!(m["state"], "failed-over", "{m}");

@@ -8,9 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use ferry_tests::crash_writer::{data, offset, RECORD, RECORDS, SIZE};
-use ferry_tests::{
-    expect_code, ferry, qemu_format, qemu_img, write_half_full_raw, ChildGuard, Scratch,
-};
+use ferry_tests::{expect_code, ferry, write_half_full_raw, ChildGuard, Scratch};
 use ferry_vhd::{open, OpenOptions};
 
 fn s(p: &Path) -> &str {
@@ -131,15 +129,7 @@ fn crash_round(format: &str, kill_after: u64) {
     if format != "vhd-diff" {
         let raw = dir.path("expected.raw");
         std::fs::write(&raw, &content).unwrap();
-        let out = qemu_img([
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            qemu_format(format),
-            s(&raw),
-            s(&image),
-        ]);
+        let out = ferry_tests::qemu_compare_raw(&raw, &image, format);
         expect_code(&out, 0, "qemu-img agrees with ferry after the crash");
     }
 }

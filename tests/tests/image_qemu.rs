@@ -24,15 +24,7 @@ fn s(p: &Path) -> &str {
 }
 
 fn qemu_compare(raw: &Path, image: &Path, format: &str) {
-    let out = qemu_img([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        qemu_format(format),
-        s(raw),
-        s(image),
-    ]);
+    let out = ferry_tests::qemu_compare_raw(raw, image, format);
     expect_code(&out, 0, &format!("qemu-img compare raw vs {format}"));
 }
 

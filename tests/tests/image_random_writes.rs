@@ -6,7 +6,7 @@
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use ferry_tests::{expect_code, pattern, qemu_format, qemu_img, Scratch};
+use ferry_tests::{expect_code, pattern, qemu_img, Scratch};
 use ferry_vhd::{create, CreateOptions, Format};
 use proptest::prelude::*;
 
@@ -52,15 +52,7 @@ fn run(format: Format, writes: &[(u64, usize, u64)]) -> Result<(), TestCaseError
     }
     image.finish().unwrap();
     drop(image);
-    let out = qemu_img([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        qemu_format(format.name()),
-        s(&raw_path),
-        s(&image_path),
-    ]);
+    let out = ferry_tests::qemu_compare_raw(&raw_path, &image_path, format.name());
     prop_assert_eq!(
         out.status.code(),
         Some(0),

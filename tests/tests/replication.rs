@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use ferry_tests::{expect_code, pattern, qemu_img, run, wait_until, Daemon, Scratch, Site, Volume};
+use ferry_tests::{expect_code, pattern, run, wait_until, Daemon, Scratch, Site, Volume};
 
 const DISK: &str = "data";
 const SIZE: &str = "512M";
@@ -170,15 +170,11 @@ impl Rig {
         check_tree(&mnt, tree);
         self.volume.unmount();
         self.wait_replicated();
-        let out = qemu_img([
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "vpc",
-            s(&self.volume.dir.join("disk.img")),
-            s(&self.site.replica(DISK)),
-        ]);
+        let out = ferry_tests::qemu_compare_raw(
+            &self.volume.dir.join("disk.img"),
+            &self.site.replica(DISK),
+            "vhd-dynamic",
+        );
         expect_code(&out, 0, "qemu-img compare backing file vs replica");
         // Once the resync (if any) settled, the sidecar's claim reaches the
         // target with the next set (a tag when the disk is idle).
@@ -497,15 +493,7 @@ fn filter_killed_recovers_through_a_new_epoch() {
     let filter = ferry_tests::FilterProcess::start(&fdir, &[(DISK, &disk)], &[]);
     qemu_io_writes(&filter.uri(DISK), &[(30, 2, 7)]);
     site.wait_replicated(&filter.state, DISK, SYNC_TIMEOUT, &sidecar);
-    let out = qemu_img([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "vpc",
-        s(&disk),
-        s(&site.replica(DISK)),
-    ]);
+    let out = ferry_tests::qemu_compare_raw(&disk, &site.replica(DISK), "vhd-dynamic");
     expect_code(&out, 0, "qemu-img compare after a filter crash");
     let consistent = wait_until(Duration::from_secs(60), || {
         site.disk_status(DISK).unwrap()["consistency"]["state"] == "consistent"
