@@ -65,25 +65,8 @@ mkdir -p "$work/run/state" "$work/logs"
 cat >"$helper" <<'PY'
 import json, os, subprocess, sys, time
 
-FERRY = os.environ["FERRY"]
-WATCH = [int(p) for p in os.environ.get("WATCH_PIDS", "").split()]
-
-def check_alive():
-    for p in WATCH:
-        try:
-            os.kill(p, 0)
-        except ProcessLookupError:
-            sys.exit(f"a ferry daemon (pid {p}) exited; see the logs")
-
-def status(*args):
-    check_alive()
-    out = subprocess.run([FERRY, *args, "--json"], capture_output=True, text=True)
-    if out.returncode != 0:
-        return None
-    try:
-        return json.loads(out.stdout)
-    except ValueError:
-        return None
+sys.path.insert(0, os.environ["BENCH_DIR"])
+from ferry_status import status  # noqa: E402
 
 def filt(state):
     s = status("filter", "status", "--state", state)

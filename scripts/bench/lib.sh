@@ -11,6 +11,7 @@ bench_ferry() {
         ferry="$root/target/release/ferry"
     fi
     export FERRY=$ferry NO_COLOR=1
+    export BENCH_DIR="$root/scripts/bench" # for ferry_status.py
 }
 
 pids=()

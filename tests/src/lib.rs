@@ -143,6 +143,26 @@ pub fn qemu_format(ferry_format: &str) -> &'static str {
     }
 }
 
+/// qemu-io writes through the NBD `uri`: at each (offset, length) in
+/// `unit`s (`K` or `M`) a pattern byte, or zeroes (`write -z`) for byte 0.
+pub fn qemu_io_writes(uri: &str, unit: &str, writes: &[(u64, u64, u8)]) {
+    let mut args = vec!["-f".to_string(), "raw".to_string(), uri.to_string()];
+    for &(off, len, byte) in writes {
+        args.push("-c".into());
+        if byte == 0 {
+            args.push(format!("write -z {off}{unit} {len}{unit}"));
+        } else {
+            args.push(format!("write -P {byte} {off}{unit} {len}{unit}"));
+        }
+    }
+    let out = run("qemu-io", &args);
+    assert!(
+        out.status.success(),
+        "qemu-io: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `qemu-img compare` of the raw file `raw` with `image`, an image of the
 /// ferry format `format` (the caller judges the output).
 pub fn qemu_compare_raw(raw: &Path, image: &Path, format: &str) -> Output {

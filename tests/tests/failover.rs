@@ -17,23 +17,25 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// qemu-io writes of a pattern byte at (offset KiB, length KiB) places.
+/// qemu-io writes of a pattern byte (0: zeroes) at (offset KiB, length
+/// KiB) places.
 fn qemu_io_writes(uri: &str, writes: &[(u64, u64, u8)]) {
-    let mut args = vec!["-f".to_string(), "raw".to_string(), uri.to_string()];
-    for &(off, len, byte) in writes {
-        args.push("-c".into());
-        if byte == 0 {
-            args.push(format!("write -z {off}K {len}K"));
-        } else {
-            args.push(format!("write -P {byte} {off}K {len}K"));
-        }
-    }
-    let out = run("qemu-io", &args);
-    assert!(
-        out.status.success(),
-        "qemu-io: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ferry_tests::qemu_io_writes(uri, "K", writes);
+}
+
+/// `ferry test-failover cleanup` of web01, which must succeed.
+fn cleanup_drill(data: &Path, what: &str) -> serde_json::Value {
+    json_of(
+        &ferry_tests::ferry([
+            "test-failover",
+            "cleanup",
+            "web01",
+            "--data",
+            s(data),
+            "--json",
+        ]),
+        what,
+    )
 }
 
 fn points(data: &Path) -> Vec<serde_json::Value> {
@@ -368,17 +370,7 @@ fn a_test_failover_is_writable_while_replication_goes_on_and_cleanup_leaves_no_t
 
     // Cleanup removes the images; the points and the replica are as before.
     let before_points = points(&data);
-    json_of(
-        &ferry_tests::ferry([
-            "test-failover",
-            "cleanup",
-            "web01",
-            "--data",
-            s(&data),
-            "--json",
-        ]),
-        "cleanup",
-    );
+    cleanup_drill(&data, "cleanup");
     assert!(!image.exists() && !base.exists(), "images removed");
     assert_eq!(points(&data), before_points);
     assert!(!data.join("hosts/web01/test-failover.json").exists());
@@ -598,17 +590,7 @@ fn sqlite_on_ext4_fails_over_at_app_crash_and_past_points_and_drills_while_runni
         img.flush().unwrap();
     }
     let points_before = points(&data);
-    json_of(
-        &ferry_tests::ferry([
-            "test-failover",
-            "cleanup",
-            "web01",
-            "--data",
-            s(&data),
-            "--json",
-        ]),
-        "drill cleanup",
-    );
+    cleanup_drill(&data, "drill cleanup");
     assert!(!test_image.exists());
     let kept = points(&data);
     assert!(

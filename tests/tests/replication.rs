@@ -461,17 +461,7 @@ fn a_target_that_lost_its_data_gets_a_full_copy_again() {
 
 /// qemu-io writes of a pattern byte at (offset MiB, length MiB) places.
 fn qemu_io_writes(uri: &str, writes: &[(u64, u64, u8)]) {
-    let mut args = vec!["-f".to_string(), "raw".to_string(), uri.to_string()];
-    for &(off, len, byte) in writes {
-        args.push("-c".into());
-        args.push(format!("write -P {byte} {off}M {len}M"));
-    }
-    let out = run("qemu-io", &args);
-    assert!(
-        out.status.success(),
-        "qemu-io: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ferry_tests::qemu_io_writes(uri, "M", writes);
 }
 
 #[test]
