@@ -7,6 +7,7 @@ mod filter;
 mod group;
 mod image;
 mod replicate;
+mod server;
 
 use std::process::ExitCode;
 
@@ -51,6 +52,23 @@ enum Command {
     /// Writable images of a host at a point while replication goes on
     /// (`ferry test-failover cleanup HOST --data DIR` removes them).
     TestFailover(Box<failover::TestFailoverArgs>),
+    /// The control-plane server: `ferry server init --data DIR`, `ferry
+    /// server run --data DIR --listen ADDR`.
+    #[command(subcommand)]
+    Server(server::ServerCommand),
+    /// Hosts known to the server: token, register, list, show.
+    #[command(subcommand)]
+    Host(server::HostCommand),
+    /// Replication policies: create, list, show.
+    #[command(subcommand)]
+    Policy(server::PolicyCommand),
+    /// Protect disks of a registered host under a policy to a target.
+    Protect(server::ProtectArgs),
+    /// Hosts, their daemons' heartbeats and their disks' protection states.
+    Status(server::StatusArgs),
+    /// Jobs the server runs: list, show, wait.
+    #[command(subcommand)]
+    Job(server::JobCommand),
 }
 
 /// Logs to stderr; `FERRY_LOG` = error|warn|info|debug|trace (default info).
@@ -101,12 +119,21 @@ fn main() -> ExitCode {
         Command::Commit(args) => failover::run_commit(&args),
         Command::Group(cmd) => group::run(&cmd),
         Command::TestFailover(args) => failover::run_test_failover(&args),
+        Command::Server(cmd) => {
+            init_logging();
+            server::run_server(cmd)
+        }
+        Command::Host(cmd) => server::run_host(&cmd),
+        Command::Policy(cmd) => server::run_policy(&cmd),
+        Command::Protect(args) => server::run_protect(&args),
+        Command::Status(args) => server::run_status(&args),
+        Command::Job(cmd) => server::run_job(&cmd),
     };
     match outcome {
         Ok(code) => code,
         Err(err) => {
             eprintln!("ferry: {err:#}");
-            ExitCode::from(image::EXIT_ERROR)
+            ExitCode::from(server::exit_code(&err).unwrap_or(image::EXIT_ERROR))
         }
     }
 }

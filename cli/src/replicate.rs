@@ -18,7 +18,7 @@ use ferry_vhd::Format;
 
 use crate::image::EXIT_ERROR;
 
-fn size(s: &str) -> std::result::Result<u64, String> {
+pub(crate) fn size(s: &str) -> std::result::Result<u64, String> {
     ferry_vhd::parse_size(s).map_err(|e| e.to_string())
 }
 
@@ -51,6 +51,13 @@ enum TargetCommand {
     /// Per host and disk: applied sequence, lag, journal size, replica,
     /// consistency.
     Status(TargetStatusArgs),
+    /// Register this target with the control-plane server (run on the
+    /// target).
+    Register(crate::server::TargetRegisterArgs),
+    /// A one-time token for a target to register with (admin).
+    Token(crate::server::TokenArgs),
+    /// Every registered target (admin).
+    List(crate::server::ListArgs),
 }
 
 /// Run the recovery-site receiver.
@@ -107,6 +114,11 @@ struct TargetStatusArgs {
 pub fn run_target(args: TargetArgs) -> Result<ExitCode> {
     match args.command {
         Some(TargetCommand::Status(s)) => target_status(&s),
+        Some(TargetCommand::Register(a)) => crate::server::run_target_register(&a),
+        Some(TargetCommand::Token(a)) => {
+            crate::server::issue_token(&a, ferry_api::types::Role::Target)
+        }
+        Some(TargetCommand::List(a)) => crate::server::run_target_list(&a),
         None => target(args.daemon),
     }
 }
@@ -142,7 +154,7 @@ fn seq(s: Option<u64>) -> String {
     s.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
-fn human_bytes(b: u64) -> String {
+pub(crate) fn human_bytes(b: u64) -> String {
     human_f64(b as f64)
 }
 

@@ -294,14 +294,55 @@ fn plan_pair(dir: &Path, name: &str, force: bool, ca: CaPlan) -> Result<PairPlan
 /// Refuses to overwrite any existing file unless `force`; with nothing left
 /// to create it is an error (so a repeated call does not silently succeed).
 pub fn init(dir: &Path, hosts: &[String], target: &str, force: bool) -> Result<InitReport> {
-    validate_target(target)?;
     if hosts.is_empty() {
         return Err(cred_err("at least one host is needed"));
     }
+    issue(dir, &[ServerCert::new(target)], hosts, force, true)
+}
+
+/// A server certificate to issue: its name (a DNS name or an IP address,
+/// also the file name) and further names or addresses it must be valid for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerCert {
+    /// The certificate's name (CN, first SAN, `NAME.crt`).
+    pub name: String,
+    /// More subject alternative names: DNS names or IP addresses.
+    pub extra_names: Vec<String>,
+}
+
+impl ServerCert {
+    /// A server certificate called `name` with the default aliases only.
+    pub fn new(name: &str) -> Self {
+        ServerCert {
+            name: name.to_owned(),
+            extra_names: Vec::new(),
+        }
+    }
+}
+
+/// Makes whatever of the CA, the server certificates and the hosts'
+/// certificates and data keys is missing in `dir`, and keeps what exists
+/// (checked against the CA). The control-plane server issues credentials
+/// this way, one host or target at a time, as they register.
+pub fn ensure(dir: &Path, servers: &[ServerCert], hosts: &[String]) -> Result<InitReport> {
+    issue(dir, servers, hosts, false, false)
+}
+
+fn issue(
+    dir: &Path,
+    servers: &[ServerCert],
+    hosts: &[String],
+    force: bool,
+    refuse_if_nothing_new: bool,
+) -> Result<InitReport> {
+    for server in servers {
+        validate_target(&server.name)?;
+    }
+    let target = servers.first().map(|s| s.name.as_str()).unwrap_or_default();
     let mut uniq: Vec<String> = Vec::with_capacity(hosts.len());
     for h in hosts {
         validate_host(h)?;
-        if h == target {
+        if servers.iter().any(|s| &s.name == h) {
             return Err(cred_err(format!(
                 "host {h:?} has the target's name; they share files, pick another"
             )));
@@ -331,7 +372,10 @@ pub fn init(dir: &Path, hosts: &[String], target: &str, force: bool) -> Result<I
             )))
         }
     };
-    let target_plan = plan_pair(dir, target, force, ca_plan)?;
+    let mut server_plans = Vec::with_capacity(servers.len());
+    for server in servers {
+        server_plans.push((server, plan_pair(dir, &server.name, force, ca_plan)?));
+    }
     let mut host_plans = Vec::with_capacity(hosts.len());
     for h in &hosts {
         let pair = plan_pair(dir, h, force, ca_plan)?;
@@ -350,11 +394,11 @@ pub fn init(dir: &Path, hosts: &[String], target: &str, force: bool) -> Result<I
         host_plans.push((h.as_str(), pair, !dk_exists));
     }
     let nothing_new = ca_plan == CaPlan::Reuse
-        && target_plan == PairPlan::Keep
+        && server_plans.iter().all(|(_, plan)| *plan == PairPlan::Keep)
         && host_plans
             .iter()
             .all(|(_, pair, new_dk)| *pair == PairPlan::Keep && !new_dk);
-    if nothing_new {
+    if nothing_new && refuse_if_nothing_new {
         return Err(Error::new(
             ErrorKind::Credentials,
             format!(
@@ -409,9 +453,23 @@ pub fn init(dir: &Path, hosts: &[String], target: &str, force: bool) -> Result<I
     let issuer = Issuer::from_params(&ca_params, &ca_key);
 
     // The target and the hosts.
-    let mut pairs: Vec<(&str, PairPlan, Role)> = vec![(target, target_plan, Role::Server)];
-    pairs.extend(host_plans.iter().map(|(h, p, _)| (*h, *p, Role::Client)));
-    for (name, plan, role) in pairs {
+    let mut pairs: Vec<(&str, &[String], PairPlan, Role)> = server_plans
+        .iter()
+        .map(|(s, plan)| {
+            (
+                s.name.as_str(),
+                s.extra_names.as_slice(),
+                *plan,
+                Role::Server,
+            )
+        })
+        .collect();
+    pairs.extend(
+        host_plans
+            .iter()
+            .map(|(h, p, _)| (*h, &[][..], *p, Role::Client)),
+    );
+    for (name, extra_names, plan, role) in pairs {
         let (crt, key) = (cert_path(dir, name), key_path(dir, name));
         match plan {
             PairPlan::Keep => {
@@ -428,7 +486,7 @@ pub fn init(dir: &Path, hosts: &[String], target: &str, force: bool) -> Result<I
             }
             PairPlan::Create => {
                 let leaf_key = new_key_pair()?;
-                let mut params = leaf_params(name, role, today)?;
+                let mut params = leaf_params(name, extra_names, role, today)?;
                 params.serial_number = Some(serial(&rng)?);
                 let cert = params
                     .signed_by(&leaf_key, &issuer)
@@ -625,7 +683,12 @@ fn ca_params(today: i64) -> CertificateParams {
     p
 }
 
-fn leaf_params(name: &str, role: Role, today: i64) -> Result<CertificateParams> {
+fn leaf_params(
+    name: &str,
+    extra_names: &[String],
+    role: Role,
+    today: i64,
+) -> Result<CertificateParams> {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "ferry");
@@ -651,6 +714,16 @@ fn leaf_params(name: &str, role: Role, today: i64) -> Result<CertificateParams> 
             for alias in ["localhost", TARGET_ALIAS] {
                 if alias != name {
                     sans.push(dns(alias)?);
+                }
+            }
+            for extra in extra_names {
+                validate_target(extra)?;
+                let san = match extra.parse::<IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => dns(extra)?,
+                };
+                if !sans.contains(&san) {
+                    sans.push(san);
                 }
             }
             for ip in [
@@ -942,6 +1015,41 @@ mod tests {
             let sn = rustls_pki_types::ServerName::try_from(name).unwrap();
             ee.verify_is_valid_for_subject_name(&sn).unwrap();
         }
+    }
+
+    #[test]
+    fn ensure_issues_one_at_a_time_and_keeps_what_exists() {
+        let tmp = TempDir::new("creds-ensure");
+        let dir = tmp.path().join("creds");
+        let mut api = ServerCert::new("ferry-server");
+        api.extra_names = vec!["cp.example.com".into(), "10.0.0.9".into()];
+        let r = ensure(&dir, &[api], &[]).unwrap();
+        assert!(r.ca_created);
+        let der = read_cert(&cert_path(&dir, "ferry-server")).unwrap();
+        let ee = webpki::EndEntityCert::try_from(&der).unwrap();
+        for name in [
+            "ferry-server",
+            "cp.example.com",
+            "10.0.0.9",
+            "localhost",
+            "127.0.0.1",
+        ] {
+            let sn = rustls_pki_types::ServerName::try_from(name).unwrap();
+            ee.verify_is_valid_for_subject_name(&sn).unwrap();
+        }
+        // A host later, then the same host again: nothing changes.
+        ensure(&dir, &[], &hosts(&["web01"])).unwrap();
+        let key = std::fs::read(datakey_path(&dir, "web01")).unwrap();
+        let crt = std::fs::read(cert_path(&dir, "web01")).unwrap();
+        let r = ensure(&dir, &[], &hosts(&["web01"])).unwrap();
+        assert!(r.created.is_empty() && !r.ca_created);
+        assert_eq!(std::fs::read(datakey_path(&dir, "web01")).unwrap(), key);
+        assert_eq!(std::fs::read(cert_path(&dir, "web01")).unwrap(), crt);
+        // Bad extra names are refused before anything is written.
+        let mut bad = ServerCert::new("t2");
+        bad.extra_names = vec!["not a name".into()];
+        assert!(ensure(&dir, &[bad], &[]).is_err());
+        assert!(!key_path(&dir, "t2").exists() && !cert_path(&dir, "t2").exists());
     }
 
     #[test]

@@ -170,6 +170,128 @@ pub fn server_config(dir: &Path, target: &str) -> Result<Arc<ServerConfig>> {
     Ok(Arc::new(cfg))
 }
 
+/// The control-plane API server's configuration: presents `DIR/NAME.crt`
+/// with `DIR/NAME.key`, asks no client certificate (API clients carry
+/// bearer tokens), TLS 1.3 only.
+pub fn api_server_config(dir: &Path, name: &str) -> Result<Arc<ServerConfig>> {
+    let (cert, key) = (
+        credentials::cert_path(dir, name),
+        credentials::key_path(dir, name),
+    );
+    let chain = load_certs(&cert)?;
+    let key_der = load_key(&key)?;
+    let cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| tls_err(format!("TLS 1.3 server setup: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)
+        .map_err(|e| {
+            tls_err(format!(
+                "server certificate {} with key {}: {e}",
+                cert.display(),
+                key.display()
+            ))
+        })?;
+    Ok(Arc::new(cfg))
+}
+
+/// An API client's configuration: trusts only the CA certificates in
+/// `ca_pem`, presents no certificate, TLS 1.3 only.
+pub fn api_client_config(ca_pem: &[u8]) -> Result<Arc<ClientConfig>> {
+    let mut roots = RootCertStore::empty();
+    let certs = CertificateDer::pem_slice_iter(ca_pem)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Credentials,
+                format!("CA certificate: bad PEM: {e}"),
+            )
+        })?;
+    if certs.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Credentials,
+            "CA certificate: no certificate in the PEM",
+        ));
+    }
+    for cert in certs {
+        roots
+            .add(cert)
+            .map_err(|e| tls_err(format!("not a usable CA certificate: {e}")))?;
+    }
+    let cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| tls_err(format!("TLS 1.3 client setup: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// A client configuration that accepts any server certificate. Its one use
+/// is fetching a server's CA certificate before trusting it: the caller
+/// must compare what it got with a fingerprint it already holds (a
+/// registration token's) and then reconnect with [`api_client_config`].
+/// Nothing secret may travel over such a connection.
+pub fn unverified_client_config() -> Result<Arc<ClientConfig>> {
+    let provider = provider();
+    let cfg = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| tls_err(format!("TLS 1.3 client setup: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)))
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// See [`unverified_client_config`]: checks the handshake signatures (so
+/// the peer holds the key of the certificate it sent) but not the chain.
+#[derive(Debug)]
+struct AcceptAnyServer(Arc<CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// Whether the verified client certificate of `conn` was issued to `host`
 /// (a DNS subject alternative name; matching ignores ASCII case, as DNS
 /// does). False before the handshake, without a client certificate, or for

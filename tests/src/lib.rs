@@ -685,3 +685,123 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("bind a free port")
 }
+
+/// A control-plane server on loopback: `ferry server init` in DIR/server,
+/// then `ferry server run` on a free port, with the admin's environment.
+#[derive(Debug)]
+pub struct ControlServer {
+    /// The data directory.
+    pub data: PathBuf,
+    /// `https://127.0.0.1:PORT`.
+    pub url: String,
+    /// The admin token.
+    pub admin_token: String,
+    /// The CA certificate.
+    pub ca: PathBuf,
+    /// The server process.
+    pub daemon: Daemon,
+}
+
+impl ControlServer {
+    /// Initializes and starts a server under `dir`.
+    pub fn start(dir: &Path) -> ControlServer {
+        let data = dir.join("server");
+        let out = ferry(["server", "init", "--data", data.to_str().expect("utf-8")]);
+        expect_code(&out, 0, "ferry server init");
+        let admin_token = std::fs::read_to_string(data.join("admin.token"))
+            .expect("admin token")
+            .trim()
+            .to_owned();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let daemon = Daemon::start(
+            &[
+                "server",
+                "run",
+                "--data",
+                data.to_str().expect("utf-8"),
+                "--listen",
+                &addr,
+            ],
+            &dir.join("server.log"),
+        );
+        let server = ControlServer {
+            ca: data.join("credentials/ca.crt"),
+            data,
+            url: format!("https://{addr}"),
+            admin_token,
+            daemon,
+        };
+        server.wait_up();
+        server
+    }
+
+    /// Waits until the server answers `GET /v1/health`.
+    pub fn wait_up(&self) {
+        let up = wait_until(std::time::Duration::from_secs(20), || {
+            self.cli(&["host", "list", "--json"]).status.success()
+        });
+        assert!(
+            up,
+            "ferry server did not come up:\n{}",
+            self.daemon.log_text()
+        );
+    }
+
+    /// `ferry ARGS...` with the admin's FERRY_SERVER, FERRY_TOKEN, FERRY_CA.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_as(&self.admin_token, args)
+    }
+
+    /// `ferry ARGS...` with `token` instead of the admin's.
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
+        Command::new(ferry_bin())
+            .args(args)
+            .env("FERRY_SERVER", &self.url)
+            .env("FERRY_TOKEN", token)
+            .env("FERRY_CA", &self.ca)
+            .output()
+            .expect("run ferry")
+    }
+
+    /// `ferry ARGS... --json` as the admin, exit 0 expected, stdout parsed.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.cli(&all);
+        expect_code(&out, 0, &format!("ferry {}", args.join(" ")));
+        serde_json::from_slice(&out.stdout).expect("JSON output")
+    }
+
+    /// Registers host or target `name` (`role` = "host" | "target") with a
+    /// fresh one-time token, writing its credentials under `dir`; returns
+    /// its API token.
+    pub fn register(&self, role: &str, name: &str, dir: &Path, address: Option<&str>) -> String {
+        let t = self.json(&[role, "token", "--name", name]);
+        let token = t["token"].as_str().expect("token");
+        let fp = t["ca_fingerprint"].as_str().expect("fingerprint");
+        let dir_flag = if role == "host" { "--state" } else { "--data" };
+        let mut args = vec![
+            role,
+            "register",
+            "--server",
+            &self.url,
+            "--token",
+            token,
+            "--ca-fingerprint",
+            fp,
+            "--name",
+            name,
+            dir_flag,
+            dir.to_str().expect("utf-8"),
+        ];
+        if let Some(a) = address {
+            args.extend_from_slice(&["--address", a]);
+        }
+        let out = ferry(&args);
+        expect_code(&out, 0, &format!("ferry {role} register {name}"));
+        std::fs::read_to_string(dir.join("server.token"))
+            .expect("server.token")
+            .trim()
+            .to_owned()
+    }
+}

@@ -1,0 +1,495 @@
+//! The JSON bodies of the control-plane API, shared by the server, the CLI
+//! and the daemons. Every field is named as it travels; enums travel as
+//! kebab-case strings. Unknown fields are ignored on read so that a newer
+//! server can add fields without breaking older clients.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the API, the first path segment (`/v1/...`).
+pub const API_VERSION: &str = "v1";
+
+/// Who may hold a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// The operator: everything.
+    Admin,
+    /// A protected host: its own configuration, status and heartbeats.
+    Host,
+    /// A recovery-site target: its configuration, status and its jobs.
+    Target,
+}
+
+impl Role {
+    /// The lower-case name (`admin`, `host`, `target`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Host => "host",
+            Role::Target => "target",
+        }
+    }
+}
+
+/// `POST /v1/registration-tokens` (admin): a one-time token for a host or
+/// a target to register with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRequest {
+    /// `host` or `target`.
+    pub role: Role,
+    /// The name the registrant must use (None: any free name).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// How long the token is valid, in seconds.
+    pub ttl_secs: u64,
+}
+
+/// The answer to a [`TokenRequest`]: the token is shown this once (the
+/// server keeps only its hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenIssued {
+    /// The one-time token.
+    pub token: String,
+    /// `host` or `target`.
+    pub role: Role,
+    /// The name it is bound to, if any.
+    pub name: Option<String>,
+    /// Unix time after which it is refused.
+    pub expires_at: i64,
+    /// `sha256:HEX` of the server's CA certificate (DER), for the
+    /// registrant to pin the server before trusting it.
+    pub ca_fingerprint: String,
+}
+
+/// `POST /v1/register` (no bearer token: the one-time token is in the body).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    /// The one-time token.
+    pub token: String,
+    /// `host` or `target` (must match the token).
+    pub role: Role,
+    /// The name to register under.
+    pub name: String,
+    /// A target's replication address (`HOST:PORT`), which the sidecars of
+    /// the hosts protected to it connect to.
+    #[serde(default)]
+    pub address: Option<String>,
+}
+
+/// The answer to a [`RegisterRequest`]: an API token for the registrant and
+/// its replication credentials (PEM), all shown this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registered {
+    /// The registered name.
+    pub name: String,
+    /// `host` or `target`.
+    pub role: Role,
+    /// Bearer token for the API (host or target role).
+    pub api_token: String,
+    /// The CA certificate every replication and API certificate chains to.
+    pub ca_pem: String,
+    /// The registrant's replication certificate (client for a host,
+    /// server for a target).
+    pub cert_pem: String,
+    /// Its private key (PKCS#8 PEM).
+    pub key_pem: String,
+    /// A host's data key (hex of 32 bytes); None for a target.
+    #[serde(default)]
+    pub datakey_hex: Option<String>,
+}
+
+/// A host as the server knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// The host's name.
+    pub name: String,
+    /// Unix time of its (latest) registration.
+    pub registered_at: i64,
+    /// The last heartbeat of each of its daemons.
+    #[serde(default)]
+    pub heartbeats: Vec<Heartbeat>,
+    /// Disks it reported.
+    #[serde(default)]
+    pub disks: Vec<DiskInfo>,
+    /// Its protected disks.
+    #[serde(default)]
+    pub protections: Vec<Protection>,
+}
+
+/// A disk of a host, as reported by its filter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// The disk's name (the filter's export name).
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// A daemon that reports to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Component {
+    /// The write interceptor on a host.
+    Filter,
+    /// The shipper on a host.
+    Sidecar,
+    /// The recovery-site receiver.
+    Target,
+}
+
+impl Component {
+    /// The lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Component::Filter => "filter",
+            Component::Sidecar => "sidecar",
+            Component::Target => "target",
+        }
+    }
+
+    /// Parses the lower-case name.
+    pub fn parse(s: &str) -> Option<Component> {
+        match s {
+            "filter" => Some(Component::Filter),
+            "sidecar" => Some(Component::Sidecar),
+            "target" => Some(Component::Target),
+            _ => None,
+        }
+    }
+}
+
+/// The last heartbeat of one daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Which daemon.
+    pub component: Component,
+    /// Unix time it arrived.
+    pub at: i64,
+    /// What the daemon reported (its status document).
+    #[serde(default)]
+    pub status: serde_json::Value,
+}
+
+/// `POST /v1/heartbeat` (host or target): a daemon is alive and this is
+/// its status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    /// Which daemon.
+    pub component: Component,
+    /// Disks seen (a filter reports its disks; others leave this empty).
+    #[serde(default)]
+    pub disks: Vec<DiskInfo>,
+    /// Per-disk replication state (a sidecar reports it).
+    #[serde(default)]
+    pub replication: Vec<DiskReplication>,
+    /// The daemon's own status document, kept as sent.
+    #[serde(default)]
+    pub status: serde_json::Value,
+}
+
+/// What a sidecar says of one disk's replication.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskReplication {
+    /// The disk.
+    pub disk: String,
+    /// Whether change sets reach the target.
+    pub shipping: bool,
+    /// Whether the target's replica is consistent (no resync pending).
+    pub consistent: bool,
+    /// Seconds between the oldest unshipped write and now (the RPO now).
+    #[serde(default)]
+    pub lag_secs: u64,
+    /// Bytes still to resync.
+    #[serde(default)]
+    pub resync_bytes: u64,
+}
+
+/// A replication policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// The policy's name.
+    pub name: String,
+    /// Alert when the lag exceeds this many seconds.
+    pub rpo_alert_secs: u64,
+    /// How long recovery points are kept.
+    pub retention_secs: u64,
+    /// Interval of crash-consistent points.
+    pub crash_interval_secs: u64,
+    /// Interval of app-consistent points (None: off).
+    #[serde(default)]
+    pub app_interval_secs: Option<u64>,
+    /// zstd level (negative: fast modes).
+    pub compression_level: i32,
+    /// Bytes per second on the wire (0: unlimited).
+    pub bandwidth: u64,
+}
+
+impl Policy {
+    /// The defaults of a new policy called `name`: 15 min RPO alert, 24 h
+    /// retention, crash points every 5 min, app points every hour, zstd 1,
+    /// no bandwidth limit.
+    pub fn with_defaults(name: &str) -> Policy {
+        Policy {
+            name: name.to_owned(),
+            rpo_alert_secs: 15 * 60,
+            retention_secs: 24 * 3600,
+            crash_interval_secs: 5 * 60,
+            app_interval_secs: Some(3600),
+            compression_level: 1,
+            bandwidth: 0,
+        }
+    }
+
+    /// Why the policy is unusable, if it is.
+    pub fn problem(&self) -> Option<String> {
+        if self.rpo_alert_secs == 0 {
+            return Some("the RPO alert threshold must be at least 1 s".into());
+        }
+        if self.retention_secs == 0 {
+            return Some("the retention must be at least 1 s".into());
+        }
+        if self.crash_interval_secs == 0 {
+            return Some("the crash-consistent interval must be at least 1 s".into());
+        }
+        if self.app_interval_secs == Some(0) {
+            return Some("the app-consistent interval must be at least 1 s (or off)".into());
+        }
+        if !(-7..=22).contains(&self.compression_level) {
+            return Some(format!(
+                "compression level {} is outside -7..=22",
+                self.compression_level
+            ));
+        }
+        None
+    }
+}
+
+/// Where a protected disk is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProtectionState {
+    /// Protection was asked for; the host has not shipped yet.
+    Enabling,
+    /// The first full copy is on its way; no consistent point yet.
+    InitialSync,
+    /// Replicating, the replica consistent.
+    Protected,
+    /// The replica is inconsistent until a resync completes.
+    ResyncRequired,
+    /// A failover is running.
+    FailoverInProgress,
+    /// Failed over: replication stopped, the chosen point exported.
+    FailedOver,
+    /// The failover was committed: history dropped.
+    Committed,
+    /// After a commit: replicating back from the recovery site.
+    Reprotecting,
+    /// Failing back to the original site.
+    FailbackInProgress,
+    /// Failed back; protection can start again.
+    FailedBack,
+}
+
+impl ProtectionState {
+    /// The kebab-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProtectionState::Enabling => "enabling",
+            ProtectionState::InitialSync => "initial-sync",
+            ProtectionState::Protected => "protected",
+            ProtectionState::ResyncRequired => "resync-required",
+            ProtectionState::FailoverInProgress => "failover-in-progress",
+            ProtectionState::FailedOver => "failed-over",
+            ProtectionState::Committed => "committed",
+            ProtectionState::Reprotecting => "reprotecting",
+            ProtectionState::FailbackInProgress => "failback-in-progress",
+            ProtectionState::FailedBack => "failed-back",
+        }
+    }
+
+    /// Every state, in life order.
+    pub const ALL: [ProtectionState; 10] = [
+        ProtectionState::Enabling,
+        ProtectionState::InitialSync,
+        ProtectionState::Protected,
+        ProtectionState::ResyncRequired,
+        ProtectionState::FailoverInProgress,
+        ProtectionState::FailedOver,
+        ProtectionState::Committed,
+        ProtectionState::Reprotecting,
+        ProtectionState::FailbackInProgress,
+        ProtectionState::FailedBack,
+    ];
+
+    /// Parses the kebab-case name.
+    pub fn parse(s: &str) -> Option<ProtectionState> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// `POST /v1/hosts/HOST/protect` (admin).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtectRequest {
+    /// Disks to protect (empty: every disk the host reported).
+    #[serde(default)]
+    pub disks: Vec<String>,
+    /// The policy's name.
+    pub policy: String,
+    /// The target's name.
+    pub target: String,
+}
+
+/// One protected disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Protection {
+    /// The host.
+    pub host: String,
+    /// The disk.
+    pub disk: String,
+    /// The policy's name.
+    pub policy: String,
+    /// The target's name.
+    pub target: String,
+    /// Where it is in its life.
+    pub state: ProtectionState,
+    /// Unix time it entered that state.
+    pub since: i64,
+    /// Why it is there (the event that moved it).
+    pub reason: String,
+}
+
+/// A recovery-site target as the server knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetInfo {
+    /// The target's name.
+    pub name: String,
+    /// Its replication address (`HOST:PORT`).
+    pub address: String,
+    /// Unix time of its (latest) registration.
+    pub registered_at: i64,
+    /// Its last heartbeat.
+    #[serde(default)]
+    pub heartbeat: Option<Heartbeat>,
+}
+
+/// The state of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobState {
+    /// Waiting for its owner to take it.
+    Queued,
+    /// Its owner is running it.
+    Running,
+    /// Done.
+    Succeeded,
+    /// Ended without doing what it was asked (the error says why).
+    Failed,
+}
+
+impl JobState {
+    /// The kebab-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+        }
+    }
+
+    /// Parses the kebab-case name.
+    pub fn parse(s: &str) -> Option<JobState> {
+        [
+            JobState::Queued,
+            JobState::Running,
+            JobState::Succeeded,
+            JobState::Failed,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+    }
+
+    /// Whether the job has ended.
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed)
+    }
+}
+
+/// A job: work the server asked of a daemon (or runs itself), with its
+/// progress, log and result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// Its number.
+    pub id: i64,
+    /// What it does (`failover`, `test-failover`, `commit`, `plan`, ...).
+    pub kind: String,
+    /// What it acts on (a host, a group, a plan).
+    pub subject: String,
+    /// Who runs it: `target:NAME` or `server`.
+    pub owner: String,
+    /// Its state.
+    pub state: JobState,
+    /// 0.0 to 1.0.
+    pub progress: f64,
+    /// Its parameters as given.
+    #[serde(default)]
+    pub params: serde_json::Value,
+    /// Its result once succeeded.
+    #[serde(default)]
+    pub result: Option<serde_json::Value>,
+    /// Why it failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Unix times.
+    pub created_at: i64,
+    /// When its owner took it.
+    #[serde(default)]
+    pub started_at: Option<i64>,
+    /// When it ended.
+    #[serde(default)]
+    pub finished_at: Option<i64>,
+    /// Its log, oldest first.
+    #[serde(default)]
+    pub log: Vec<JobLogLine>,
+}
+
+/// One line of a job's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobLogLine {
+    /// Unix time.
+    pub at: i64,
+    /// The text.
+    pub line: String,
+}
+
+/// `POST /v1/jobs/ID/progress` (the job's owner).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobProgress {
+    /// 0.0 to 1.0 (None: unchanged).
+    #[serde(default)]
+    pub progress: Option<f64>,
+    /// Lines to append to the log.
+    #[serde(default)]
+    pub log: Vec<String>,
+}
+
+/// `POST /v1/jobs/ID/finish` (the job's owner).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobFinish {
+    /// The result when it succeeded.
+    #[serde(default)]
+    pub result: Option<serde_json::Value>,
+    /// Why it failed (None: it succeeded).
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// A stable lower-case kind (`unauthenticated`, `forbidden`,
+    /// `not-found`, `conflict`, `invalid`, ...).
+    pub kind: String,
+    /// What went wrong, for the operator.
+    pub message: String,
+}

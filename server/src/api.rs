@@ -1,0 +1,431 @@
+//! The API's routes: a request in, a response out, no I/O but the store.
+//!
+//! | method and path | who | what |
+//! |---|---|---|
+//! | `GET /v1/health` | anyone | `{"ok": true, "version": ...}` |
+//! | `GET /v1/ca` | anyone | the CA certificate (PEM), for pinning |
+//! | `POST /v1/registration-tokens` | admin | a one-time token ([`TokenRequest`]) |
+//! | `POST /v1/register` | a one-time token | credentials ([`RegisterRequest`] -> [`Registered`]) |
+//! | `GET /v1/hosts` | admin | every host |
+//! | `GET /v1/hosts/H` | admin, host H | one host |
+//! | `PUT /v1/hosts/H/disks` | admin, host H | the host's disks |
+//! | `POST /v1/hosts/H/protect` | admin | protect disks ([`ProtectRequest`]) |
+//! | `POST /v1/heartbeat` | host, target | a daemon's heartbeat ([`HeartbeatRequest`]) |
+//! | `GET /v1/targets`, `GET /v1/targets/T` | admin; admin, target T | targets |
+//! | `GET/POST /v1/policies`, `GET /v1/policies/P` | admin | policies |
+//! | `GET /v1/protections` | admin | every protected disk |
+//! | `GET /v1/jobs`, `GET /v1/jobs/N` | admin; admin, the job's owner | jobs |
+//! | `POST /v1/jobs/claim` | target | the target's next queued job |
+//! | `POST /v1/jobs/N/progress`, `POST /v1/jobs/N/finish` | the job's owner | report |
+//!
+//! Every answer is JSON; errors are `{"error": {"kind", "message"}}` with
+//! the status of [`ErrorKind::http_status`]. A request that fails changes
+//! nothing: each change is one store transaction.
+
+use std::path::PathBuf;
+
+use ferry_api::http::{Method, Request, Response};
+use ferry_api::types::{
+    ApiError, Component, DiskInfo, HeartbeatRequest, JobFinish, JobProgress, Policy,
+    ProtectRequest, RegisterRequest, Registered, Role, TokenIssued, TokenRequest,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::auth::{self, Scope};
+use crate::db::{now, Principal, Store};
+use crate::error::{Error, ErrorKind, Result};
+
+/// Longest registration-token lifetime.
+pub const MAX_TOKEN_TTL_SECS: u64 = 7 * 24 * 3600;
+
+/// Most jobs a list returns.
+pub const MAX_JOB_LIST: u32 = 500;
+
+/// The API over a store and a credentials directory.
+#[derive(Debug)]
+pub struct Api {
+    store: Store,
+    credentials: PathBuf,
+    ca_pem: String,
+    ca_fingerprint: String,
+}
+
+impl Api {
+    /// The API of `store`, issuing credentials in `credentials` (whose
+    /// `ca.crt` is `ca_pem`).
+    pub fn new(store: Store, credentials: PathBuf, ca_pem: String) -> Result<Api> {
+        let fingerprint = ferry_api::client::ca_fingerprint(ca_pem.as_bytes())
+            .map_err(|e| Error::new(ErrorKind::Credentials, "read CA", e.to_string()))?;
+        Ok(Api {
+            store,
+            credentials,
+            ca_pem,
+            ca_fingerprint: fingerprint,
+        })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Fails the jobs whose owner stopped reporting (the janitor).
+    pub fn expire_jobs(&self) -> Result<Vec<ferry_api::types::Job>> {
+        self.store.expire_jobs(|_, _| Ok(()))
+    }
+
+    /// Answers one request.
+    pub fn handle(&self, req: &Request) -> Response {
+        match self.route(req) {
+            Ok(resp) => resp,
+            Err(e) => {
+                if e.kind().http_status() >= 500 {
+                    tracing::error!(error = %e, path = %req.path, "request failed");
+                } else {
+                    tracing::debug!(error = %e, path = %req.path, "request refused");
+                }
+                error_response(&e)
+            }
+        }
+    }
+
+    fn route(&self, req: &Request) -> Result<Response> {
+        let seg = req.segments();
+        let seg: Vec<&str> = seg.iter().map(|s| &**s).collect();
+        match (req.method, seg.as_slice()) {
+            (Method::Get, ["v1", "health"]) => Ok(ok(
+                &json!({"ok": true, "version": env!("CARGO_PKG_VERSION")}),
+            )),
+            (Method::Get, ["v1", "ca"]) => Ok(Response::text(200, &self.ca_pem)),
+            (Method::Post, ["v1", "register"]) => self.register(body(req)?),
+            _ => {
+                let who = self.authenticate(req)?;
+                self.route_authenticated(req, &seg, &who)
+            }
+        }
+    }
+
+    fn route_authenticated(
+        &self,
+        req: &Request,
+        seg: &[&str],
+        who: &Principal,
+    ) -> Result<Response> {
+        let need = |scope: Scope<'_>| -> Result<()> {
+            if auth::allowed(who, scope) {
+                Ok(())
+            } else {
+                Err(auth::forbidden(who, scope))
+            }
+        };
+        match (req.method, seg) {
+            (Method::Post, ["v1", "registration-tokens"]) => {
+                need(Scope::Admin)?;
+                self.issue_token(body(req)?)
+            }
+            (Method::Get, ["v1", "hosts"]) => {
+                need(Scope::Admin)?;
+                Ok(ok(&self.store.hosts()?))
+            }
+            (Method::Get, ["v1", "hosts", host]) => {
+                need(Scope::Host(host))?;
+                Ok(ok(&self.store.host(host)?))
+            }
+            (Method::Put, ["v1", "hosts", host, "disks"]) => {
+                need(Scope::Host(host))?;
+                let disks: Vec<DiskInfo> = body(req)?;
+                self.store.host(host)?;
+                self.store
+                    .heartbeat_disks(host, &disks)
+                    .and_then(|()| self.store.host(host))
+                    .map(|h| ok(&h))
+            }
+            (Method::Post, ["v1", "hosts", host, "protect"]) => {
+                need(Scope::Admin)?;
+                let r: ProtectRequest = body(req)?;
+                Ok(ok(&self
+                    .store
+                    .protect(host, &r.disks, &r.policy, &r.target)?))
+            }
+            (Method::Post, ["v1", "heartbeat"]) => self.heartbeat(who, body(req)?),
+            (Method::Get, ["v1", "targets"]) => {
+                need(Scope::Admin)?;
+                Ok(ok(&self.store.targets()?))
+            }
+            (Method::Get, ["v1", "targets", target]) => {
+                need(Scope::Target(target))?;
+                Ok(ok(&self.store.target(target)?))
+            }
+            (Method::Get, ["v1", "policies"]) => {
+                need(Scope::Admin)?;
+                Ok(ok(&self.store.policies()?))
+            }
+            (Method::Post, ["v1", "policies"]) => {
+                need(Scope::Admin)?;
+                let p: Policy = body(req)?;
+                check_name("policy", &p.name)?;
+                self.store.create_policy(&p)?;
+                Ok(created(&self.store.policy(&p.name)?))
+            }
+            (Method::Get, ["v1", "policies", name]) => {
+                need(Scope::Admin)?;
+                Ok(ok(&self.store.policy(name)?))
+            }
+            (Method::Get, ["v1", "protections"]) => {
+                need(Scope::Admin)?;
+                Ok(ok(&self.store.protections(None)?))
+            }
+            (Method::Get, ["v1", "jobs"]) => {
+                need(Scope::Admin)?;
+                let limit = match req.query_param("limit") {
+                    None => 50,
+                    Some(v) => v
+                        .parse::<u32>()
+                        .map_err(|_| invalid(format!("limit {v:?} is not a number")))?,
+                };
+                Ok(ok(&self.store.jobs(limit.min(MAX_JOB_LIST))?))
+            }
+            (Method::Get, ["v1", "jobs", id]) => {
+                let job = self.store.job(job_id(id)?, true)?;
+                if !(matches!(who, Principal::Admin)
+                    || owner_of(who).as_deref() == Some(&job.owner))
+                {
+                    return Err(auth::forbidden(who, Scope::Admin));
+                }
+                Ok(ok(&job))
+            }
+            (Method::Post, ["v1", "jobs", "claim"]) => {
+                let owner = owner_of(who).ok_or_else(|| auth::forbidden(who, Scope::Admin))?;
+                Ok(ok(&self.store.claim_job(&owner)?))
+            }
+            (Method::Post, ["v1", "jobs", id, "progress"]) => {
+                let owner = owner_of(who).ok_or_else(|| auth::forbidden(who, Scope::Admin))?;
+                let p: JobProgress = body(req)?;
+                Ok(ok(&self.store.job_progress(
+                    job_id(id)?,
+                    &owner,
+                    p.progress,
+                    &p.log,
+                )?))
+            }
+            (Method::Post, ["v1", "jobs", id, "finish"]) => {
+                let owner = owner_of(who).ok_or_else(|| auth::forbidden(who, Scope::Admin))?;
+                let f: JobFinish = body(req)?;
+                let job = self.store.finish_job(
+                    job_id(id)?,
+                    &owner,
+                    f.result.as_ref(),
+                    f.error.as_deref(),
+                    |_, _| Ok(()),
+                )?;
+                Ok(ok(&job))
+            }
+            _ => Err(Error::new(
+                ErrorKind::NotFound,
+                "route",
+                format!("no such API call: {} {}", req.method.as_str(), req.path),
+            )),
+        }
+    }
+
+    fn authenticate(&self, req: &Request) -> Result<Principal> {
+        let refused =
+            |why: &str| Error::new(ErrorKind::Unauthenticated, "authenticate", why.to_owned());
+        let token = req
+            .bearer_token()
+            .ok_or_else(|| refused("no bearer token (Authorization: Bearer TOKEN)"))?;
+        if token.len() > auth::MAX_TOKEN_LEN {
+            return Err(refused("unknown token"));
+        }
+        self.store
+            .principal(&auth::token_hash(token))?
+            .ok_or_else(|| refused("unknown token"))
+    }
+
+    fn issue_token(&self, r: TokenRequest) -> Result<Response> {
+        if r.role == Role::Admin {
+            return Err(invalid(
+                "registration tokens are for hosts and targets".into(),
+            ));
+        }
+        if r.ttl_secs == 0 || r.ttl_secs > MAX_TOKEN_TTL_SECS {
+            return Err(invalid(format!(
+                "ttl {} s: must be 1 to {MAX_TOKEN_TTL_SECS} s",
+                r.ttl_secs
+            )));
+        }
+        if let Some(name) = &r.name {
+            check_registrant_name(r.role, name)?;
+        }
+        let token = auth::new_token(r.role, true)?;
+        let ttl = i64::try_from(r.ttl_secs).unwrap_or(i64::MAX);
+        let expires_at = now().saturating_add(ttl);
+        self.store.add_token(
+            &auth::token_hash(&token),
+            r.role,
+            None,
+            true,
+            r.name.as_deref(),
+            Some(expires_at),
+        )?;
+        Ok(created(&TokenIssued {
+            token,
+            role: r.role,
+            name: r.name,
+            expires_at,
+            ca_fingerprint: self.ca_fingerprint.clone(),
+        }))
+    }
+
+    fn register(&self, r: RegisterRequest) -> Result<Response> {
+        check_registrant_name(r.role, &r.name)?;
+        if r.role == Role::Target {
+            let addr = r
+                .address
+                .as_deref()
+                .ok_or_else(|| invalid("a target registers with --address HOST:PORT".into()))?;
+            ferry_protocol::tls::split_host_port(addr)
+                .map_err(|e| invalid(format!("target address: {e}")))?;
+        }
+        let api_token = auth::new_token(r.role, false)?;
+        let registered = self.store.register(
+            &auth::token_hash(&r.token),
+            r.role,
+            &r.name,
+            r.address.as_deref(),
+            &auth::token_hash(&api_token),
+            || self.issue_credentials(&r, &api_token),
+        )?;
+        tracing::info!(role = r.role.as_str(), name = %r.name, "registered");
+        Ok(created(&registered))
+    }
+
+    /// Makes (or reuses) the registrant's certificate, key and, for a host,
+    /// data key, and returns them. A re-registering host keeps its data key:
+    /// what the target holds stays readable.
+    fn issue_credentials(&self, r: &RegisterRequest, api_token: &str) -> Result<Registered> {
+        use ferry_protocol::credentials::{self, ServerCert};
+        let dir = &self.credentials;
+        let datakey_hex = match r.role {
+            Role::Host => {
+                credentials::ensure(dir, &[], std::slice::from_ref(&r.name))?;
+                let key = read_private(&credentials::datakey_path(dir, &r.name))?;
+                Some(auth::hex(&key))
+            }
+            _ => {
+                let mut cert = ServerCert::new(&r.name);
+                if let Some(addr) = &r.address {
+                    let (host, _) = ferry_protocol::tls::split_host_port(addr)
+                        .map_err(|e| invalid(format!("target address: {e}")))?;
+                    if host != r.name && !host.starts_with("0.") && host != "::" {
+                        cert.extra_names.push(host.to_owned());
+                    }
+                }
+                credentials::ensure(dir, &[cert], &[])?;
+                None
+            }
+        };
+        let text = |p: PathBuf| -> Result<String> {
+            String::from_utf8(read_private(&p)?).map_err(|_| {
+                Error::new(
+                    ErrorKind::Credentials,
+                    "read credentials",
+                    format!("{} is not text", p.display()),
+                )
+            })
+        };
+        Ok(Registered {
+            name: r.name.clone(),
+            role: r.role,
+            api_token: api_token.to_owned(),
+            ca_pem: self.ca_pem.clone(),
+            cert_pem: text(credentials::cert_path(dir, &r.name))?,
+            key_pem: text(credentials::key_path(dir, &r.name))?,
+            datakey_hex,
+        })
+    }
+
+    fn heartbeat(&self, who: &Principal, hb: HeartbeatRequest) -> Result<Response> {
+        let owner = match (who, hb.component) {
+            (Principal::Host(h), Component::Filter | Component::Sidecar) => h,
+            (Principal::Target(t), Component::Target) => t,
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::Forbidden,
+                    "heartbeat",
+                    format!("a {} heartbeat from this token", hb.component.as_str()),
+                ))
+            }
+        };
+        let changed =
+            self.store
+                .heartbeat(owner, hb.component, &hb.disks, &hb.replication, &hb.status)?;
+        Ok(ok(&json!({ "changed": changed })))
+    }
+}
+
+fn read_private(path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(Error::io("read credentials", path.display().to_string()))
+}
+
+/// Who owns jobs run by `who` (`target:NAME`); None for others.
+fn owner_of(who: &Principal) -> Option<String> {
+    match who {
+        Principal::Target(t) => Some(format!("target:{t}")),
+        _ => None,
+    }
+}
+
+fn job_id(s: &str) -> Result<i64> {
+    s.parse::<i64>()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| invalid(format!("job id {s:?} is not a number")))
+}
+
+fn invalid(why: String) -> Error {
+    Error::new(ErrorKind::Invalid, "request", why)
+}
+
+fn check_name(what: &str, name: &str) -> Result<()> {
+    ferry_protocol::credentials::validate_name(what, name).map_err(|e| invalid(e.to_string()))
+}
+
+fn check_registrant_name(role: Role, name: &str) -> Result<()> {
+    check_name(role.as_str(), name)?;
+    if name == "ferry-server" {
+        return Err(invalid(format!(
+            "{name:?} is the server's own certificate name"
+        )));
+    }
+    Ok(())
+}
+
+fn body<T: DeserializeOwned>(req: &Request) -> Result<T> {
+    serde_json::from_slice(&req.body).map_err(|e| invalid(format!("request body: {e}")))
+}
+
+fn ok<T: Serialize>(v: &T) -> Response {
+    Response::json(
+        200,
+        &serde_json::to_value(v).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+fn created<T: Serialize>(v: &T) -> Response {
+    Response::json(
+        201,
+        &serde_json::to_value(v).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// The one place an error becomes an answer.
+pub fn error_response(e: &Error) -> Response {
+    let body = ApiError {
+        kind: e.kind().as_str().to_owned(),
+        message: e.to_string(),
+    };
+    Response::json(e.kind().http_status(), &json!({ "error": body }))
+}

@@ -1,0 +1,1503 @@
+//! The server's state: one SQLite file (`DATA/server.db`), opened in WAL
+//! mode with `synchronous=FULL` (a change the API acknowledged survives a
+//! power cut), foreign keys on.
+//!
+//! The schema is versioned with `PRAGMA user_version`: [`MIGRATIONS`]`[i]`
+//! takes a database from version `i` to `i + 1`, each in its own
+//! transaction, so a crash during an upgrade leaves the last complete
+//! version. A database newer than this binary is refused rather than
+//! guessed at.
+//!
+//! [`Store`] is the one owner of the connection; the API's threads call its
+//! methods, each a short transaction behind one mutex (the control plane
+//! sees a few requests a second; SQLite serializes writers anyway).
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use ferry_api::types::{
+    DiskInfo, DiskReplication, Heartbeat, HostInfo, Job, JobLogLine, JobState, Policy, Protection,
+    ProtectionState, Role, TargetInfo,
+};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::lifecycle::{self, Event, Record};
+
+/// Schema migrations; entry `i` upgrades version `i` to `i + 1`.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: hosts, targets, policies, protections, tokens, jobs.
+    "
+    CREATE TABLE tokens (
+        hash BLOB PRIMARY KEY,          -- SHA-256 of the token; the token itself is never stored
+        role TEXT NOT NULL,             -- admin | host | target
+        subject TEXT,                   -- the host or target name (NULL for admin)
+        one_time INTEGER NOT NULL,      -- 1: a registration token
+        name_bound TEXT,                -- a registration token's required name
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER,
+        used_at INTEGER
+    );
+    CREATE TABLE hosts (
+        name TEXT PRIMARY KEY,
+        registered_at INTEGER NOT NULL
+    );
+    CREATE TABLE targets (
+        name TEXT PRIMARY KEY,
+        address TEXT NOT NULL,
+        registered_at INTEGER NOT NULL
+    );
+    CREATE TABLE heartbeats (
+        owner TEXT NOT NULL,            -- host or target name
+        component TEXT NOT NULL,        -- filter | sidecar | target
+        at INTEGER NOT NULL,
+        status TEXT NOT NULL,           -- JSON as the daemon sent it
+        PRIMARY KEY (owner, component)
+    );
+    CREATE TABLE disks (
+        host TEXT NOT NULL REFERENCES hosts(name) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        PRIMARY KEY (host, name)
+    );
+    CREATE TABLE policies (
+        name TEXT PRIMARY KEY,
+        rpo_alert_secs INTEGER NOT NULL,
+        retention_secs INTEGER NOT NULL,
+        crash_interval_secs INTEGER NOT NULL,
+        app_interval_secs INTEGER,
+        compression_level INTEGER NOT NULL,
+        bandwidth INTEGER NOT NULL
+    );
+    CREATE TABLE protections (
+        host TEXT NOT NULL REFERENCES hosts(name) ON DELETE CASCADE,
+        disk TEXT NOT NULL,
+        policy TEXT NOT NULL REFERENCES policies(name),
+        target TEXT NOT NULL REFERENCES targets(name),
+        state TEXT NOT NULL,
+        before_failover TEXT,
+        since INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        lag_secs INTEGER NOT NULL DEFAULT 0,
+        resync_bytes INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (host, disk)
+    );
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        owner TEXT NOT NULL,            -- target:NAME | server
+        state TEXT NOT NULL,
+        progress REAL NOT NULL DEFAULT 0,
+        params TEXT NOT NULL,
+        result TEXT,
+        error TEXT,
+        created_at INTEGER NOT NULL,
+        started_at INTEGER,
+        finished_at INTEGER,
+        lease_until INTEGER             -- a running job whose owner is silent past this fails
+    );
+    CREATE TABLE job_log (
+        job INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        at INTEGER NOT NULL,
+        line TEXT NOT NULL
+    );
+    CREATE INDEX job_log_by_job ON job_log(job);
+    ",
+];
+
+/// How long a running job's owner may stay silent before the job fails.
+pub const JOB_LEASE_SECS: i64 = 120;
+
+/// Longest job log kept per job (older lines are dropped first).
+pub const MAX_JOB_LOG_LINES: i64 = 1000;
+
+/// The current Unix time in seconds.
+pub fn now() -> i64 {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    i64::try_from(secs).unwrap_or(i64::MAX)
+}
+
+/// Who a token belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// The operator.
+    Admin,
+    /// Host NAME.
+    Host(String),
+    /// Target NAME.
+    Target(String),
+}
+
+/// A token row as registration reads it.
+struct OneTimeToken {
+    role: String,
+    one_time: bool,
+    bound: Option<String>,
+    expires_at: Option<i64>,
+    used_at: Option<i64>,
+}
+
+/// The server's database.
+#[derive(Debug)]
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+fn sql_i64(v: u64, what: &str) -> Result<i64> {
+    i64::try_from(v).map_err(|_| {
+        Error::new(
+            ErrorKind::Invalid,
+            "store",
+            format!("{what} {v} is too large"),
+        )
+    })
+}
+
+fn from_i64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn json_text(v: &serde_json::Value) -> String {
+    v.to_string()
+}
+
+fn parse_json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or(serde_json::Value::Null)
+}
+
+fn not_found(op: &'static str, what: String) -> Error {
+    Error::new(ErrorKind::NotFound, op, what)
+}
+
+fn conflict(op: &'static str, what: String) -> Error {
+    Error::new(ErrorKind::Conflict, op, what)
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and brings its
+    /// schema up to date.
+    pub fn open(path: &Path) -> Result<Store> {
+        let conn = Connection::open(path).map_err(Error::db("open database"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(Error::db("open database"))?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(Error::db("open database"))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::new(
+                ErrorKind::Db,
+                "open database",
+                format!("{}: journal mode {mode}, want wal", path.display()),
+            ));
+        }
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+            .map_err(Error::db("open database"))?;
+        let mut store = Store {
+            conn: Mutex::new(conn),
+        };
+        store.migrate(path)?;
+        Ok(store)
+    }
+
+    /// The schema version of the open database.
+    pub fn schema_version(&self) -> Result<usize> {
+        let v: i64 = self
+            .lock()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(Error::db("schema version"))?;
+        Ok(usize::try_from(v).unwrap_or(usize::MAX))
+    }
+
+    fn migrate(&mut self, path: &Path) -> Result<()> {
+        let conn = self.conn.get_mut().unwrap_or_else(|p| p.into_inner());
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(Error::db("read schema version"))?;
+        let version = usize::try_from(version).unwrap_or(usize::MAX);
+        if version > MIGRATIONS.len() {
+            return Err(Error::new(
+                ErrorKind::Db,
+                "open database",
+                format!(
+                    "{} has schema version {version}; this ferry knows up to {}: \
+                     run a newer ferry",
+                    path.display(),
+                    MIGRATIONS.len()
+                ),
+            ));
+        }
+        for (from, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            let tx = conn.transaction().map_err(Error::db("migrate"))?;
+            tx.execute_batch(sql).map_err(Error::db("migrate"))?;
+            // PRAGMA takes no parameters; the number is ours.
+            tx.execute_batch(&format!("PRAGMA user_version = {}", from + 1))
+                .map_err(Error::db("migrate"))?;
+            tx.commit().map_err(Error::db("migrate"))?;
+            tracing::info!(version = from + 1, "database schema upgraded");
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-done change:
+        // every change is a transaction that rolls back when dropped.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(Error::db(op))?;
+        let out = f(&tx)?;
+        tx.commit().map_err(Error::db(op))?;
+        Ok(out)
+    }
+
+    // ---- tokens -------------------------------------------------------
+
+    /// Stores a token by its hash.
+    pub fn add_token(
+        &self,
+        hash: &[u8],
+        role: Role,
+        subject: Option<&str>,
+        one_time: bool,
+        name_bound: Option<&str>,
+        expires_at: Option<i64>,
+    ) -> Result<()> {
+        self.write("add token", |tx| {
+            tx.execute(
+                "INSERT INTO tokens (hash, role, subject, one_time, name_bound, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![hash, role.as_str(), subject, one_time, name_bound, now(), expires_at],
+            )
+            .map_err(Error::db("add token"))?;
+            Ok(())
+        })
+    }
+
+    /// Whether an admin token exists.
+    pub fn has_admin_token(&self) -> Result<bool> {
+        self.lock()
+            .query_row(
+                "SELECT 1 FROM tokens WHERE role = 'admin' LIMIT 1",
+                [],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|o| o.is_some())
+            .map_err(Error::db("read tokens"))
+    }
+
+    /// The principal of a bearer token (by its hash); None for an unknown,
+    /// expired or one-time token.
+    pub fn principal(&self, hash: &[u8]) -> Result<Option<Principal>> {
+        let row: Option<(String, Option<String>, bool, Option<i64>)> = self
+            .lock()
+            .query_row(
+                "SELECT role, subject, one_time, expires_at FROM tokens WHERE hash = ?1",
+                [hash],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+            .map_err(Error::db("authenticate"))?;
+        let Some((role, subject, one_time, expires_at)) = row else {
+            return Ok(None);
+        };
+        if one_time || expires_at.is_some_and(|t| t < now()) {
+            return Ok(None);
+        }
+        Ok(match (role.as_str(), subject) {
+            ("admin", _) => Some(Principal::Admin),
+            ("host", Some(name)) => Some(Principal::Host(name)),
+            ("target", Some(name)) => Some(Principal::Target(name)),
+            _ => None,
+        })
+    }
+
+    /// Registers `name` in `role` with the one-time token `token_hash`:
+    /// checks and uses the token, records the host or target, replaces its
+    /// API tokens with `api_token_hash`, all in one transaction (a token is
+    /// used at most once even when two registrations race). `issue` runs
+    /// inside the transaction to make the credentials; if it fails nothing
+    /// is recorded.
+    pub fn register<T>(
+        &self,
+        token_hash: &[u8],
+        role: Role,
+        name: &str,
+        address: Option<&str>,
+        api_token_hash: &[u8],
+        issue: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        const OP: &str = "register";
+        self.write(OP, |tx| {
+            let row = tx
+                .query_row(
+                    "SELECT role, one_time, name_bound, expires_at, used_at FROM tokens WHERE hash = ?1",
+                    [token_hash],
+                    |r| {
+                        Ok(OneTimeToken {
+                            role: r.get(0)?,
+                            one_time: r.get(1)?,
+                            bound: r.get(2)?,
+                            expires_at: r.get(3)?,
+                            used_at: r.get(4)?,
+                        })
+                    },
+                )
+                .optional()
+                .map_err(Error::db(OP))?;
+            let refused = |why: &str| Error::new(ErrorKind::Unauthenticated, OP, why.to_owned());
+            let Some(OneTimeToken {
+                role: token_role,
+                one_time,
+                bound,
+                expires_at,
+                used_at,
+            }) = row
+            else {
+                return Err(refused("unknown registration token"));
+            };
+            if !one_time || token_role != role.as_str() {
+                return Err(refused(&format!("this is not a {} registration token", role.as_str())));
+            }
+            if used_at.is_some() {
+                return Err(refused("the registration token was already used"));
+            }
+            if expires_at.is_some_and(|t| t < now()) {
+                return Err(refused("the registration token expired"));
+            }
+            if let Some(bound) = bound.filter(|b| b != name) {
+                return Err(Error::new(
+                    ErrorKind::Forbidden,
+                    OP,
+                    format!("the registration token is for {bound:?}, not {name:?}"),
+                ));
+            }
+            tx.execute("UPDATE tokens SET used_at = ?1 WHERE hash = ?2", params![now(), token_hash])
+                .map_err(Error::db(OP))?;
+            match role {
+                Role::Host => {
+                    tx.execute(
+                        "INSERT INTO hosts (name, registered_at) VALUES (?1, ?2)
+                         ON CONFLICT(name) DO UPDATE SET registered_at = excluded.registered_at",
+                        params![name, now()],
+                    )
+                    .map_err(Error::db(OP))?;
+                }
+                Role::Target => {
+                    let address = address.ok_or_else(|| {
+                        Error::new(ErrorKind::Invalid, OP, "a target registers with its address")
+                    })?;
+                    tx.execute(
+                        "INSERT INTO targets (name, address, registered_at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT(name) DO UPDATE SET address = excluded.address,
+                             registered_at = excluded.registered_at",
+                        params![name, address, now()],
+                    )
+                    .map_err(Error::db(OP))?;
+                }
+                Role::Admin => return Err(refused("admins do not register")),
+            }
+            // A re-registration (a reinstalled host) revokes the old tokens.
+            tx.execute(
+                "DELETE FROM tokens WHERE role = ?1 AND subject = ?2 AND one_time = 0",
+                params![role.as_str(), name],
+            )
+            .map_err(Error::db(OP))?;
+            tx.execute(
+                "INSERT INTO tokens (hash, role, subject, one_time, created_at) VALUES (?1, ?2, ?3, 0, ?4)",
+                params![api_token_hash, role.as_str(), name, now()],
+            )
+            .map_err(Error::db(OP))?;
+            issue()
+        })
+    }
+
+    // ---- hosts and targets --------------------------------------------
+
+    /// Every host, by name.
+    pub fn hosts(&self) -> Result<Vec<HostInfo>> {
+        let names: Vec<String> = column(
+            &self.lock(),
+            "list hosts",
+            "SELECT name FROM hosts ORDER BY name",
+            [],
+        )?;
+        names.iter().map(|n| self.host(n)).collect()
+    }
+
+    /// One host with its heartbeats, disks and protections.
+    pub fn host(&self, name: &str) -> Result<HostInfo> {
+        const OP: &str = "read host";
+        let conn = self.lock();
+        let registered_at: i64 = conn
+            .query_row(
+                "SELECT registered_at FROM hosts WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(Error::db(OP))?
+            .ok_or_else(|| not_found(OP, format!("no host {name:?}")))?;
+        let heartbeats = heartbeats_of(&conn, name)?;
+        let mut stmt = conn
+            .prepare("SELECT name, size FROM disks WHERE host = ?1 ORDER BY name")
+            .map_err(Error::db(OP))?;
+        let disks = stmt
+            .query_map([name], |r| {
+                Ok(DiskInfo {
+                    name: r.get(0)?,
+                    size: from_i64(r.get(1)?),
+                })
+            })
+            .map_err(Error::db(OP))?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(Error::db(OP))?;
+        let protections = protections_of(&conn, Some(name))?;
+        Ok(HostInfo {
+            name: name.to_owned(),
+            registered_at,
+            heartbeats,
+            disks,
+            protections,
+        })
+    }
+
+    /// Every target, by name.
+    pub fn targets(&self) -> Result<Vec<TargetInfo>> {
+        const OP: &str = "list targets";
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare("SELECT name, address, registered_at FROM targets ORDER BY name")
+            .map_err(Error::db(OP))?;
+        let rows: Vec<(String, String, i64)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(Error::db(OP))?
+            .collect::<std::result::Result<_, _>>()
+            .map_err(Error::db(OP))?;
+        rows.into_iter()
+            .map(|(name, address, registered_at)| {
+                let heartbeat = heartbeats_of(&conn, &name)?
+                    .into_iter()
+                    .find(|h| h.component == ferry_api::types::Component::Target);
+                Ok(TargetInfo {
+                    name,
+                    address,
+                    registered_at,
+                    heartbeat,
+                })
+            })
+            .collect()
+    }
+
+    /// One target.
+    pub fn target(&self, name: &str) -> Result<TargetInfo> {
+        self.targets()?
+            .into_iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| not_found("read target", format!("no target {name:?}")))
+    }
+
+    /// Records a heartbeat of `owner`'s `component`: its status, the disks
+    /// a filter saw, and what a sidecar says of each protected disk (fed to
+    /// the lifecycle). Returns the protections whose state changed.
+    pub fn heartbeat(
+        &self,
+        owner: &str,
+        component: ferry_api::types::Component,
+        disks: &[DiskInfo],
+        replication: &[DiskReplication],
+        status: &serde_json::Value,
+    ) -> Result<Vec<Protection>> {
+        const OP: &str = "heartbeat";
+        self.write(OP, |tx| {
+            tx.execute(
+                "INSERT INTO heartbeats (owner, component, at, status) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(owner, component) DO UPDATE SET at = excluded.at, status = excluded.status",
+                params![owner, component.as_str(), now(), json_text(status)],
+            )
+            .map_err(Error::db(OP))?;
+            if component == ferry_api::types::Component::Filter {
+                record_disks(tx, owner, disks)?;
+            }
+            let mut changed = Vec::new();
+            for rep in replication {
+                tx.execute(
+                    "UPDATE protections SET lag_secs = ?1, resync_bytes = ?2 WHERE host = ?3 AND disk = ?4",
+                    params![sql_i64(rep.lag_secs, "lag")?, sql_i64(rep.resync_bytes, "resync bytes")?, owner, rep.disk],
+                )
+                .map_err(Error::db(OP))?;
+                let event = Event::Report {
+                    shipping: rep.shipping,
+                    consistent: rep.consistent,
+                };
+                if let Some(p) = transition_in(tx, owner, &rep.disk, event, true)? {
+                    changed.push(p);
+                }
+            }
+            Ok(changed)
+        })
+    }
+
+    /// Replaces the disks `host` reported: new ones added, sizes updated,
+    /// ones no longer there and not protected removed.
+    pub fn heartbeat_disks(&self, host: &str, disks: &[DiskInfo]) -> Result<()> {
+        self.write("record disks", |tx| record_disks(tx, host, disks))
+    }
+
+    // ---- policies -----------------------------------------------------
+
+    /// Creates a policy (a taken name is a conflict).
+    pub fn create_policy(&self, p: &Policy) -> Result<()> {
+        const OP: &str = "create policy";
+        if let Some(why) = p.problem() {
+            return Err(Error::new(ErrorKind::Invalid, OP, why));
+        }
+        self.write(OP, |tx| {
+            let n = tx
+                .execute(
+                    "INSERT INTO policies (name, rpo_alert_secs, retention_secs, crash_interval_secs,
+                         app_interval_secs, compression_level, bandwidth)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(name) DO NOTHING",
+                    params![
+                        p.name,
+                        sql_i64(p.rpo_alert_secs, "rpo")?,
+                        sql_i64(p.retention_secs, "retention")?,
+                        sql_i64(p.crash_interval_secs, "crash interval")?,
+                        p.app_interval_secs.map(|v| sql_i64(v, "app interval")).transpose()?,
+                        p.compression_level,
+                        sql_i64(p.bandwidth, "bandwidth")?
+                    ],
+                )
+                .map_err(Error::db(OP))?;
+            if n == 0 {
+                return Err(conflict(OP, format!("a policy {:?} exists", p.name)));
+            }
+            Ok(())
+        })
+    }
+
+    /// Every policy, by name.
+    pub fn policies(&self) -> Result<Vec<Policy>> {
+        const OP: &str = "list policies";
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare(
+                "SELECT name, rpo_alert_secs, retention_secs, crash_interval_secs, app_interval_secs,
+                        compression_level, bandwidth FROM policies ORDER BY name",
+            )
+            .map_err(Error::db(OP))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Policy {
+                    name: r.get(0)?,
+                    rpo_alert_secs: from_i64(r.get(1)?),
+                    retention_secs: from_i64(r.get(2)?),
+                    crash_interval_secs: from_i64(r.get(3)?),
+                    app_interval_secs: r.get::<_, Option<i64>>(4)?.map(from_i64),
+                    compression_level: r.get(5)?,
+                    bandwidth: from_i64(r.get(6)?),
+                })
+            })
+            .map_err(Error::db(OP))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(Error::db(OP))
+    }
+
+    /// One policy.
+    pub fn policy(&self, name: &str) -> Result<Policy> {
+        self.policies()?
+            .into_iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| not_found("read policy", format!("no policy {name:?}")))
+    }
+
+    // ---- protections --------------------------------------------------
+
+    /// Protects `disks` of `host` (empty: every disk it reported) under
+    /// `policy` to `target`. A disk already protected keeps its state if
+    /// policy and target are the same; another policy or target for a
+    /// replicating disk replaces them; a disk in a failover state is a
+    /// conflict.
+    pub fn protect(
+        &self,
+        host: &str,
+        disks: &[String],
+        policy: &str,
+        target: &str,
+    ) -> Result<Vec<Protection>> {
+        const OP: &str = "protect";
+        self.write(OP, |tx| {
+            let exists = |sql: &str, key: &str| -> Result<bool> {
+                tx.query_row(sql, [key], |_| Ok(()))
+                    .optional()
+                    .map(|o| o.is_some())
+                    .map_err(Error::db(OP))
+            };
+            if !exists("SELECT 1 FROM hosts WHERE name = ?1", host)? {
+                return Err(not_found(OP, format!("no host {host:?}")));
+            }
+            if !exists("SELECT 1 FROM policies WHERE name = ?1", policy)? {
+                return Err(not_found(OP, format!("no policy {policy:?}")));
+            }
+            if !exists("SELECT 1 FROM targets WHERE name = ?1", target)? {
+                return Err(not_found(OP, format!("no target {target:?}")));
+            }
+            let reported: Vec<String> = column(tx, OP, "SELECT name FROM disks WHERE host = ?1 ORDER BY name", [host])?;
+            let chosen: Vec<String> = if disks.is_empty() {
+                if reported.is_empty() {
+                    return Err(conflict(
+                        OP,
+                        format!("host {host:?} has reported no disks yet: start its filter, or name the disks"),
+                    ));
+                }
+                reported
+            } else {
+                disks.to_vec()
+            };
+            for disk in &chosen {
+                if disk.is_empty() || disk.len() > 64 {
+                    return Err(Error::new(ErrorKind::Invalid, OP, format!("bad disk name {disk:?}")));
+                }
+                let current: Option<String> = tx
+                    .query_row(
+                        "SELECT state FROM protections WHERE host = ?1 AND disk = ?2",
+                        [host, disk.as_str()],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(Error::db(OP))?;
+                match current.as_deref().and_then(ProtectionState::parse) {
+                    None => {
+                        tx.execute(
+                            "INSERT INTO protections (host, disk, policy, target, state, since, reason)
+                             VALUES (?1, ?2, ?3, ?4, 'enabling', ?5, 'protection requested')",
+                            params![host, disk, policy, target, now()],
+                        )
+                        .map_err(Error::db(OP))?;
+                    }
+                    Some(
+                        ProtectionState::Enabling
+                        | ProtectionState::InitialSync
+                        | ProtectionState::Protected
+                        | ProtectionState::ResyncRequired,
+                    ) => {
+                        tx.execute(
+                            "UPDATE protections SET policy = ?1, target = ?2 WHERE host = ?3 AND disk = ?4",
+                            params![policy, target, host, disk],
+                        )
+                        .map_err(Error::db(OP))?;
+                    }
+                    Some(state) => {
+                        return Err(conflict(
+                            OP,
+                            format!("{host}/{disk} is {}: protect it again after failback", state.as_str()),
+                        ))
+                    }
+                }
+            }
+            protections_of(tx, Some(host))
+        })
+    }
+
+    /// Every protection (of `host`, or of every host).
+    pub fn protections(&self, host: Option<&str>) -> Result<Vec<Protection>> {
+        protections_of(&self.lock(), host)
+    }
+
+    /// Feeds `event` to every protected disk of `host`; all or nothing.
+    pub fn transition_host(&self, host: &str, event: Event) -> Result<Vec<Protection>> {
+        const OP: &str = "change protection state";
+        self.write(OP, |tx| {
+            let disks: Vec<String> = column(
+                tx,
+                OP,
+                "SELECT disk FROM protections WHERE host = ?1 ORDER BY disk",
+                [host],
+            )?;
+            if disks.is_empty() {
+                return Err(not_found(
+                    OP,
+                    format!("host {host:?} has no protected disk"),
+                ));
+            }
+            let mut out = Vec::new();
+            for disk in disks {
+                if let Some(p) = transition_in(tx, host, &disk, event, false)? {
+                    out.push(p);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    // ---- jobs ---------------------------------------------------------
+
+    /// Queues a job for `owner` (`target:NAME` or `server`).
+    pub fn create_job(
+        &self,
+        kind: &str,
+        subject: &str,
+        owner: &str,
+        params: &serde_json::Value,
+    ) -> Result<i64> {
+        self.write("create job", |tx| {
+            tx.execute(
+                "INSERT INTO jobs (kind, subject, owner, state, params, created_at)
+                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5)",
+                params![kind, subject, owner, json_text(params), now()],
+            )
+            .map_err(Error::db("create job"))?;
+            Ok(tx.last_insert_rowid())
+        })
+    }
+
+    /// Jobs, newest first (at most `limit`).
+    pub fn jobs(&self, limit: u32) -> Result<Vec<Job>> {
+        const OP: &str = "list jobs";
+        let ids: Vec<i64> = column(
+            &self.lock(),
+            OP,
+            "SELECT id FROM jobs ORDER BY id DESC LIMIT ?1",
+            [limit],
+        )?;
+        ids.into_iter().map(|id| self.job(id, false)).collect()
+    }
+
+    /// One job (with its log when `with_log`).
+    pub fn job(&self, id: i64, with_log: bool) -> Result<Job> {
+        let conn = self.lock();
+        job_in(&conn, id, with_log)
+    }
+
+    /// Gives `owner` its oldest queued job, now running under a lease.
+    pub fn claim_job(&self, owner: &str) -> Result<Option<Job>> {
+        const OP: &str = "claim job";
+        self.write(OP, |tx| {
+            let id: Option<i64> = tx
+                .query_row(
+                    "SELECT id FROM jobs WHERE owner = ?1 AND state = 'queued' ORDER BY id LIMIT 1",
+                    [owner],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(Error::db(OP))?;
+            let Some(id) = id else { return Ok(None) };
+            tx.execute(
+                "UPDATE jobs SET state = 'running', started_at = ?1, lease_until = ?2 WHERE id = ?3",
+                params![now(), now() + JOB_LEASE_SECS, id],
+            )
+            .map_err(Error::db(OP))?;
+            add_log(tx, id, &format!("taken by {owner}"))?;
+            job_in(tx, id, false).map(Some)
+        })
+    }
+
+    /// Progress and log lines of a running job from its owner; renews the
+    /// lease.
+    pub fn job_progress(
+        &self,
+        id: i64,
+        owner: &str,
+        progress: Option<f64>,
+        log: &[String],
+    ) -> Result<Job> {
+        const OP: &str = "job progress";
+        self.write(OP, |tx| {
+            let job = running_job_of(tx, id, owner, OP)?;
+            let p = progress.map_or(job.progress, |p| p.clamp(0.0, 1.0));
+            tx.execute(
+                "UPDATE jobs SET progress = ?1, lease_until = ?2 WHERE id = ?3",
+                params![p, now() + JOB_LEASE_SECS, id],
+            )
+            .map_err(Error::db(OP))?;
+            for line in log {
+                add_log(tx, id, line)?;
+            }
+            job_in(tx, id, false)
+        })
+    }
+
+    /// Ends a running job: succeeded with `result`, or failed with `error`.
+    /// `on_end` runs in the same transaction (the lifecycle follows the job).
+    pub fn finish_job(
+        &self,
+        id: i64,
+        owner: &str,
+        result: Option<&serde_json::Value>,
+        error: Option<&str>,
+        on_end: impl FnOnce(&Transaction<'_>, &Job) -> Result<()>,
+    ) -> Result<Job> {
+        const OP: &str = "finish job";
+        self.write(OP, |tx| {
+            let job = running_job_of(tx, id, owner, OP)?;
+            end_job(tx, &job, result, error)?;
+            let job = job_in(tx, id, false)?;
+            on_end(tx, &job)?;
+            Ok(job)
+        })
+    }
+
+    /// Fails every running job whose owner has been silent past its lease
+    /// (a target that died mid-job); `on_end` as in [`Store::finish_job`].
+    /// Returns the jobs it failed.
+    pub fn expire_jobs(
+        &self,
+        on_end: impl Fn(&Transaction<'_>, &Job) -> Result<()>,
+    ) -> Result<Vec<Job>> {
+        const OP: &str = "expire jobs";
+        self.write(OP, |tx| {
+            let ids: Vec<i64> = column(
+                tx,
+                OP,
+                "SELECT id FROM jobs WHERE state = 'running' AND lease_until < ?1",
+                [now()],
+            )?;
+            let mut out = Vec::new();
+            for id in ids {
+                let job = job_in(tx, id, false)?;
+                let why = format!("{} stopped reporting: the job's lease ran out", job.owner);
+                end_job(tx, &job, None, Some(&why))?;
+                let job = job_in(tx, id, false)?;
+                on_end(tx, &job)?;
+                out.push(job);
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// The first column of every row of `sql`.
+fn column<T: rusqlite::types::FromSql>(
+    conn: &Connection,
+    op: &'static str,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<T>> {
+    let mut stmt = conn.prepare(sql).map_err(Error::db(op))?;
+    let rows = stmt
+        .query_map(params, |r| r.get(0))
+        .map_err(Error::db(op))?;
+    rows.collect::<std::result::Result<_, _>>()
+        .map_err(Error::db(op))
+}
+
+/// See [`Store::heartbeat_disks`].
+fn record_disks(tx: &Transaction<'_>, host: &str, disks: &[DiskInfo]) -> Result<()> {
+    const OP: &str = "record disks";
+    for d in disks {
+        if d.name.is_empty() || d.name.len() > 64 {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                OP,
+                format!("bad disk name {:?}", d.name),
+            ));
+        }
+        tx.execute(
+            "INSERT INTO disks (host, name, size) VALUES (?1, ?2, ?3)
+             ON CONFLICT(host, name) DO UPDATE SET size = excluded.size",
+            params![host, d.name, sql_i64(d.size, "disk size")?],
+        )
+        .map_err(Error::db(OP))?;
+    }
+    let keep: Vec<&str> = disks.iter().map(|d| d.name.as_str()).collect();
+    let listed = serde_json::to_string(&keep).unwrap_or_else(|_| "[]".into());
+    tx.execute(
+        "DELETE FROM disks WHERE host = ?1
+           AND name NOT IN (SELECT value FROM json_each(?2))
+           AND name NOT IN (SELECT disk FROM protections WHERE host = ?1)",
+        params![host, listed],
+    )
+    .map_err(Error::db(OP))?;
+    Ok(())
+}
+
+/// Applies `event` to `host/disk` inside `tx`; returns the protection if
+/// its state changed. With `lenient`, a refused event (a stale report) is
+/// ignored instead of failing the transaction.
+pub(crate) fn transition_in(
+    tx: &Transaction<'_>,
+    host: &str,
+    disk: &str,
+    event: Event,
+    lenient: bool,
+) -> Result<Option<Protection>> {
+    const OP: &str = "change protection state";
+    let row: Option<(String, Option<String>)> = tx
+        .query_row(
+            "SELECT state, before_failover FROM protections WHERE host = ?1 AND disk = ?2",
+            [host, disk],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(Error::db(OP))?;
+    let Some((state, before)) = row else {
+        return Ok(None);
+    };
+    let record = Record {
+        state: ProtectionState::parse(&state)
+            .ok_or_else(|| Error::new(ErrorKind::Db, OP, format!("unknown state {state:?}")))?,
+        before_failover: before.as_deref().and_then(ProtectionState::parse),
+    };
+    let (next, transition) = match lifecycle::apply(record, event) {
+        Ok(ok) => ok,
+        Err(_) if lenient => return Ok(None),
+        Err(why) => return Err(conflict(OP, format!("{host}/{disk}: {why}"))),
+    };
+    if next == record {
+        return Ok(None);
+    }
+    tx.execute(
+        "UPDATE protections SET state = ?1, before_failover = ?2, since = ?3, reason = ?4
+         WHERE host = ?5 AND disk = ?6",
+        params![
+            next.state.as_str(),
+            next.before_failover.map(ProtectionState::as_str),
+            now(),
+            transition.reason,
+            host,
+            disk
+        ],
+    )
+    .map_err(Error::db(OP))?;
+    tracing::info!(
+        host,
+        disk,
+        from = record.state.as_str(),
+        to = next.state.as_str(),
+        reason = transition.reason,
+        "protection state"
+    );
+    let all = protections_of(tx, Some(host))?;
+    Ok(all.into_iter().find(|p| p.disk == disk))
+}
+
+fn heartbeats_of(conn: &Connection, owner: &str) -> Result<Vec<Heartbeat>> {
+    const OP: &str = "read heartbeats";
+    let mut stmt = conn
+        .prepare("SELECT component, at, status FROM heartbeats WHERE owner = ?1 ORDER BY component")
+        .map_err(Error::db(OP))?;
+    let rows: Vec<(String, i64, String)> = stmt
+        .query_map([owner], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .map_err(Error::db(OP))?
+        .collect::<std::result::Result<_, _>>()
+        .map_err(Error::db(OP))?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(c, at, status)| {
+            Some(Heartbeat {
+                component: ferry_api::types::Component::parse(&c)?,
+                at,
+                status: parse_json(&status),
+            })
+        })
+        .collect())
+}
+
+fn protections_of(conn: &Connection, host: Option<&str>) -> Result<Vec<Protection>> {
+    const OP: &str = "read protections";
+    let mut stmt = conn
+        .prepare(
+            "SELECT host, disk, policy, target, state, since, reason FROM protections
+             WHERE ?1 IS NULL OR host = ?1 ORDER BY host, disk",
+        )
+        .map_err(Error::db(OP))?;
+    let rows: Vec<(String, String, String, String, String, i64, String)> = stmt
+        .query_map([host], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
+        })
+        .map_err(Error::db(OP))?
+        .collect::<std::result::Result<_, _>>()
+        .map_err(Error::db(OP))?;
+    rows.into_iter()
+        .map(|(host, disk, policy, target, state, since, reason)| {
+            let state = ProtectionState::parse(&state)
+                .ok_or_else(|| Error::new(ErrorKind::Db, OP, format!("unknown state {state:?}")))?;
+            Ok(Protection {
+                host,
+                disk,
+                policy,
+                target,
+                state,
+                since,
+                reason,
+            })
+        })
+        .collect()
+}
+
+fn add_log(tx: &Transaction<'_>, id: i64, line: &str) -> Result<()> {
+    const OP: &str = "job log";
+    tx.execute(
+        "INSERT INTO job_log (job, at, line) VALUES (?1, ?2, ?3)",
+        params![id, now(), line],
+    )
+    .map_err(Error::db(OP))?;
+    tx.execute(
+        "DELETE FROM job_log WHERE job = ?1 AND rowid NOT IN
+           (SELECT rowid FROM job_log WHERE job = ?1 ORDER BY rowid DESC LIMIT ?2)",
+        params![id, MAX_JOB_LOG_LINES],
+    )
+    .map_err(Error::db(OP))?;
+    Ok(())
+}
+
+fn running_job_of(tx: &Transaction<'_>, id: i64, owner: &str, op: &'static str) -> Result<Job> {
+    let job = job_in(tx, id, false)?;
+    if job.owner != owner {
+        return Err(Error::new(
+            ErrorKind::Forbidden,
+            op,
+            format!("job {id} belongs to {}", job.owner),
+        ));
+    }
+    if job.state != JobState::Running {
+        return Err(conflict(op, format!("job {id} is {}", job.state.as_str())));
+    }
+    Ok(job)
+}
+
+fn end_job(
+    tx: &Transaction<'_>,
+    job: &Job,
+    result: Option<&serde_json::Value>,
+    error: Option<&str>,
+) -> Result<()> {
+    let (state, progress) = match error {
+        None => (JobState::Succeeded, 1.0),
+        Some(_) => (JobState::Failed, job.progress),
+    };
+    tx.execute(
+        "UPDATE jobs SET state = ?1, progress = ?2, result = ?3, error = ?4, finished_at = ?5,
+             lease_until = NULL WHERE id = ?6",
+        params![
+            state.as_str(),
+            progress,
+            result.map(json_text),
+            error,
+            now(),
+            job.id
+        ],
+    )
+    .map_err(Error::db("finish job"))?;
+    let line = match error {
+        None => "succeeded".to_owned(),
+        Some(e) => format!("failed: {e}"),
+    };
+    add_log(tx, job.id, &line)
+}
+
+fn job_in(conn: &Connection, id: i64, with_log: bool) -> Result<Job> {
+    const OP: &str = "read job";
+    type Row = (
+        String,
+        String,
+        String,
+        String,
+        f64,
+        String,
+        Option<String>,
+        Option<String>,
+        i64,
+        Option<i64>,
+        Option<i64>,
+    );
+    let row: Option<Row> = conn
+        .query_row(
+            "SELECT kind, subject, owner, state, progress, params, result, error, created_at,
+                    started_at, finished_at FROM jobs WHERE id = ?1",
+            [id],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                    r.get(8)?,
+                    r.get(9)?,
+                    r.get(10)?,
+                ))
+            },
+        )
+        .optional()
+        .map_err(Error::db(OP))?;
+    let Some((
+        kind,
+        subject,
+        owner,
+        state,
+        progress,
+        params,
+        result,
+        error,
+        created_at,
+        started_at,
+        finished_at,
+    )) = row
+    else {
+        return Err(not_found(OP, format!("no job {id}")));
+    };
+    let log = if with_log {
+        let mut stmt = conn
+            .prepare("SELECT at, line FROM job_log WHERE job = ?1 ORDER BY rowid")
+            .map_err(Error::db(OP))?;
+        let rows = stmt
+            .query_map([id], |r| {
+                Ok(JobLogLine {
+                    at: r.get(0)?,
+                    line: r.get(1)?,
+                })
+            })
+            .map_err(Error::db(OP))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(Error::db(OP))?
+    } else {
+        Vec::new()
+    };
+    Ok(Job {
+        id,
+        kind,
+        subject,
+        owner,
+        state: JobState::parse(&state)
+            .ok_or_else(|| Error::new(ErrorKind::Db, OP, format!("unknown job state {state:?}")))?,
+        progress,
+        params: parse_json(&params),
+        result: result.as_deref().map(parse_json),
+        error,
+        created_at,
+        started_at,
+        finished_at,
+        log,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_api::types::Component;
+
+    /// A temporary directory, removed when dropped.
+    struct Tmp(std::path::PathBuf);
+    impl Drop for Tmp {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn store() -> (Tmp, Store) {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ferry-db-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir.join("server.db")).unwrap();
+        (Tmp(dir), store)
+    }
+
+    fn register(store: &Store, role: Role, name: &str, token: &[u8], api: &[u8]) -> Result<()> {
+        store
+            .add_token(token, role, None, true, None, Some(now() + 60))
+            .ok();
+        let addr = (role == Role::Target).then_some("127.0.0.1:9443");
+        store.register(token, role, name, addr, api, || Ok(()))
+    }
+
+    fn disk(name: &str) -> DiskInfo {
+        DiskInfo {
+            name: name.into(),
+            size: 1 << 30,
+        }
+    }
+
+    fn rep(disk: &str, consistent: bool) -> DiskReplication {
+        DiskReplication {
+            disk: disk.into(),
+            shipping: true,
+            consistent,
+            lag_secs: 1,
+            resync_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn schema_migrates_once_and_newer_is_refused() {
+        let (tmp, store) = store();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len());
+        drop(store);
+        let path = tmp.0.join("server.db");
+        let again = Store::open(&path).unwrap();
+        assert_eq!(again.schema_version().unwrap(), MIGRATIONS.len());
+        again
+            .lock()
+            .execute_batch(&format!("PRAGMA user_version = {}", MIGRATIONS.len() + 1))
+            .unwrap();
+        drop(again);
+        let e = Store::open(&path).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Db);
+        assert!(e.to_string().contains("newer ferry"), "{e}");
+    }
+
+    #[test]
+    fn a_registration_token_works_once_for_its_role_and_name() {
+        let (_tmp, s) = store();
+        register(&s, Role::Host, "web01", b"t1", b"api1").unwrap();
+        assert_eq!(
+            s.principal(b"api1").unwrap(),
+            Some(Principal::Host("web01".into()))
+        );
+        // The one-time token is no API token, and is used up.
+        assert_eq!(s.principal(b"t1").unwrap(), None);
+        let e = s
+            .register(b"t1", Role::Host, "web02", None, b"api2", || Ok(()))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unauthenticated);
+        assert!(s.host("web02").is_err());
+        // Wrong role.
+        s.add_token(b"t2", Role::Target, None, true, None, None)
+            .unwrap();
+        let e = s
+            .register(b"t2", Role::Host, "web02", None, b"api2", || Ok(()))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unauthenticated);
+        // Bound to another name.
+        s.add_token(b"t3", Role::Host, None, true, Some("db01"), None)
+            .unwrap();
+        let e = s
+            .register(b"t3", Role::Host, "web02", None, b"api2", || Ok(()))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Forbidden);
+        // Expired.
+        s.add_token(b"t4", Role::Host, None, true, None, Some(now() - 1))
+            .unwrap();
+        assert!(s
+            .register(b"t4", Role::Host, "web02", None, b"api2", || Ok(()))
+            .is_err());
+        // Failing credentials leave nothing behind, token included.
+        s.add_token(b"t5", Role::Host, None, true, None, None)
+            .unwrap();
+        let e = s
+            .register(
+                b"t5",
+                Role::Host,
+                "web03",
+                None,
+                b"api3",
+                || -> Result<()> { Err(Error::new(ErrorKind::Io, "issue", "disk full")) },
+            )
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io);
+        assert!(s.host("web03").is_err());
+        assert_eq!(s.principal(b"api3").unwrap(), None);
+        register(&s, Role::Host, "web03", b"t5", b"api3").unwrap();
+    }
+
+    #[test]
+    fn re_registration_revokes_the_old_api_token() {
+        let (_tmp, s) = store();
+        register(&s, Role::Host, "web01", b"t1", b"old").unwrap();
+        register(&s, Role::Host, "web01", b"t2", b"new").unwrap();
+        assert_eq!(s.principal(b"old").unwrap(), None);
+        assert_eq!(
+            s.principal(b"new").unwrap(),
+            Some(Principal::Host("web01".into()))
+        );
+    }
+
+    #[test]
+    fn protection_follows_the_sidecar_reports() {
+        let (_tmp, s) = store();
+        register(&s, Role::Host, "web01", b"t1", b"h").unwrap();
+        register(&s, Role::Target, "site-b", b"t2", b"t").unwrap();
+        s.create_policy(&Policy::with_defaults("gold")).unwrap();
+        assert_eq!(
+            s.create_policy(&Policy::with_defaults("gold"))
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Conflict
+        );
+        // No disks reported yet: protecting "all" is refused.
+        assert_eq!(
+            s.protect("web01", &[], "gold", "site-b")
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Conflict
+        );
+        s.heartbeat(
+            "web01",
+            Component::Filter,
+            &[disk("data"), disk("logs")],
+            &[],
+            &serde_json::json!({}),
+        )
+        .unwrap();
+        assert_eq!(
+            s.protect("web01", &[], "nope", "site-b")
+                .unwrap_err()
+                .kind(),
+            ErrorKind::NotFound
+        );
+        let p = s.protect("web01", &[], "gold", "site-b").unwrap();
+        assert_eq!(p.len(), 2);
+        assert!(p.iter().all(|p| p.state == ProtectionState::Enabling));
+        let changed = s
+            .heartbeat(
+                "web01",
+                Component::Sidecar,
+                &[],
+                &[rep("data", false), rep("logs", true)],
+                &serde_json::json!({}),
+            )
+            .unwrap();
+        assert_eq!(changed.len(), 2);
+        let state = |d: &str| {
+            s.protections(Some("web01"))
+                .unwrap()
+                .into_iter()
+                .find(|p| p.disk == d)
+                .unwrap()
+                .state
+        };
+        assert_eq!(state("data"), ProtectionState::InitialSync);
+        assert_eq!(state("logs"), ProtectionState::Protected);
+        // A failover needs every disk able to fail over: all or nothing.
+        assert_eq!(
+            s.transition_host("web01", Event::FailoverStarted)
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Conflict
+        );
+        assert_eq!(state("logs"), ProtectionState::Protected);
+        s.heartbeat(
+            "web01",
+            Component::Sidecar,
+            &[],
+            &[rep("data", true)],
+            &serde_json::json!({}),
+        )
+        .unwrap();
+        s.transition_host("web01", Event::FailoverStarted).unwrap();
+        // Reports no longer move it.
+        s.heartbeat(
+            "web01",
+            Component::Sidecar,
+            &[],
+            &[rep("data", false)],
+            &serde_json::json!({}),
+        )
+        .unwrap();
+        assert_eq!(state("data"), ProtectionState::FailoverInProgress);
+        s.transition_host("web01", Event::FailoverFailed).unwrap();
+        assert_eq!(state("data"), ProtectionState::Protected);
+        // A filter that no longer sees a protected disk does not drop it.
+        s.heartbeat(
+            "web01",
+            Component::Filter,
+            &[disk("data")],
+            &[],
+            &serde_json::json!({}),
+        )
+        .unwrap();
+        let names: Vec<_> = s
+            .host("web01")
+            .unwrap()
+            .disks
+            .into_iter()
+            .map(|d| d.name)
+            .collect();
+        assert_eq!(names, ["data", "logs"]);
+    }
+
+    #[test]
+    fn jobs_are_claimed_reported_finished_or_expired() {
+        let (_tmp, s) = store();
+        let a = s
+            .create_job(
+                "failover",
+                "web01",
+                "target:site-b",
+                &serde_json::json!({"point": "latest"}),
+            )
+            .unwrap();
+        let b = s
+            .create_job("commit", "web01", "target:site-b", &serde_json::json!({}))
+            .unwrap();
+        assert!(s.claim_job("target:other").unwrap().is_none());
+        let j = s.claim_job("target:site-b").unwrap().unwrap();
+        assert_eq!((j.id, j.state), (a, JobState::Running));
+        // Only the owner reports.
+        assert_eq!(
+            s.job_progress(a, "target:other", Some(0.5), &[])
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Forbidden
+        );
+        let j = s
+            .job_progress(a, "target:site-b", Some(0.5), &["copying".into()])
+            .unwrap();
+        assert_eq!(j.progress, 0.5);
+        let j = s
+            .finish_job(
+                a,
+                "target:site-b",
+                Some(&serde_json::json!({"seq": 7})),
+                None,
+                |_, _| Ok(()),
+            )
+            .unwrap();
+        assert_eq!((j.state, j.progress), (JobState::Succeeded, 1.0));
+        assert_eq!(
+            s.finish_job(a, "target:site-b", None, None, |_, _| Ok(()))
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Conflict
+        );
+        let log: Vec<_> = s
+            .job(a, true)
+            .unwrap()
+            .log
+            .into_iter()
+            .map(|l| l.line)
+            .collect();
+        assert_eq!(log, ["taken by target:site-b", "copying", "succeeded"]);
+        // A running job whose owner goes silent fails when its lease ends.
+        s.claim_job("target:site-b").unwrap().unwrap();
+        assert!(s.expire_jobs(|_, _| Ok(())).unwrap().is_empty());
+        s.lock()
+            .execute(
+                "UPDATE jobs SET lease_until = ?1 WHERE id = ?2",
+                params![now() - 1, b],
+            )
+            .unwrap();
+        let expired = s.expire_jobs(|_, _| Ok(())).unwrap();
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].state, JobState::Failed);
+        assert!(expired[0].error.as_deref().unwrap().contains("lease"));
+        let ids: Vec<_> = s.jobs(10).unwrap().into_iter().map(|j| j.id).collect();
+        assert_eq!(ids, [b, a]);
+    }
+}
