@@ -493,3 +493,99 @@ pub struct ApiError {
     /// What went wrong, for the operator.
     pub message: String,
 }
+
+/// `GET /v1/hosts/HOST/config` (the host, or admin): what its sidecar and
+/// filter should do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostConfig {
+    /// The host.
+    pub host: String,
+    /// Where its disks replicate to (None: not protected yet).
+    #[serde(default)]
+    pub target: Option<TargetRef>,
+    /// The policy of its protected disks (None: not protected yet). One
+    /// policy per host: `protect` refuses a second one.
+    #[serde(default)]
+    pub policy: Option<Policy>,
+    /// The protected disks and their states.
+    #[serde(default)]
+    pub protections: Vec<Protection>,
+}
+
+impl HostConfig {
+    /// Whether replication should run: protected disks, none failed over.
+    pub fn replicating(&self) -> bool {
+        self.target.is_some()
+            && self.protections.iter().any(|p| {
+                matches!(
+                    p.state,
+                    ProtectionState::Enabling
+                        | ProtectionState::InitialSync
+                        | ProtectionState::Protected
+                        | ProtectionState::ResyncRequired
+                )
+            })
+    }
+}
+
+/// A target as a host needs to know it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetRef {
+    /// The target's name (its certificate's name).
+    pub name: String,
+    /// Its replication address.
+    pub address: String,
+}
+
+/// `GET /v1/targets/TARGET/config` (the target, or admin): the hosts
+/// protected to it, with the data keys it needs to open their change sets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetConfig {
+    /// The target.
+    pub target: String,
+    /// Its hosts.
+    pub hosts: Vec<TargetHost>,
+}
+
+/// A host protected to a target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetHost {
+    /// The host.
+    pub name: String,
+    /// Its data key (hex of 32 bytes).
+    pub datakey_hex: String,
+}
+
+/// `POST /v1/hosts/HOST/failover` (admin): a failover job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverJobRequest {
+    /// The point: `latest`, `latest-processed`, `latest-app`, a name or a
+    /// time.
+    pub point: String,
+    /// The image format (default vhd-dynamic).
+    #[serde(default)]
+    pub format: Option<String>,
+    /// Output directory on the target (default: `DATA/failover/HOST`).
+    #[serde(default)]
+    pub out: Option<String>,
+    /// Replace the point of a failed-over host.
+    #[serde(default)]
+    pub change_point: bool,
+    /// SHA-256 of every image in the manifest.
+    #[serde(default = "yes")]
+    pub checksums: bool,
+}
+
+/// `POST /v1/hosts/HOST/test-failover` (admin): a test failover job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestFailoverJobRequest {
+    /// The point.
+    pub point: String,
+    /// Output directory on the target (default: `DATA/test-failover/HOST`).
+    #[serde(default)]
+    pub out: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}

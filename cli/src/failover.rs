@@ -63,9 +63,12 @@ or before it).\n\nExamples:\n  \
 pub struct FailoverArgs {
     /// The protected host.
     host: String,
-    /// Data directory of the target.
+    /// Data directory of the target (without it: through the control-plane
+    /// server, as a job on the host's target; --out is then a path there).
     #[arg(long)]
-    data: PathBuf,
+    data: Option<PathBuf>,
+    #[command(flatten)]
+    conn: crate::server::Conn,
     /// Recovery point.
     #[arg(long, default_value = "latest")]
     point: String,
@@ -94,7 +97,18 @@ pub struct FailoverArgs {
 }
 
 pub fn run_failover(args: &FailoverArgs) -> Result<ExitCode> {
-    let previous = ferry_master_target::failover::failover_state(&args.data, &args.host)?;
+    let Some(data) = &args.data else {
+        let body = ferry_api::types::FailoverJobRequest {
+            point: args.point.clone(),
+            format: args.format.clone(),
+            out: args.out.as_ref().map(|o| o.to_string_lossy().into_owned()),
+            change_point: args.change_point,
+            checksums: !args.no_checksum,
+        };
+        let v = crate::server::host_job(&args.conn, &args.host, "failover", &body, !args.json)?;
+        return show_manifest(v, args.json);
+    };
+    let previous = ferry_master_target::failover::failover_state(data, &args.host)?;
     let from_previous = |pick: fn(&Manifest) -> Option<String>| {
         if args.change_point {
             previous.as_ref().and_then(pick)
@@ -122,7 +136,7 @@ pub fn run_failover(args: &FailoverArgs) -> Result<ExitCode> {
         change_point: args.change_point,
         checksums: !args.no_checksum,
     };
-    let v = run(&args.data, args.credentials.as_deref(), &req)?;
+    let v = run(data, args.credentials.as_deref(), &req)?;
     show_manifest(v, args.json)
 }
 
@@ -174,9 +188,11 @@ fn print_manifest(m: &Manifest) -> Result<()> {
 pub struct CommitArgs {
     /// The failed-over host.
     host: String,
-    /// Data directory of the target.
+    /// Data directory of the target (without it: through the server).
     #[arg(long)]
-    data: PathBuf,
+    data: Option<PathBuf>,
+    #[command(flatten)]
+    conn: crate::server::Conn,
     /// Credentials directory (only when no target runs).
     #[arg(long)]
     credentials: Option<PathBuf>,
@@ -186,10 +202,20 @@ pub struct CommitArgs {
 }
 
 pub fn run_commit(args: &CommitArgs) -> Result<ExitCode> {
+    let Some(data) = &args.data else {
+        let v = crate::server::host_job(
+            &args.conn,
+            &args.host,
+            "commit",
+            &serde_json::json!({}),
+            !args.json,
+        )?;
+        return show_manifest(v, args.json);
+    };
     let req = Request::Commit {
         host: args.host.clone(),
     };
-    let v = run(&args.data, args.credentials.as_deref(), &req)?;
+    let v = run(data, args.credentials.as_deref(), &req)?;
     show_manifest(v, args.json)
 }
 
@@ -210,16 +236,19 @@ pub struct TestFailoverArgs {
     /// The protected host.
     #[arg(required = true)]
     host: Option<String>,
-    /// Data directory of the target.
-    #[arg(long, required = true)]
+    /// Data directory of the target (without it: through the server).
+    #[arg(long)]
     data: Option<PathBuf>,
     /// Recovery point (as for `ferry failover`; `latest` does not wait for
     /// the backlog).
     #[arg(long, default_value = "latest-processed")]
     point: String,
-    /// Output directory.
-    #[arg(long, required = true)]
+    /// Output directory (required with --data; through the server, a path
+    /// on the target, default DATA/test-failover/HOST).
+    #[arg(long)]
     out: Option<PathBuf>,
+    #[command(flatten)]
+    conn: crate::server::Conn,
     /// Credentials directory (only when no target runs).
     #[arg(long)]
     credentials: Option<PathBuf>,
@@ -234,9 +263,9 @@ enum TestFailoverAction {
     Cleanup {
         /// The host.
         host: String,
-        /// Data directory of the target.
+        /// Data directory of the target (without it: through the server).
         #[arg(long)]
-        data: PathBuf,
+        data: Option<PathBuf>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -244,33 +273,75 @@ enum TestFailoverAction {
 }
 
 pub fn run_test_failover(args: &TestFailoverArgs) -> Result<ExitCode> {
-    let (data, req, json) = match &args.action {
-        Some(TestFailoverAction::Cleanup { host, data, json }) => (
-            data.clone(),
-            Request::TestFailoverCleanup { host: host.clone() },
-            *json,
-        ),
-        None => {
-            let (Some(host), Some(data), Some(out)) = (&args.host, &args.data, &args.out) else {
-                bail!("HOST, --data and --out are required");
-            };
-            let point = if args.point == "latest" {
-                "latest-processed".to_owned()
-            } else {
-                args.point.clone()
-            };
+    let point = if args.point == "latest" {
+        "latest-processed".to_owned()
+    } else {
+        args.point.clone()
+    };
+    let (data, v, json) = match &args.action {
+        Some(TestFailoverAction::Cleanup {
+            host,
+            data: None,
+            json,
+        }) => {
+            let v = crate::server::host_job(
+                &args.conn,
+                host,
+                "test-failover-cleanup",
+                &serde_json::json!({}),
+                !json,
+            )?;
+            (None, v, *json)
+        }
+        Some(TestFailoverAction::Cleanup {
+            host,
+            data: Some(data),
+            json,
+        }) => {
+            let req = Request::TestFailoverCleanup { host: host.clone() };
             (
-                data.clone(),
-                Request::TestFailover {
-                    host: host.clone(),
-                    point,
-                    out: absolute(out)?,
-                },
-                args.json,
+                Some(data.clone()),
+                run(data, args.credentials.as_deref(), &req)?,
+                *json,
             )
         }
+        None => {
+            let Some(host) = &args.host else {
+                bail!("HOST is required");
+            };
+            match &args.data {
+                None => {
+                    let body = ferry_api::types::TestFailoverJobRequest {
+                        point,
+                        out: args.out.as_ref().map(|o| o.to_string_lossy().into_owned()),
+                    };
+                    let v = crate::server::host_job(
+                        &args.conn,
+                        host,
+                        "test-failover",
+                        &body,
+                        !args.json,
+                    )?;
+                    (None, v, args.json)
+                }
+                Some(data) => {
+                    let Some(out) = &args.out else {
+                        bail!("--out DIR is required with --data");
+                    };
+                    let req = Request::TestFailover {
+                        host: host.clone(),
+                        point,
+                        out: absolute(out)?,
+                    };
+                    (
+                        Some(data.clone()),
+                        run(data, args.credentials.as_deref(), &req)?,
+                        args.json,
+                    )
+                }
+            }
+        }
     };
-    let v = run(&data, args.credentials.as_deref(), &req)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
@@ -294,11 +365,14 @@ pub fn run_test_failover(args: &TestFailoverArgs) -> Result<ExitCode> {
                     base.file.display()
                 );
             }
-            println!(
-                "cleanup   ferry test-failover cleanup {} --data {}",
-                t.host,
-                data.display()
-            );
+            match &data {
+                Some(data) => println!(
+                    "cleanup   ferry test-failover cleanup {} --data {}",
+                    t.host,
+                    data.display()
+                ),
+                None => println!("cleanup   ferry test-failover cleanup {}", t.host),
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

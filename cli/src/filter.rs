@@ -208,7 +208,11 @@ fn daemon(args: DaemonArgs) -> Result<ExitCode> {
         config.initial_copy = false;
     }
     crate::init_logging();
-    ferry_filter::daemon::run(config, Arc::new(AtomicBool::new(false)))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    if let Some(reg) = crate::agent::Registration::load(&config.state)? {
+        crate::agent::spawn_filter_heartbeats(reg, config.state.clone(), stop.clone())?;
+    }
+    ferry_filter::daemon::run(config, stop)?;
     Ok(ExitCode::SUCCESS)
 }
 

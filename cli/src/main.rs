@@ -1,6 +1,7 @@
 //! `ferry`: the one installed binary. Each daemon and each user verb is a
 //! subcommand; this file only parses the command line and dispatches.
 
+mod agent;
 mod credentials;
 mod failover;
 mod filter;

@@ -127,11 +127,33 @@ fn target(args: TargetDaemonArgs) -> Result<ExitCode> {
     let data = args
         .data
         .context("give --data DIR (see `ferry target --help`)")?;
-    let creds = args
-        .credentials
-        .context("give --credentials DIR (made by `ferry credentials init`)")?;
+    let stop = stop_flag()?;
+    let registration = match &args.credentials {
+        Some(_) => None,
+        None => crate::agent::Registration::load(&data)?,
+    };
+    let (creds, name) = match (&args.credentials, &registration) {
+        (Some(c), _) => (c.clone(), args.name),
+        (None, Some(reg)) => {
+            // The data keys of the hosts protected here, before any connects.
+            if let Err(e) = reg
+                .client()
+                .and_then(|c| crate::agent::sync_data_keys(&c, reg))
+            {
+                tracing::warn!(error = %e, "data keys not fetched from the server yet (retrying)");
+            }
+            (reg.credentials.clone(), reg.name.clone())
+        }
+        (None, None) => anyhow::bail!(
+            "give --credentials DIR (made by `ferry credentials init`), \
+             or register the target: `ferry target register`"
+        ),
+    };
+    if let Some(reg) = registration {
+        crate::agent::spawn_target_agent(reg, data.clone(), stop.clone())?;
+    }
     let mut cfg = TargetConfig::new(data, args.listen, creds);
-    cfg.name = args.name;
+    cfg.name = name;
     cfg.replica_format = match args.replica_format.as_str() {
         "vhd-dynamic" => Format::VhdDynamic,
         "vhd-fixed" => Format::VhdFixed,
@@ -143,7 +165,6 @@ fn target(args: TargetDaemonArgs) -> Result<ExitCode> {
     }
     cfg.retention = args.retention;
     cfg.history_segment_size = args.history_segment_size;
-    let stop = stop_flag()?;
     target_daemon::run(cfg, stop, |addr| {
         eprintln!("ferry target: listening on {addr}");
     })?;
@@ -392,19 +413,74 @@ pub fn run_sidecar(args: SidecarArgs) -> Result<ExitCode> {
 }
 
 fn sidecar(args: SidecarDaemonArgs) -> Result<ExitCode> {
-    let state = args.state.context("give --state DIR (the filter's)")?;
-    let target = args.target.context("give --target HOST:PORT")?;
+    let state = args
+        .state
+        .clone()
+        .context("give --state DIR (the filter's)")?;
+    let local_policy = match &args.policy {
+        Some(path) => Some(ferry_sidecar::policy::Policy::from_file(path)?),
+        None => None,
+    };
+    let stop = stop_flag()?;
+    if args.target.is_none() {
+        if let Some(reg) = crate::agent::Registration::load(&state)? {
+            // Registered: the server says where to and under which policy.
+            crate::agent::run_registered_sidecar(&reg, &state, &stop, |plan, flag| {
+                let mut cfg =
+                    SidecarConfig::new(state.clone(), plan.target.clone(), reg.credentials.clone());
+                cfg.host = Some(reg.name.clone());
+                let policy = server_policy(&plan.policy, local_policy.as_ref());
+                cfg.bandwidth = policy.bandwidth;
+                cfg.zstd_level = policy.compression_level;
+                cfg.policy = Some(policy);
+                sidecar_overrides(&args, &mut cfg)?;
+                Ok(sidecar_daemon::run(cfg, flag)?)
+            })?;
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    let target = args
+        .target
+        .clone()
+        .context("give --target HOST:PORT (or register the host: `ferry host register`)")?;
     let creds = args
         .credentials
+        .clone()
         .context("give --credentials DIR (made by `ferry credentials init`)")?;
     let mut cfg = SidecarConfig::new(state, target, creds);
-    cfg.host = args.host;
-    if let Some(path) = &args.policy {
-        let policy = ferry_sidecar::policy::Policy::from_file(path)?;
+    cfg.host = args.host.clone();
+    if let Some(policy) = local_policy {
         cfg.bandwidth = policy.bandwidth;
         cfg.zstd_level = policy.compression_level;
         cfg.policy = Some(policy);
     }
+    sidecar_overrides(&args, &mut cfg)?;
+    sidecar_daemon::run(cfg, stop)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The server's policy as the sidecar runs it; what only the host knows
+/// (file systems to freeze, scripts around the freeze) comes from its
+/// local `--policy` file.
+fn server_policy(
+    p: &ferry_api::types::Policy,
+    local: Option<&ferry_sidecar::policy::Policy>,
+) -> ferry_sidecar::policy::Policy {
+    ferry_sidecar::policy::Policy {
+        crash_interval: Duration::from_secs(p.crash_interval_secs)
+            .max(ferry_sidecar::policy::MIN_INTERVAL),
+        app_interval: p.app_interval_secs.map(Duration::from_secs),
+        app_mounts: local.map(|l| l.app_mounts.clone()).unwrap_or_default(),
+        app_pre: local.and_then(|l| l.app_pre.clone()),
+        app_post: local.and_then(|l| l.app_post.clone()),
+        retention: Duration::from_secs(p.retention_secs.max(1)),
+        compression_level: p.compression_level,
+        bandwidth: p.bandwidth,
+    }
+}
+
+/// The command line's tuning flags, over whatever the policy set.
+fn sidecar_overrides(args: &SidecarDaemonArgs, cfg: &mut SidecarConfig) -> Result<()> {
     if let Some(b) = args.bandwidth {
         cfg.bandwidth = b;
     }
@@ -422,9 +498,7 @@ fn sidecar(args: SidecarDaemonArgs) -> Result<ExitCode> {
     if let Some(sz) = args.spool_size {
         cfg.spool_size = sz;
     }
-    let stop = stop_flag()?;
-    sidecar_daemon::run(cfg, stop)?;
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 fn sidecar_status(args: &SidecarStatusArgs) -> Result<ExitCode> {
@@ -502,7 +576,7 @@ fn sidecar_status(args: &SidecarStatusArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn metrics_path(state: &Path) -> PathBuf {
+pub(crate) fn metrics_path(state: &Path) -> PathBuf {
     state.join(SIDECAR_DIR).join(METRICS_FILE)
 }
 

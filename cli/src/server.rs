@@ -50,6 +50,9 @@ pub const CREDENTIALS_DIR: &str = "credentials";
 
 /// The exit code for an error of these verbs.
 pub fn exit_code(err: &anyhow::Error) -> Option<u8> {
+    if err.chain().any(|e| e.downcast_ref::<JobFailed>().is_some()) {
+        return Some(EXIT_JOB_FAILED);
+    }
     let api = err
         .chain()
         .find_map(|e| e.downcast_ref::<ferry_api::Error>())?;
@@ -777,6 +780,53 @@ pub fn run_status(a: &StatusArgs) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+// ---- jobs on a host's target --------------------------------------------
+
+/// A job that ended without doing its work (exit [`EXIT_JOB_FAILED`]).
+#[derive(Debug)]
+pub struct JobFailed(pub Job);
+
+impl std::fmt::Display for JobFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "job {} ({} {}) failed: {}",
+            self.0.id,
+            self.0.kind,
+            self.0.subject,
+            self.0.error.as_deref().unwrap_or("no reason given")
+        )
+    }
+}
+
+impl std::error::Error for JobFailed {}
+
+/// Queues `action` (`failover`, `commit`, `test-failover`,
+/// `test-failover-cleanup`) of `host` on its target through the server,
+/// waits for it (a progress bar when `bar`) and returns its result.
+pub fn host_job<B: serde::Serialize>(
+    conn: &Conn,
+    host: &str,
+    action: &str,
+    body: &B,
+    bar: bool,
+) -> Result<serde_json::Value> {
+    let client = conn.client()?;
+    let job: Job = client.post(&format!("/v1/hosts/{host}/{action}"), body)?;
+    if bar {
+        eprintln!(
+            "job {} queued on {}",
+            job.id,
+            job.owner.trim_start_matches("target:")
+        );
+    }
+    let job = wait_job(&client, job.id, None, bar)?;
+    match (job.state, job.result.clone()) {
+        (JobState::Succeeded, Some(v)) => Ok(v),
+        _ => Err(JobFailed(job).into()),
     }
 }
 

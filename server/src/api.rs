@@ -26,16 +26,18 @@ use std::path::PathBuf;
 
 use ferry_api::http::{Method, Request, Response};
 use ferry_api::types::{
-    ApiError, Component, DiskInfo, HeartbeatRequest, JobFinish, JobProgress, Policy,
-    ProtectRequest, RegisterRequest, Registered, Role, TokenIssued, TokenRequest,
+    ApiError, Component, DiskInfo, FailoverJobRequest, HeartbeatRequest, Job, JobFinish,
+    JobProgress, JobState, Policy, ProtectRequest, RegisterRequest, Registered, Role, TargetConfig,
+    TargetHost, TestFailoverJobRequest, TokenIssued, TokenRequest,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::json;
 
 use crate::auth::{self, Scope};
-use crate::db::{now, Principal, Store};
+use crate::db::{now, JobGate, Principal, Store};
 use crate::error::{Error, ErrorKind, Result};
+use crate::lifecycle::Event;
 
 /// Longest registration-token lifetime.
 pub const MAX_TOKEN_TTL_SECS: u64 = 7 * 24 * 3600;
@@ -73,7 +75,7 @@ impl Api {
 
     /// Fails the jobs whose owner stopped reporting (the janitor).
     pub fn expire_jobs(&self) -> Result<Vec<ferry_api::types::Job>> {
-        self.store.expire_jobs(|_, _| Ok(()))
+        self.store.expire_jobs(follow_job)
     }
 
     /// Answers one request.
@@ -141,6 +143,18 @@ impl Api {
                     .heartbeat_disks(host, &disks)
                     .and_then(|()| self.store.host(host))
                     .map(|h| ok(&h))
+            }
+            (Method::Get, ["v1", "hosts", host, "config"]) => {
+                need(Scope::Host(host))?;
+                Ok(ok(&self.store.host_config(host)?))
+            }
+            (Method::Post, ["v1", "hosts", host, action]) if host_action(action).is_some() => {
+                need(Scope::Admin)?;
+                self.host_job(host, action, req)
+            }
+            (Method::Get, ["v1", "targets", target, "config"]) => {
+                need(Scope::Target(target))?;
+                self.target_config(target)
             }
             (Method::Post, ["v1", "hosts", host, "protect"]) => {
                 need(Scope::Admin)?;
@@ -218,7 +232,7 @@ impl Api {
                     &owner,
                     f.result.as_ref(),
                     f.error.as_deref(),
-                    |_, _| Ok(()),
+                    follow_job,
                 )?;
                 Ok(ok(&job))
             }
@@ -347,6 +361,50 @@ impl Api {
         })
     }
 
+    /// Queues a failover, commit, test failover or cleanup of `host` on
+    /// its target; a failover or commit moves the host's disks in the same
+    /// transaction (refused, with nothing queued, if the lifecycle does not
+    /// allow it).
+    fn host_job(&self, host: &str, action: &str, req: &Request) -> Result<Response> {
+        let (kind, gate) =
+            host_action(action).ok_or_else(|| invalid(format!("no action {action}")))?;
+        let params = match kind {
+            "failover" => {
+                let r: FailoverJobRequest = body(req)?;
+                json!({"op": "failover", "host": host, "point": r.point,
+                    "format": r.format.unwrap_or_else(|| "vhd-dynamic".into()),
+                    "out": r.out, "change_point": r.change_point, "checksums": r.checksums})
+            }
+            "test-failover" => {
+                let r: TestFailoverJobRequest = body(req)?;
+                json!({"op": "test-failover", "host": host, "point": r.point, "out": r.out})
+            }
+            other => json!({"op": other, "host": host}),
+        };
+        let job = self.store.create_host_job(host, kind, &params, gate)?;
+        tracing::info!(job = job.id, kind, host, owner = %job.owner, "job queued");
+        Ok(Response::json(
+            202,
+            &serde_json::to_value(&job).unwrap_or_default(),
+        ))
+    }
+
+    fn target_config(&self, target: &str) -> Result<Response> {
+        self.store.target(target)?;
+        let mut hosts = Vec::new();
+        for name in self.store.hosts_of_target(target)? {
+            let path = ferry_protocol::credentials::datakey_path(&self.credentials, &name);
+            hosts.push(TargetHost {
+                datakey_hex: auth::hex(&read_private(&path)?),
+                name,
+            });
+        }
+        Ok(ok(&TargetConfig {
+            target: target.to_owned(),
+            hosts,
+        }))
+    }
+
     fn heartbeat(&self, who: &Principal, hb: HeartbeatRequest) -> Result<Response> {
         let owner = match (who, hb.component) {
             (Principal::Host(h), Component::Filter | Component::Sidecar) => h,
@@ -364,6 +422,31 @@ impl Api {
                 .heartbeat(owner, hb.component, &hb.disks, &hb.replication, &hb.status)?;
         Ok(ok(&json!({ "changed": changed })))
     }
+}
+
+/// The job kind of `POST /v1/hosts/H/ACTION` and the lifecycle event it
+/// starts with.
+fn host_action(action: &str) -> Option<(&'static str, JobGate)> {
+    Some(match action {
+        "failover" => ("failover", JobGate::Start(Event::FailoverStarted)),
+        "commit" => ("commit", JobGate::Require(Event::Committed)),
+        "test-failover" => ("test-failover", JobGate::Free),
+        "test-failover-cleanup" => ("test-failover-cleanup", JobGate::Free),
+        _ => return None,
+    })
+}
+
+/// The lifecycle follows a host job's end (inside the job's transaction).
+fn follow_job(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<()> {
+    let ok = job.state == JobState::Succeeded;
+    let event = match (job.kind.as_str(), ok) {
+        ("failover", true) => Event::FailoverSucceeded,
+        ("failover", false) => Event::FailoverFailed,
+        ("commit", true) => Event::Committed,
+        _ => return Ok(()),
+    };
+    // Lenient: a disk protected after the job started has nothing to follow.
+    crate::db::transition_host_in(tx, &job.subject, event, true).map(|_| ())
 }
 
 fn read_private(path: &std::path::Path) -> Result<Vec<u8>> {

@@ -127,6 +127,10 @@ pub fn run(data: &Path, listen: &str, stop: Arc<AtomicBool>) -> Result<()> {
         ));
     }
     let store = Store::open(&db_path)?;
+    let renewed = store.renew_running_leases()?;
+    if renewed > 0 {
+        tracing::info!(jobs = renewed, "running jobs get a fresh lease to report");
+    }
     let creds = data.join(CREDENTIALS_DIR);
     let ca_path = creds.join(credentials::CA_CERT);
     let ca_pem =

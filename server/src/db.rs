@@ -16,8 +16,8 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use ferry_api::types::{
-    DiskInfo, DiskReplication, Heartbeat, HostInfo, Job, JobLogLine, JobState, Policy, Protection,
-    ProtectionState, Role, TargetInfo,
+    DiskInfo, DiskReplication, Heartbeat, HostConfig, HostInfo, Job, JobLogLine, JobState, Policy,
+    Protection, ProtectionState, Role, TargetInfo, TargetRef,
 };
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
@@ -109,6 +109,9 @@ pub const MIGRATIONS: &[&str] = &[
 /// How long a running job's owner may stay silent before the job fails.
 pub const JOB_LEASE_SECS: i64 = 120;
 
+/// How long a queued job waits for its owner to take it before it fails.
+pub const JOB_CLAIM_SECS: i64 = 600;
+
 /// Longest job log kept per job (older lines are dropped first).
 pub const MAX_JOB_LOG_LINES: i64 = 1000;
 
@@ -139,6 +142,18 @@ struct OneTimeToken {
     bound: Option<String>,
     expires_at: Option<i64>,
     used_at: Option<i64>,
+}
+
+/// How a host job meets the lifecycle when it is queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobGate {
+    /// No lifecycle step (test failovers).
+    Free,
+    /// Take this step now (a failover starts).
+    Start(Event),
+    /// This step must be allowed now; it is taken when the job succeeds
+    /// (a commit).
+    Require(Event),
 }
 
 /// The server's database.
@@ -705,7 +720,131 @@ impl Store {
                     }
                 }
             }
+            // One target and one policy per host: the sidecar ships every
+            // disk to one place under one schedule.
+            let others: Vec<String> = column(
+                tx,
+                OP,
+                "SELECT disk FROM protections WHERE host = ?1 AND (policy != ?2 OR target != ?3)
+                   AND state NOT IN ('enabling', 'initial-sync', 'protected', 'resync-required')",
+                params![host, policy, target],
+            )?;
+            if let Some(disk) = others.first() {
+                return Err(conflict(
+                    OP,
+                    format!("{host}/{disk} is failed over under another policy or target: fail back first"),
+                ));
+            }
+            tx.execute(
+                "UPDATE protections SET policy = ?1, target = ?2 WHERE host = ?3",
+                params![policy, target, host],
+            )
+            .map_err(Error::db(OP))?;
             protections_of(tx, Some(host))
+        })
+    }
+
+    /// What host `host`'s daemons should do.
+    pub fn host_config(&self, host: &str) -> Result<HostConfig> {
+        self.host(host)?;
+        let protections = self.protections(Some(host))?;
+        let Some(first) = protections.first() else {
+            return Ok(HostConfig {
+                host: host.to_owned(),
+                target: None,
+                policy: None,
+                protections,
+            });
+        };
+        let t = self.target(&first.target)?;
+        let policy = self.policy(&first.policy)?;
+        Ok(HostConfig {
+            host: host.to_owned(),
+            target: Some(TargetRef {
+                name: t.name,
+                address: t.address,
+            }),
+            policy: Some(policy),
+            protections,
+        })
+    }
+
+    /// The hosts protected to `target`.
+    pub fn hosts_of_target(&self, target: &str) -> Result<Vec<String>> {
+        column(
+            &self.lock(),
+            "hosts of target",
+            "SELECT DISTINCT host FROM protections WHERE target = ?1 ORDER BY host",
+            [target],
+        )
+    }
+
+    /// Queues job `kind` on host `host`'s target, gated by the lifecycle of
+    /// the host's disks in the same transaction: the job exists exactly
+    /// when its step was allowed.
+    pub fn create_host_job(
+        &self,
+        host: &str,
+        kind: &str,
+        params: &serde_json::Value,
+        gate: JobGate,
+    ) -> Result<Job> {
+        const OP: &str = "create job";
+        self.write(OP, |tx| {
+            let targets: Vec<String> = column(
+                tx,
+                OP,
+                "SELECT DISTINCT target FROM protections WHERE host = ?1",
+                [host],
+            )?;
+            let target = match targets.as_slice() {
+                [t] => t.clone(),
+                [] => {
+                    return Err(not_found(
+                        OP,
+                        format!("host {host:?} has no protected disk"),
+                    ))
+                }
+                _ => {
+                    return Err(conflict(
+                        OP,
+                        format!("host {host:?} replicates to several targets"),
+                    ))
+                }
+            };
+            match gate {
+                JobGate::Free => {}
+                JobGate::Start(event) => {
+                    transition_host_in(tx, host, event, false)?;
+                }
+                JobGate::Require(event) => {
+                    // Check only: the step is taken when the job ends.
+                    check_host_in(tx, host, event)?;
+                }
+            }
+            let owner = format!("target:{target}");
+            tx.execute(
+                "INSERT INTO jobs (kind, subject, owner, state, params, created_at)
+                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5)",
+                params![kind, host, owner, json_text(params), now()],
+            )
+            .map_err(Error::db(OP))?;
+            let id = tx.last_insert_rowid();
+            add_log(tx, id, &format!("queued for {owner}"))?;
+            job_in(tx, id, false)
+        })
+    }
+
+    /// Gives every running job a fresh lease: called when the server
+    /// starts, so that owners who kept working while it was down get to
+    /// report before the janitor judges them.
+    pub fn renew_running_leases(&self) -> Result<usize> {
+        self.write("renew leases", |tx| {
+            tx.execute(
+                "UPDATE jobs SET lease_until = ?1 WHERE state = 'running'",
+                [now() + JOB_LEASE_SECS],
+            )
+            .map_err(Error::db("renew leases"))
         })
     }
 
@@ -730,13 +869,7 @@ impl Store {
                     format!("host {host:?} has no protected disk"),
                 ));
             }
-            let mut out = Vec::new();
-            for disk in disks {
-                if let Some(p) = transition_in(tx, host, &disk, event, false)? {
-                    out.push(p);
-                }
-            }
-            Ok(out)
+            transition_host_in(tx, host, event, false)
         })
     }
 
@@ -871,6 +1004,20 @@ impl Store {
                 on_end(tx, &job)?;
                 out.push(job);
             }
+            let unclaimed: Vec<i64> = column(
+                tx,
+                OP,
+                "SELECT id FROM jobs WHERE state = 'queued' AND owner != 'server' AND created_at < ?1",
+                [now() - JOB_CLAIM_SECS],
+            )?;
+            for id in unclaimed {
+                let job = job_in(tx, id, false)?;
+                let why = format!("{} did not take the job within {JOB_CLAIM_SECS} s", job.owner);
+                end_job(tx, &job, None, Some(&why))?;
+                let job = job_in(tx, id, false)?;
+                on_end(tx, &job)?;
+                out.push(job);
+            }
             Ok(out)
         })
     }
@@ -921,18 +1068,33 @@ fn record_disks(tx: &Transaction<'_>, host: &str, disks: &[DiskInfo]) -> Result<
     Ok(())
 }
 
-/// Applies `event` to `host/disk` inside `tx`; returns the protection if
-/// its state changed. With `lenient`, a refused event (a stale report) is
-/// ignored instead of failing the transaction.
-pub(crate) fn transition_in(
-    tx: &Transaction<'_>,
+/// Feeds `event` to every protected disk of `host` inside `tx`; returns
+/// the protections that changed. Not `lenient`: one refusal fails all.
+pub(crate) fn transition_host_in(
+    tx: &Connection,
     host: &str,
-    disk: &str,
     event: Event,
     lenient: bool,
-) -> Result<Option<Protection>> {
-    const OP: &str = "change protection state";
-    let row: Option<(String, Option<String>)> = tx
+) -> Result<Vec<Protection>> {
+    let disks: Vec<String> = column(
+        tx,
+        "change protection state",
+        "SELECT disk FROM protections WHERE host = ?1 ORDER BY disk",
+        [host],
+    )?;
+    let mut out = Vec::new();
+    for disk in disks {
+        if let Some(p) = transition_in(tx, host, &disk, event, lenient)? {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+/// The lifecycle record of `host/disk`, if it is protected.
+fn record_of(conn: &Connection, host: &str, disk: &str) -> Result<Option<Record>> {
+    const OP: &str = "read protection state";
+    let row: Option<(String, Option<String>)> = conn
         .query_row(
             "SELECT state, before_failover FROM protections WHERE host = ?1 AND disk = ?2",
             [host, disk],
@@ -943,10 +1105,45 @@ pub(crate) fn transition_in(
     let Some((state, before)) = row else {
         return Ok(None);
     };
-    let record = Record {
+    Ok(Some(Record {
         state: ProtectionState::parse(&state)
             .ok_or_else(|| Error::new(ErrorKind::Db, OP, format!("unknown state {state:?}")))?,
         before_failover: before.as_deref().and_then(ProtectionState::parse),
+    }))
+}
+
+/// Whether `event` would be allowed on every protected disk of `host`
+/// (nothing is written).
+fn check_host_in(conn: &Connection, host: &str, event: Event) -> Result<()> {
+    const OP: &str = "check protection state";
+    let disks: Vec<String> = column(
+        conn,
+        OP,
+        "SELECT disk FROM protections WHERE host = ?1 ORDER BY disk",
+        [host],
+    )?;
+    for disk in disks {
+        if let Some(record) = record_of(conn, host, &disk)? {
+            lifecycle::apply(record, event)
+                .map_err(|why| conflict(OP, format!("{host}/{disk}: {why}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies `event` to `host/disk` inside `tx`; returns the protection if
+/// its state changed. With `lenient`, a refused event (a stale report) is
+/// ignored instead of failing the transaction.
+pub(crate) fn transition_in(
+    tx: &Connection,
+    host: &str,
+    disk: &str,
+    event: Event,
+    lenient: bool,
+) -> Result<Option<Protection>> {
+    const OP: &str = "change protection state";
+    let Some(record) = record_of(tx, host, disk)? else {
+        return Ok(None);
     };
     let (next, transition) = match lifecycle::apply(record, event) {
         Ok(ok) => ok,
