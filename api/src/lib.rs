@@ -6,6 +6,7 @@
 pub mod client;
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod types;
 
 pub use client::Client;

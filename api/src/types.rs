@@ -589,3 +589,77 @@ pub struct TestFailoverJobRequest {
 fn yes() -> bool {
     true
 }
+
+/// A replication group: hosts whose points are taken together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    /// The group's name.
+    pub name: String,
+    /// Its hosts, in the order rounds reach them.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Take a group point this often (None: only when asked).
+    #[serde(default)]
+    pub interval_secs: Option<u64>,
+    /// Longest time the members' writes stay held in a round, ms.
+    #[serde(default = "default_group_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+/// The default hold of a group round: 300 ms.
+pub fn default_group_timeout_ms() -> u64 {
+    300
+}
+
+/// `POST /v1/groups/GROUP/hosts` (admin): add hosts to a group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupHosts {
+    /// The hosts to add.
+    pub hosts: Vec<String>,
+}
+
+/// `POST /v1/groups/GROUP/points` (admin): take a group point now.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct GroupPointRequest {
+    /// The point's name (default: `GROUP-MILLISECONDS`).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// A group round as the server recorded it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupPoint {
+    /// Its number.
+    pub id: i64,
+    /// The group.
+    pub group: String,
+    /// The point's name: the tag every member took.
+    pub name: String,
+    /// `taken` (a group-consistent point), `aborted`, `partial` or
+    /// `not-started`.
+    pub result: String,
+    /// Unix time of the round.
+    pub at: i64,
+    /// From the first hold to the last answer, µs.
+    #[serde(default)]
+    pub elapsed_us: Option<u64>,
+    /// Per member: how it ended (the coordinator's outcome), or why the
+    /// round did not start.
+    #[serde(default)]
+    pub members: serde_json::Value,
+}
+
+/// `POST /v1/groups/GROUP/failover` (admin): fail every member over at one
+/// common point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupFailoverRequest {
+    /// `latest-group` (the newest taken group point) or a group point's
+    /// name.
+    pub point: String,
+    /// The image format (default vhd-dynamic).
+    #[serde(default)]
+    pub format: Option<String>,
+    /// Run a test failover instead (replication goes on).
+    #[serde(default)]
+    pub test: bool,
+}

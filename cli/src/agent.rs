@@ -36,7 +36,7 @@ use crate::server::{SERVER_FILE, TOKEN_FILE};
 /// How often daemons report.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How often a target asks for jobs.
-pub const JOB_POLL: Duration = Duration::from_secs(2);
+pub const JOB_POLL: Duration = Duration::from_secs(1);
 /// How long a job's result is retried while the server is away.
 pub const RESULT_RETRY: Duration = Duration::from_secs(600);
 
@@ -141,6 +141,7 @@ fn nap(stop: &AtomicBool, d: Duration) -> bool {
 pub fn spawn_filter_heartbeats(
     reg: Registration,
     state: PathBuf,
+    group_listen: Option<String>,
     stop: Arc<AtomicBool>,
 ) -> Result<()> {
     let client = reg.client()?;
@@ -149,7 +150,8 @@ pub fn spawn_filter_heartbeats(
         .spawn(move || {
             let mut quiet = Quiet::new("filter heartbeat");
             loop {
-                let req = filter_report(&state);
+                let mut req = filter_report(&state);
+                req.status["group_listen"] = json!(group_listen);
                 match client.post::<_, serde_json::Value>("/v1/heartbeat", &req) {
                     Ok(_) => quiet.ok(),
                     Err(e) => quiet.failed(&e),

@@ -62,7 +62,12 @@ or before it).\n\nExamples:\n  \
 )]
 pub struct FailoverArgs {
     /// The protected host.
-    host: String,
+    #[arg(required_unless_present = "group")]
+    host: Option<String>,
+    /// Fail every host of this replication group over at one group point
+    /// (--point latest-group or a group point's name), through the server.
+    #[arg(long, conflicts_with_all = ["host", "data"])]
+    group: Option<String>,
     /// Data directory of the target (without it: through the control-plane
     /// server, as a job on the host's target; --out is then a path there).
     #[arg(long)]
@@ -97,6 +102,24 @@ pub struct FailoverArgs {
 }
 
 pub fn run_failover(args: &FailoverArgs) -> Result<ExitCode> {
+    if let Some(group) = &args.group {
+        let point = if args.point == "latest" {
+            "latest-group"
+        } else {
+            args.point.as_str()
+        };
+        let body = ferry_api::types::GroupFailoverRequest {
+            point: point.to_owned(),
+            format: args.format.clone(),
+            test: false,
+        };
+        let results = crate::server::group_job(&args.conn, group, &body, !args.json)?;
+        for v in results {
+            show_manifest(v, args.json)?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let host = args.host.clone().context("give HOST or --group")?;
     let Some(data) = &args.data else {
         let body = ferry_api::types::FailoverJobRequest {
             point: args.point.clone(),
@@ -105,10 +128,10 @@ pub fn run_failover(args: &FailoverArgs) -> Result<ExitCode> {
             change_point: args.change_point,
             checksums: !args.no_checksum,
         };
-        let v = crate::server::host_job(&args.conn, &args.host, "failover", &body, !args.json)?;
+        let v = crate::server::host_job(&args.conn, &host, "failover", &body, !args.json)?;
         return show_manifest(v, args.json);
     };
-    let previous = ferry_master_target::failover::failover_state(data, &args.host)?;
+    let previous = ferry_master_target::failover::failover_state(data, &host)?;
     let from_previous = |pick: fn(&Manifest) -> Option<String>| {
         if args.change_point {
             previous.as_ref().and_then(pick)
@@ -129,7 +152,7 @@ pub fn run_failover(args: &FailoverArgs) -> Result<ExitCode> {
     };
     let out = absolute(&out)?;
     let req = Request::Failover {
-        host: args.host.clone(),
+        host: host.clone(),
         point: args.point.clone(),
         format,
         out,
@@ -234,8 +257,12 @@ pub struct TestFailoverArgs {
     #[command(subcommand)]
     action: Option<TestFailoverAction>,
     /// The protected host.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "group")]
     host: Option<String>,
+    /// Test every host of this replication group at one group point
+    /// (--point latest-group or a group point's name), through the server.
+    #[arg(long, conflicts_with_all = ["host", "data"])]
+    group: Option<String>,
     /// Data directory of the target (without it: through the server).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -305,6 +332,24 @@ pub fn run_test_failover(args: &TestFailoverArgs) -> Result<ExitCode> {
                 *json,
             )
         }
+        None if args.group.is_some() => {
+            let group = args.group.as_deref().unwrap_or_default();
+            let point = if args.point == "latest-processed" {
+                "latest-group".to_owned()
+            } else {
+                point
+            };
+            let body = ferry_api::types::GroupFailoverRequest {
+                point,
+                format: None,
+                test: true,
+            };
+            let results = crate::server::group_job(&args.conn, group, &body, !args.json)?;
+            for v in results {
+                print_test_failover(v, None, false, args.json)?;
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         None => {
             let Some(host) = &args.host else {
                 bail!("HOST is required");
@@ -342,38 +387,48 @@ pub fn run_test_failover(args: &TestFailoverArgs) -> Result<ExitCode> {
             }
         }
     };
+    print_test_failover(v, data.as_deref(), args.action.is_some(), json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a test failover's (or its cleanup's) result.
+fn print_test_failover(
+    v: serde_json::Value,
+    data: Option<&Path>,
+    cleanup: bool,
+    json: bool,
+) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(ExitCode::SUCCESS);
+        return Ok(());
     }
     let t: TestFailover = serde_json::from_value(v)?;
-    match &args.action {
-        Some(_) => println!(
+    if cleanup {
+        println!(
             "test failover of {} at {} removed ({} images)",
             t.host,
             t.point.describe(),
             t.images.len()
-        ),
-        None => {
-            println!("host      {}", t.host);
-            println!("point     {}", t.point.describe());
-            for (base, img) in t.bases.iter().zip(&t.images) {
-                println!(
-                    "disk      {}: {} (writable) over {} (read-only)",
-                    base.disk,
-                    img.display(),
-                    base.file.display()
-                );
-            }
-            match &data {
-                Some(data) => println!(
-                    "cleanup   ferry test-failover cleanup {} --data {}",
-                    t.host,
-                    data.display()
-                ),
-                None => println!("cleanup   ferry test-failover cleanup {}", t.host),
-            }
-        }
+        );
+        return Ok(());
     }
-    Ok(ExitCode::SUCCESS)
+    println!("host      {}", t.host);
+    println!("point     {}", t.point.describe());
+    for (base, img) in t.bases.iter().zip(&t.images) {
+        println!(
+            "disk      {}: {} (writable) over {} (read-only)",
+            base.disk,
+            img.display(),
+            base.file.display()
+        );
+    }
+    match data {
+        Some(data) => println!(
+            "cleanup   ferry test-failover cleanup {} --data {}",
+            t.host,
+            data.display()
+        ),
+        None => println!("cleanup   ferry test-failover cleanup {}", t.host),
+    }
+    Ok(())
 }

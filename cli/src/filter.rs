@@ -112,6 +112,11 @@ struct DaemonArgs {
     /// e.g. blank on both sides.
     #[arg(long)]
     no_initial_copy: bool,
+    /// Serve group rounds of the control-plane server's coordinator on this
+    /// address (mutual TLS; registered hosts only; default
+    /// 0.0.0.0:20004 when registered, "off" to disable).
+    #[arg(long)]
+    group_listen: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -209,8 +214,30 @@ fn daemon(args: DaemonArgs) -> Result<ExitCode> {
     }
     crate::init_logging();
     let stop = Arc::new(AtomicBool::new(false));
-    if let Some(reg) = crate::agent::Registration::load(&config.state)? {
-        crate::agent::spawn_filter_heartbeats(reg, config.state.clone(), stop.clone())?;
+    let registration = crate::agent::Registration::load(&config.state)?;
+    let group_listen = match (args.group_listen.as_deref(), &registration) {
+        (Some("off"), _) | (None, None) => None,
+        (Some(addr), _) => Some(addr.to_owned()),
+        (None, Some(_)) => Some(format!("0.0.0.0:{}", ferry_filter::grouplink::DEFAULT_PORT)),
+    };
+    if let Some(listen) = &group_listen {
+        let reg = registration
+            .as_ref()
+            .context("--group-listen needs a registered host (`ferry host register`)")?;
+        config.group_link = Some(ferry_filter::grouplink::GroupLinkConfig {
+            listen: listen.clone(),
+            credentials: reg.credentials.clone(),
+            host: reg.name.clone(),
+            coordinator: ferry_filter::grouplink::COORDINATOR.to_owned(),
+        });
+    }
+    if let Some(reg) = registration {
+        crate::agent::spawn_filter_heartbeats(
+            reg,
+            config.state.clone(),
+            group_listen,
+            stop.clone(),
+        )?;
     }
     ferry_filter::daemon::run(config, stop)?;
     Ok(ExitCode::SUCCESS)

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use ferry_filter::group::{group_point, MemberState, RoundResult};
+use ferry_api::types::{Group, GroupHosts, GroupPoint, GroupPointRequest};
+use ferry_filter::group::{group_point, MemberAddr, MemberState, RoundResult};
 
 /// Exit code: the round aborted, no member took the tag.
 pub const EXIT_ABORTED: u8 = 1;
@@ -29,6 +30,75 @@ pub enum GroupCommand {
         ferry group point nightly --member /var/lib/ferry/web01 --member /var/lib/ferry/db01"
     )]
     Point(PointArgs),
+    /// Create a replication group on the server (admin).
+    #[command(
+        after_help = "Example:\n  ferry group create shop --host web01 --host db01 --interval 15m"
+    )]
+    Create(GroupCreateArgs),
+    /// Add hosts to a group.
+    Add(GroupAddArgs),
+    /// Every group.
+    List(crate::server::ListArgs),
+    /// One group.
+    Show(crate::server::ShowArgs),
+    /// Take a group point now through the server's coordinator (the
+    /// members' group ports). Exit codes as for `point`.
+    #[command(after_help = "Example:\n  ferry group take shop --name before-release")]
+    Take(GroupTakeArgs),
+    /// A group's rounds, newest first.
+    Points(crate::server::ShowArgs),
+}
+
+/// `ferry group create`.
+#[derive(Debug, Args)]
+pub struct GroupCreateArgs {
+    /// The group's name.
+    name: String,
+    /// A member host (repeat; order is the order rounds reach them).
+    #[arg(long = "host")]
+    hosts: Vec<String>,
+    /// Take a group point this often (30s, 15m, 1h; default: only on
+    /// request).
+    #[arg(long, value_parser = crate::server::parse_secs)]
+    interval: Option<u64>,
+    /// Longest time members' writes stay held in a round, ms.
+    #[arg(long, default_value_t = ferry_filter::control::DEFAULT_HOLD_MS)]
+    timeout_ms: u64,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: crate::server::Conn,
+}
+
+/// `ferry group add`.
+#[derive(Debug, Args)]
+pub struct GroupAddArgs {
+    /// The group.
+    name: String,
+    /// Hosts to add.
+    #[arg(required = true)]
+    hosts: Vec<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: crate::server::Conn,
+}
+
+/// `ferry group take`.
+#[derive(Debug, Args)]
+pub struct GroupTakeArgs {
+    /// The group.
+    group: String,
+    /// The point's name (default GROUP-MILLISECONDS).
+    #[arg(long)]
+    name: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: crate::server::Conn,
 }
 
 /// `ferry group point NAME --member STATE ...`.
@@ -49,10 +119,132 @@ pub struct PointArgs {
 
 /// Run `ferry group ...`.
 pub fn run(cmd: &GroupCommand) -> Result<ExitCode> {
-    let GroupCommand::Point(args) = cmd;
+    match cmd {
+        GroupCommand::Point(args) => local_point(args),
+        GroupCommand::Create(a) => {
+            let g = Group {
+                name: a.name.clone(),
+                hosts: a.hosts.clone(),
+                interval_secs: a.interval,
+                timeout_ms: a.timeout_ms,
+            };
+            let g: Group = a.conn.client()?.post("/v1/groups", &g)?;
+            print_groups(&[g], a.json)
+        }
+        GroupCommand::Add(a) => {
+            let g: Group = a.conn.client()?.post(
+                &format!("/v1/groups/{}/hosts", a.name),
+                &GroupHosts {
+                    hosts: a.hosts.clone(),
+                },
+            )?;
+            print_groups(&[g], a.json)
+        }
+        GroupCommand::List(a) => {
+            let list: Vec<Group> = a.conn.client()?.get("/v1/groups")?;
+            print_groups(&list, a.json)
+        }
+        GroupCommand::Show(a) => {
+            let g: Group = a.conn.client()?.get(&format!("/v1/groups/{}", a.name))?;
+            print_groups(&[g], a.json)
+        }
+        GroupCommand::Take(a) => {
+            let p: GroupPoint = a.conn.client()?.post(
+                &format!("/v1/groups/{}/points", a.group),
+                &GroupPointRequest {
+                    name: a.name.clone(),
+                },
+            )?;
+            print_group_points(std::slice::from_ref(&p), a.json)?;
+            Ok(match p.result.as_str() {
+                "taken" => ExitCode::SUCCESS,
+                "aborted" => ExitCode::from(EXIT_ABORTED),
+                "partial" => ExitCode::from(EXIT_PARTIAL),
+                _ => ExitCode::from(EXIT_NOT_STARTED),
+            })
+        }
+        GroupCommand::Points(a) => {
+            let list: Vec<GroupPoint> = a
+                .conn
+                .client()?
+                .get(&format!("/v1/groups/{}/points", a.name))?;
+            print_group_points(&list, a.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_groups(list: &[Group], json: bool) -> Result<ExitCode> {
+    if json {
+        let v = if list.len() == 1 {
+            serde_json::to_value(&list[0])?
+        } else {
+            serde_json::to_value(list)?
+        };
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for g in list {
+            println!(
+                "group {}: {} (every {}, hold at most {} ms)",
+                g.name,
+                if g.hosts.is_empty() {
+                    "no hosts".to_owned()
+                } else {
+                    g.hosts.join(", ")
+                },
+                g.interval_secs.map_or("-".to_owned(), |s| format!("{s} s")),
+                g.timeout_ms
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_group_points(list: &[GroupPoint], json: bool) -> Result<()> {
+    if json {
+        let v = if list.len() == 1 {
+            serde_json::to_value(&list[0])?
+        } else {
+            serde_json::to_value(list)?
+        };
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    for p in list {
+        let error = p
+            .members
+            .get("error")
+            .and_then(|e| e.as_str())
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default();
+        println!(
+            "{:>5}  {}  {}  {}{}{}",
+            p.id,
+            u64::try_from(p.at).map_or_else(
+                |_| p.at.to_string(),
+                |s| ferry_master_target::clock::utc(s.saturating_mul(1_000_000_000))
+            ),
+            p.name,
+            p.result,
+            p.elapsed_us
+                .map(|us| format!(", {us} us"))
+                .unwrap_or_default(),
+            error
+        );
+    }
+    Ok(())
+}
+
+fn local_point(args: &PointArgs) -> Result<ExitCode> {
     let timeout =
         Duration::from_millis(args.timeout_ms.clamp(1, ferry_filter::control::MAX_HOLD_MS));
-    let outcome = match group_point(&args.name, &args.members, timeout) {
+    let members: Vec<MemberAddr> = args
+        .members
+        .iter()
+        .cloned()
+        .map(MemberAddr::Local)
+        .collect();
+    let outcome = match group_point(&args.name, &members, timeout, None) {
         Ok(o) => o,
         Err(e) if args.json => {
             // Nothing was held: say so in the form scripts read.
@@ -83,7 +275,7 @@ pub fn run(cmd: &GroupCommand) -> Result<ExitCode> {
                 .as_ref()
                 .map(|e| format!(" ({e})"))
                 .unwrap_or_default();
-            println!("{}: {what}{held}{error}", m.member.display());
+            println!("{}: {what}{held}{error}", m.member);
         }
         println!(
             "group point {}: {:?} ({} us)",

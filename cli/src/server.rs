@@ -81,7 +81,8 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn client(&self) -> Result<Client> {
+    /// A client of the server these options name.
+    pub fn client(&self) -> Result<Client> {
         let from_env = |v: &Option<String>, var: &str| {
             v.clone()
                 .or_else(|| std::env::var(var).ok().filter(|s| !s.is_empty()))
@@ -379,21 +380,21 @@ pub struct HostRegisterArgs {
 pub struct ListArgs {
     /// Print JSON.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     #[command(flatten)]
-    conn: Conn,
+    pub(crate) conn: Conn,
 }
 
 /// A name and `--json`.
 #[derive(Debug, Args)]
 pub struct ShowArgs {
     /// The name.
-    name: String,
+    pub(crate) name: String,
     /// Print JSON.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     #[command(flatten)]
-    conn: Conn,
+    pub(crate) conn: Conn,
 }
 
 /// Runs `ferry host ...`.
@@ -827,6 +828,45 @@ pub fn host_job<B: serde::Serialize>(
     match (job.state, job.result.clone()) {
         (JobState::Succeeded, Some(v)) => Ok(v),
         _ => Err(JobFailed(job).into()),
+    }
+}
+
+/// Fails over (or tests) every host of `group` at one group point through
+/// the server: waits for every member's job and returns their results;
+/// an error naming the first failed job if any failed.
+pub fn group_job(
+    conn: &Conn,
+    group: &str,
+    body: &ferry_api::types::GroupFailoverRequest,
+    bar: bool,
+) -> Result<Vec<serde_json::Value>> {
+    let client = conn.client()?;
+    let queued: serde_json::Value = client.post(&format!("/v1/groups/{group}/failover"), body)?;
+    let jobs: Vec<Job> = serde_json::from_value(queued["jobs"].clone())?;
+    if bar {
+        eprintln!(
+            "group {group} at {}: jobs {}",
+            queued["point"]["name"].as_str().unwrap_or("?"),
+            jobs.iter()
+                .map(|j| format!("{} ({})", j.id, j.subject))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let mut results = Vec::new();
+    let mut failed = None;
+    for job in jobs {
+        let job = wait_job(&client, job.id, None, bar)?;
+        match (job.state, job.result.clone()) {
+            (JobState::Succeeded, Some(v)) => results.push(v),
+            _ => {
+                failed.get_or_insert(job);
+            }
+        }
+    }
+    match failed {
+        Some(job) => Err(JobFailed(job).into()),
+        None => Ok(results),
     }
 }
 

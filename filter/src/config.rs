@@ -134,6 +134,9 @@ pub struct FilterConfig {
     /// copied to the recovery site. Off (`--no-initial-copy`) only for a
     /// disk known to be identical at the target (e.g. blank on both sides).
     pub initial_copy: bool,
+    /// Serve group rounds to a coordinator over the network (None: only
+    /// on the local control socket).
+    pub group_link: Option<crate::grouplink::GroupLinkConfig>,
 }
 
 /// The TOML file's shape.
@@ -199,6 +202,7 @@ impl FilterConfig {
             al_slots: DEFAULT_AL_SLOTS,
             block_size: None,
             initial_copy: true,
+            group_link: None,
         }
     }
 

@@ -443,11 +443,47 @@ pub fn serve(listener: UnixListener, handler: Arc<dyn Handler>, stop: Arc<Atomic
     }
 }
 
+/// A connection the control protocol runs on: the unix socket, or a TLS
+/// stream from a group coordinator (`grouplink`).
+pub trait ControlStream: std::io::Read + Write {
+    /// Sets the underlying socket's read timeout.
+    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()>;
+    /// Sets the underlying socket's write timeout.
+    fn set_write_timeout(&self, d: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl ControlStream for UnixStream {
+    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        UnixStream::set_read_timeout(self, d)
+    }
+    fn set_write_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        UnixStream::set_write_timeout(self, d)
+    }
+}
+
+/// Which requests a connection may make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allowed {
+    /// Everything (the local socket, mode 0600).
+    All,
+    /// Only `hold` with its verdict: a group coordinator over the network.
+    HoldOnly,
+}
+
 /// One client: request lines in, response lines out, until it hangs up or
 /// the filter stops (checked between reads, every 200 ms).
 fn serve_connection(mut stream: UnixStream, handler: &dyn Handler, stop: &AtomicBool) {
-    use std::io::Read;
     let _ = stream.set_nonblocking(false);
+    serve_lines(&mut stream, handler, stop, Allowed::All);
+}
+
+/// The request loop of one connection (see [`serve_connection`]).
+pub fn serve_lines<S: ControlStream>(
+    stream: &mut S,
+    handler: &dyn Handler,
+    stop: &AtomicBool,
+    allowed: Allowed,
+) {
     let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
     let mut pending: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -470,11 +506,18 @@ fn serve_connection(mut stream: UnixStream, handler: &dyn Handler, stop: &Atomic
         while let Some(end) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
             let line = String::from_utf8_lossy(&line).trim_end().to_owned();
-            let reply = match hold_request(&line) {
-                Some(hold) => hold_round(&mut stream, &mut pending, handler, &hold),
-                None => answer(&line, handler),
+            let reply = match (hold_request(&line), allowed) {
+                (Some(hold), _) => hold_round(stream, &mut pending, handler, &hold),
+                (None, Allowed::All) => answer(&line, handler),
+                (None, Allowed::HoldOnly) => {
+                    serde_json::to_string(&Response::error("only hold is served on this port"))
+                        .unwrap_or_default()
+                }
             };
-            if writeln!(stream, "{reply}").is_err() {
+            if writeln!(stream, "{reply}")
+                .and_then(|()| stream.flush())
+                .is_err()
+            {
                 return;
             }
         }
@@ -500,13 +543,12 @@ fn hold_request(line: &str) -> Option<HoldRequest> {
 
 /// Run a hold on this connection: answer `held`, wait (until the hold's
 /// deadline) for the next line, commit if it says so, answer the outcome.
-fn hold_round(
-    stream: &mut UnixStream,
+fn hold_round<S: ControlStream>(
+    stream: &mut S,
     pending: &mut Vec<u8>,
     handler: &dyn Handler,
     hold: &HoldRequest,
 ) -> String {
-    use std::io::Read;
     // The deadline runs from the request: waiting for the tag lock and
     // for writes in flight comes out of it, so writes stay held no longer
     // than the timeout after the coordinator asked.
@@ -524,7 +566,7 @@ fn hold_round(
         let line = serde_json::to_string(&held).expect("responses serialize");
         // A coordinator that does not read cannot keep the writes held.
         let _ = stream.set_write_timeout(Some(left));
-        let sent = writeln!(stream, "{line}");
+        let sent = writeln!(stream, "{line}").and_then(|()| stream.flush());
         let _ = stream.set_write_timeout(None);
         if sent.is_err() {
             return false;

@@ -476,6 +476,14 @@ pub fn run(config: FilterConfig, stop: Arc<AtomicBool>) -> Result<()> {
             control::serve(control_listener, handler, stop)
         })?
     };
+    if let Some(link) = &config.group_link {
+        // A group port that cannot be served costs group points, not the
+        // protection of the disks: warn and go on.
+        let handler = Arc::clone(&host) as Arc<dyn control::Handler>;
+        if let Err(e) = crate::grouplink::spawn(link, handler, Arc::clone(&stop)) {
+            tracing::warn!(error = %e, "group rounds over the network are off");
+        }
+    }
     let housekeeping = {
         let (host, stop) = (Arc::clone(&host), Arc::clone(&stop));
         spawn("housekeeping", move || {

@@ -26,13 +26,18 @@
 //! a new name.
 
 use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
 
 use serde::{Deserialize, Serialize};
 
-use crate::control::{HoldOutcome, Response, SOCKET_NAME, VERSION};
+use crate::control::{ControlStream, HoldOutcome, Response, SOCKET_NAME, VERSION};
 use crate::error::{Error, Result};
 
 /// Extra time allowed for a member's final answer after the commit (its
@@ -54,8 +59,8 @@ pub enum MemberState {
 /// One member's part of a round.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberOutcome {
-    /// The member (its state directory).
-    pub member: PathBuf,
+    /// The member (its state directory, or `HOST@ADDR`).
+    pub member: String,
     /// How it ended.
     pub state: MemberState,
     /// The quiet sequence it held at.
@@ -95,25 +100,73 @@ pub struct GroupOutcome {
     pub elapsed_us: u64,
 }
 
+/// Where a member is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberAddr {
+    /// Its control socket, by state directory (a filter on this machine).
+    Local(PathBuf),
+    /// Its group port over mutual TLS ([`crate::grouplink`]): host `host`
+    /// (whose certificate must name it) at `addr`.
+    Remote {
+        /// The host's name.
+        host: String,
+        /// `HOST:PORT` of its group port.
+        addr: String,
+    },
+}
+
+impl std::fmt::Display for MemberAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MemberAddr::Local(p) => write!(f, "{}", p.display()),
+            MemberAddr::Remote { host, addr } => write!(f, "{host}@{addr}"),
+        }
+    }
+}
+
+/// Bound on reaching a remote member (TCP and TLS handshake).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl ControlStream for StreamOwned<ClientConnection, TcpStream> {
+    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        self.sock.set_read_timeout(d)
+    }
+    fn set_write_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        self.sock.set_write_timeout(d)
+    }
+}
+
 struct Member {
-    writer: UnixStream,
-    reader: BufReader<UnixStream>,
+    reader: BufReader<Box<dyn ControlStream + Send>>,
     outcome: MemberOutcome,
 }
 
 impl Member {
-    fn connect(state: &Path) -> Result<Member> {
-        let path = state.join(SOCKET_NAME);
-        let stream = UnixStream::connect(&path)
-            .map_err(|e| Error::io(e, "connect to a member's control socket").with_path(&path))?;
-        let writer = stream
-            .try_clone()
-            .map_err(|e| Error::io(e, "clone socket"))?;
+    fn connect(addr: &MemberAddr, tls: Option<&Arc<ClientConfig>>) -> Result<Member> {
+        let stream: Box<dyn ControlStream + Send> = match addr {
+            MemberAddr::Local(state) => {
+                let path = state.join(SOCKET_NAME);
+                Box::new(UnixStream::connect(&path).map_err(|e| {
+                    Error::io(e, "connect to a member's control socket").with_path(&path)
+                })?)
+            }
+            MemberAddr::Remote { host, addr } => {
+                let tls = tls.ok_or_else(|| {
+                    Error::config(format!("member {host} is remote: credentials needed"))
+                })?;
+                let name = ServerName::try_from(host.clone()).map_err(|e| {
+                    Error::config(format!("member {host}: not a certificate name: {e}"))
+                })?;
+                let stream =
+                    ferry_protocol::tls::connect_as(addr, name, Arc::clone(tls), CONNECT_TIMEOUT)
+                        .map_err(|e| Error::config(format!("reach member {host} at {addr}: {e}")))?;
+                Box::new(stream)
+            }
+        };
         Ok(Member {
-            writer,
             reader: BufReader::new(stream),
             outcome: MemberOutcome {
-                member: state.to_path_buf(),
+                member: addr.to_string(),
                 state: MemberState::Released,
                 held_seq: None,
                 tag_seq: None,
@@ -126,7 +179,8 @@ impl Member {
     fn send(&mut self, body: serde_json::Value) -> bool {
         let mut line = body;
         line["version"] = serde_json::json!(VERSION);
-        let sent = writeln!(self.writer, "{line}");
+        let writer = self.reader.get_mut();
+        let sent = writeln!(writer, "{line}").and_then(|()| writer.flush());
         if let Err(e) = &sent {
             self.outcome.error = Some(format!("send: {e}"));
         }
@@ -167,14 +221,19 @@ impl Member {
 
 /// Take the group point `name` across the filters whose state directories
 /// are `members`, holding their writes for at most `timeout`.
-pub fn group_point(name: &str, members: &[PathBuf], timeout: Duration) -> Result<GroupOutcome> {
+pub fn group_point(
+    name: &str,
+    members: &[MemberAddr],
+    timeout: Duration,
+    tls: Option<&Arc<ClientConfig>>,
+) -> Result<GroupOutcome> {
     if members.is_empty() {
         return Err(Error::control("a group point needs at least one member"));
     }
     // Reach everyone before holding anyone.
     let mut conns = members
         .iter()
-        .map(|m| Member::connect(m))
+        .map(|m| Member::connect(m, tls))
         .collect::<Result<Vec<_>>>()?;
     let started = Instant::now();
     // Members hold for at most `timeout` from their request; the commit
@@ -255,11 +314,7 @@ pub fn group_point(name: &str, members: &[PathBuf], timeout: Duration) -> Result
         let why: Vec<String> = outcome
             .members
             .iter()
-            .filter_map(|m| {
-                m.error
-                    .as_ref()
-                    .map(|e| format!("{}: {e}", m.member.display()))
-            })
+            .filter_map(|m| m.error.as_ref().map(|e| format!("{}: {e}", m.member)))
             .collect();
         tracing::warn!(name, result = ?outcome.result, reasons = ?why, "group point not taken");
     }

@@ -19,6 +19,7 @@ pub mod error;
 pub mod export;
 pub mod freeze;
 pub mod group;
+pub mod grouplink;
 pub mod nbd;
 pub mod order;
 pub mod tracker;

@@ -9,7 +9,7 @@
 //! | `ca.crt` | self-signed CA (ECDSA P-256), the only trust anchor | target and every host |
 //! | `ca.key` | the CA's private key | nobody at run time: keep it where `init` runs |
 //! | `TARGET.crt`, `TARGET.key` | the target's server certificate (SAN: the target name, `localhost`, `ferry-target`, 127.0.0.1, ::1) | target |
-//! | `HOST.crt`, `HOST.key` | host HOST's client certificate (CN and SAN DNS = HOST) | host HOST |
+//! | `HOST.crt`, `HOST.key` | host HOST's certificate (CN and SAN DNS = HOST): client towards the target, server of its group port | host HOST |
 //! | `HOST.datakey` | 32 random bytes: the root of HOST's per-disk data keys ([`data_key`]) | host HOST and the target |
 //!
 //! `TARGET` is `target` unless another name is given. Keys are PKCS#8 PEM,
@@ -705,7 +705,12 @@ fn leaf_params(
     };
     match role {
         Role::Server => {
-            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            // Client use too: the control-plane server's certificate is the
+            // group coordinator's identity towards the hosts' group ports.
+            p.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
             let mut sans = Vec::new();
             match name.parse::<IpAddr>() {
                 Ok(ip) => sans.push(SanType::IpAddress(ip)),
@@ -737,7 +742,15 @@ fn leaf_params(
             p.subject_alt_names = sans;
         }
         Role::Client => {
-            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            // Server use too: a host's filter serves group rounds to the
+            // coordinator with it (`ferry filter --group-listen`). The
+            // target still checks that a sidecar's Hello names the host of
+            // its certificate, and a sidecar checks the target's name, so
+            // neither can pass for the other.
+            p.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ClientAuth,
+                ExtendedKeyUsagePurpose::ServerAuth,
+            ];
             p.subject_alt_names = vec![dns(name)?];
         }
     }
@@ -875,9 +888,17 @@ mod tests {
             let sn = rustls_pki_types::ServerName::try_from(name).unwrap();
             ee.verify_is_valid_for_subject_name(&sn).unwrap();
         }
-        // A host certificate does not serve as a server certificate.
+        // A host certificate serves its group port, for its own name only:
+        // it cannot pass for the target.
         let w = read_cert(&cert_path(&dir, "web01")).unwrap();
-        assert!(verify_leaf(&ca, &w, Role::Server).is_err());
+        verify_leaf(&ca, &w, Role::Server).unwrap();
+        let ee = webpki::EndEntityCert::try_from(&w).unwrap();
+        let web01 = rustls_pki_types::ServerName::try_from("web01").unwrap();
+        ee.verify_is_valid_for_subject_name(&web01).unwrap();
+        for other in ["target", "ferry-target", "localhost", "127.0.0.1"] {
+            let sn = rustls_pki_types::ServerName::try_from(other).unwrap();
+            assert!(ee.verify_is_valid_for_subject_name(&sn).is_err(), "{other}");
+        }
     }
 
     #[test]

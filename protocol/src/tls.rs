@@ -398,11 +398,22 @@ fn handshake_err(peer: &str, e: io::Error) -> Error {
 /// judged the client certificate: a refused certificate shows as an error on
 /// the first read (the target's Welcome), not here.
 pub fn connect(addr: &str, cfg: Arc<ClientConfig>, timeout: Duration) -> Result<ClientStream> {
+    connect_as(addr, server_name_for(addr)?, cfg, timeout)
+}
+
+/// [`connect`], checking the server's certificate for `name` instead of
+/// the address's host (a host's group port is reached by address but its
+/// certificate names the host).
+pub fn connect_as(
+    addr: &str,
+    name: ServerName<'static>,
+    cfg: Arc<ClientConfig>,
+    timeout: Duration,
+) -> Result<ClientStream> {
     if timeout.is_zero() {
         return Err(Error::new(ErrorKind::Malformed, "connect timeout of zero"));
     }
     let (host, port) = split_host_port(addr)?;
-    let name = server_name_for(addr)?;
     let addrs = (host, port)
         .to_socket_addrs()
         .map_err(|e| Error::from(e).within(&format!("resolve {addr}")))?;

@@ -22,21 +22,24 @@
 //! the status of [`ErrorKind::http_status`]. A request that fails changes
 //! nothing: each change is one store transaction.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use ferry_api::http::{Method, Request, Response};
 use ferry_api::types::{
-    ApiError, Component, DiskInfo, FailoverJobRequest, HeartbeatRequest, Job, JobFinish,
-    JobProgress, JobState, Policy, ProtectRequest, RegisterRequest, Registered, Role, TargetConfig,
-    TargetHost, TestFailoverJobRequest, TokenIssued, TokenRequest,
+    ApiError, Component, DiskInfo, FailoverJobRequest, Group, GroupFailoverRequest, GroupHosts,
+    GroupPointRequest, HeartbeatRequest, Job, JobFinish, JobProgress, JobState, Policy,
+    ProtectRequest, ProtectionState, RegisterRequest, Registered, Role, TargetConfig, TargetHost,
+    TestFailoverJobRequest, TokenIssued, TokenRequest,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::json;
 
 use crate::auth::{self, Scope};
-use crate::db::{now, JobGate, Principal, Store};
+use crate::db::{now, HostJob, JobGate, Principal, Store};
 use crate::error::{Error, ErrorKind, Result};
+use crate::groups::Coordinator;
 use crate::lifecycle::Event;
 
 /// Longest registration-token lifetime.
@@ -52,6 +55,7 @@ pub struct Api {
     credentials: PathBuf,
     ca_pem: String,
     ca_fingerprint: String,
+    coordinator: Coordinator,
 }
 
 impl Api {
@@ -60,11 +64,13 @@ impl Api {
     pub fn new(store: Store, credentials: PathBuf, ca_pem: String) -> Result<Api> {
         let fingerprint = ferry_api::client::ca_fingerprint(ca_pem.as_bytes())
             .map_err(|e| Error::new(ErrorKind::Credentials, "read CA", e.to_string()))?;
+        let coordinator = Coordinator::new(&credentials, crate::daemon::SERVER_CERT_NAME)?;
         Ok(Api {
             store,
             credentials,
             ca_pem,
             ca_fingerprint: fingerprint,
+            coordinator,
         })
     }
 
@@ -78,9 +84,14 @@ impl Api {
         self.store.expire_jobs(follow_job)
     }
 
-    /// Answers one request.
-    pub fn handle(&self, req: &Request) -> Response {
-        match self.route(req) {
+    /// The group coordinator.
+    pub fn coordinator(&self) -> &Coordinator {
+        &self.coordinator
+    }
+
+    /// Answers one request from `peer`.
+    pub fn handle(&self, req: &Request, peer: Option<IpAddr>) -> Response {
+        match self.route(req, peer) {
             Ok(resp) => resp,
             Err(e) => {
                 if e.kind().http_status() >= 500 {
@@ -93,7 +104,7 @@ impl Api {
         }
     }
 
-    fn route(&self, req: &Request) -> Result<Response> {
+    fn route(&self, req: &Request, peer: Option<IpAddr>) -> Result<Response> {
         let seg = req.segments();
         let seg: Vec<&str> = seg.iter().map(|s| &**s).collect();
         match (req.method, seg.as_slice()) {
@@ -104,7 +115,7 @@ impl Api {
             (Method::Post, ["v1", "register"]) => self.register(body(req)?),
             _ => {
                 let who = self.authenticate(req)?;
-                self.route_authenticated(req, &seg, &who)
+                self.route_authenticated(req, &seg, &who, peer)
             }
         }
     }
@@ -114,6 +125,7 @@ impl Api {
         req: &Request,
         seg: &[&str],
         who: &Principal,
+        peer: Option<IpAddr>,
     ) -> Result<Response> {
         let need = |scope: Scope<'_>| -> Result<()> {
             if auth::allowed(who, scope) {
@@ -163,7 +175,51 @@ impl Api {
                     .store
                     .protect(host, &r.disks, &r.policy, &r.target)?))
             }
-            (Method::Post, ["v1", "heartbeat"]) => self.heartbeat(who, body(req)?),
+            (Method::Post, ["v1", "heartbeat"]) => self.heartbeat(who, body(req)?, peer),
+            (Method::Get, ["v1", "groups"]) => {
+                need(Scope::Admin)?;
+                Ok(ok(&self.store.groups()?))
+            }
+            (Method::Post, ["v1", "groups"]) => {
+                need(Scope::Admin)?;
+                let g: Group = body(req)?;
+                check_name("group", &g.name)?;
+                if g.timeout_ms == 0 || g.timeout_ms > ferry_filter::control::MAX_HOLD_MS {
+                    return Err(invalid(format!(
+                        "timeout {} ms: must be 1 to {} ms",
+                        g.timeout_ms,
+                        ferry_filter::control::MAX_HOLD_MS
+                    )));
+                }
+                if g.interval_secs == Some(0) {
+                    return Err(invalid("the interval must be at least 1 s".into()));
+                }
+                self.store.create_group(&g)?;
+                Ok(created(&self.store.group(&g.name)?))
+            }
+            (Method::Get, ["v1", "groups", group]) => {
+                need(Scope::Admin)?;
+                Ok(ok(&self.store.group(group)?))
+            }
+            (Method::Post, ["v1", "groups", group, "hosts"]) => {
+                need(Scope::Admin)?;
+                let h: GroupHosts = body(req)?;
+                self.store.add_group_hosts(group, &h.hosts)?;
+                Ok(ok(&self.store.group(group)?))
+            }
+            (Method::Get, ["v1", "groups", group, "points"]) => {
+                need(Scope::Admin)?;
+                Ok(ok(&self.store.group_points(group, 100)?))
+            }
+            (Method::Post, ["v1", "groups", group, "points"]) => {
+                need(Scope::Admin)?;
+                let r: GroupPointRequest = body(req)?;
+                Ok(ok(&self.coordinator.take(&self.store, group, r.name)?))
+            }
+            (Method::Post, ["v1", "groups", group, "failover"]) => {
+                need(Scope::Admin)?;
+                self.group_failover(group, body(req)?)
+            }
             (Method::Get, ["v1", "targets"]) => {
                 need(Scope::Admin)?;
                 Ok(ok(&self.store.targets()?))
@@ -369,12 +425,7 @@ impl Api {
         let (kind, gate) =
             host_action(action).ok_or_else(|| invalid(format!("no action {action}")))?;
         let params = match kind {
-            "failover" => {
-                let r: FailoverJobRequest = body(req)?;
-                json!({"op": "failover", "host": host, "point": r.point,
-                    "format": r.format.unwrap_or_else(|| "vhd-dynamic".into()),
-                    "out": r.out, "change_point": r.change_point, "checksums": r.checksums})
-            }
+            "failover" => failover_params(host, &body(req)?),
             "test-failover" => {
                 let r: TestFailoverJobRequest = body(req)?;
                 json!({"op": "test-failover", "host": host, "point": r.point, "out": r.out})
@@ -405,7 +456,58 @@ impl Api {
         }))
     }
 
-    fn heartbeat(&self, who: &Principal, hb: HeartbeatRequest) -> Result<Response> {
+    /// Fails every member of `group` over (or tests it) at one group
+    /// point: one job per host, queued together or not at all.
+    fn group_failover(&self, group: &str, r: GroupFailoverRequest) -> Result<Response> {
+        let g = self.store.group(group)?;
+        let point = crate::groups::resolve(&self.store, group, &r.point)?;
+        let jobs: Vec<HostJob<'_>> = g
+            .hosts
+            .iter()
+            .map(|host| {
+                // A member already failed over moves to the new point.
+                let failed_over = self.store.protections(Some(host)).is_ok_and(|ps| {
+                    !ps.is_empty() && ps.iter().all(|p| p.state == ProtectionState::FailedOver)
+                });
+                if r.test {
+                    HostJob {
+                        host,
+                        kind: "test-failover",
+                        params: json!({"op": "test-failover", "host": host, "point": point.name, "out": null}),
+                        gate: JobGate::Free,
+                    }
+                } else {
+                    HostJob {
+                        host,
+                        kind: "failover",
+                        params: failover_params(host, &FailoverJobRequest {
+                            point: point.name.clone(),
+                            format: r.format.clone(),
+                            out: None,
+                            change_point: failed_over,
+                            checksums: true,
+                        }),
+                        gate: JobGate::Start(Event::FailoverStarted),
+                    }
+                }
+            })
+            .collect();
+        let jobs = self.store.create_host_jobs(&jobs)?;
+        tracing::info!(group, point = %point.name, jobs = jobs.len(), test = r.test, "group failover queued");
+        Ok(Response::json(202, &json!({"point": point, "jobs": jobs})))
+    }
+
+    fn heartbeat(
+        &self,
+        who: &Principal,
+        hb: HeartbeatRequest,
+        peer: Option<IpAddr>,
+    ) -> Result<Response> {
+        if let (Principal::Host(h), Component::Filter) = (who, hb.component) {
+            let listen = hb.status.get("group_listen").and_then(|v| v.as_str());
+            self.store
+                .set_group_addr(h, group_addr(listen, peer).as_deref())?;
+        }
         let owner = match (who, hb.component) {
             (Principal::Host(h), Component::Filter | Component::Sidecar) => h,
             (Principal::Target(t), Component::Target) => t,
@@ -451,6 +553,24 @@ fn follow_job(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<()> {
 
 fn read_private(path: &std::path::Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(Error::io("read credentials", path.display().to_string()))
+}
+
+/// The control request of a failover job.
+fn failover_params(host: &str, r: &FailoverJobRequest) -> serde_json::Value {
+    json!({"op": "failover", "host": host, "point": r.point,
+        "format": r.format.clone().unwrap_or_else(|| "vhd-dynamic".into()),
+        "out": r.out, "change_point": r.change_point, "checksums": r.checksums})
+}
+
+/// Where a filter's group port is reached: its listening address, with an
+/// unspecified IP (0.0.0.0, ::) replaced by the address its heartbeat came
+/// from.
+fn group_addr(listen: Option<&str>, peer: Option<IpAddr>) -> Option<String> {
+    let listen: std::net::SocketAddr = listen?.parse().ok()?;
+    if !listen.ip().is_unspecified() {
+        return Some(listen.to_string());
+    }
+    Some(std::net::SocketAddr::new(peer?, listen.port()).to_string())
 }
 
 /// Who owns jobs run by `who` (`target:NAME`); None for others.

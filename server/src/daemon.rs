@@ -191,6 +191,7 @@ fn spawn_janitor(api: Arc<Api>, stop: Arc<AtomicBool>) -> Result<std::thread::Jo
         .spawn(move || {
             let mut last = std::time::Instant::now() - JANITOR_INTERVAL;
             while !stop.load(Ordering::Relaxed) {
+                crate::groups::take_due(api.coordinator(), api.store());
                 if last.elapsed() >= JANITOR_INTERVAL {
                     last = std::time::Instant::now();
                     match api.expire_jobs() {
@@ -202,7 +203,7 @@ fn spawn_janitor(api: Arc<Api>, stop: Arc<AtomicBool>) -> Result<std::thread::Jo
                         Err(e) => tracing::error!(error = %e, "expiring jobs failed"),
                     }
                 }
-                std::thread::sleep(Duration::from_millis(200));
+                std::thread::sleep(Duration::from_millis(1000));
             }
         })
         .map_err(Error::io("server run", "janitor thread".into()))
@@ -212,7 +213,9 @@ fn spawn_janitor(api: Arc<Api>, stop: Arc<AtomicBool>) -> Result<std::thread::Jo
 /// closes, asks to close, sends something unparsable or stays silent past
 /// [`IDLE_TIMEOUT`].
 fn serve_connection(api: &Api, tcp: TcpStream, tls: Arc<rustls::ServerConfig>) {
-    let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let peer_addr = tcp.peer_addr().ok();
+    let peer_ip = peer_addr.map(|a| a.ip());
+    let peer = peer_addr.map(|a| a.to_string()).unwrap_or_default();
     if tcp.set_nonblocking(false).is_err()
         || tcp.set_read_timeout(Some(IDLE_TIMEOUT)).is_err()
         || tcp.set_write_timeout(Some(IDLE_TIMEOUT)).is_err()
@@ -248,7 +251,7 @@ fn serve_connection(api: &Api, tcp: TcpStream, tls: Arc<rustls::ServerConfig>) {
             }
         };
         let close = req.wants_close();
-        let resp = api.handle(&req);
+        let resp = api.handle(&req, peer_ip);
         tracing::debug!(%peer, method = req.method.as_str(), path = %req.path, status = resp.status, "request");
         let stream = reader.get_mut();
         if http::write_response(stream, &resp, close).is_err() || stream.flush().is_err() || close {

@@ -16,8 +16,8 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use ferry_api::types::{
-    DiskInfo, DiskReplication, Heartbeat, HostConfig, HostInfo, Job, JobLogLine, JobState, Policy,
-    Protection, ProtectionState, Role, TargetInfo, TargetRef,
+    DiskInfo, DiskReplication, Group, GroupPoint, Heartbeat, HostConfig, HostInfo, Job, JobLogLine,
+    JobState, Policy, Protection, ProtectionState, Role, TargetInfo, TargetRef,
 };
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
@@ -103,6 +103,32 @@ pub const MIGRATIONS: &[&str] = &[
         line TEXT NOT NULL
     );
     CREATE INDEX job_log_by_job ON job_log(job);
+    ",
+    // 2: replication groups and their rounds; where a host's group port is.
+    "
+    ALTER TABLE hosts ADD COLUMN group_addr TEXT;
+    CREATE TABLE groups (
+        name TEXT PRIMARY KEY,
+        interval_secs INTEGER,
+        timeout_ms INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE group_members (
+        grp TEXT NOT NULL REFERENCES groups(name) ON DELETE CASCADE,
+        host TEXT NOT NULL REFERENCES hosts(name) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        PRIMARY KEY (grp, host)
+    );
+    CREATE TABLE group_points (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        grp TEXT NOT NULL REFERENCES groups(name) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        result TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        elapsed_us INTEGER,
+        members TEXT NOT NULL
+    );
+    CREATE INDEX group_points_by_group ON group_points(grp, id);
     ",
 ];
 
@@ -789,49 +815,21 @@ impl Store {
         params: &serde_json::Value,
         gate: JobGate,
     ) -> Result<Job> {
-        const OP: &str = "create job";
-        self.write(OP, |tx| {
-            let targets: Vec<String> = column(
-                tx,
-                OP,
-                "SELECT DISTINCT target FROM protections WHERE host = ?1",
-                [host],
-            )?;
-            let target = match targets.as_slice() {
-                [t] => t.clone(),
-                [] => {
-                    return Err(not_found(
-                        OP,
-                        format!("host {host:?} has no protected disk"),
-                    ))
-                }
-                _ => {
-                    return Err(conflict(
-                        OP,
-                        format!("host {host:?} replicates to several targets"),
-                    ))
-                }
-            };
-            match gate {
-                JobGate::Free => {}
-                JobGate::Start(event) => {
-                    transition_host_in(tx, host, event, false)?;
-                }
-                JobGate::Require(event) => {
-                    // Check only: the step is taken when the job ends.
-                    check_host_in(tx, host, event)?;
-                }
-            }
-            let owner = format!("target:{target}");
-            tx.execute(
-                "INSERT INTO jobs (kind, subject, owner, state, params, created_at)
-                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5)",
-                params![kind, host, owner, json_text(params), now()],
-            )
-            .map_err(Error::db(OP))?;
-            let id = tx.last_insert_rowid();
-            add_log(tx, id, &format!("queued for {owner}"))?;
-            job_in(tx, id, false)
+        let mut jobs = self.create_host_jobs(&[HostJob {
+            host,
+            kind,
+            params: params.clone(),
+            gate,
+        }])?;
+        jobs.pop()
+            .ok_or_else(|| Error::new(ErrorKind::Db, "create job", "no job created"))
+    }
+
+    /// Queues several host jobs in one transaction: all or none (a group
+    /// failover moves every member or none).
+    pub fn create_host_jobs(&self, jobs: &[HostJob<'_>]) -> Result<Vec<Job>> {
+        self.write("create job", |tx| {
+            jobs.iter().map(|j| queue_host_job(tx, j)).collect()
         })
     }
 
@@ -871,6 +869,135 @@ impl Store {
             }
             transition_host_in(tx, host, event, false)
         })
+    }
+
+    // ---- groups -------------------------------------------------------
+
+    /// Records where host `host`'s group port is.
+    pub fn set_group_addr(&self, host: &str, addr: Option<&str>) -> Result<()> {
+        self.write("record group port", |tx| {
+            tx.execute(
+                "UPDATE hosts SET group_addr = ?1 WHERE name = ?2",
+                params![addr, host],
+            )
+            .map_err(Error::db("record group port"))?;
+            Ok(())
+        })
+    }
+
+    /// Where host `host`'s group port is, if it reported one.
+    pub fn group_addr(&self, host: &str) -> Result<Option<String>> {
+        self.lock()
+            .query_row(
+                "SELECT group_addr FROM hosts WHERE name = ?1",
+                [host],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(Option::flatten)
+            .map_err(Error::db("read group port"))
+    }
+
+    /// Creates a group (a taken name is a conflict) with `g.hosts`.
+    pub fn create_group(&self, g: &Group) -> Result<()> {
+        const OP: &str = "create group";
+        self.write(OP, |tx| {
+            let n = tx
+                .execute(
+                    "INSERT INTO groups (name, interval_secs, timeout_ms, created_at)
+                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT(name) DO NOTHING",
+                    params![
+                        g.name,
+                        g.interval_secs
+                            .map(|v| sql_i64(v, "interval"))
+                            .transpose()?,
+                        sql_i64(g.timeout_ms, "timeout")?,
+                        now()
+                    ],
+                )
+                .map_err(Error::db(OP))?;
+            if n == 0 {
+                return Err(conflict(OP, format!("a group {:?} exists", g.name)));
+            }
+            add_members(tx, &g.name, &g.hosts)
+        })
+    }
+
+    /// Adds hosts to a group.
+    pub fn add_group_hosts(&self, group: &str, hosts: &[String]) -> Result<()> {
+        self.write("add group hosts", |tx| {
+            group_in(tx, group)?;
+            add_members(tx, group, hosts)
+        })
+    }
+
+    /// Every group.
+    pub fn groups(&self) -> Result<Vec<Group>> {
+        let conn = self.lock();
+        let names: Vec<String> = column(
+            &conn,
+            "list groups",
+            "SELECT name FROM groups ORDER BY name",
+            [],
+        )?;
+        names.iter().map(|n| group_in(&conn, n)).collect()
+    }
+
+    /// One group.
+    pub fn group(&self, name: &str) -> Result<Group> {
+        group_in(&self.lock(), name)
+    }
+
+    /// Records a round.
+    pub fn add_group_point(&self, p: &GroupPoint) -> Result<GroupPoint> {
+        const OP: &str = "record group point";
+        self.write(OP, |tx| {
+            tx.execute(
+                "INSERT INTO group_points (grp, name, result, at, elapsed_us, members)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    p.group,
+                    p.name,
+                    p.result,
+                    p.at,
+                    p.elapsed_us.map(|v| sql_i64(v, "elapsed")).transpose()?,
+                    json_text(&p.members)
+                ],
+            )
+            .map_err(Error::db(OP))?;
+            Ok(GroupPoint {
+                id: tx.last_insert_rowid(),
+                ..p.clone()
+            })
+        })
+    }
+
+    /// A group's rounds, newest first (at most `limit`).
+    pub fn group_points(&self, group: &str, limit: u32) -> Result<Vec<GroupPoint>> {
+        const OP: &str = "list group points";
+        let conn = self.lock();
+        group_in(&conn, group)?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, grp, name, result, at, elapsed_us, members FROM group_points
+                 WHERE grp = ?1 ORDER BY id DESC LIMIT ?2",
+            )
+            .map_err(Error::db(OP))?;
+        let rows = stmt
+            .query_map(params![group, limit], |r| {
+                Ok(GroupPoint {
+                    id: r.get(0)?,
+                    group: r.get(1)?,
+                    name: r.get(2)?,
+                    result: r.get(3)?,
+                    at: r.get(4)?,
+                    elapsed_us: r.get::<_, Option<i64>>(5)?.map(from_i64),
+                    members: parse_json(&r.get::<_, String>(6)?),
+                })
+            })
+            .map_err(Error::db(OP))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(Error::db(OP))
     }
 
     // ---- jobs ---------------------------------------------------------
@@ -1036,6 +1163,113 @@ fn column<T: rusqlite::types::FromSql>(
         .map_err(Error::db(op))?;
     rows.collect::<std::result::Result<_, _>>()
         .map_err(Error::db(op))
+}
+
+fn group_in(conn: &Connection, name: &str) -> Result<Group> {
+    const OP: &str = "read group";
+    let row: Option<(Option<i64>, i64)> = conn
+        .query_row(
+            "SELECT interval_secs, timeout_ms FROM groups WHERE name = ?1",
+            [name],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(Error::db(OP))?;
+    let Some((interval, timeout)) = row else {
+        return Err(not_found(OP, format!("no group {name:?}")));
+    };
+    let hosts = column(
+        conn,
+        OP,
+        "SELECT host FROM group_members WHERE grp = ?1 ORDER BY position",
+        [name],
+    )?;
+    Ok(Group {
+        name: name.to_owned(),
+        hosts,
+        interval_secs: interval.map(from_i64),
+        timeout_ms: from_i64(timeout),
+    })
+}
+
+fn add_members(tx: &Transaction<'_>, group: &str, hosts: &[String]) -> Result<()> {
+    const OP: &str = "add group hosts";
+    for host in hosts {
+        let known = tx
+            .query_row("SELECT 1 FROM hosts WHERE name = ?1", [host], |_| Ok(()))
+            .optional()
+            .map_err(Error::db(OP))?;
+        if known.is_none() {
+            return Err(not_found(OP, format!("no host {host:?}")));
+        }
+        tx.execute(
+            "INSERT INTO group_members (grp, host, position)
+             VALUES (?1, ?2, (SELECT COALESCE(MAX(position), 0) + 1 FROM group_members WHERE grp = ?1))
+             ON CONFLICT(grp, host) DO NOTHING",
+            params![group, host],
+        )
+        .map_err(Error::db(OP))?;
+    }
+    Ok(())
+}
+
+/// A job on a host's target, with how it meets the lifecycle.
+#[derive(Debug, Clone)]
+pub struct HostJob<'a> {
+    /// The host.
+    pub host: &'a str,
+    /// The job's kind.
+    pub kind: &'a str,
+    /// Its parameters.
+    pub params: serde_json::Value,
+    /// Its lifecycle gate.
+    pub gate: JobGate,
+}
+
+fn queue_host_job(tx: &Transaction<'_>, j: &HostJob<'_>) -> Result<Job> {
+    const OP: &str = "create job";
+    let host = j.host;
+    let targets: Vec<String> = column(
+        tx,
+        OP,
+        "SELECT DISTINCT target FROM protections WHERE host = ?1",
+        [host],
+    )?;
+    let target = match targets.as_slice() {
+        [t] => t.clone(),
+        [] => {
+            return Err(not_found(
+                OP,
+                format!("host {host:?} has no protected disk"),
+            ))
+        }
+        _ => {
+            return Err(conflict(
+                OP,
+                format!("host {host:?} replicates to several targets"),
+            ))
+        }
+    };
+    match j.gate {
+        JobGate::Free => {}
+        JobGate::Start(event) => {
+            transition_host_in(tx, host, event, false)?;
+        }
+        JobGate::Require(event) => {
+            // Check only: the step is taken when the job ends.
+            check_host_in(tx, host, event)?;
+        }
+    }
+    let owner = format!("target:{target}");
+    tx.execute(
+        "INSERT INTO jobs (kind, subject, owner, state, params, created_at)
+         VALUES (?1, ?2, ?3, 'queued', ?4, ?5)",
+        params![j.kind, host, owner, json_text(&j.params), now()],
+    )
+    .map_err(Error::db(OP))?;
+    let id = tx.last_insert_rowid();
+    add_log(tx, id, &format!("queued for {owner}"))?;
+    job_in(tx, id, false)
 }
 
 /// See [`Store::heartbeat_disks`].

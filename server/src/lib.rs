@@ -9,6 +9,7 @@ pub mod auth;
 pub mod daemon;
 pub mod db;
 pub mod error;
+pub mod groups;
 pub mod lifecycle;
 
 pub use error::{Error, ErrorKind, Result};

@@ -24,16 +24,25 @@ struct Rig {
     server: ControlServer,
     target: Daemon,
     site: PathBuf,
-    filter: FilterProcess,
-    sidecar: Daemon,
+    /// web01's filter and sidecar (None for `up_without_host`).
+    host: Option<(FilterProcess, Daemon)>,
     disk: PathBuf,
     scratch: Scratch,
 }
 
 impl Rig {
+    /// Server and registered target only; hosts come with `add_host`.
+    fn up_without_host(tag: &str) -> Rig {
+        Rig::build(tag, 0, false)
+    }
+
     /// Everything up and registered; the disk holds `prefill` MiB of data
     /// (the initial copy) and nothing is protected yet.
     fn up(tag: &str, prefill_mib: u64) -> Rig {
+        Rig::build(tag, prefill_mib, true)
+    }
+
+    fn build(tag: &str, prefill_mib: u64, with_host: bool) -> Rig {
         let scratch = Scratch::new(tag);
         let server = ControlServer::start(&scratch.path(""));
         let site = scratch.path("site");
@@ -57,28 +66,37 @@ impl Rig {
             ];
             expect_code(&run("dd", args), 0, "prefill");
         }
-        let filter_dir = scratch.path("filter");
-        server.register("host", "web01", &filter_dir.join("state"), None);
-        let filter = FilterProcess::start(&filter_dir, &[(DISK, &disk)], &[]);
-        let sidecar = Daemon::start(
-            &["sidecar", "--state", s(&filter.state)],
-            &scratch.path("sidecar.log"),
-        );
+        let host = with_host.then(|| {
+            let filter_dir = scratch.path("filter");
+            server.register("host", "web01", &filter_dir.join("state"), None);
+            let filter = FilterProcess::start(&filter_dir, &[(DISK, &disk)], &[]);
+            let sidecar = Daemon::start(
+                &["sidecar", "--state", s(&filter.state)],
+                &scratch.path("sidecar.log"),
+            );
+            (filter, sidecar)
+        });
         Rig {
             server,
             target,
             site,
-            filter,
-            sidecar,
+            host,
             disk,
             scratch,
         }
     }
 
+    fn filter(&self) -> &FilterProcess {
+        &self.host.as_ref().expect("web01 is up").0
+    }
+
     fn logs(&self) -> String {
         format!(
             "sidecar:\n{}\ntarget:\n{}\nserver:\n{}",
-            self.sidecar.log_text(),
+            self.host
+                .as_ref()
+                .map(|h| h.1.log_text())
+                .unwrap_or_default(),
             self.target.log_text(),
             self.server.daemon.log_text()
         )
@@ -117,8 +135,8 @@ impl Rig {
 
     /// Writes, tags `name` and keeps a copy of the disk at the tag.
     fn point(&self, name: &str, writes: &[(u64, u64, u8)]) -> PathBuf {
-        ferry_tests::qemu_io_writes(&self.filter.uri(DISK), "K", writes);
-        let tag = ferry_tests::ferry(["filter", "tag", name, "--state", s(&self.filter.state)]);
+        ferry_tests::qemu_io_writes(&self.filter().uri(DISK), "K", writes);
+        let tag = ferry_tests::ferry(["filter", "tag", name, "--state", s(&self.filter().state)]);
         expect_code(&tag, 0, "ferry filter tag");
         let copy = self.scratch.path(&format!("at-{name}.raw"));
         expect_code(
@@ -341,4 +359,280 @@ fn a_server_restart_in_the_middle_of_a_job_never_leaves_it_stuck() {
     assert_eq!(job["state"], "succeeded", "{job}\n{}", rig.logs());
     assert_same(&p1, &image_of(&job["result"], "disks"), "raw");
     assert_eq!(rig.states(), ["failed-over"]);
+}
+
+/// `cross_disk.py` writing records through `uri_b` and index entries
+/// through `uri_a`; `CTL/done` appears when it finished.
+fn start_cross_disk(
+    scratch: &Scratch,
+    uri_a: &str,
+    uri_b: &str,
+) -> (PathBuf, ferry_tests::ChildGuard) {
+    let ctl = scratch.path("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads/cross_disk.py");
+    let workload = std::process::Command::new("/usr/bin/python3")
+        .args([s(&script), uri_a, uri_b, s(&ctl), "3000"])
+        .stderr(std::fs::File::create(scratch.path("workload.log")).unwrap())
+        .spawn()
+        .expect("start the workload");
+    (ctl, ferry_tests::ChildGuard(workload))
+}
+
+/// Index entries on disk A whose record is missing on disk B, and the
+/// number of entries (the layout of `cross_disk.py`).
+fn dangling_entries(a: &[u8], b: &[u8]) -> (usize, u64) {
+    let word = |buf: &[u8], at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().unwrap());
+    let (mut dangling, mut entries) = (0, 0);
+    for k in 1..(a.len() / 16) {
+        let (id, check) = (word(a, k * 16), word(a, k * 16 + 8));
+        if id == 0 {
+            continue;
+        }
+        assert_eq!(
+            (id, check),
+            (k as u64, k as u64 * 7919),
+            "index entry {k} intact"
+        );
+        entries += 1;
+        let rec = &b[k * 4096..(k + 1) * 4096];
+        if !rec
+            .chunks(16)
+            .all(|c| word(c, 0) == id && word(c, 8) == check)
+        {
+            dangling += 1;
+        }
+    }
+    (dangling, entries)
+}
+
+/// A second registered host with its own filter (group port on `port`)
+/// and sidecar.
+fn add_host(rig: &Rig, name: &str, disk_name: &str, port: u16) -> (FilterProcess, Daemon, PathBuf) {
+    let disk = rig.scratch.path(&format!("{name}.img"));
+    expect_code(&run("truncate", ["-s", "64M", s(&disk)]), 0, "truncate");
+    let dir = rig.scratch.path(&format!("filter-{name}"));
+    rig.server.register("host", name, &dir.join("state"), None);
+    let listen = format!("127.0.0.1:{port}");
+    let filter = FilterProcess::start(&dir, &[(disk_name, &disk)], &["--group-listen", &listen]);
+    let sidecar = Daemon::start(
+        &["sidecar", "--state", s(&filter.state)],
+        &rig.scratch.path(&format!("sidecar-{name}.log")),
+    );
+    (filter, sidecar, disk)
+}
+
+fn wait_disks_reported(rig: &Rig, host: &str) {
+    let ok = wait_until(Duration::from_secs(30), || {
+        let out = rig.server.cli(&["host", "show", host, "--json"]);
+        serde_json::from_slice::<Value>(&out.stdout)
+            .is_ok_and(|v| v["disks"].as_array().is_some_and(|d| !d.is_empty()))
+    });
+    assert!(ok, "{host} reported its disks\n{}", rig.logs());
+}
+
+#[test]
+fn group_points_over_the_network_keep_a_dependency_across_two_hosts() {
+    // web01 (disk a, index entries) and web02 (disk b, records): two
+    // filters on this machine, each with its own group port.
+    let rig = Rig::up_without_host("cp-group");
+    let (web01, _sc01, _) = add_host(&rig, "web01", "a", free_port());
+    let (web02, _sc02, _) = add_host(&rig, "web02", "b", free_port());
+    for h in ["web01", "web02"] {
+        wait_disks_reported(&rig, h);
+    }
+    rig.json(&[
+        "policy",
+        "create",
+        "gold",
+        "--app-interval",
+        "off",
+        "--crash-interval",
+        "1h",
+    ]);
+    for h in ["web01", "web02"] {
+        rig.json(&["protect", h, "--policy", "gold", "--target", "site-b"]);
+    }
+    // The record host first: committing in this order tags web02 before
+    // web01, which without a working hold could cut between a record and
+    // its index entry.
+    let g = rig.json(&[
+        "group",
+        "create",
+        "shop",
+        "--host",
+        "web02",
+        "--host",
+        "web01",
+        "--timeout-ms",
+        "2000",
+    ]);
+    assert_eq!(g["hosts"], serde_json::json!(["web02", "web01"]));
+    let protected = wait_until(Duration::from_secs(90), || {
+        let out = rig.server.cli(&["status", "--json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v.as_array().is_some_and(|hosts| {
+            hosts.len() == 2
+                && hosts.iter().all(|h| {
+                    h["protections"].as_array().is_some_and(|p| {
+                        !p.is_empty() && p.iter().all(|p| p["state"] == "protected")
+                    })
+                })
+        })
+    });
+    assert!(protected, "both hosts protected\n{}", rig.logs());
+
+    let (ctl, _workload) = start_cross_disk(&rig.scratch, &web01.uri("a"), &web02.uri("b"));
+    let mut names = Vec::new();
+    while !ctl.join("done").exists() && names.len() < 8 {
+        let name = format!("grp-{}", names.len() + 1);
+        let v = rig.json(&["group", "take", "shop", "--name", &name]);
+        assert_eq!(v["result"], "taken", "{v}");
+        names.push(name);
+    }
+    assert!(
+        wait_until(Duration::from_secs(120), || ctl.join("done").exists()),
+        "workload done"
+    );
+    let v = rig.json(&["group", "take", "shop", "--name", "grp-end"]);
+    assert_eq!(v["result"], "taken", "{v}");
+    names.push("grp-end".into());
+    let rounds = rig.json(&["group", "points", "shop"]);
+    assert_eq!(rounds.as_array().map(Vec::len), Some(names.len()));
+    for host in ["web01", "web02"] {
+        let listed = wait_until(Duration::from_secs(60), || {
+            let out = ferry_tests::ferry(["points", host, "--data", s(&rig.site), "--json"]);
+            serde_json::from_slice::<Value>(&out.stdout)
+                .ok()
+                .and_then(|v| v.as_array().cloned())
+                .is_some_and(|a| a.iter().any(|p| p["name"] == "grp-end"))
+        });
+        assert!(listed, "grp-end reached the target for {host}");
+    }
+
+    // The whole group fails over at each group point (the last one by
+    // `latest-group`): no index entry on web01 without its record on web02.
+    let mut mid_workload = 0;
+    for (n, name) in names.iter().enumerate() {
+        let point = if n + 1 == names.len() {
+            "latest-group"
+        } else {
+            name.as_str()
+        };
+        let out = rig.server.cli(&[
+            "failover", "--group", "shop", "--point", point, "--format", "raw", "--json",
+        ]);
+        expect_code(&out, 0, &format!("group failover at {name}"));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let manifests: Vec<Value> = serde_json::Deserializer::from_str(&text)
+            .into_iter::<Value>()
+            .map(|v| v.expect("manifest JSON"))
+            .collect();
+        let image = |host: &str, disk: &str| {
+            let m = manifests
+                .iter()
+                .find(|m| m["host"] == host)
+                .expect("manifest of host");
+            assert_eq!(m["point"]["name"], name.as_str());
+            let d = m["disks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|d| d["disk"] == disk)
+                .unwrap();
+            std::fs::read(d["file"].as_str().unwrap()).unwrap()
+        };
+        let (dangling, entries) = dangling_entries(&image("web01", "a"), &image("web02", "b"));
+        assert_eq!(
+            dangling, 0,
+            "at {name}: an index entry on web01 without its record on web02"
+        );
+        if 0 < entries && entries < 3000 {
+            mid_workload += 1;
+        }
+    }
+    assert!(
+        mid_workload >= 2,
+        "{mid_workload} group points fell inside the workload"
+    );
+}
+
+#[test]
+fn a_group_member_that_does_not_answer_aborts_the_round_and_releases_the_others() {
+    let rig = Rig::up_without_host("cp-group-abort");
+    let (web01, _sc01, _) = add_host(&rig, "web01", "a", free_port());
+    wait_disks_reported(&rig, "web01");
+    // mute01: a registered host whose group port completes the TLS
+    // handshake with its real certificate, then never answers.
+    let mute_dir = rig.scratch.path("mute01");
+    let mute_token = rig.server.register("host", "mute01", &mute_dir, None);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mute_addr = listener.local_addr().unwrap().to_string();
+    let cfg = ferry_protocol::tls::server_config(&mute_dir.join("credentials"), "mute01").unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for tcp in listener.incoming().flatten() {
+            if let Ok(stream) = ferry_protocol::tls::accept(tcp, cfg.clone()) {
+                held.push(stream); // keep it open, say nothing
+            }
+        }
+    });
+    let mute = ferry_api::Client::new(
+        &rig.server.url,
+        &std::fs::read(&rig.server.ca).unwrap(),
+        Some(mute_token),
+    )
+    .unwrap();
+    let _: Value = mute
+        .post(
+            "/v1/heartbeat",
+            &serde_json::json!({"component": "filter", "status": {"group_listen": mute_addr}}),
+        )
+        .unwrap();
+
+    rig.json(&[
+        "group",
+        "create",
+        "pair",
+        "--host",
+        "mute01",
+        "--host",
+        "web01",
+        "--timeout-ms",
+        "2000",
+    ]);
+    let out = rig
+        .server
+        .cli(&["group", "take", "pair", "--name", "never", "--json"]);
+    expect_code(&out, 1, "the round aborts");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["result"], "aborted", "{v}");
+    let members = v["members"].as_array().unwrap();
+    assert!(
+        members[0]["error"].is_string(),
+        "the mute member is named: {v}"
+    );
+    assert_eq!(members[1]["state"], "released", "{v}");
+    // Released by the coordinator's abort, before its own deadline.
+    let held_us = members[1]["held_us"]
+        .as_u64()
+        .expect("the live member held");
+    assert!(held_us < 2_000_000, "released before its deadline: {v}");
+    // web01 takes writes again and has no tag of that name.
+    ferry_tests::qemu_io_writes(&web01.uri("a"), "K", &[(0, 64, 7)]);
+    let tags = std::fs::read_to_string(web01.state.join("tags.jsonl")).unwrap_or_default();
+    assert!(!tags.contains("\"never\""), "{tags}");
+    // A member without a group port: the round does not start, nobody held.
+    let idle = rig.scratch.path("idle01");
+    rig.server.register("host", "idle01", &idle, None);
+    rig.json(&[
+        "group", "create", "lonely", "--host", "idle01", "--host", "web01",
+    ]);
+    let out = rig.server.cli(&["group", "take", "lonely", "--json"]);
+    expect_code(&out, 2, "not started");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["members"]["error"].as_str().unwrap().contains("idle01"),
+        "{v}"
+    );
 }

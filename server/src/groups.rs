@@ -1,0 +1,201 @@
+//! The group coordinator: rounds of group-consistent points across a
+//! group's hosts, run by the server over their group ports (see
+//! `ferry_filter::group` for the round and `ferry_filter::grouplink` for
+//! the port), on request or on the group's schedule, each recorded.
+//!
+//! The server's certificate (`ferry-server`, issued with client use) is the
+//! coordinator's identity; every member's certificate must name the member.
+//! One round per group at a time.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_api::types::{Group, GroupPoint};
+use ferry_filter::group::{group_point, MemberAddr, RoundResult};
+use serde_json::json;
+
+use crate::db::{now, Store};
+use crate::error::{Error, ErrorKind, Result};
+
+/// Rounds of groups, one at a time per group.
+#[derive(Debug)]
+pub struct Coordinator {
+    tls: Arc<rustls::ClientConfig>,
+    busy: Mutex<HashSet<String>>,
+}
+
+impl Coordinator {
+    /// A coordinator presenting the server's certificate from `credentials`.
+    pub fn new(credentials: &std::path::Path, cert_name: &str) -> Result<Coordinator> {
+        let tls = ferry_protocol::tls::client_config(credentials, cert_name)?;
+        Ok(Coordinator {
+            tls,
+            busy: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Takes a group point of `group` now (named `name`, or
+    /// `GROUP-MILLISECONDS`) and records the round, whatever its result.
+    pub fn take(&self, store: &Store, group: &str, name: Option<String>) -> Result<GroupPoint> {
+        let g = store.group(group)?;
+        if g.hosts.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                "group point",
+                format!("group {group} has no hosts"),
+            ));
+        }
+        let name = name.unwrap_or_else(|| default_name(group));
+        if name.is_empty() || name.len() > 128 || name.contains(['\n', '\r']) {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                "group point",
+                format!("bad point name {name:?}"),
+            ));
+        }
+        let _turn = self.turn(group)?;
+        let point = match members(store, &g) {
+            Err(why) => not_started(&g, &name, &why),
+            Ok(addrs) => {
+                let timeout = Duration::from_millis(
+                    g.timeout_ms.clamp(1, ferry_filter::control::MAX_HOLD_MS),
+                );
+                match group_point(&name, &addrs, timeout, Some(&self.tls)) {
+                    Ok(o) => GroupPoint {
+                        id: 0,
+                        group: g.name.clone(),
+                        name: name.clone(),
+                        result: match o.result {
+                            RoundResult::Taken => "taken",
+                            RoundResult::Aborted => "aborted",
+                            RoundResult::Partial => "partial",
+                        }
+                        .to_owned(),
+                        at: now(),
+                        elapsed_us: Some(o.elapsed_us),
+                        members: serde_json::to_value(&o.members).unwrap_or_default(),
+                    },
+                    Err(e) => not_started(&g, &name, &e.to_string()),
+                }
+            }
+        };
+        tracing::info!(group, name = %point.name, result = %point.result, "group round");
+        store.add_group_point(&point)
+    }
+
+    /// Marks `group` busy until the guard drops; a second round meanwhile
+    /// is a conflict.
+    fn turn(&self, group: &str) -> Result<Turn<'_>> {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if !busy.insert(group.to_owned()) {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                "group point",
+                format!("a round of {group} is running"),
+            ));
+        }
+        Ok(Turn {
+            coordinator: self,
+            group: group.to_owned(),
+        })
+    }
+}
+
+struct Turn<'a> {
+    coordinator: &'a Coordinator,
+    group: String,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut busy = self
+            .coordinator
+            .busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        busy.remove(&self.group);
+    }
+}
+
+/// `GROUP-MILLISECONDS`: unique per group as rounds are one at a time.
+fn default_name(group: &str) -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!("{group}-{ms}")
+}
+
+/// Every member's group port, or why a round cannot start.
+fn members(store: &Store, g: &Group) -> std::result::Result<Vec<MemberAddr>, String> {
+    g.hosts
+        .iter()
+        .map(|host| match store.group_addr(host) {
+            Ok(Some(addr)) => Ok(MemberAddr::Remote {
+                host: host.clone(),
+                addr,
+            }),
+            Ok(None) => Err(format!("{host}: its filter has not reported a group port")),
+            Err(e) => Err(format!("{host}: {e}")),
+        })
+        .collect()
+}
+
+fn not_started(g: &Group, name: &str, why: &str) -> GroupPoint {
+    GroupPoint {
+        id: 0,
+        group: g.name.clone(),
+        name: name.to_owned(),
+        result: "not-started".to_owned(),
+        at: now(),
+        elapsed_us: None,
+        members: json!({ "error": why }),
+    }
+}
+
+/// The group point a failover of `group` at `point` means: the newest
+/// taken one for `latest-group`, else the taken one named `point`.
+pub fn resolve(store: &Store, group: &str, point: &str) -> Result<GroupPoint> {
+    let rounds = store.group_points(group, 10_000)?;
+    let found = match point {
+        "latest-group" => rounds.into_iter().find(|p| p.result == "taken"),
+        name => rounds
+            .into_iter()
+            .find(|p| p.name == name && p.result == "taken"),
+    };
+    found.ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            "resolve group point",
+            format!("group {group} has no taken group point {point:?}"),
+        )
+    })
+}
+
+/// Takes the due rounds of scheduled groups (the scheduler calls this every
+/// second).
+pub fn take_due(coordinator: &Coordinator, store: &Store) {
+    let groups = match store.groups() {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::error!(error = %e, "reading groups failed");
+            return;
+        }
+    };
+    for g in groups {
+        let Some(interval) = g.interval_secs else {
+            continue;
+        };
+        let last = store
+            .group_points(&g.name, 1)
+            .ok()
+            .and_then(|p| p.first().map(|p| p.at))
+            .unwrap_or(0);
+        if now().saturating_sub(last) >= i64::try_from(interval).unwrap_or(i64::MAX) {
+            if let Err(e) = coordinator.take(store, &g.name, None) {
+                tracing::warn!(group = %g.name, error = %e, "scheduled group round not taken");
+            }
+        }
+    }
+}
