@@ -663,3 +663,87 @@ pub struct GroupFailoverRequest {
     #[serde(default)]
     pub test: bool,
 }
+
+/// A recovery plan: ordered steps, each failing over (or testing) a group
+/// or some hosts with scripts around it, or waiting for the operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The plan's name.
+    pub name: String,
+    /// Its steps, run in order.
+    pub steps: Vec<PlanStep>,
+}
+
+/// One step of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanStep {
+    /// What the step does.
+    pub action: StepAction,
+    /// A shell command the server runs before the step (a non-zero exit
+    /// fails the plan). Runs again if the server restarts during it: make
+    /// it idempotent.
+    #[serde(default)]
+    pub pre: Option<String>,
+    /// A shell command the server runs after the step.
+    #[serde(default)]
+    pub post: Option<String>,
+}
+
+/// What a plan step does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum StepAction {
+    /// Every host of a replication group at one group point.
+    Group {
+        /// The group.
+        group: String,
+    },
+    /// These hosts, each at its own point.
+    Hosts {
+        /// The hosts.
+        hosts: Vec<String>,
+    },
+    /// Wait until the operator runs `ferry job continue JOB`.
+    Manual {
+        /// What the operator should do first.
+        text: String,
+    },
+}
+
+/// How a plan runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlanMode {
+    /// Test failovers: replication goes on.
+    Test,
+    /// Failovers: replication of every host in the plan stops.
+    Failover,
+    /// Remove the test failovers of every host in the plan.
+    Cleanup,
+}
+
+impl PlanMode {
+    /// The kebab-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlanMode::Test => "test",
+            PlanMode::Failover => "failover",
+            PlanMode::Cleanup => "cleanup",
+        }
+    }
+}
+
+/// `POST /v1/plans/PLAN/run` (admin).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanRunRequest {
+    /// Test, failover or cleanup.
+    pub mode: PlanMode,
+    /// The point: default `latest-group` for group steps and `latest`
+    /// (`latest-processed` for tests) for host steps; a name applies to
+    /// every step.
+    #[serde(default)]
+    pub point: Option<String>,
+    /// Image format of failovers (default vhd-dynamic).
+    #[serde(default)]
+    pub format: Option<String>,
+}

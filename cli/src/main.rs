@@ -67,9 +67,12 @@ enum Command {
     Protect(server::ProtectArgs),
     /// Hosts, their daemons' heartbeats and their disks' protection states.
     Status(server::StatusArgs),
-    /// Jobs the server runs: list, show, wait.
+    /// Jobs the server runs: list, show, wait, continue.
     #[command(subcommand)]
     Job(server::JobCommand),
+    /// Recovery plans: create, list, show, run --test|--failover|--cleanup.
+    #[command(subcommand)]
+    Plan(server::PlanCommand),
 }
 
 /// Logs to stderr; `FERRY_LOG` = error|warn|info|debug|trace (default info).
@@ -129,6 +132,7 @@ fn main() -> ExitCode {
         Command::Protect(args) => server::run_protect(&args),
         Command::Status(args) => server::run_status(&args),
         Command::Job(cmd) => server::run_job(&cmd),
+        Command::Plan(cmd) => server::run_plan(&cmd),
     };
     match outcome {
         Ok(code) => code,

@@ -870,6 +870,243 @@ pub fn group_job(
     }
 }
 
+// ---- ferry plan ---------------------------------------------------------
+
+/// `ferry plan`.
+#[derive(Debug, Subcommand)]
+pub enum PlanCommand {
+    /// Create a recovery plan: ordered steps, each a group, some hosts or a
+    /// manual instruction, with optional scripts the server runs around it.
+    #[command(after_help = "Steps (repeat --step, run in order):\n  \
+        group=GROUP[;pre=CMD][;post=CMD]       a replication group at one group point\n  \
+        hosts=H1,H2[;pre=CMD][;post=CMD]       hosts, each at its own point\n  \
+        manual=TEXT                            wait for `ferry job continue JOB`\n\n\
+        Example:\n  ferry plan create shop-dr --step 'group=shop;pre=/opt/dr/fence.sh' \\\n    \
+        --step 'manual=Switch DNS to site B' --step 'hosts=mail01;post=/opt/dr/check.sh'\n\n\
+        Or from a JSON file ({\"name\": ..., \"steps\": [...]}) with --file.")]
+    Create(PlanCreateArgs),
+    /// Every plan.
+    List(ListArgs),
+    /// One plan.
+    Show(ShowArgs),
+    /// Run a plan as a job: --test (test failovers, replication goes on),
+    /// --failover, or --cleanup (remove the test failovers); waits for it
+    /// with a progress bar unless --no-wait.
+    #[command(
+        after_help = "Examples:\n  ferry plan run shop-dr --test\n  ferry plan run shop-dr --cleanup\n  ferry plan run shop-dr --failover --point latest-group --format vmdk-stream"
+    )]
+    Run(PlanRunArgs),
+}
+
+/// `ferry plan create`.
+#[derive(Debug, Args)]
+pub struct PlanCreateArgs {
+    /// The plan's name.
+    #[arg(required_unless_present = "file")]
+    name: Option<String>,
+    /// A step (see below); repeat.
+    #[arg(long = "step")]
+    steps: Vec<String>,
+    /// The plan as JSON instead.
+    #[arg(long, conflicts_with_all = ["name", "steps"])]
+    file: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// `ferry plan run`.
+#[derive(Debug, Args)]
+pub struct PlanRunArgs {
+    /// The plan.
+    name: String,
+    /// Test failovers.
+    #[arg(long, group = "mode", required = true)]
+    test: bool,
+    /// Failovers.
+    #[arg(long, group = "mode")]
+    failover: bool,
+    /// Remove the test failovers.
+    #[arg(long, group = "mode")]
+    cleanup: bool,
+    /// The point (default: latest-group for group steps, latest for host
+    /// steps).
+    #[arg(long)]
+    point: Option<String>,
+    /// Image format of failovers.
+    #[arg(long)]
+    format: Option<String>,
+    /// Print the queued job and return at once.
+    #[arg(long)]
+    no_wait: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// Parses a `--step` of `ferry plan create`.
+pub fn parse_step(spec: &str) -> Result<ferry_api::types::PlanStep> {
+    use ferry_api::types::{PlanStep, StepAction};
+    let (head, mut rest) = match spec
+        .find(";pre=")
+        .into_iter()
+        .chain(spec.find(";post="))
+        .min()
+    {
+        Some(i) => (&spec[..i], &spec[i..]),
+        None => (spec, ""),
+    };
+    let mut pre = None;
+    let mut post = None;
+    while !rest.is_empty() {
+        let (key, body) = if let Some(b) = rest.strip_prefix(";pre=") {
+            ("pre", b)
+        } else if let Some(b) = rest.strip_prefix(";post=") {
+            ("post", b)
+        } else {
+            bail!("step {spec:?}: expected ;pre=CMD or ;post=CMD");
+        };
+        let end = [body.find(";pre="), body.find(";post=")]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(body.len());
+        let value = body[..end].trim().to_owned();
+        if value.is_empty() {
+            bail!("step {spec:?}: empty {key} command");
+        }
+        if key == "pre" {
+            pre = Some(value)
+        } else {
+            post = Some(value)
+        }
+        rest = &body[end..];
+    }
+    let (kind, value) = head
+        .split_once('=')
+        .ok_or_else(|| anyhow!("step {spec:?}: want group=G, hosts=H1,H2 or manual=TEXT"))?;
+    let action = match kind.trim() {
+        "group" => StepAction::Group {
+            group: value.trim().to_owned(),
+        },
+        "hosts" => StepAction::Hosts {
+            hosts: value
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        },
+        "manual" => StepAction::Manual {
+            text: value.trim().to_owned(),
+        },
+        other => bail!("step {spec:?}: unknown kind {other:?} (group, hosts, manual)"),
+    };
+    if matches!(action, StepAction::Manual { .. }) && (pre.is_some() || post.is_some()) {
+        bail!("step {spec:?}: a manual step has no scripts");
+    }
+    Ok(PlanStep { action, pre, post })
+}
+
+/// Runs `ferry plan ...`.
+pub fn run_plan(cmd: &PlanCommand) -> Result<ExitCode> {
+    use ferry_api::types::{Plan, PlanMode, PlanRunRequest};
+    match cmd {
+        PlanCommand::Create(a) => {
+            let plan = match &a.file {
+                Some(f) => serde_json::from_slice::<Plan>(
+                    &std::fs::read(f).with_context(|| format!("read {}", f.display()))?,
+                )
+                .with_context(|| format!("parse {}", f.display()))?,
+                None => Plan {
+                    name: a.name.clone().unwrap_or_default(),
+                    steps: a
+                        .steps
+                        .iter()
+                        .map(|s| parse_step(s))
+                        .collect::<Result<_>>()?,
+                },
+            };
+            let plan: Plan = a.conn.client()?.post("/v1/plans", &plan)?;
+            print_plans(&[plan], a.json)
+        }
+        PlanCommand::List(a) => {
+            let list: Vec<Plan> = a.conn.client()?.get("/v1/plans")?;
+            print_plans(&list, a.json)
+        }
+        PlanCommand::Show(a) => {
+            let p: Plan = a.conn.client()?.get(&format!("/v1/plans/{}", a.name))?;
+            print_plans(&[p], a.json)
+        }
+        PlanCommand::Run(a) => {
+            let mode = match (a.test, a.failover) {
+                (true, _) => PlanMode::Test,
+                (_, true) => PlanMode::Failover,
+                _ => PlanMode::Cleanup,
+            };
+            let client = a.conn.client()?;
+            let req = PlanRunRequest {
+                mode,
+                point: a.point.clone(),
+                format: a.format.clone(),
+            };
+            let job: Job = client.post(&format!("/v1/plans/{}/run", a.name), &req)?;
+            if a.no_wait {
+                if a.json {
+                    print_json(&job)?;
+                } else {
+                    println!("job {} queued: ferry job wait {}", job.id, job.id);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let job = wait_job(&client, job.id, None, !a.json)?;
+            if a.json {
+                print_json(&job)?;
+            } else {
+                print_job(&job);
+            }
+            Ok(job_exit(&job))
+        }
+    }
+}
+
+fn print_plans(list: &[ferry_api::types::Plan], json: bool) -> Result<ExitCode> {
+    use ferry_api::types::StepAction;
+    if json {
+        match list {
+            [one] => print_json(one)?,
+            _ => print_json(&list)?,
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    for p in list {
+        println!("plan {}", p.name);
+        for (i, s) in p.steps.iter().enumerate() {
+            let what = match &s.action {
+                StepAction::Group { group } => format!("group {group}"),
+                StepAction::Hosts { hosts } => format!("hosts {}", hosts.join(", ")),
+                StepAction::Manual { text } => format!("manual: {text}"),
+            };
+            let pre = s
+                .pre
+                .as_ref()
+                .map(|c| format!(" [pre: {c}]"))
+                .unwrap_or_default();
+            let post = s
+                .post
+                .as_ref()
+                .map(|c| format!(" [post: {c}]"))
+                .unwrap_or_default();
+            println!("  {}. {what}{pre}{post}", i + 1);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 // ---- ferry job ----------------------------------------------------------
 
 /// `ferry job`.
@@ -881,6 +1118,8 @@ pub enum JobCommand {
     Show(JobShowArgs),
     /// Wait for a job to end, with a progress bar; exit 1 if it failed.
     Wait(JobWaitArgs),
+    /// Let a plan run waiting at a manual step go on.
+    Continue(JobShowArgs),
 }
 
 /// `ferry job list`.
@@ -944,6 +1183,18 @@ pub fn run_job(cmd: &JobCommand) -> Result<ExitCode> {
                 print_json(&job)?;
             } else {
                 print_job(&job);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCommand::Continue(a) => {
+            let job: Job = a
+                .conn
+                .client()?
+                .post(&format!("/v1/jobs/{}/continue", a.id), &json!({}))?;
+            if a.json {
+                print_json(&job)?;
+            } else {
+                println!("job {} continues", job.id);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -1139,5 +1390,61 @@ fn secs_rough(d: i64) -> String {
         d if d < 7200 => format!("{}m", d / 60),
         d if d < 172_800 => format!("{}h", d / 3600),
         d => format!("{}d", d / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_api::types::StepAction;
+
+    #[test]
+    fn plan_steps_parse_with_their_scripts() {
+        let s = parse_step("group=shop;pre=/opt/fence.sh a;b;post=echo done").unwrap();
+        assert_eq!(
+            s.action,
+            StepAction::Group {
+                group: "shop".into()
+            }
+        );
+        assert_eq!(s.pre.as_deref(), Some("/opt/fence.sh a;b"));
+        assert_eq!(s.post.as_deref(), Some("echo done"));
+        let s = parse_step("hosts=web01, web02").unwrap();
+        assert_eq!(
+            s.action,
+            StepAction::Hosts {
+                hosts: vec!["web01".into(), "web02".into()]
+            }
+        );
+        assert_eq!((s.pre, s.post), (None, None));
+        let s = parse_step("manual=Switch DNS; then call Bob").unwrap();
+        assert_eq!(
+            s.action,
+            StepAction::Manual {
+                text: "Switch DNS; then call Bob".into()
+            }
+        );
+        for bad in [
+            "group",
+            "disk=x",
+            "hosts=web01;pre=",
+            "manual=x;post=y",
+            "=x",
+        ] {
+            assert!(parse_step(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations_and_exit_codes() {
+        assert_eq!(parse_secs("15m"), Ok(900));
+        assert!(parse_secs("0").is_err());
+        assert_eq!(secs(86_400), "1d");
+        assert_eq!(secs(90), "90s");
+        let e: anyhow::Error = ferry_api::Error::api(403, "forbidden".into(), "no".into()).into();
+        assert_eq!(exit_code(&e), Some(EXIT_REFUSED));
+        let e: anyhow::Error = ferry_api::Error::new(ferry_api::ErrorKind::Connect, "down").into();
+        assert_eq!(exit_code(&e), Some(EXIT_UNREACHABLE));
+        assert_eq!(exit_code(&anyhow::anyhow!("local")), None);
     }
 }

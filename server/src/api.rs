@@ -28,9 +28,9 @@ use std::path::PathBuf;
 use ferry_api::http::{Method, Request, Response};
 use ferry_api::types::{
     ApiError, Component, DiskInfo, FailoverJobRequest, Group, GroupFailoverRequest, GroupHosts,
-    GroupPointRequest, HeartbeatRequest, Job, JobFinish, JobProgress, JobState, Policy,
-    ProtectRequest, ProtectionState, RegisterRequest, Registered, Role, TargetConfig, TargetHost,
-    TestFailoverJobRequest, TokenIssued, TokenRequest,
+    GroupPointRequest, HeartbeatRequest, Job, JobFinish, JobProgress, JobState, Plan, PlanMode,
+    PlanRunRequest, Policy, ProtectRequest, RegisterRequest, Registered, Role, StepAction,
+    TargetConfig, TargetHost, TestFailoverJobRequest, TokenIssued, TokenRequest,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -215,6 +215,33 @@ impl Api {
                 need(Scope::Admin)?;
                 let r: GroupPointRequest = body(req)?;
                 Ok(ok(&self.coordinator.take(&self.store, group, r.name)?))
+            }
+            (Method::Get, ["v1", "plans"]) => {
+                need(Scope::Admin)?;
+                Ok(ok(&self.store.plans()?))
+            }
+            (Method::Post, ["v1", "plans"]) => {
+                need(Scope::Admin)?;
+                self.create_plan(&body(req)?)
+            }
+            (Method::Get, ["v1", "plans", name]) => {
+                need(Scope::Admin)?;
+                Ok(ok(&self.store.plan(name)?))
+            }
+            (Method::Post, ["v1", "plans", name, "run"]) => {
+                need(Scope::Admin)?;
+                let plan = self.store.plan(name)?;
+                let r: PlanRunRequest = body(req)?;
+                let job = crate::plans::start(&self.store, &plan, &r)?;
+                tracing::info!(job = job.id, plan = %name, mode = r.mode.as_str(), "plan run queued");
+                Ok(Response::json(
+                    202,
+                    &serde_json::to_value(&job).unwrap_or_default(),
+                ))
+            }
+            (Method::Post, ["v1", "jobs", id, "continue"]) => {
+                need(Scope::Admin)?;
+                Ok(ok(&self.store.continue_job(job_id(id)?)?))
             }
             (Method::Post, ["v1", "groups", group, "failover"]) => {
                 need(Scope::Admin)?;
@@ -461,40 +488,53 @@ impl Api {
     fn group_failover(&self, group: &str, r: GroupFailoverRequest) -> Result<Response> {
         let g = self.store.group(group)?;
         let point = crate::groups::resolve(&self.store, group, &r.point)?;
-        let jobs: Vec<HostJob<'_>> = g
-            .hosts
+        let mode = if r.test {
+            PlanMode::Test
+        } else {
+            PlanMode::Failover
+        };
+        let owned = crate::plans::host_jobs(
+            &self.store,
+            &g.hosts,
+            &point.name,
+            mode,
+            r.format.as_deref(),
+        );
+        let jobs: Vec<HostJob<'_>> = owned
             .iter()
-            .map(|host| {
-                // A member already failed over moves to the new point.
-                let failed_over = self.store.protections(Some(host)).is_ok_and(|ps| {
-                    !ps.is_empty() && ps.iter().all(|p| p.state == ProtectionState::FailedOver)
-                });
-                if r.test {
-                    HostJob {
-                        host,
-                        kind: "test-failover",
-                        params: json!({"op": "test-failover", "host": host, "point": point.name, "out": null}),
-                        gate: JobGate::Free,
-                    }
-                } else {
-                    HostJob {
-                        host,
-                        kind: "failover",
-                        params: failover_params(host, &FailoverJobRequest {
-                            point: point.name.clone(),
-                            format: r.format.clone(),
-                            out: None,
-                            change_point: failed_over,
-                            checksums: true,
-                        }),
-                        gate: JobGate::Start(Event::FailoverStarted),
-                    }
-                }
-            })
+            .map(crate::plans::OwnedHostJob::as_host_job)
             .collect();
         let jobs = self.store.create_host_jobs(&jobs)?;
         tracing::info!(group, point = %point.name, jobs = jobs.len(), test = r.test, "group failover queued");
         Ok(Response::json(202, &json!({"point": point, "jobs": jobs})))
+    }
+
+    fn create_plan(&self, plan: &Plan) -> Result<Response> {
+        check_name("plan", &plan.name)?;
+        if plan.steps.is_empty() {
+            return Err(invalid("a plan needs at least one step".into()));
+        }
+        for step in &plan.steps {
+            match &step.action {
+                StepAction::Group { group } => {
+                    self.store.group(group)?;
+                }
+                StepAction::Hosts { hosts } if hosts.is_empty() => {
+                    return Err(invalid("a hosts step needs at least one host".into()))
+                }
+                StepAction::Hosts { hosts } => {
+                    for h in hosts {
+                        self.store.host(h)?;
+                    }
+                }
+                StepAction::Manual { text } if text.trim().is_empty() => {
+                    return Err(invalid("a manual step needs its instruction".into()))
+                }
+                StepAction::Manual { .. } => {}
+            }
+        }
+        self.store.create_plan(plan)?;
+        Ok(created(&self.store.plan(&plan.name)?))
     }
 
     fn heartbeat(

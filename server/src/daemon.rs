@@ -45,6 +45,8 @@ pub const SERVER_CERT_NAME: &str = "ferry-server";
 pub const MAX_CONNECTIONS: usize = 256;
 /// A connection silent this long (between or within requests) is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often plan runs are moved on.
+pub const PLAN_TICK: Duration = Duration::from_secs(1);
 /// How often the janitor looks for jobs whose lease ran out.
 pub const JANITOR_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -149,6 +151,18 @@ pub fn run(data: &Path, listen: &str, stop: Arc<AtomicBool>) -> Result<()> {
     tracing::info!(addr = %local, data = %data.display(), "control-plane server listening");
 
     let janitor = spawn_janitor(api.clone(), stop.clone())?;
+    let runner = {
+        let (api, stop) = (api.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("plan-runner".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    crate::plans::tick(api.store());
+                    std::thread::sleep(PLAN_TICK);
+                }
+            })
+            .map_err(Error::io(OP, "plan runner thread".into()))?
+    };
     let active = Arc::new(AtomicUsize::new(0));
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
@@ -181,6 +195,7 @@ pub fn run(data: &Path, listen: &str, stop: Arc<AtomicBool>) -> Result<()> {
         }
     }
     let _ = janitor.join();
+    let _ = runner.join();
     tracing::info!("control-plane server stopped");
     Ok(())
 }

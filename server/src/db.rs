@@ -17,7 +17,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use ferry_api::types::{
     DiskInfo, DiskReplication, Group, GroupPoint, Heartbeat, HostConfig, HostInfo, Job, JobLogLine,
-    JobState, Policy, Protection, ProtectionState, Role, TargetInfo, TargetRef,
+    JobState, Plan, Policy, Protection, ProtectionState, Role, TargetInfo, TargetRef,
 };
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
@@ -129,6 +129,14 @@ pub const MIGRATIONS: &[&str] = &[
         members TEXT NOT NULL
     );
     CREATE INDEX group_points_by_group ON group_points(grp, id);
+    ",
+    // 3: recovery plans; where a server-run job (a plan run) is.
+    "
+    CREATE TABLE plans (
+        name TEXT PRIMARY KEY,
+        body TEXT NOT NULL              -- the Plan as JSON
+    );
+    ALTER TABLE jobs ADD COLUMN cursor TEXT;
     ",
 ];
 
@@ -998,6 +1006,159 @@ impl Store {
             .map_err(Error::db(OP))?;
         rows.collect::<std::result::Result<_, _>>()
             .map_err(Error::db(OP))
+    }
+
+    // ---- plans --------------------------------------------------------
+
+    /// Creates a plan (a taken name is a conflict).
+    pub fn create_plan(&self, plan: &Plan) -> Result<()> {
+        const OP: &str = "create plan";
+        let body = serde_json::to_string(plan)
+            .map_err(|e| Error::new(ErrorKind::Invalid, OP, e.to_string()))?;
+        self.write(OP, |tx| {
+            let n = tx
+                .execute(
+                    "INSERT INTO plans (name, body) VALUES (?1, ?2) ON CONFLICT(name) DO NOTHING",
+                    params![plan.name, body],
+                )
+                .map_err(Error::db(OP))?;
+            if n == 0 {
+                return Err(conflict(OP, format!("a plan {:?} exists", plan.name)));
+            }
+            Ok(())
+        })
+    }
+
+    /// Every plan.
+    pub fn plans(&self) -> Result<Vec<Plan>> {
+        let bodies: Vec<String> = column(
+            &self.lock(),
+            "list plans",
+            "SELECT body FROM plans ORDER BY name",
+            [],
+        )?;
+        bodies
+            .iter()
+            .map(|b| {
+                serde_json::from_str(b)
+                    .map_err(|e| Error::new(ErrorKind::Db, "read plan", e.to_string()))
+            })
+            .collect()
+    }
+
+    /// One plan.
+    pub fn plan(&self, name: &str) -> Result<Plan> {
+        self.plans()?
+            .into_iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| not_found("read plan", format!("no plan {name:?}")))
+    }
+
+    /// The server's own jobs (plan runs) not ended yet, oldest first, with
+    /// their cursors.
+    pub fn server_jobs(&self) -> Result<Vec<(Job, serde_json::Value)>> {
+        const OP: &str = "server jobs";
+        let conn = self.lock();
+        let ids: Vec<i64> = column(
+            &conn,
+            OP,
+            "SELECT id FROM jobs WHERE owner = 'server' AND state IN ('queued', 'running') ORDER BY id",
+            [],
+        )?;
+        ids.into_iter()
+            .map(|id| {
+                let cursor: Option<String> = conn
+                    .query_row("SELECT cursor FROM jobs WHERE id = ?1", [id], |r| r.get(0))
+                    .map_err(Error::db(OP))?;
+                Ok((
+                    job_in(&conn, id, false)?,
+                    cursor
+                        .as_deref()
+                        .map_or(serde_json::Value::Null, parse_json),
+                ))
+            })
+            .collect()
+    }
+
+    /// Moves server job `id` on: its new cursor, progress and log lines,
+    /// and the host jobs it starts, in one transaction (a restart finds
+    /// either both or neither); the cursor's `children` become the ids of
+    /// the jobs queued, if any. Returns the jobs queued.
+    pub fn advance_server_job(
+        &self,
+        id: i64,
+        cursor: &serde_json::Value,
+        progress: f64,
+        log: &[String],
+        start: &[HostJob<'_>],
+    ) -> Result<Vec<Job>> {
+        const OP: &str = "advance job";
+        self.write(OP, |tx| {
+            let queued: Vec<Job> = start
+                .iter()
+                .map(|j| queue_host_job(tx, j))
+                .collect::<Result<_>>()?;
+            let mut cursor = cursor.clone();
+            if !queued.is_empty() {
+                // The jobs to wait for are in the cursor the moment they exist.
+                cursor["children"] = queued.iter().map(|j| j.id).collect();
+            }
+            tx.execute(
+                "UPDATE jobs SET cursor = ?1, progress = ?2, state = 'running',
+                     started_at = COALESCE(started_at, ?3) WHERE id = ?4 AND owner = 'server'",
+                params![json_text(&cursor), progress.clamp(0.0, 1.0), now(), id],
+            )
+            .map_err(Error::db(OP))?;
+            for line in log {
+                add_log(tx, id, line)?;
+            }
+            Ok(queued)
+        })
+    }
+
+    /// Ends server job `id` (a plan run).
+    pub fn finish_server_job(
+        &self,
+        id: i64,
+        result: Option<&serde_json::Value>,
+        error: Option<&str>,
+    ) -> Result<Job> {
+        self.write("finish job", |tx| {
+            let job = job_in(tx, id, false)?;
+            end_job(tx, &job, result, error)?;
+            job_in(tx, id, false)
+        })
+    }
+
+    /// The operator's go-ahead for a plan run waiting at a manual step.
+    pub fn continue_job(&self, id: i64) -> Result<Job> {
+        const OP: &str = "continue job";
+        self.write(OP, |tx| {
+            let job = job_in(tx, id, false)?;
+            let cursor: Option<String> = tx
+                .query_row("SELECT cursor FROM jobs WHERE id = ?1", [id], |r| r.get(0))
+                .map_err(Error::db(OP))?;
+            let mut cursor = cursor
+                .as_deref()
+                .map_or(serde_json::Value::Null, parse_json);
+            if job.owner != "server"
+                || job.state != JobState::Running
+                || cursor["phase"] != "manual"
+            {
+                return Err(conflict(
+                    OP,
+                    format!("job {id} is not waiting for the operator"),
+                ));
+            }
+            cursor["continued"] = serde_json::Value::Bool(true);
+            tx.execute(
+                "UPDATE jobs SET cursor = ?1 WHERE id = ?2",
+                params![json_text(&cursor), id],
+            )
+            .map_err(Error::db(OP))?;
+            add_log(tx, id, "the operator continued")?;
+            job_in(tx, id, false)
+        })
     }
 
     // ---- jobs ---------------------------------------------------------

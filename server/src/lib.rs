@@ -11,5 +11,6 @@ pub mod db;
 pub mod error;
 pub mod groups;
 pub mod lifecycle;
+pub mod plans;
 
 pub use error::{Error, ErrorKind, Result};

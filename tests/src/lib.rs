@@ -686,6 +686,9 @@ pub fn free_port() -> u16 {
         .expect("bind a free port")
 }
 
+/// Longest a control-plane CLI call of a test may run.
+pub const CLI_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// A control-plane server on loopback: `ferry server init` in DIR/server,
 /// then `ferry server run` on a free port, with the admin's environment.
 #[derive(Debug)]
@@ -752,15 +755,35 @@ impl ControlServer {
         self.cli_as(&self.admin_token, args)
     }
 
-    /// `ferry ARGS...` with `token` instead of the admin's.
+    /// `ferry ARGS...` with `token` instead of the admin's; killed (and
+    /// the test failed) if it runs past [`CLI_DEADLINE`].
     pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
-        Command::new(ferry_bin())
+        let child = Command::new(ferry_bin())
             .args(args)
             .env("FERRY_SERVER", &self.url)
             .env("FERRY_TOKEN", token)
             .env("FERRY_CA", &self.ca)
-            .output()
-            .expect("run ferry")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run ferry");
+        // Output is read while it runs (a full pipe must not stall it).
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(CLI_DEADLINE) {
+            Ok(out) => out.expect("ferry output"),
+            Err(_) => {
+                if let Ok(pid) = libc::pid_t::try_from(pid) {
+                    // SAFETY: signalling our own child, not yet reaped (its
+                    // reaper is still waiting).
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                panic!("ferry {} ran past {CLI_DEADLINE:?}: killed", args.join(" "));
+            }
+        }
     }
 
     /// `ferry ARGS... --json` as the admin, exit 0 expected, stdout parsed.

@@ -161,6 +161,26 @@ impl Rig {
     }
 }
 
+/// Waits until plan run `id` waits at a manual step.
+fn wait_manual(rig: &Rig, id: &str) {
+    let waiting = wait_until(Duration::from_secs(60), || {
+        let j = rig.json(&["job", "show", id]);
+        let lines = j["log"].as_array().cloned().unwrap_or_default();
+        // The last "waiting" line is the newest step's.
+        lines.last().is_some_and(|l| {
+            l["line"]
+                .as_str()
+                .unwrap_or("")
+                .contains("waiting for the operator")
+        })
+    });
+    assert!(
+        waiting,
+        "plan run {id} waits at a manual step\n{}",
+        rig.logs()
+    );
+}
+
 fn assert_same(raw: &Path, image: &Path, format: &str) {
     let out = ferry_tests::qemu_compare_raw(raw, image, format);
     assert!(
@@ -185,7 +205,7 @@ fn image_of(result: &Value, key: &str) -> PathBuf {
 }
 
 #[test]
-fn register_protect_sync_drill_fail_over_and_commit_through_the_server() {
+fn register_protect_sync_then_a_plan_tests_fails_over_and_commit_through_the_server() {
     let rig = Rig::up("cp-lifecycle", 24);
     // The filter's heartbeat brings the disk to the server.
     let seen = wait_until(Duration::from_secs(30), || {
@@ -237,32 +257,83 @@ fn register_protect_sync_drill_fail_over_and_commit_through_the_server() {
     let p1 = rig.point("p1", &[(0, 512, 1), (4096, 1024, 2)]);
     let p2 = rig.point("p2", &[(256, 512, 3), (8192, 2048, 0)]);
 
-    // A drill at p1 while replication goes on.
-    let drill = rig.json(&["test-failover", "web01", "--point", "p1"]);
-    let base = image_of(&drill, "bases");
-    assert_same(&p1, &base, "vhd-dynamic");
-    assert_eq!(rig.states(), ["protected"], "a drill changes no state");
-    rig.json(&["test-failover", "cleanup", "web01"]);
-    assert!(!base.exists(), "drill images removed");
+    // A plan: scripts around web01, then a manual step.
+    let marks = rig.scratch.path("marks");
+    let plan = rig.json(&[
+        "plan",
+        "create",
+        "dr",
+        "--step",
+        &format!(
+            "hosts=web01;pre=echo pre $FERRY_PLAN_MODE >> {0};post=echo post >> {0}",
+            s(&marks)
+        ),
+        "--step",
+        "manual=Switch DNS to site B",
+    ]);
+    assert_eq!(plan["steps"].as_array().map(Vec::len), Some(2));
 
-    // Failover to p2 as a raw image, then commit.
-    let m = rig.json(&["failover", "web01", "--point", "p2", "--format", "raw"]);
+    // The plan's test at p1 while replication goes on: it stops at the
+    // manual step until the operator continues.
+    let queued = rig.json(&["plan", "run", "dr", "--test", "--point", "p1", "--no-wait"]);
+    let id = queued["id"].to_string();
+    wait_manual(&rig, &id);
+    assert_eq!(rig.json(&["job", "show", &id])["state"], "running");
+    rig.json(&["job", "continue", &id]);
+    let out = rig.server.cli(&["job", "wait", &id, "--json"]);
+    expect_code(&out, 0, "plan test");
+    let run: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let drill = &run["result"]["steps"][0]["jobs"][0]["result"];
+    let base = image_of(drill, "bases");
+    assert_same(&p1, &base, "vhd-dynamic");
+    assert_eq!(std::fs::read_to_string(&marks).unwrap(), "pre test\npost\n");
+    assert_eq!(rig.states(), ["protected"], "a drill changes no state");
+    let cleanup = rig.json(&["plan", "run", "dr", "--cleanup", "--no-wait"])["id"].to_string();
+    // A manual step waits in cleanup mode too.
+    wait_manual(&rig, &cleanup);
+    assert!(!base.exists(), "the hosts step ran before the manual step");
+    rig.json(&["job", "continue", &cleanup]);
+    expect_code(
+        &rig.server.cli(&["job", "wait", &cleanup]),
+        0,
+        "plan cleanup",
+    );
+
+    // The plan's failover to p2 as raw images, then commit.
+    let queued = rig.json(&[
+        "plan",
+        "run",
+        "dr",
+        "--failover",
+        "--point",
+        "p2",
+        "--format",
+        "raw",
+        "--no-wait",
+    ]);
+    let id = queued["id"].to_string();
+    wait_manual(&rig, &id);
+    assert_eq!(
+        rig.states(),
+        ["failed-over"],
+        "failed over before the manual step"
+    );
+    rig.json(&["job", "continue", &id]);
+    let out = rig.server.cli(&["job", "wait", &id, "--json"]);
+    expect_code(&out, 0, "plan failover");
+    let run: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m = &run["result"]["steps"][0]["jobs"][0]["result"];
     assert_eq!(m["point"]["name"], "p2");
-    assert_same(&p2, &image_of(&m, "disks"), "raw");
+    assert_same(&p2, &image_of(m, "disks"), "raw");
     assert_eq!(rig.states(), ["failed-over"]);
-    // The sidecar stops shipping once the server says the host failed over.
     let jobs = rig.json(&["job", "list"]);
-    let kinds: Vec<_> = jobs
+    let fo = jobs
         .as_array()
         .unwrap()
         .iter()
-        .map(|j| (j["kind"].clone(), j["state"].clone()))
-        .collect();
-    assert_eq!(
-        kinds[0],
-        (Value::from("failover"), Value::from("succeeded"))
-    );
-    let job = rig.json(&["job", "show", &jobs[0]["id"].to_string()]);
+        .find(|j| j["kind"] == "failover")
+        .unwrap();
+    let job = rig.json(&["job", "show", &fo["id"].to_string()]);
     let log: Vec<_> = job["log"]
         .as_array()
         .unwrap()
@@ -359,6 +430,60 @@ fn a_server_restart_in_the_middle_of_a_job_never_leaves_it_stuck() {
     assert_eq!(job["state"], "succeeded", "{job}\n{}", rig.logs());
     assert_same(&p1, &image_of(&job["result"], "disks"), "raw");
     assert_eq!(rig.states(), ["failed-over"]);
+
+    // A plan run waiting at a manual step survives a restart and goes on
+    // where it was: its failover step (a change of point) runs once.
+    rig.json(&[
+        "plan",
+        "create",
+        "dr",
+        "--step",
+        "manual=go",
+        "--step",
+        "hosts=web01",
+    ]);
+    let queued = rig.json(&[
+        "plan",
+        "run",
+        "dr",
+        "--failover",
+        "--point",
+        "p1",
+        "--format",
+        "raw",
+        "--no-wait",
+    ]);
+    let id = queued["id"].to_string();
+    wait_manual(&rig, &id);
+    rig.server.daemon.kill9();
+    rig.server.daemon.restart();
+    rig.server.wait_up();
+    rig.json(&["job", "continue", &id]);
+    let out = rig
+        .server
+        .cli(&["job", "wait", &id, "--timeout", "2m", "--json"]);
+    expect_code(&out, 0, "plan after the restart");
+    let run: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let steps = run["result"]["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 1, "one failover step: {run}");
+    assert_eq!(
+        steps[0]["jobs"].as_array().unwrap().len(),
+        1,
+        "queued once: {run}"
+    );
+    assert_same(
+        &p1,
+        &image_of(&steps[0]["jobs"][0]["result"], "disks"),
+        "raw",
+    );
+    let failovers = rig
+        .json(&["job", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["kind"] == "failover")
+        .count();
+    assert_eq!(failovers, 2, "the restart queued nothing twice");
 }
 
 /// `cross_disk.py` writing records through `uri_b` and index entries
