@@ -356,6 +356,12 @@ pub struct Protection {
     pub since: i64,
     /// Why it is there (the event that moved it).
     pub reason: String,
+    /// The lag the sidecar last reported, seconds (the RPO now).
+    #[serde(default)]
+    pub lag_secs: u64,
+    /// Bytes still to resync, as last reported.
+    #[serde(default)]
+    pub resync_bytes: u64,
 }
 
 /// A recovery-site target as the server knows it.
@@ -746,4 +752,19 @@ pub struct PlanRunRequest {
     /// Image format of failovers (default vhd-dynamic).
     #[serde(default)]
     pub format: Option<String>,
+}
+
+/// Something the operator should look at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alert {
+    /// What kind: `rpo-exceeded`, `no-crash-point`, `no-app-point`,
+    /// `resync-required`, `heartbeat-lost`, `spool-space-low`,
+    /// `journal-space-low`.
+    pub kind: String,
+    /// `warning` or `critical`.
+    pub severity: String,
+    /// What it is about: `HOST/DISK`, `HOST/COMPONENT` or `target:NAME`.
+    pub subject: String,
+    /// For people.
+    pub message: String,
 }

@@ -399,12 +399,34 @@ fn target_report(data: &Path) -> HeartbeatRequest {
         Ok(list) => serde_json::to_value(&list).unwrap_or_default(),
         Err(e) => json!({"error": e.to_string()}),
     };
+    let (free, total) = fs_space(data).unwrap_or((0, 0));
     HeartbeatRequest {
         component: Component::Target,
         disks: Vec::new(),
         replication: Vec::new(),
-        status: json!({"disks": status}),
+        status: json!({"disks": status, "free_bytes": free, "total_bytes": total}),
     }
+}
+
+/// Free (for unprivileged use) and total bytes of the file system holding
+/// `path`.
+pub fn fs_space(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` is writable
+    // memory of the right type; statvfs fills it on success only.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it initialized `st`.
+    let st = unsafe { st.assume_init() };
+    let frsize = u64::from(u32::try_from(st.f_frsize).unwrap_or(4096));
+    Some((
+        st.f_bavail.saturating_mul(frsize),
+        st.f_blocks.saturating_mul(frsize),
+    ))
 }
 
 /// Starts the target's threads: heartbeats with data-key refresh, and the

@@ -117,6 +117,9 @@ struct DaemonArgs {
     /// 0.0.0.0:20004 when registered, "off" to disable).
     #[arg(long)]
     group_listen: Option<String>,
+    /// Serve Prometheus metrics (plain HTTP) on this address.
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -231,6 +234,11 @@ fn daemon(args: DaemonArgs) -> Result<ExitCode> {
             coordinator: ferry_filter::grouplink::COORDINATOR.to_owned(),
         });
     }
+    crate::metrics::serve(
+        args.metrics_listen.as_deref(),
+        &stop,
+        crate::metrics::over(config.state.clone(), crate::metrics::filter_page),
+    )?;
     if let Some(reg) = registration {
         crate::agent::spawn_filter_heartbeats(
             reg,

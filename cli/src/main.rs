@@ -7,6 +7,7 @@ mod failover;
 mod filter;
 mod group;
 mod image;
+mod metrics;
 mod replicate;
 mod server;
 
@@ -67,6 +68,9 @@ enum Command {
     Protect(server::ProtectArgs),
     /// Hosts, their daemons' heartbeats and their disks' protection states.
     Status(server::StatusArgs),
+    /// What needs attention: RPO over threshold, points missing, resync
+    /// required, heartbeats lost, space low (exit 1 if any is critical).
+    Alerts(server::ListArgs),
     /// Jobs the server runs: list, show, wait, continue.
     #[command(subcommand)]
     Job(server::JobCommand),
@@ -131,6 +135,7 @@ fn main() -> ExitCode {
         Command::Policy(cmd) => server::run_policy(&cmd),
         Command::Protect(args) => server::run_protect(&args),
         Command::Status(args) => server::run_status(&args),
+        Command::Alerts(args) => server::run_alerts(&args),
         Command::Job(cmd) => server::run_job(&cmd),
         Command::Plan(cmd) => server::run_plan(&cmd),
     };

@@ -90,6 +90,9 @@ struct TargetDaemonArgs {
     /// space a segment at a time (e.g. 64M).
     #[arg(long, default_value = "64M", value_parser = size)]
     history_segment_size: u64,
+    /// Serve Prometheus metrics (plain HTTP) on this address.
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 fn parse_retention(s: &str) -> std::result::Result<Duration, String> {
@@ -152,6 +155,11 @@ fn target(args: TargetDaemonArgs) -> Result<ExitCode> {
     if let Some(reg) = registration {
         crate::agent::spawn_target_agent(reg, data.clone(), stop.clone())?;
     }
+    crate::metrics::serve(
+        args.metrics_listen.as_deref(),
+        &stop,
+        crate::metrics::over(data.clone(), crate::metrics::target_page),
+    )?;
     let mut cfg = TargetConfig::new(data, args.listen, creds);
     cfg.name = name;
     cfg.replica_format = match args.replica_format.as_str() {
@@ -392,6 +400,9 @@ struct SidecarDaemonArgs {
     /// On-disk spool per disk for outages longer than the ring holds (e.g. 1G; 0 = none).
     #[arg(long, value_parser = size)]
     spool_size: Option<u64>,
+    /// Serve Prometheus metrics (plain HTTP) on this address.
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -422,6 +433,11 @@ fn sidecar(args: SidecarDaemonArgs) -> Result<ExitCode> {
         None => None,
     };
     let stop = stop_flag()?;
+    crate::metrics::serve(
+        args.metrics_listen.as_deref(),
+        &stop,
+        crate::metrics::over(state.clone(), crate::metrics::sidecar_page),
+    )?;
     if args.target.is_none() {
         if let Some(reg) = crate::agent::Registration::load(&state)? {
             // Registered: the server says where to and under which policy.

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use ferry_api::types::{
-    HostInfo, Job, JobState, Policy, ProtectRequest, Protection, RegisterRequest, Registered, Role,
-    TargetInfo, TokenIssued, TokenRequest,
+    Alert, HostInfo, Job, JobState, Policy, ProtectRequest, Protection, RegisterRequest,
+    Registered, Role, TargetInfo, TokenIssued, TokenRequest,
 };
 use ferry_api::Client;
 use serde_json::json;
@@ -144,6 +144,14 @@ pub struct ServerRunArgs {
     /// DATA/server.addr).
     #[arg(long, default_value = "0.0.0.0:7443")]
     listen: String,
+    /// Serve Prometheus metrics (plain HTTP: loopback or a management
+    /// network) on this address, e.g. 127.0.0.1:9750.
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// A daemon silent this long raises a heartbeat-lost alert (daemons
+    /// report every 5 s).
+    #[arg(long, default_value = "30s", value_parser = parse_secs)]
+    heartbeat_timeout: u64,
 }
 
 /// Runs `ferry server ...`.
@@ -189,7 +197,13 @@ pub fn run_server(cmd: ServerCommand) -> Result<ExitCode> {
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 signal_hook::flag::register(sig, stop.clone()).context("signal handler")?;
             }
-            ferry_server::daemon::run(&a.data, &a.listen, stop)?;
+            let options = ferry_server::daemon::RunOptions {
+                metrics: a.metrics_listen.clone(),
+                heartbeat_timeout_secs: Some(
+                    i64::try_from(a.heartbeat_timeout).unwrap_or(i64::MAX),
+                ),
+            };
+            ferry_server::daemon::run(&a.data, &a.listen, &options, stop)?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -776,6 +790,17 @@ pub fn run_status(a: &StatusArgs) -> Result<ExitCode> {
             println!();
             let all: Vec<Protection> = hosts.iter().flat_map(|h| h.protections.clone()).collect();
             print_protections(&all);
+            let alerts: Vec<Alert> = client.get("/v1/alerts")?;
+            let alerts: Vec<Alert> = alerts
+                .into_iter()
+                .filter(|al| {
+                    a.host
+                        .as_deref()
+                        .is_none_or(|h| al.subject.split('/').next() == Some(h))
+                })
+                .collect();
+            println!();
+            print_alerts(&alerts);
         }
         if !a.watch {
             return Ok(ExitCode::SUCCESS);
@@ -1105,6 +1130,40 @@ fn print_plans(list: &[ferry_api::types::Plan], json: bool) -> Result<ExitCode> 
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+// ---- ferry alerts -------------------------------------------------------
+
+/// Runs `ferry alerts`: exit 0 with none, 1 with a critical one.
+pub fn run_alerts(a: &ListArgs) -> Result<ExitCode> {
+    let alerts: Vec<Alert> = a.conn.client()?.get("/v1/alerts")?;
+    if a.json {
+        print_json(&alerts)?;
+    } else {
+        print_alerts(&alerts);
+    }
+    Ok(if alerts.iter().any(|al| al.severity == "critical") {
+        ExitCode::from(EXIT_JOB_FAILED)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn print_alerts(alerts: &[Alert]) {
+    if alerts.is_empty() {
+        println!("no alerts");
+        return;
+    }
+    let mut t = Table::new(&["SEVERITY", "ALERT", "SUBJECT", "WHAT"]);
+    for al in alerts {
+        t.row(vec![
+            al.severity.clone(),
+            al.kind.clone(),
+            al.subject.clone(),
+            al.message.clone(),
+        ]);
+    }
+    t.print();
 }
 
 // ---- ferry job ----------------------------------------------------------

@@ -14,6 +14,7 @@
 //! | `GET /v1/targets`, `GET /v1/targets/T` | admin; admin, target T | targets |
 //! | `GET/POST /v1/policies`, `GET /v1/policies/P` | admin | policies |
 //! | `GET /v1/protections` | admin | every protected disk |
+//! | `GET /v1/alerts` | admin | alerts holding now ([`crate::health`]) |
 //! | `GET /v1/jobs`, `GET /v1/jobs/N` | admin; admin, the job's owner | jobs |
 //! | `POST /v1/jobs/claim` | target | the target's next queued job |
 //! | `POST /v1/jobs/N/progress`, `POST /v1/jobs/N/finish` | the job's owner | report |
@@ -56,6 +57,7 @@ pub struct Api {
     ca_pem: String,
     ca_fingerprint: String,
     coordinator: Coordinator,
+    heartbeat_lost_secs: Option<i64>,
 }
 
 impl Api {
@@ -71,6 +73,7 @@ impl Api {
             ca_pem,
             ca_fingerprint: fingerprint,
             coordinator,
+            heartbeat_lost_secs: None,
         })
     }
 
@@ -79,9 +82,145 @@ impl Api {
         &self.store
     }
 
+    /// The store's view for the alert rules.
+    pub fn snapshot(&self) -> Result<crate::health::Snapshot> {
+        Ok(crate::health::Snapshot {
+            heartbeat_lost_secs: self.heartbeat_lost_secs,
+            hosts: self.store.hosts()?,
+            targets: self.store.targets()?,
+            policies: self.store.policies()?,
+        })
+    }
+
+    /// Every alert that holds now.
+    pub fn alerts(&self) -> Result<Vec<ferry_api::types::Alert>> {
+        Ok(crate::health::alerts(&self.snapshot()?, now()))
+    }
+
+    /// The server's Prometheus page: protections by state, lag per disk,
+    /// alerts, jobs by state, daemons' heartbeat ages.
+    pub fn metrics_page(&self) -> String {
+        use ferry_api::metrics::{Kind, Page};
+        let mut page = Page::new();
+        let Ok(snap) = self.snapshot() else {
+            page.sample(
+                "ferry_server_up",
+                "1 when the server can read its database.",
+                Kind::Gauge,
+                &[],
+                0.0,
+            );
+            return page.render();
+        };
+        page.sample(
+            "ferry_server_up",
+            "1 when the server can read its database.",
+            Kind::Gauge,
+            &[],
+            1.0,
+        );
+        let now = now();
+        for h in &snap.hosts {
+            for p in &h.protections {
+                let labels = [
+                    ("host", p.host.as_str()),
+                    ("disk", p.disk.as_str()),
+                    ("state", p.state.as_str()),
+                ];
+                page.sample(
+                    "ferry_protection_state",
+                    "1 for the state each protected disk is in.",
+                    Kind::Gauge,
+                    &labels,
+                    1.0,
+                );
+                let labels = [("host", p.host.as_str()), ("disk", p.disk.as_str())];
+                #[allow(clippy::cast_precision_loss)]
+                page.sample(
+                    "ferry_lag_seconds",
+                    "Lag of each protected disk as its sidecar last reported (the RPO now).",
+                    Kind::Gauge,
+                    &labels,
+                    p.lag_secs as f64,
+                );
+                #[allow(clippy::cast_precision_loss)]
+                page.sample(
+                    "ferry_resync_bytes",
+                    "Bytes each disk still has to resync.",
+                    Kind::Gauge,
+                    &labels,
+                    p.resync_bytes as f64,
+                );
+            }
+            for b in &h.heartbeats {
+                #[allow(clippy::cast_precision_loss)]
+                page.sample(
+                    "ferry_heartbeat_age_seconds",
+                    "Seconds since each daemon's last heartbeat.",
+                    Kind::Gauge,
+                    &[
+                        ("host", h.name.as_str()),
+                        ("component", b.component.as_str()),
+                    ],
+                    (now - b.at) as f64,
+                );
+            }
+        }
+        for t in &snap.targets {
+            if let Some(b) = &t.heartbeat {
+                #[allow(clippy::cast_precision_loss)]
+                page.sample(
+                    "ferry_heartbeat_age_seconds",
+                    "Seconds since each daemon's last heartbeat.",
+                    Kind::Gauge,
+                    &[("host", t.name.as_str()), ("component", "target")],
+                    (now - b.at) as f64,
+                );
+            }
+        }
+        let alerts = crate::health::alerts(&snap, now);
+        let mut counts: std::collections::BTreeMap<(String, String), u32> = Default::default();
+        for a in &alerts {
+            *counts
+                .entry((a.kind.clone(), a.severity.clone()))
+                .or_default() += 1;
+        }
+        for ((kind, severity), n) in counts {
+            page.sample(
+                "ferry_alerts",
+                "Alerts holding now, by kind and severity.",
+                Kind::Gauge,
+                &[("kind", kind.as_str()), ("severity", severity.as_str())],
+                f64::from(n),
+            );
+        }
+        if let Ok(jobs) = self.store.jobs(MAX_JOB_LIST) {
+            let mut by_state: std::collections::BTreeMap<&str, u32> = Default::default();
+            for j in &jobs {
+                *by_state.entry(j.state.as_str()).or_default() += 1;
+            }
+            for (state, n) in by_state {
+                page.sample(
+                    "ferry_jobs",
+                    "Recent jobs by state.",
+                    Kind::Gauge,
+                    &[("state", state)],
+                    f64::from(n),
+                );
+            }
+        }
+        page.render()
+    }
+
     /// Fails the jobs whose owner stopped reporting (the janitor).
     pub fn expire_jobs(&self) -> Result<Vec<ferry_api::types::Job>> {
         self.store.expire_jobs(follow_job)
+    }
+
+    /// Sets how long a daemon may be silent before `heartbeat-lost`.
+    pub fn with_heartbeat_timeout(mut self, secs: i64) -> Api {
+        self.heartbeat_lost_secs = Some(secs);
+        self
     }
 
     /// The group coordinator.
@@ -269,6 +408,10 @@ impl Api {
             (Method::Get, ["v1", "policies", name]) => {
                 need(Scope::Admin)?;
                 Ok(ok(&self.store.policy(name)?))
+            }
+            (Method::Get, ["v1", "alerts"]) => {
+                need(Scope::Admin)?;
+                Ok(ok(&self.alerts()?))
             }
             (Method::Get, ["v1", "protections"]) => {
                 need(Scope::Admin)?;

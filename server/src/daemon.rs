@@ -50,6 +50,15 @@ pub const PLAN_TICK: Duration = Duration::from_secs(1);
 /// How often the janitor looks for jobs whose lease ran out.
 pub const JANITOR_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How `run` runs beyond its address.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Serve Prometheus metrics (plain HTTP) here.
+    pub metrics: Option<String>,
+    /// A daemon silent this long raises `heartbeat-lost` (default 30 s).
+    pub heartbeat_timeout_secs: Option<i64>,
+}
+
 /// What `init` made.
 #[derive(Debug, Clone)]
 pub struct InitReport {
@@ -113,8 +122,8 @@ pub fn init(data: &Path, names: &[String]) -> Result<InitReport> {
 }
 
 /// Serves the API of the data directory `data` on `listen` until `stop`
-/// is set.
-pub fn run(data: &Path, listen: &str, stop: Arc<AtomicBool>) -> Result<()> {
+/// is set (and Prometheus metrics, if `options` say so).
+pub fn run(data: &Path, listen: &str, options: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     const OP: &str = "server run";
     let db_path = data.join(DB_FILE);
     if !db_path.exists() {
@@ -138,7 +147,11 @@ pub fn run(data: &Path, listen: &str, stop: Arc<AtomicBool>) -> Result<()> {
     let ca_pem =
         std::fs::read_to_string(&ca_path).map_err(Error::io(OP, ca_path.display().to_string()))?;
     let tls = ferry_protocol::tls::api_server_config(&creds, SERVER_CERT_NAME)?;
-    let api = Arc::new(Api::new(store, creds, ca_pem)?);
+    let mut api = Api::new(store, creds, ca_pem)?;
+    if let Some(secs) = options.heartbeat_timeout_secs {
+        api = api.with_heartbeat_timeout(secs);
+    }
+    let api = Arc::new(api);
     let listener =
         TcpListener::bind(listen).map_err(Error::io(OP, format!("listen on {listen}")))?;
     let local = listener
@@ -150,6 +163,13 @@ pub fn run(data: &Path, listen: &str, stop: Arc<AtomicBool>) -> Result<()> {
         .map_err(Error::io(OP, "listener".into()))?;
     tracing::info!(addr = %local, data = %data.display(), "control-plane server listening");
 
+    if let Some(addr) = options.metrics.as_deref() {
+        let api = api.clone();
+        let bound =
+            ferry_api::metrics::spawn(addr, stop.clone(), Arc::new(move || api.metrics_page()))
+                .map_err(Error::io(OP, format!("metrics on {addr}")))?;
+        tracing::info!(addr = %bound, "metrics at http://{bound}/metrics");
+    }
     let janitor = spawn_janitor(api.clone(), stop.clone())?;
     let runner = {
         let (api, stop) = (api.clone(), stop.clone());

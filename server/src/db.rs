@@ -1599,38 +1599,37 @@ fn protections_of(conn: &Connection, host: Option<&str>) -> Result<Vec<Protectio
     const OP: &str = "read protections";
     let mut stmt = conn
         .prepare(
-            "SELECT host, disk, policy, target, state, since, reason FROM protections
-             WHERE ?1 IS NULL OR host = ?1 ORDER BY host, disk",
+            "SELECT host, disk, policy, target, state, since, reason, lag_secs, resync_bytes
+             FROM protections WHERE ?1 IS NULL OR host = ?1 ORDER BY host, disk",
         )
         .map_err(Error::db(OP))?;
-    let rows: Vec<(String, String, String, String, String, i64, String)> = stmt
+    let rows = stmt
         .query_map([host], |r| {
+            let state: String = r.get(4)?;
             Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
+                state,
+                Protection {
+                    host: r.get(0)?,
+                    disk: r.get(1)?,
+                    policy: r.get(2)?,
+                    target: r.get(3)?,
+                    // Filled in below: the state is checked outside the row closure.
+                    state: ProtectionState::Enabling,
+                    since: r.get(5)?,
+                    reason: r.get(6)?,
+                    lag_secs: from_i64(r.get(7)?),
+                    resync_bytes: from_i64(r.get(8)?),
+                },
             ))
         })
         .map_err(Error::db(OP))?
-        .collect::<std::result::Result<_, _>>()
+        .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(Error::db(OP))?;
     rows.into_iter()
-        .map(|(host, disk, policy, target, state, since, reason)| {
+        .map(|(state, p)| {
             let state = ProtectionState::parse(&state)
                 .ok_or_else(|| Error::new(ErrorKind::Db, OP, format!("unknown state {state:?}")))?;
-            Ok(Protection {
-                host,
-                disk,
-                policy,
-                target,
-                state,
-                since,
-                reason,
-            })
+            Ok(Protection { state, ..p })
         })
         .collect()
 }

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod db;
 pub mod error;
 pub mod groups;
+pub mod health;
 pub mod lifecycle;
 pub mod plans;
 

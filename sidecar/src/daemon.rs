@@ -444,11 +444,14 @@ impl Shared {
         struct Metrics<'a> {
             host: &'a str,
             target: &'a str,
+            /// The spool's capacity (each disk's `spool_bytes` count against it).
+            spool_size: u64,
             disks: Vec<DiskMetrics>,
         }
         let m = Metrics {
             host: &self.host,
             target: &self.cfg.target,
+            spool_size: self.cfg.spool_size,
             disks,
         };
         let path = self.cfg.state.join(SIDECAR_DIR).join(METRICS_FILE);

@@ -708,6 +708,11 @@ pub struct ControlServer {
 impl ControlServer {
     /// Initializes and starts a server under `dir`.
     pub fn start(dir: &Path) -> ControlServer {
+        ControlServer::start_with(dir, &[])
+    }
+
+    /// [`ControlServer::start`] with more `ferry server run` arguments.
+    pub fn start_with(dir: &Path, run_args: &[&str]) -> ControlServer {
         let data = dir.join("server");
         let out = ferry(["server", "init", "--data", data.to_str().expect("utf-8")]);
         expect_code(&out, 0, "ferry server init");
@@ -716,17 +721,16 @@ impl ControlServer {
             .trim()
             .to_owned();
         let addr = format!("127.0.0.1:{}", free_port());
-        let daemon = Daemon::start(
-            &[
-                "server",
-                "run",
-                "--data",
-                data.to_str().expect("utf-8"),
-                "--listen",
-                &addr,
-            ],
-            &dir.join("server.log"),
-        );
+        let mut args = vec![
+            "server",
+            "run",
+            "--data",
+            data.to_str().expect("utf-8"),
+            "--listen",
+            &addr,
+        ];
+        args.extend_from_slice(run_args);
+        let daemon = Daemon::start(&args, &dir.join("server.log"));
         let server = ControlServer {
             ca: data.join("credentials/ca.crt"),
             data,

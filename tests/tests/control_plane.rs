@@ -19,6 +19,15 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// More arguments for the rig's daemons.
+#[derive(Debug, Default)]
+struct Extra {
+    server: Vec<String>,
+    target: Vec<String>,
+    filter: Vec<String>,
+    sidecar: Vec<String>,
+}
+
 /// Server, registered target and host, the host's filter and sidecar.
 struct Rig {
     server: ControlServer,
@@ -33,25 +42,25 @@ struct Rig {
 impl Rig {
     /// Server and registered target only; hosts come with `add_host`.
     fn up_without_host(tag: &str) -> Rig {
-        Rig::build(tag, 0, false)
+        Rig::build(tag, 0, false, &Extra::default())
     }
 
     /// Everything up and registered; the disk holds `prefill` MiB of data
     /// (the initial copy) and nothing is protected yet.
     fn up(tag: &str, prefill_mib: u64) -> Rig {
-        Rig::build(tag, prefill_mib, true)
+        Rig::build(tag, prefill_mib, true, &Extra::default())
     }
 
-    fn build(tag: &str, prefill_mib: u64, with_host: bool) -> Rig {
+    fn build(tag: &str, prefill_mib: u64, with_host: bool, extra: &Extra) -> Rig {
         let scratch = Scratch::new(tag);
-        let server = ControlServer::start(&scratch.path(""));
+        let server_args: Vec<&str> = extra.server.iter().map(String::as_str).collect();
+        let server = ControlServer::start_with(&scratch.path(""), &server_args);
         let site = scratch.path("site");
         let addr = format!("127.0.0.1:{}", free_port());
         server.register("target", "site-b", &site, Some(&addr));
-        let target = Daemon::start(
-            &["target", "--data", s(&site), "--listen", &addr],
-            &scratch.path("target.log"),
-        );
+        let mut target_args = vec!["target", "--data", s(&site), "--listen", &addr];
+        target_args.extend(extra.target.iter().map(String::as_str));
+        let target = Daemon::start(&target_args, &scratch.path("target.log"));
         let disk = scratch.path("disk.img");
         expect_code(&run("truncate", ["-s", "64M", s(&disk)]), 0, "truncate");
         if prefill_mib > 0 {
@@ -69,11 +78,11 @@ impl Rig {
         let host = with_host.then(|| {
             let filter_dir = scratch.path("filter");
             server.register("host", "web01", &filter_dir.join("state"), None);
-            let filter = FilterProcess::start(&filter_dir, &[(DISK, &disk)], &[]);
-            let sidecar = Daemon::start(
-                &["sidecar", "--state", s(&filter.state)],
-                &scratch.path("sidecar.log"),
-            );
+            let filter_args: Vec<&str> = extra.filter.iter().map(String::as_str).collect();
+            let filter = FilterProcess::start(&filter_dir, &[(DISK, &disk)], &filter_args);
+            let mut sidecar_args = vec!["sidecar", "--state", s(&filter.state)];
+            sidecar_args.extend(extra.sidecar.iter().map(String::as_str));
+            let sidecar = Daemon::start(&sidecar_args, &scratch.path("sidecar.log"));
             (filter, sidecar)
         });
         Rig {
@@ -760,4 +769,117 @@ fn a_group_member_that_does_not_answer_aborts_the_round_and_releases_the_others(
         v["members"]["error"].as_str().unwrap().contains("idle01"),
         "{v}"
     );
+}
+
+/// `ferry alerts --json` (exit 0 or 1).
+fn alerts(rig: &Rig) -> Value {
+    let out = rig.server.cli(&["alerts", "--json"]);
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("alerts JSON")
+}
+
+/// `GET /metrics` of a daemon (plain HTTP).
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    let _ = stream.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+#[test]
+fn alerts_and_metrics_follow_the_daemons() {
+    let ports: Vec<String> = (0..4)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let extra = Extra {
+        server: vec![
+            "--heartbeat-timeout".into(),
+            "15s".into(),
+            "--metrics-listen".into(),
+            ports[0].clone(),
+        ],
+        target: vec!["--metrics-listen".into(), ports[1].clone()],
+        filter: vec!["--metrics-listen".into(), ports[2].clone()],
+        sidecar: vec!["--metrics-listen".into(), ports[3].clone()],
+    };
+    let mut rig = Rig::build("cp-health", 0, true, &extra);
+    wait_disks_reported(&rig, "web01");
+    rig.json(&[
+        "policy",
+        "create",
+        "gold",
+        "--app-interval",
+        "off",
+        "--rpo",
+        "1h",
+    ]);
+    rig.json(&["protect", "web01", "--policy", "gold", "--target", "site-b"]);
+    rig.wait_state("protected", Duration::from_secs(60));
+    let quiet = wait_until(Duration::from_secs(30), || {
+        alerts(&rig) == serde_json::json!([])
+    });
+    assert!(quiet, "a healthy host raises nothing: {}", alerts(&rig));
+    expect_code(&rig.server.cli(&["alerts"]), 0, "no alerts");
+
+    // Every daemon serves its page.
+    let page = scrape(&ports[0]);
+    assert!(
+        page.contains(r#"ferry_protection_state{host="web01",disk="data",state="protected"} 1"#),
+        "{page}"
+    );
+    assert!(page.contains("ferry_heartbeat_age_seconds"), "{page}");
+    let page = scrape(&ports[1]);
+    assert!(
+        page.contains(r#"ferry_target_consistent{host="web01",disk="data"} 1"#),
+        "{page}"
+    );
+    let page = scrape(&ports[2]);
+    assert!(
+        page.contains(r#"ferry_filter_tracking_state{disk="data",state="data"} 1"#),
+        "{page}"
+    );
+    let page = scrape(&ports[3]);
+    assert!(
+        page.contains(r#"ferry_sidecar_connected{disk="data"} 1"#),
+        "{page}"
+    );
+
+    // The sidecar stops: its heartbeat is lost, a critical alert (exit 1),
+    // shown by `ferry status` and counted in the server's metrics.
+    rig.host.as_mut().unwrap().1.stop();
+    let lost = wait_until(Duration::from_secs(30), || {
+        alerts(&rig).as_array().is_some_and(|a| {
+            a.iter()
+                .any(|a| a["kind"] == "heartbeat-lost" && a["subject"] == "web01/sidecar")
+        })
+    });
+    assert!(lost, "heartbeat-lost raised: {}", alerts(&rig));
+    expect_code(&rig.server.cli(&["alerts"]), 1, "a critical alert");
+    let out = rig.server.cli(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("heartbeat-lost"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        scrape(&ports[0]).contains(r#"ferry_alerts{kind="heartbeat-lost",severity="critical"} 1"#)
+    );
+    // Back: the alert clears.
+    rig.host.as_mut().unwrap().1.restart();
+    let cleared = wait_until(Duration::from_secs(30), || {
+        alerts(&rig) == serde_json::json!([])
+    });
+    assert!(cleared, "the alert clears: {}", alerts(&rig));
 }
