@@ -610,6 +610,10 @@ pub struct Group {
     /// Longest time the members' writes stay held in a round, ms.
     #[serde(default = "default_group_timeout_ms")]
     pub timeout_ms: u64,
+    /// Take an app-consistent group point this often (None: only when
+    /// asked).
+    #[serde(default)]
+    pub app_interval_secs: Option<u64>,
 }
 
 /// The default hold of a group round: 300 ms.
@@ -630,6 +634,9 @@ pub struct GroupPointRequest {
     /// The point's name (default: `GROUP-MILLISECONDS`).
     #[serde(default)]
     pub name: Option<String>,
+    /// App-consistent: every member freezes its file systems first.
+    #[serde(default)]
+    pub app: bool,
 }
 
 /// A group round as the server recorded it.
@@ -644,6 +651,9 @@ pub struct GroupPoint {
     /// `taken` (a group-consistent point), `aborted`, `partial` or
     /// `not-started`.
     pub result: String,
+    /// Whether the members froze their file systems (app-consistent).
+    #[serde(default)]
+    pub app: bool,
     /// Unix time of the round.
     pub at: i64,
     /// From the first hold to the last answer, µs.
@@ -659,8 +669,8 @@ pub struct GroupPoint {
 /// common point.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupFailoverRequest {
-    /// `latest-group` (the newest taken group point) or a group point's
-    /// name.
+    /// `latest-group` (the newest taken group point), `latest-group-app`
+    /// (the newest app-consistent one) or a group point's name.
     pub point: String,
     /// The image format (default vhd-dynamic).
     #[serde(default)]

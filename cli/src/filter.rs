@@ -120,6 +120,15 @@ struct DaemonArgs {
     /// Serve Prometheus metrics (plain HTTP) on this address.
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// A file system frozen for app-consistent group points (repeat).
+    #[arg(long = "app-mount")]
+    app_mounts: Vec<PathBuf>,
+    /// Command run before freezing for an app-consistent group point.
+    #[arg(long)]
+    app_pre: Option<String>,
+    /// Command run after thawing, always.
+    #[arg(long)]
+    app_post: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -215,6 +224,11 @@ fn daemon(args: DaemonArgs) -> Result<ExitCode> {
     if args.no_initial_copy {
         config.initial_copy = false;
     }
+    config.app = ferry_filter::config::AppSettings {
+        mounts: args.app_mounts.clone(),
+        pre: args.app_pre.clone(),
+        post: args.app_post.clone(),
+    };
     crate::init_logging();
     let stop = Arc::new(AtomicBool::new(false));
     let registration = crate::agent::Registration::load(&config.state)?;

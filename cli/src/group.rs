@@ -61,6 +61,10 @@ pub struct GroupCreateArgs {
     /// request).
     #[arg(long, value_parser = crate::server::parse_secs)]
     interval: Option<u64>,
+    /// Take an app-consistent group point this often (every member
+    /// freezes its file systems first: `ferry filter --app-mount`).
+    #[arg(long, value_parser = crate::server::parse_secs)]
+    app_interval: Option<u64>,
     /// Longest time members' writes stay held in a round, ms.
     #[arg(long, default_value_t = ferry_filter::control::DEFAULT_HOLD_MS)]
     timeout_ms: u64,
@@ -94,6 +98,10 @@ pub struct GroupTakeArgs {
     /// The point's name (default GROUP-MILLISECONDS).
     #[arg(long)]
     name: Option<String>,
+    /// App-consistent: every member runs its pre script and freezes its
+    /// file systems (`ferry filter --app-mount/--app-pre/--app-post`) first.
+    #[arg(long)]
+    app: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -127,6 +135,7 @@ pub fn run(cmd: &GroupCommand) -> Result<ExitCode> {
                 hosts: a.hosts.clone(),
                 interval_secs: a.interval,
                 timeout_ms: a.timeout_ms,
+                app_interval_secs: a.app_interval,
             };
             let g: Group = a.conn.client()?.post("/v1/groups", &g)?;
             print_groups(&[g], a.json)
@@ -153,6 +162,7 @@ pub fn run(cmd: &GroupCommand) -> Result<ExitCode> {
                 &format!("/v1/groups/{}/points", a.group),
                 &GroupPointRequest {
                     name: a.name.clone(),
+                    app: a.app,
                 },
             )?;
             print_group_points(std::slice::from_ref(&p), a.json)?;
@@ -185,7 +195,7 @@ fn print_groups(list: &[Group], json: bool) -> Result<ExitCode> {
     } else {
         for g in list {
             println!(
-                "group {}: {} (every {}, hold at most {} ms)",
+                "group {}: {} (every {}, app every {}, hold at most {} ms)",
                 g.name,
                 if g.hosts.is_empty() {
                     "no hosts".to_owned()
@@ -193,6 +203,8 @@ fn print_groups(list: &[Group], json: bool) -> Result<ExitCode> {
                     g.hosts.join(", ")
                 },
                 g.interval_secs.map_or("-".to_owned(), |s| format!("{s} s")),
+                g.app_interval_secs
+                    .map_or("-".to_owned(), |s| format!("{s} s")),
                 g.timeout_ms
             );
         }

@@ -137,6 +137,28 @@ pub struct FilterConfig {
     /// Serve group rounds to a coordinator over the network (None: only
     /// on the local control socket).
     pub group_link: Option<crate::grouplink::GroupLinkConfig>,
+    /// What an app-consistent group hold freezes and runs: this host's own
+    /// settings, never a coordinator's.
+    pub app: AppSettings,
+}
+
+/// File systems to freeze and scripts to run around an app-consistent
+/// group hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppSettings {
+    /// Mount points frozen (FIFREEZE) while the hold lasts.
+    pub mounts: Vec<PathBuf>,
+    /// Run (`sh -c`) before freezing.
+    pub pre: Option<String>,
+    /// Run after thawing, always.
+    pub post: Option<String>,
+}
+
+impl AppSettings {
+    /// Whether nothing is set (app holds are then refused).
+    pub fn is_empty(&self) -> bool {
+        self.mounts.is_empty() && self.pre.is_none() && self.post.is_none()
+    }
 }
 
 /// The TOML file's shape.
@@ -203,6 +225,7 @@ impl FilterConfig {
             block_size: None,
             initial_copy: true,
             group_link: None,
+            app: AppSettings::default(),
         }
     }
 

@@ -85,6 +85,30 @@ pub struct HoldRequest {
     /// Longest time writes stay held, ms (at most [`MAX_HOLD_MS`]).
     #[serde(default = "default_hold_ms")]
     pub timeout_ms: u64,
+    /// App-consistent: before holding, run the filter's own pre script and
+    /// freeze its own file systems (`ferry filter --app-mount/--app-pre/
+    /// --app-post`; a coordinator never names them), thaw and run the post
+    /// script after the release. The freeze gets [`APP_PREPARE_MS`] on top
+    /// of the hold's timeout.
+    #[serde(default)]
+    pub app: bool,
+}
+
+/// Time an app-consistent hold may spend on its pre script and freeze
+/// before the hold's own timeout starts to count, ms.
+pub const APP_PREPARE_MS: u64 = 10_000;
+
+impl HoldRequest {
+    /// How long the member may take from the request to its release:
+    /// the timeout, plus the freeze allowance of an app hold.
+    pub fn deadline_after(&self) -> Duration {
+        let hold = Duration::from_millis(self.timeout_ms.clamp(1, MAX_HOLD_MS));
+        if self.app {
+            hold + Duration::from_millis(APP_PREPARE_MS)
+        } else {
+            hold
+        }
+    }
 }
 
 /// Default longest hold of a group point, ms.
@@ -552,8 +576,7 @@ fn hold_round<S: ControlStream>(
     // The deadline runs from the request: waiting for the tag lock and
     // for writes in flight comes out of it, so writes stay held no longer
     // than the timeout after the coordinator asked.
-    let deadline =
-        std::time::Instant::now() + Duration::from_millis(hold.timeout_ms.clamp(1, MAX_HOLD_MS));
+    let deadline = std::time::Instant::now() + hold.deadline_after();
     let mut decide = |seq: u64| {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {

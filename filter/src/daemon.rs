@@ -58,6 +58,7 @@ pub struct Host {
     state: PathBuf,
     seq_file: File,
     tag_lock: Mutex<()>,
+    app: crate::config::AppSettings,
 }
 
 impl Host {
@@ -205,8 +206,14 @@ impl control::Handler for Host {
     ) -> Result<HoldOutcome> {
         let tag = TagRequest {
             name: request.name.clone(),
+            app: request.app,
             ..TagRequest::default()
         };
+        if request.app && self.app.is_empty() {
+            return Err(Error::control(
+                "no app settings here: start the filter with --app-mount/--app-pre/--app-post",
+            ));
+        }
         if tag.name.is_empty() || tag.name.len() > 128 || tag.name.contains(['\n', '\0']) {
             return Err(Error::control(
                 "a tag name is 1-128 characters without newlines",
@@ -226,36 +233,10 @@ impl control::Handler for Host {
                 }
             }
         };
-        let started = Instant::now();
-        // Every disk's gate held: writes in flight finish and are recorded,
-        // new ones wait, until the coordinator has every member quiet.
-        // (Waiting for writes in flight is not bounded by the deadline:
-        // they are ordinary I/O; `decide` releases at once if it passed.)
-        let barriers: Vec<_> = self.disks.iter().map(|d| d.gate().barrier()).collect();
-        if let Some(why) = self.disks.iter().find_map(|d| d.unfit_for_tag()) {
-            return Err(Error::control(why));
+        if request.app {
+            return self.app_hold(&tag, deadline, decide);
         }
-        let held_seq = self.sequencer.peek().saturating_sub(1);
-        let committed = decide(held_seq);
-        let tag_outcome = if committed {
-            let seq = self.sequencer.next();
-            self.record_tag_name(seq, &tag)?;
-            for disk in &self.disks {
-                disk.tag(seq, seq)?;
-            }
-            Some(self.outcome(&tag, seq, started.elapsed(), Duration::ZERO))
-        } else {
-            None
-        };
-        drop(barriers);
-        let held_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        tracing::info!(name = %request.name, held_seq, committed, held_us, "group hold");
-        Ok(HoldOutcome {
-            held_seq,
-            committed,
-            tag: tag_outcome,
-            held_us,
-        })
+        self.hold_gates(&tag, decide)
     }
 
     fn resync_all(&self, request: &ResyncRequest) -> Result<ResyncOutcome> {
@@ -280,6 +261,83 @@ impl control::Handler for Host {
 }
 
 impl Host {
+    /// The hold itself: every disk's gate held (writes in flight finish
+    /// and are recorded, new ones wait) until `decide` says whether the
+    /// coordinator has every member quiet; the tag if it does; release.
+    fn hold_gates(
+        &self,
+        tag: &TagRequest,
+        decide: &mut dyn FnMut(u64) -> bool,
+    ) -> Result<HoldOutcome> {
+        let started = Instant::now();
+        // (Waiting for writes in flight is not bounded by the deadline:
+        // they are ordinary I/O; `decide` releases at once if it passed.)
+        let barriers: Vec<_> = self.disks.iter().map(|d| d.gate().barrier()).collect();
+        if let Some(why) = self.disks.iter().find_map(|d| d.unfit_for_tag()) {
+            return Err(Error::control(why));
+        }
+        let held_seq = self.sequencer.peek().saturating_sub(1);
+        let committed = decide(held_seq);
+        let tag_outcome = if committed {
+            let seq = self.sequencer.next();
+            self.record_tag_name(seq, tag)?;
+            for disk in &self.disks {
+                disk.tag(seq, seq)?;
+            }
+            Some(self.outcome(tag, seq, started.elapsed(), Duration::ZERO))
+        } else {
+            None
+        };
+        drop(barriers);
+        let held_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        tracing::info!(name = %tag.name, held_seq, committed, held_us, "group hold");
+        Ok(HoldOutcome {
+            held_seq,
+            committed,
+            tag: tag_outcome,
+            held_us,
+        })
+    }
+
+    /// An app-consistent hold: pre script, freeze (a watchdog thaws at
+    /// `deadline` whatever happens), the hold, thaw, post script. The tag
+    /// counts only if the file systems were still frozen when it was taken.
+    fn app_hold(
+        &self,
+        tag: &TagRequest,
+        deadline: Instant,
+        decide: &mut dyn FnMut(u64) -> bool,
+    ) -> Result<HoldOutcome> {
+        let prepare = Duration::from_millis(crate::control::APP_PREPARE_MS);
+        let result = (|| {
+            if let Some(pre) = &self.app.pre {
+                run_script("pre", pre, prepare)?;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let frozen = Frozen::freeze(&self.app.mounts, left)?;
+            let held = self.hold_gates(tag, decide);
+            let expired = frozen.expired();
+            frozen.thaw()?;
+            let held = held?;
+            if expired && held.committed {
+                return Err(Error::control(format!(
+                    "file systems were thawed by the deadline before the tag {} was taken",
+                    tag.name
+                )));
+            }
+            Ok(held)
+        })();
+        let post = self
+            .app
+            .post
+            .as_ref()
+            .map(|post| run_script("post", post, prepare));
+        if let Some(Err(e)) = &post {
+            tracing::warn!(tag = %tag.name, error = %e, "post script failed after the group hold");
+        }
+        result
+    }
+
     /// Every disk's gate held at once (in disk order, as tags take them):
     /// every request that got a ticket before has been recorded, so every
     /// write that reached a device has a sequence number below `peek`.
@@ -460,6 +518,7 @@ pub fn run(config: FilterConfig, stop: Arc<AtomicBool>) -> Result<()> {
         state: state.clone(),
         seq_file,
         tag_lock: Mutex::new(()),
+        app: config.app.clone(),
     });
     write_info(&state, &config, &disks)?;
 
@@ -761,6 +820,7 @@ mod tests {
             state,
             seq_file,
             tag_lock: Mutex::new(()),
+            app: crate::config::AppSettings::default(),
         })
     }
 

@@ -227,6 +227,20 @@ pub fn group_point(
     timeout: Duration,
     tls: Option<&Arc<ClientConfig>>,
 ) -> Result<GroupOutcome> {
+    group_round(name, members, timeout, false, tls)
+}
+
+/// [`group_point`], app-consistent when `app`: every member runs its pre
+/// script and freezes its file systems first (within
+/// [`crate::control::APP_PREPARE_MS`]), then holds; thaws and runs its post
+/// script after the release.
+pub fn group_round(
+    name: &str,
+    members: &[MemberAddr],
+    timeout: Duration,
+    app: bool,
+    tls: Option<&Arc<ClientConfig>>,
+) -> Result<GroupOutcome> {
     if members.is_empty() {
         return Err(Error::control("a group point needs at least one member"));
     }
@@ -239,12 +253,21 @@ pub fn group_point(
     // Members hold for at most `timeout` from their request; the commit
     // must reach every one of them before that, so `held` answers count
     // only in the first half.
-    let held_deadline = started + timeout / 2;
+    // An app hold's member first freezes (its deadline grows by the same
+    // allowance).
+    let prepare = if app {
+        Duration::from_millis(crate::control::APP_PREPARE_MS)
+    } else {
+        Duration::ZERO
+    };
+    let held_deadline = started + prepare + timeout / 2;
     let timeout_ms = u64::try_from(timeout.as_millis())
         .unwrap_or(u64::MAX)
         .max(1);
     for m in &mut conns {
-        m.send(serde_json::json!({"op": "hold", "name": name, "timeout_ms": timeout_ms}));
+        m.send(
+            serde_json::json!({"op": "hold", "name": name, "timeout_ms": timeout_ms, "app": app}),
+        );
     }
     let mut all_held = true;
     for m in &mut conns {
@@ -263,7 +286,8 @@ pub fn group_point(
     for m in &mut conns {
         m.send(serde_json::json!({ "op": verdict }));
     }
-    let finish = Instant::now() + FINISH_SLACK;
+    // An app member thaws and runs its post script before it answers.
+    let finish = Instant::now() + FINISH_SLACK + prepare;
     for m in &mut conns {
         if m.outcome.held_seq.is_none() {
             continue; // released by the abort or by the hang-up below

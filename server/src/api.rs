@@ -353,7 +353,12 @@ impl Api {
             (Method::Post, ["v1", "groups", group, "points"]) => {
                 need(Scope::Admin)?;
                 let r: GroupPointRequest = body(req)?;
-                Ok(ok(&self.coordinator.take(&self.store, group, r.name)?))
+                Ok(ok(&self.coordinator.take(
+                    &self.store,
+                    group,
+                    r.name,
+                    r.app,
+                )?))
             }
             (Method::Get, ["v1", "plans"]) => {
                 need(Scope::Admin)?;

@@ -138,6 +138,11 @@ pub const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE jobs ADD COLUMN cursor TEXT;
     ",
+    // 4: app-consistent group points.
+    "
+    ALTER TABLE groups ADD COLUMN app_interval_secs INTEGER;
+    ALTER TABLE group_points ADD COLUMN app INTEGER NOT NULL DEFAULT 0;
+    ",
 ];
 
 /// How long a running job's owner may stay silent before the job fails.
@@ -912,15 +917,18 @@ impl Store {
         self.write(OP, |tx| {
             let n = tx
                 .execute(
-                    "INSERT INTO groups (name, interval_secs, timeout_ms, created_at)
-                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT(name) DO NOTHING",
+                    "INSERT INTO groups (name, interval_secs, timeout_ms, created_at, app_interval_secs)
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(name) DO NOTHING",
                     params![
                         g.name,
                         g.interval_secs
                             .map(|v| sql_i64(v, "interval"))
                             .transpose()?,
                         sql_i64(g.timeout_ms, "timeout")?,
-                        now()
+                        now(),
+                        g.app_interval_secs
+                            .map(|v| sql_i64(v, "app interval"))
+                            .transpose()?
                     ],
                 )
                 .map_err(Error::db(OP))?;
@@ -961,15 +969,16 @@ impl Store {
         const OP: &str = "record group point";
         self.write(OP, |tx| {
             tx.execute(
-                "INSERT INTO group_points (grp, name, result, at, elapsed_us, members)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO group_points (grp, name, result, at, elapsed_us, members, app)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     p.group,
                     p.name,
                     p.result,
                     p.at,
                     p.elapsed_us.map(|v| sql_i64(v, "elapsed")).transpose()?,
-                    json_text(&p.members)
+                    json_text(&p.members),
+                    p.app
                 ],
             )
             .map_err(Error::db(OP))?;
@@ -987,7 +996,7 @@ impl Store {
         group_in(&conn, group)?;
         let mut stmt = conn
             .prepare(
-                "SELECT id, grp, name, result, at, elapsed_us, members FROM group_points
+                "SELECT id, grp, name, result, at, elapsed_us, members, app FROM group_points
                  WHERE grp = ?1 ORDER BY id DESC LIMIT ?2",
             )
             .map_err(Error::db(OP))?;
@@ -1001,6 +1010,7 @@ impl Store {
                     at: r.get(4)?,
                     elapsed_us: r.get::<_, Option<i64>>(5)?.map(from_i64),
                     members: parse_json(&r.get::<_, String>(6)?),
+                    app: r.get(7)?,
                 })
             })
             .map_err(Error::db(OP))?;
@@ -1328,15 +1338,15 @@ fn column<T: rusqlite::types::FromSql>(
 
 fn group_in(conn: &Connection, name: &str) -> Result<Group> {
     const OP: &str = "read group";
-    let row: Option<(Option<i64>, i64)> = conn
+    let row: Option<(Option<i64>, i64, Option<i64>)> = conn
         .query_row(
-            "SELECT interval_secs, timeout_ms FROM groups WHERE name = ?1",
+            "SELECT interval_secs, timeout_ms, app_interval_secs FROM groups WHERE name = ?1",
             [name],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .optional()
         .map_err(Error::db(OP))?;
-    let Some((interval, timeout)) = row else {
+    let Some((interval, timeout, app_interval)) = row else {
         return Err(not_found(OP, format!("no group {name:?}")));
     };
     let hosts = column(
@@ -1350,6 +1360,7 @@ fn group_in(conn: &Connection, name: &str) -> Result<Group> {
         hosts,
         interval_secs: interval.map(from_i64),
         timeout_ms: from_i64(timeout),
+        app_interval_secs: app_interval.map(from_i64),
     })
 }
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_api::types::{Group, GroupPoint};
-use ferry_filter::group::{group_point, MemberAddr, RoundResult};
+use ferry_filter::group::{group_round, MemberAddr, RoundResult};
 use serde_json::json;
 
 use crate::db::{now, Store};
@@ -37,7 +37,13 @@ impl Coordinator {
 
     /// Takes a group point of `group` now (named `name`, or
     /// `GROUP-MILLISECONDS`) and records the round, whatever its result.
-    pub fn take(&self, store: &Store, group: &str, name: Option<String>) -> Result<GroupPoint> {
+    pub fn take(
+        &self,
+        store: &Store,
+        group: &str,
+        name: Option<String>,
+        app: bool,
+    ) -> Result<GroupPoint> {
         let g = store.group(group)?;
         if g.hosts.is_empty() {
             return Err(Error::new(
@@ -56,14 +62,15 @@ impl Coordinator {
         }
         let _turn = self.turn(group)?;
         let point = match members(store, &g) {
-            Err(why) => not_started(&g, &name, &why),
+            Err(why) => not_started(&g, &name, app, &why),
             Ok(addrs) => {
                 let timeout = Duration::from_millis(
                     g.timeout_ms.clamp(1, ferry_filter::control::MAX_HOLD_MS),
                 );
-                match group_point(&name, &addrs, timeout, Some(&self.tls)) {
+                match group_round(&name, &addrs, timeout, app, Some(&self.tls)) {
                     Ok(o) => GroupPoint {
                         id: 0,
+                        app,
                         group: g.name.clone(),
                         name: name.clone(),
                         result: match o.result {
@@ -76,7 +83,7 @@ impl Coordinator {
                         elapsed_us: Some(o.elapsed_us),
                         members: serde_json::to_value(&o.members).unwrap_or_default(),
                     },
-                    Err(e) => not_started(&g, &name, &e.to_string()),
+                    Err(e) => not_started(&g, &name, app, &e.to_string()),
                 }
             }
         };
@@ -142,9 +149,10 @@ fn members(store: &Store, g: &Group) -> std::result::Result<Vec<MemberAddr>, Str
         .collect()
 }
 
-fn not_started(g: &Group, name: &str, why: &str) -> GroupPoint {
+fn not_started(g: &Group, name: &str, app: bool, why: &str) -> GroupPoint {
     GroupPoint {
         id: 0,
+        app,
         group: g.name.clone(),
         name: name.to_owned(),
         result: "not-started".to_owned(),
@@ -160,6 +168,7 @@ pub fn resolve(store: &Store, group: &str, point: &str) -> Result<GroupPoint> {
     let rounds = store.group_points(group, 10_000)?;
     let found = match point {
         "latest-group" => rounds.into_iter().find(|p| p.result == "taken"),
+        "latest-group-app" => rounds.into_iter().find(|p| p.result == "taken" && p.app),
         name => rounds
             .into_iter()
             .find(|p| p.name == name && p.result == "taken"),
@@ -184,17 +193,16 @@ pub fn take_due(coordinator: &Coordinator, store: &Store) {
         }
     };
     for g in groups {
-        let Some(interval) = g.interval_secs else {
-            continue;
-        };
-        let last = store
-            .group_points(&g.name, 1)
-            .ok()
-            .and_then(|p| p.first().map(|p| p.at))
-            .unwrap_or(0);
-        if now().saturating_sub(last) >= i64::try_from(interval).unwrap_or(i64::MAX) {
-            if let Err(e) = coordinator.take(store, &g.name, None) {
-                tracing::warn!(group = %g.name, error = %e, "scheduled group round not taken");
+        let rounds = store.group_points(&g.name, 10_000).unwrap_or_default();
+        for (app, interval) in [(true, g.app_interval_secs), (false, g.interval_secs)] {
+            let Some(interval) = interval else { continue };
+            // An app round counts as a crash-consistent one too.
+            let last = rounds.iter().find(|p| p.app || !app).map_or(0, |p| p.at);
+            if now().saturating_sub(last) >= i64::try_from(interval).unwrap_or(i64::MAX) {
+                if let Err(e) = coordinator.take(store, &g.name, None, app) {
+                    tracing::warn!(group = %g.name, app, error = %e, "scheduled group round not taken");
+                }
+                break;
             }
         }
     }

@@ -543,12 +543,25 @@ fn dangling_entries(a: &[u8], b: &[u8]) -> (usize, u64) {
 /// A second registered host with its own filter (group port on `port`)
 /// and sidecar.
 fn add_host(rig: &Rig, name: &str, disk_name: &str, port: u16) -> (FilterProcess, Daemon, PathBuf) {
+    add_host_with(rig, name, disk_name, port, &[])
+}
+
+/// [`add_host`] with more filter arguments.
+fn add_host_with(
+    rig: &Rig,
+    name: &str,
+    disk_name: &str,
+    port: u16,
+    filter_args: &[&str],
+) -> (FilterProcess, Daemon, PathBuf) {
     let disk = rig.scratch.path(&format!("{name}.img"));
     expect_code(&run("truncate", ["-s", "64M", s(&disk)]), 0, "truncate");
     let dir = rig.scratch.path(&format!("filter-{name}"));
     rig.server.register("host", name, &dir.join("state"), None);
     let listen = format!("127.0.0.1:{port}");
-    let filter = FilterProcess::start(&dir, &[(disk_name, &disk)], &["--group-listen", &listen]);
+    let mut args = vec!["--group-listen", listen.as_str()];
+    args.extend_from_slice(filter_args);
+    let filter = FilterProcess::start(&dir, &[(disk_name, &disk)], &args);
     let sidecar = Daemon::start(
         &["sidecar", "--state", s(&filter.state)],
         &rig.scratch.path(&format!("sidecar-{name}.log")),
@@ -882,4 +895,109 @@ fn alerts_and_metrics_follow_the_daemons() {
         alerts(&rig) == serde_json::json!([])
     });
     assert!(cleared, "the alert clears: {}", alerts(&rig));
+}
+
+#[test]
+fn an_app_group_point_runs_every_members_scripts_around_its_hold() {
+    let rig = Rig::up_without_host("cp-group-app");
+    let log = rig.scratch.path("app.log");
+    let mut hosts = Vec::new();
+    for (name, disk) in [("web01", "a"), ("web02", "b")] {
+        let pre = format!("echo pre {name} >> {}", s(&log));
+        let post = format!("echo post {name} >> {}", s(&log));
+        hosts.push(add_host_with(
+            &rig,
+            name,
+            disk,
+            free_port(),
+            &["--app-pre", &pre, "--app-post", &post],
+        ));
+        wait_disks_reported(&rig, name);
+    }
+    rig.json(&[
+        "policy",
+        "create",
+        "gold",
+        "--app-interval",
+        "off",
+        "--crash-interval",
+        "1h",
+    ]);
+    for h in ["web01", "web02"] {
+        rig.json(&["protect", h, "--policy", "gold", "--target", "site-b"]);
+    }
+    rig.json(&[
+        "group", "create", "shop", "--host", "web01", "--host", "web02",
+    ]);
+    let protected = wait_until(Duration::from_secs(90), || {
+        let out = rig.server.cli(&["status", "--json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v.as_array().is_some_and(|hs| {
+            hs.len() == 2
+                && hs
+                    .iter()
+                    .all(|h| h["protections"][0]["state"] == "protected")
+        })
+    });
+    assert!(protected, "both protected\n{}", rig.logs());
+
+    let app = rig.json(&["group", "take", "shop", "--app", "--name", "g-app"]);
+    assert_eq!(
+        (app["result"].as_str(), app["app"].as_bool()),
+        (Some("taken"), Some(true)),
+        "{app}"
+    );
+    let crash = rig.json(&["group", "take", "shop", "--name", "g-crash"]);
+    assert_eq!(
+        (crash["result"].as_str(), crash["app"].as_bool()),
+        (Some("taken"), Some(false)),
+        "{crash}"
+    );
+    // Each member ran its own scripts once, around the app round only.
+    let mut lines: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        ["post web01", "post web02", "pre web01", "pre web02"]
+    );
+    // The app round's tags are app-consistent points on both hosts.
+    for host in ["web01", "web02"] {
+        let listed = wait_until(Duration::from_secs(60), || {
+            let out = ferry_tests::ferry(["points", host, "--data", s(&rig.site), "--json"]);
+            serde_json::from_slice::<Value>(&out.stdout)
+                .ok()
+                .and_then(|v| v.as_array().cloned())
+                .is_some_and(|a| {
+                    a.iter().any(|p| p["name"] == "g-app" && p["app"] == true)
+                        && a.iter().any(|p| p["name"] == "g-crash")
+                })
+        });
+        assert!(listed, "g-app is an app point of {host}");
+    }
+    // latest-group-app picks the app round, latest-group the newest.
+    let out = rig.server.cli(&[
+        "test-failover",
+        "--group",
+        "shop",
+        "--point",
+        "latest-group-app",
+        "--json",
+    ]);
+    expect_code(&out, 0, "test failover at latest-group-app");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let points: Vec<String> = serde_json::Deserializer::from_str(&text)
+        .into_iter::<Value>()
+        .map(|v| {
+            v.unwrap()["point"]["name"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(points, ["g-app", "g-app"]);
+    drop(hosts);
 }
