@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# The main job on an embedded default: a recovery site on loopback (ferry
-# target, mutual TLS), a protected disk (ferry filter) whose every write
-# ferry sidecar ships compressed and encrypted to the target, which keeps a
-# journal, a replica (dynamic VHD) and the history behind its recovery
-# points. Two points (the second after more writes), a test failover at the
-# first while replication goes on, a failover to the first (fixed VHD for
-# Azure), a change of point to the second (stream-optimized VMDK for
-# VMware), and the commit; every image is checked against the disk as it
-# was at its point.
+# The main job on an embedded default, managed by the control plane: a
+# ferry server, a recovery-site target and a protected host (filter +
+# sidecar) on loopback, each registered with a one-time token and
+# configured by the server alone. A file-backed disk is protected under a
+# policy (its initial copy with a progress bar), a workload writes through
+# the filter, two points are taken; a recovery plan tests the host at the
+# first point while replication goes on, then the host fails over to it as
+# a job on the target, and the failed-over image is checked against the
+# disk as it was at that point; then commit.
 #
 # Usage: scripts/demo.sh [WORKDIR]   (default: a fresh temporary directory)
+# The standalone flow (no server): scripts/demo-standalone.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -17,106 +18,101 @@ work=${1:-$(mktemp -d /tmp/ferry-demo.XXXXXX)}
 mkdir -p "$work"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+json_field() { python3 -c "import json,sys; v=json.load(sys.stdin); print(eval('v'+sys.argv[1]))" "$1"; }
 
 step "build ferry (release)"
 cargo build --release --locked -p ferry 2>&1 | tail -1
 ferry="$root/target/release/ferry"
 cd "$work"
-rm -rf disk.raw protected.img state web01 site-b creds nbd.sock at-demo-point.raw more.bin drill failover
+rm -rf server site-b web01 disk.raw protected.img at-demo-point.raw more.bin ./*.log
 
-step "a 256 MiB protected disk with some data and many zeros (disk.raw)"
-truncate -s 256M disk.raw
-for mib in 0 3 17 64 130 255; do
-    head -c 1M /dev/urandom | dd of=disk.raw bs=1M seek=$mib conv=notrunc status=none
-done
-echo "ferry demo: the payroll database lives here" | dd of=disk.raw bs=512 seek=8192 conv=notrunc status=none
-
-step "a recovery site on loopback: credentials (mutual TLS 1.3) and ferry target"
-rm -rf creds site-b web01 "$work"/*.log
-"$ferry" credentials init ./creds --host web01 >/dev/null
-"$ferry" target --data ./site-b --listen 127.0.0.1:0 --credentials ./creds 2>"$work/target.log" &
-target_pid=$!
-pids="$target_pid"
+step "the control-plane server (SQLite state, HTTPS API, admin token)"
+"$ferry" server init --data ./server >/dev/null
+api_port=$(free_port); metrics_port=$(free_port)
+"$ferry" server run --data ./server --listen "127.0.0.1:$api_port" \
+    --metrics-listen "127.0.0.1:$metrics_port" 2>server.log &
+pids="$!"
 trap 'kill $pids 2>/dev/null || true' EXIT
-addr=""
-for _ in $(seq 200); do
-    addr=$(sed -n 's/^ferry target: listening on //p' "$work/target.log" | head -1)
-    [ -n "$addr" ] && break; sleep 0.05
-done
-[ -n "$addr" ] || { cat "$work/target.log"; exit 1; }
-echo "target listening on $addr"
+export FERRY_SERVER="https://127.0.0.1:$api_port" FERRY_CA="$work/server/credentials/ca.crt"
+FERRY_TOKEN=$(cat server/admin.token); export FERRY_TOKEN
+for _ in $(seq 100); do "$ferry" host list >/dev/null 2>&1 && break; sleep 0.1; done
+echo "server at $FERRY_SERVER (metrics: http://127.0.0.1:$metrics_port/metrics)"
 
-step "protect a disk: ferry filter serves it over NBD and records every write; ferry sidecar ships them"
+step "a recovery-site target registers with a one-time token and runs with what it received"
+target_port=$(free_port)
+t=$("$ferry" target token --name site-b --ttl 10m --json)
+"$ferry" target register --server "$FERRY_SERVER" --token "$(echo "$t" | json_field '["token"]')" \
+    --ca-fingerprint "$(echo "$t" | json_field '["ca_fingerprint"]')" \
+    --name site-b --address "127.0.0.1:$target_port" --data ./site-b
+"$ferry" target --data ./site-b --listen "127.0.0.1:$target_port" 2>target.log &
+pids="$pids $!"
+
+step "a host registers; its filter serves a 256 MiB disk over NBD, its sidecar waits for protection"
 truncate -s 256M protected.img
-mkdir -p web01
-"$ferry" filter --disk "data=$work/protected.img" --listen "unix:$work/web01/nbd.sock" --state "$work/web01" \
-    --ring-size 64M 2>"$work/filter.log" &
+for mib in 0 3 17 64 130 255; do   # data already on the disk: the initial copy
+    head -c 1M /dev/urandom | dd of=protected.img bs=1M seek=$mib conv=notrunc status=none
+done
+h=$("$ferry" host token --name web01 --ttl 10m --json)
+"$ferry" host register --server "$FERRY_SERVER" --token "$(echo "$h" | json_field '["token"]')" \
+    --ca-fingerprint "$(echo "$h" | json_field '["ca_fingerprint"]')" --name web01 --state ./web01
+"$ferry" filter --disk "data=$work/protected.img" --listen "unix:$work/web01/nbd.sock" --state ./web01 \
+    --ring-size 64M --group-listen off 2>filter.log &
 pids="$pids $!"
-for _ in $(seq 200); do [ -S "$work/web01/nbd.sock" ] && break; sleep 0.05; done
-"$ferry" sidecar --state "$work/web01" --target "$addr" --credentials ./creds 2>"$work/sidecar.log" &
+"$ferry" sidecar --state ./web01 2>sidecar.log &
 pids="$pids $!"
+for _ in $(seq 100); do
+    "$ferry" host show web01 --json | grep -q '"name": "data"' && break; sleep 0.2
+done
+"$ferry" host show web01
+
+step "policy and protection: the initial copy, then protected"
+"$ferry" policy create gold --rpo 5m --retention 1d --crash-interval 5m --app-interval off
+"$ferry" protect web01 --policy gold --target site-b --wait 10m
+
+step "a workload writes through the filter, then a point"
 uri="nbd+unix:///data?socket=$work/web01/nbd.sock"
-if command -v nbdcopy >/dev/null; then
-    nbdcopy disk.raw "$uri"          # the application's writes, through the filter
-else
-    echo "(nbdcopy missing: run scripts/install-deps.sh)"; exit 1
-fi
-replica=site-b/hosts/web01/data/replica.vhd
-wait_replicated() { # until the replica holds every write of $1 and is a consistent point
-    for _ in $(seq 600); do
-        "$ferry" image compare "$1" "$replica" >/dev/null 2>&1 &&
-            "$ferry" target status --data ./site-b --json | grep -q '"state": "consistent"' && return 0
-        sleep 0.1
-    done
-    echo "the replica did not catch up" >&2; exit 1
-}
-wait_point() { # until the target lists point $1
+head -c 32M /dev/urandom >more.bin
+qemu-io -f raw "$uri" -c "write -s more.bin 20M 32M" >/dev/null
+echo "ferry demo: the payroll database lives here" >note.txt
+qemu-io -f raw "$uri" -c "write -s note.txt 4M 512" >/dev/null 2>&1 || qemu-io -f raw "$uri" -c "write -P 0x42 4M 512" >/dev/null
+"$ferry" filter tag demo-point --state ./web01
+cp --sparse=always protected.img at-demo-point.raw
+wait_point() {
     for _ in $(seq 300); do
         "$ferry" points web01 --data ./site-b --json | grep -q "\"name\": \"$1\"" && return 0
         sleep 0.1
     done
     echo "point $1 not recorded" >&2; exit 1
 }
-wait_replicated disk.raw
-"$ferry" filter tag demo-point --state "$work/web01"
 wait_point demo-point
-cp --sparse=always protected.img at-demo-point.raw
-
-step "more writes after the point (a new 8 MiB region, an overwrite), then a second point"
-head -c 8M /dev/urandom >more.bin
-qemu-io -f raw "$uri" -c "write -s more.bin 100M 8M" >/dev/null
-qemu-io -f raw "$uri" -c "write -P 0x5a 0 1M" >/dev/null
-"$ferry" filter tag after-change --state "$work/web01"
-wait_replicated protected.img
+qemu-io -f raw "$uri" -c "write -P 0x5a 0 8M" >/dev/null   # more writes after the point
+"$ferry" filter tag after-change --state ./web01
 wait_point after-change
-sleep 1   # one more metrics interval, so that the sidecar's status below is current
-"$ferry" filter status --state "$work/web01"
-"$ferry" sidecar status --state "$work/web01"
-"$ferry" target status --data ./site-b
 "$ferry" points web01 --data ./site-b
+"$ferry" status
 
-step "test failover at demo-point while replication goes on: a writable differencing VHD over a base at the point"
-"$ferry" test-failover web01 --data ./site-b --point demo-point --out ./drill
-"$ferry" image compare at-demo-point.raw drill/data.vhd && echo "the drill image is the disk as it was at demo-point"
-"$ferry" test-failover cleanup web01 --data ./site-b
+step "a recovery plan tests web01 at demo-point while replication goes on"
+"$ferry" plan create demo --step "hosts=web01;pre=echo drill starting;post=echo drill ready"
+"$ferry" plan run demo --test --point demo-point
+"$ferry" image compare at-demo-point.raw site-b/test-failover/web01/data.vhd &&
+    echo "the drill image is the disk as it was at demo-point"
+"$ferry" plan run demo --cleanup
 
-step "failover to demo-point: replication of web01 stops, a fixed VHD for Azure"
-"$ferry" failover web01 --data ./site-b --point demo-point --format vhd-fixed --out ./failover
-"$ferry" image compare at-demo-point.raw failover/data.vhd && echo "failed over to the disk as it was at demo-point"
-
-step "change of mind before commit: the newer point, as a stream-optimized VMDK for VMware"
-"$ferry" failover web01 --data ./site-b --point after-change --format vmdk-stream --change-point
-"$ferry" image compare protected.img failover/data.vmdk && echo "failed over to the disk as it was at after-change"
-"$ferry" commit web01 --data ./site-b
-cat failover/manifest.json
-
-if command -v qemu-img >/dev/null; then
-    step "second opinion from qemu-img"
-    qemu-img compare -f raw -F vmdk protected.img failover/data.vmdk
-    qemu-img check -f vmdk failover/data.vmdk
+step "failover of web01 to demo-point as a job on the target (fixed VHD for Azure)"
+"$ferry" failover web01 --point demo-point --format vhd-fixed
+image=site-b/failover/web01/data.vhd
+if "$ferry" image compare at-demo-point.raw "$image"; then
+    echo "VERIFIED: the failed-over image $image is the source disk as it was at demo-point"
+else
+    echo "MISMATCH: $image differs from the disk at demo-point" >&2; exit 1
 fi
+if command -v qemu-img >/dev/null; then
+    qemu-img compare -f raw -F vpc at-demo-point.raw "$image"
+fi
+"$ferry" commit web01
+"$ferry" status
+"$ferry" job list
 kill -TERM $pids; wait $pids 2>/dev/null || true
 trap - EXIT
-
-step "done: images are in $work"
-ls -ls "$work" "$work/failover"
+step "done: everything is in $work"

@@ -711,6 +711,10 @@ pub struct ProtectArgs {
     /// The target.
     #[arg(long)]
     target: String,
+    /// Wait until every disk is protected (its initial copy done), with a
+    /// progress bar; give up after this long (e.g. 2h).
+    #[arg(long, value_parser = parse_secs)]
+    wait: Option<u64>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -728,6 +732,15 @@ pub fn run_protect(a: &ProtectArgs) -> Result<ExitCode> {
             target: a.target.clone(),
         },
     )?;
+    let list = match a.wait {
+        Some(secs) => wait_protected(
+            &a.conn.client()?,
+            &a.host,
+            Duration::from_secs(secs),
+            !a.json,
+        )?,
+        None => list,
+    };
     if a.json {
         print_json(&list)?;
     } else {
@@ -736,15 +749,62 @@ pub fn run_protect(a: &ProtectArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Polls `host` until every protected disk is `protected`, drawing the
+/// initial copy's progress from the bytes still to resync.
+fn wait_protected(
+    client: &Client,
+    host: &str,
+    timeout: Duration,
+    bar: bool,
+) -> Result<Vec<Protection>> {
+    let started = Instant::now();
+    let pb = bar.then(|| {
+        let pb = indicatif::ProgressBar::new(1);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {elapsed}",
+        ) {
+            pb.set_style(style);
+        }
+        pb
+    });
+    let mut most = 0u64;
+    loop {
+        let h: HostInfo = client.get(&format!("/v1/hosts/{host}"))?;
+        let left: u64 = h.protections.iter().map(|p| p.resync_bytes).sum();
+        most = most.max(left);
+        if let Some(pb) = &pb {
+            let states: Vec<&str> = h.protections.iter().map(|p| p.state.as_str()).collect();
+            pb.set_message(format!("{host}: {}", states.join(", ")));
+            pb.set_length(most.max(1));
+            pb.set_position(most - left);
+        }
+        let done = !h.protections.is_empty()
+            && h.protections
+                .iter()
+                .all(|p| p.state == ferry_api::types::ProtectionState::Protected);
+        if done {
+            if let Some(pb) = pb {
+                pb.finish_and_clear();
+            }
+            return Ok(h.protections);
+        }
+        if started.elapsed() >= timeout {
+            bail!("{host} is not protected after {:?}", started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 fn print_protections(list: &[Protection]) {
     let mut t = Table::new(&[
-        "HOST", "DISK", "STATE", "SINCE", "POLICY", "TARGET", "REASON",
+        "HOST", "DISK", "STATE", "LAG", "SINCE", "POLICY", "TARGET", "REASON",
     ]);
     for p in list {
         t.row(vec![
             p.host.clone(),
             p.disk.clone(),
             p.state.as_str().into(),
+            format!("{} s", p.lag_secs),
             ago(p.since),
             p.policy.clone(),
             p.target.clone(),
@@ -1357,7 +1417,12 @@ fn print_job(j: &Job) {
         println!("error: {e}");
     }
     if let Some(r) = &j.result {
-        println!("result: {r}");
+        // The whole result is in --json; people get its head.
+        let text = r.to_string();
+        match text.char_indices().nth(200) {
+            Some((cut, _)) => println!("result: {}... (--json for all of it)", &text[..cut]),
+            None => println!("result: {text}"),
+        }
     }
     for l in &j.log {
         println!("  {}  {}", utc(l.at), l.line);

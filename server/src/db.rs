@@ -291,7 +291,11 @@ impl Store {
             tx.execute_batch(&format!("PRAGMA user_version = {}", from + 1))
                 .map_err(Error::db("migrate"))?;
             tx.commit().map_err(Error::db("migrate"))?;
-            tracing::info!(version = from + 1, "database schema upgraded");
+            if version == 0 {
+                tracing::debug!(version = from + 1, "database schema made");
+            } else {
+                tracing::info!(version = from + 1, "database schema upgraded");
+            }
         }
         Ok(())
     }

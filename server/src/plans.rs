@@ -197,7 +197,11 @@ fn advance(store: &Store, job: &Job, cursor: Value) -> Result<()> {
                     ));
                 }
                 // The jobs and the cursor naming them: one transaction.
-                let line = format!("step {n}: queued at point {point}");
+                let line = if point.is_empty() {
+                    format!("step {n}: queued")
+                } else {
+                    format!("step {n}: queued at point {point}")
+                };
                 store.advance_server_job(job.id, &c.to_json(), progress, &[line], &jobs)?;
                 return Ok(());
             }
@@ -275,6 +279,9 @@ fn step_targets(
             let spec = req.point.clone().unwrap_or_else(|| "latest-group".into());
             let point = crate::groups::resolve(store, group, &spec)?;
             Ok((point.name, g.hosts))
+        }
+        StepAction::Hosts { hosts } if req.mode == PlanMode::Cleanup => {
+            Ok((String::new(), hosts.clone()))
         }
         StepAction::Hosts { hosts } => {
             let default = match req.mode {
