@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::ClientConfig;
+use rustls_pki_types::pem::PemObject;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -142,6 +143,17 @@ pub fn fetch_pinned_ca(url: &str, fingerprint: &str) -> Result<String> {
     let resp = check_status(resp)?;
     let pem = String::from_utf8(resp.body)
         .map_err(|_| Error::new(ErrorKind::Decode, "the CA certificate is not text"))?;
+    // Exactly one certificate: every certificate in the file would be
+    // trusted, and only the first is pinned.
+    let count = rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).count();
+    if count != 1 {
+        return Err(Error::new(
+            ErrorKind::Tls,
+            format!(
+                "the server at {url} sent {count} CA certificates, not one: refusing to trust it"
+            ),
+        ));
+    }
     let got = ca_fingerprint(pem.as_bytes())?;
     if !got.eq_ignore_ascii_case(fingerprint.trim()) {
         return Err(Error::new(
@@ -157,7 +169,6 @@ pub fn fetch_pinned_ca(url: &str, fingerprint: &str) -> Result<String> {
 
 /// `sha256:HEX` of the first certificate in `pem`.
 pub fn ca_fingerprint(pem: &[u8]) -> Result<String> {
-    use rustls_pki_types::pem::PemObject;
     let der = rustls_pki_types::CertificateDer::from_pem_slice(pem)
         .map_err(|e| Error::new(ErrorKind::Decode, format!("CA certificate: {e}")))?;
     let digest = ring::digest::digest(&ring::digest::SHA256, der.as_ref());

@@ -37,8 +37,10 @@ use crate::server::{SERVER_FILE, TOKEN_FILE};
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How often a target asks for jobs.
 pub const JOB_POLL: Duration = Duration::from_secs(1);
+/// How often a running job's lease is renewed.
+pub const LEASE_RENEWAL: Duration = Duration::from_secs(30);
 /// How long a job's result is retried while the server is away.
-pub const RESULT_RETRY: Duration = Duration::from_secs(600);
+pub const RESULT_RETRY: Duration = Duration::from_secs(6 * 3600);
 
 /// What `register` wrote: where the server is and who we are.
 #[derive(Debug, Clone)]
@@ -203,11 +205,14 @@ fn filter_report(state: &Path) -> HeartbeatRequest {
 // ---- sidecar --------------------------------------------------------------
 
 /// What the sidecar runs with, from the server: replication restarts when
-/// this changes.
-#[derive(Debug, Clone, PartialEq)]
+/// this changes. Kept in `STATE/server-plan.json` for when the server is
+/// away.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
 pub struct ShippingPlan {
     /// The target's address.
     pub target: String,
+    /// The target's name (its certificate's).
+    pub target_name: String,
     /// The policy.
     pub policy: ferry_api::types::Policy,
 }
@@ -219,6 +224,7 @@ pub fn shipping_plan(cfg: &HostConfig) -> Option<ShippingPlan> {
     }
     Some(ShippingPlan {
         target: cfg.target.as_ref()?.address.clone(),
+        target_name: cfg.target.as_ref()?.name.clone(),
         policy: cfg.policy.clone()?,
     })
 }
@@ -280,20 +286,29 @@ pub fn run_registered_sidecar(
     let client = reg.client()?;
     let mut quiet = Quiet::new("sidecar configuration");
     while !stop.load(Ordering::Relaxed) {
-        let cfg = match host_config(&client, &reg.name) {
-            Ok(c) => {
+        let plan = match host_config(&client, &reg.name) {
+            Ok(cfg) => {
                 quiet.ok();
-                c
+                let _ = client.post::<_, serde_json::Value>(
+                    "/v1/heartbeat",
+                    &sidecar_report(state, Some(&cfg)),
+                );
+                let plan = shipping_plan(&cfg);
+                remember_plan(state, plan.as_ref());
+                plan
             }
             Err(e) => {
                 quiet.failed(&e);
-                nap(stop, HEARTBEAT);
-                continue;
+                // The server being away never stops replication: the last
+                // plan it gave holds until it answers again.
+                let cached = cached_plan(state);
+                if cached.is_some() {
+                    tracing::warn!(host = %reg.name, "the server does not answer: replicating with the last plan it gave");
+                }
+                cached
             }
         };
-        let _ = client
-            .post::<_, serde_json::Value>("/v1/heartbeat", &sidecar_report(state, Some(&cfg)));
-        let Some(plan) = shipping_plan(&cfg) else {
+        let Some(plan) = plan else {
             tracing::debug!(host = %reg.name, "not protected (or failed over): waiting");
             nap(stop, HEARTBEAT);
             continue;
@@ -314,6 +329,31 @@ pub fn run_registered_sidecar(
         outcome?;
     }
     Ok(())
+}
+
+/// The file the sidecar keeps the server's last plan in.
+const PLAN_FILE: &str = "server-plan.json";
+
+/// Keeps (or, when the server says not to replicate, removes) the plan.
+fn remember_plan(state: &Path, plan: Option<&ShippingPlan>) {
+    let path = state.join(PLAN_FILE);
+    let outcome = match plan {
+        Some(p) => serde_json::to_vec(p)
+            .map_err(|e| anyhow!(e))
+            .and_then(|b| Ok(ferry_server::daemon::write_private(&path, &b)?)),
+        None => match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(anyhow!(e)),
+            _ => Ok(()),
+        },
+    };
+    if let Err(e) = outcome {
+        tracing::warn!(error = %e, path = %path.display(), "cannot keep the server's plan");
+    }
+}
+
+/// The last plan the server gave, if any.
+fn cached_plan(state: &Path) -> Option<ShippingPlan> {
+    serde_json::from_slice(&std::fs::read(state.join(PLAN_FILE)).ok()?).ok()
 }
 
 /// While a plan runs: heartbeats with each disk's state, and the flag set
@@ -480,31 +520,62 @@ pub fn spawn_target_agent(reg: Registration, data: PathBuf, stop: Arc<AtomicBool
 fn run_job(client: &Client, data: &Path, job: &Job, stop: &AtomicBool) {
     tracing::info!(job = job.id, kind = %job.kind, host = %job.subject, "job taken");
     let path = format!("/v1/jobs/{}/progress", job.id);
+    // The lease is renewed while the job runs, progress lines or not (a
+    // long copy says nothing for minutes).
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !nap(&done, LEASE_RENEWAL) {
+                let _ = client.post::<_, Job>(
+                    &path,
+                    &JobProgress {
+                        progress: None,
+                        log: Vec::new(),
+                    },
+                );
+            }
+        });
+        let outcome = run_job_body(client, data, job, &path);
+        done.store(true, Ordering::Relaxed);
+        let finish = match outcome {
+            Ok(result) => JobFinish {
+                result: Some(result),
+                error: None,
+            },
+            Err(e) => JobFinish {
+                result: None,
+                error: Some(format!("{e:#}")),
+            },
+        };
+        tracing::info!(job = job.id, ok = finish.error.is_none(), "job ended");
+        report_finish(client, job.id, &finish, stop);
+    });
+}
+
+/// What a job does: a read of the data directory, or a verb through the
+/// target's control socket.
+fn run_job_body(client: &Client, data: &Path, job: &Job, path: &str) -> Result<serde_json::Value> {
     let mut progress = |line: &str| {
         let _ = client.post::<_, Job>(
-            &path,
+            path,
             &JobProgress {
                 progress: None,
                 log: vec![line.to_owned()],
             },
         );
     };
-    let outcome = job_request(data, job).and_then(|req| {
-        ferry_master_target::control::call(data, &req, &mut progress)?
-            .ok_or_else(|| anyhow!("the target's control socket does not answer"))
-    });
-    let finish = match outcome {
-        Ok(result) => JobFinish {
-            result: Some(result),
-            error: None,
-        },
-        Err(e) => JobFinish {
-            result: None,
-            error: Some(format!("{e:#}")),
-        },
-    };
-    tracing::info!(job = job.id, ok = finish.error.is_none(), "job ended");
-    report_finish(client, job.id, &finish, stop);
+    if let Err(e) = ferry_protocol::credentials::validate_name("host", &job.subject) {
+        // Host names become paths here: never take one that is not a name.
+        return Err(anyhow!("job {} names no valid host: {e}", job.id));
+    }
+    if job.kind == "points" {
+        // Read-only: straight from the data directory, as `ferry points --data`.
+        let points = ferry_master_target::points::of_host(data, &job.subject)?;
+        return Ok(serde_json::to_value(points)?);
+    }
+    let req = job_request(data, job)?;
+    ferry_master_target::control::call(data, &req, &mut progress)?
+        .ok_or_else(|| anyhow!("the target's control socket does not answer"))
 }
 
 /// Posts a job's end, retrying while the server is away (it may be

@@ -445,6 +445,7 @@ fn sidecar(args: SidecarDaemonArgs) -> Result<ExitCode> {
                 let mut cfg =
                     SidecarConfig::new(state.clone(), plan.target.clone(), reg.credentials.clone());
                 cfg.host = Some(reg.name.clone());
+                cfg.target_name = Some(plan.target_name.clone());
                 let policy = server_policy(&plan.policy, local_policy.as_ref());
                 cfg.bandwidth = policy.bandwidth;
                 cfg.zstd_level = policy.compression_level;
@@ -599,14 +600,18 @@ pub(crate) fn metrics_path(state: &Path) -> PathBuf {
 /// `ferry points HOST --data DIR [--json]`.
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
+    ferry points web01\n  \
     ferry points web01 --data ./site-b\n  \
     ferry points web01 --data ./site-b --json")]
 pub struct PointsArgs {
     /// The protected host.
     host: String,
-    /// Data directory of the target.
+    /// Data directory of the target (without it: through the control-plane
+    /// server, read by the host's target).
     #[arg(long)]
-    data: PathBuf,
+    data: Option<PathBuf>,
+    #[command(flatten)]
+    conn: crate::server::Conn,
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
@@ -615,8 +620,17 @@ pub struct PointsArgs {
 /// List a host's recovery points: tags at which every disk's replica was
 /// a consistent prefix of the source's write order.
 pub fn run_points(args: &PointsArgs) -> Result<ExitCode> {
-    let points = ferry_master_target::points::of_host(&args.data, &args.host)
-        .with_context(|| format!("points of {} in {}", args.host, args.data.display()))?;
+    let points: Vec<ferry_master_target::points::Point> = match &args.data {
+        Some(data) => ferry_master_target::points::of_host(data, &args.host)
+            .with_context(|| format!("points of {} in {}", args.host, data.display()))?,
+        None => serde_json::from_value(crate::server::host_job(
+            &args.conn,
+            &args.host,
+            "points",
+            &serde_json::json!({}),
+            false,
+        )?)?,
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&points)?);
         return Ok(ExitCode::SUCCESS);

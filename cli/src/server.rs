@@ -262,6 +262,9 @@ pub fn register(
             address,
         },
     )?;
+    if reg.ca_pem.trim() != ca_pem.trim() {
+        bail!("the server answered with another CA than the one pinned: refusing its credentials");
+    }
     let creds = dir.join(CREDENTIALS_DIR);
     make_private_dir(dir)?;
     make_private_dir(&creds)?;
@@ -287,7 +290,7 @@ pub fn register(
 }
 
 fn from_hex(s: &str) -> Result<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
         bail!("odd-length hex from the server");
     }
     (0..s.len())

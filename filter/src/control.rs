@@ -71,6 +71,8 @@ pub enum Request {
     /// quiet sequence (`held`), then wait for `commit` or `abort` on the
     /// same connection (at most `timeout_ms`; silence or a hang-up aborts).
     Hold(HoldRequest),
+    /// After an app hold's `frozen` answer: hold the writes now.
+    Proceed,
     /// Second half of a hold: take the tag and release.
     Commit,
     /// Second half of a hold: release without a tag.
@@ -85,11 +87,12 @@ pub struct HoldRequest {
     /// Longest time writes stay held, ms (at most [`MAX_HOLD_MS`]).
     #[serde(default = "default_hold_ms")]
     pub timeout_ms: u64,
-    /// App-consistent: before holding, run the filter's own pre script and
-    /// freeze its own file systems (`ferry filter --app-mount/--app-pre/
-    /// --app-post`; a coordinator never names them), thaw and run the post
-    /// script after the release. The freeze gets [`APP_PREPARE_MS`] on top
-    /// of the hold's timeout.
+    /// App-consistent: first run the filter's own pre script and freeze its
+    /// own file systems (`ferry filter --app-mount/--app-pre/--app-post`; a
+    /// coordinator never names them) within [`APP_PREPARE_MS`], answer
+    /// `frozen`, and hold only on `proceed` (the timeout counts from
+    /// there); thaw after the release, run the post script after the
+    /// answer.
     #[serde(default)]
     pub app: bool,
 }
@@ -328,7 +331,12 @@ pub struct Response {
     /// Answer to `resync-all`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resync: Option<ResyncOutcome>,
-    /// First answer to `hold`: writes are held at this quiet sequence.
+    /// First answer to an app `hold`: its file systems are frozen; it waits
+    /// for `proceed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen: Option<bool>,
+    /// Answer to `hold` (after `proceed` for an app hold): writes are held
+    /// at this quiet sequence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held: Option<u64>,
     /// Final answer to `hold`.
@@ -346,6 +354,7 @@ impl Response {
             tag: None,
             barrier: None,
             resync: None,
+            frozen: None,
             held: None,
             hold: None,
         }
@@ -370,16 +379,28 @@ pub trait Handler: Send + Sync {
     fn barrier(&self) -> Result<BarrierOutcome>;
     /// Mark a disk's (or every disk's) allocated area dirty.
     fn resync_all(&self, request: &ResyncRequest) -> Result<ResyncOutcome>;
-    /// Hold every disk's writes, call `decide` with the quiet sequence, and
-    /// take the tag `request.name` if it says so; release either way. Give
-    /// up (an error, nothing held) if another tag keeps the disks past
-    /// `deadline`.
+    /// Hold every disk's writes, tell `link` the quiet sequence, and take
+    /// the tag `request.name` if its verdict says so; release either way.
+    /// An app hold first freezes and asks `link` to go on. Give up (an
+    /// error, nothing held) if another tag keeps the disks past `deadline`,
+    /// the request's last moment.
     fn hold(
         &self,
         request: &HoldRequest,
         deadline: std::time::Instant,
-        decide: &mut dyn FnMut(u64) -> bool,
+        link: &mut dyn HoldLink,
     ) -> Result<HoldOutcome>;
+}
+
+/// The coordinator's side of a hold, as the member sees it.
+pub trait HoldLink {
+    /// An app hold's file systems are frozen: say so and wait for the
+    /// coordinator to go on (`proceed`). False: release without holding
+    /// (an abort, silence past the freeze allowance, a hang-up).
+    fn frozen(&mut self) -> bool;
+    /// Writes are held at `seq`: say so and wait for the verdict. True:
+    /// take the tag (`commit` before the hold's deadline).
+    fn held(&mut self, seq: u64) -> bool;
 }
 
 /// Decode one request line and produce the response line.
@@ -417,7 +438,7 @@ pub fn answer(line: &str, handler: &dyn Handler) -> String {
                 Ok(Request::Hold(_)) => {
                     Response::error("hold is answered on its connection (internal error)")
                 }
-                Ok(Request::Commit | Request::Abort) => {
+                Ok(Request::Commit | Request::Abort | Request::Proceed) => {
                     Response::error("commit and abort follow a hold on the same connection")
                 }
             },
@@ -575,54 +596,21 @@ fn hold_round<S: ControlStream>(
 ) -> String {
     // The deadline runs from the request: waiting for the tag lock and
     // for writes in flight comes out of it, so writes stay held no longer
-    // than the timeout after the coordinator asked.
-    let deadline = std::time::Instant::now() + hold.deadline_after();
-    let mut decide = |seq: u64| {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        let held = Response {
-            held: Some(seq),
-            ..Response::ok()
-        };
-        let line = serde_json::to_string(&held).expect("responses serialize");
-        // A coordinator that does not read cannot keep the writes held.
-        let _ = stream.set_write_timeout(Some(left));
-        let sent = writeln!(stream, "{line}").and_then(|()| stream.flush());
-        let _ = stream.set_write_timeout(None);
-        if sent.is_err() {
-            return false;
-        }
-        let mut chunk = [0u8; 1024];
-        loop {
-            if let Some(end) = pending.iter().position(|&b| b == b'\n') {
-                // The verdict: `commit` of this version takes the tag;
-                // anything else (abort, a stray request) releases without.
-                let line: Vec<u8> = pending.drain(..=end).collect();
-                let verdict = serde_json::from_slice::<Envelope<Request>>(&line);
-                return matches!(
-                    verdict,
-                    Ok(Envelope {
-                        version: VERSION,
-                        body: Request::Commit,
-                    })
-                );
-            }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() || pending.len() as u64 > MAX_LINE {
-                return false;
-            }
-            let _ = stream.set_read_timeout(Some(left));
-            match stream.read(&mut chunk) {
-                Ok(n) if n > 0 => pending.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                _ => return false, // hang-up or deadline: release
-            }
-        }
+    // than the timeout after the coordinator asked (for an app hold: after
+    // it said `proceed`).
+    let now = std::time::Instant::now();
+    let timeout = Duration::from_millis(hold.timeout_ms.clamp(1, MAX_HOLD_MS));
+    let mut link = LineLink {
+        stream,
+        pending,
+        hold_deadline: now + timeout,
+        prepare_deadline: now + Duration::from_millis(APP_PREPARE_MS),
+        timeout,
     };
-    let outcome = handler.hold(hold, deadline, &mut decide);
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let outcome = handler.hold(hold, now + hold.deadline_after(), &mut link);
+    let _ = link
+        .stream
+        .set_read_timeout(Some(Duration::from_millis(200)));
     let response = match outcome {
         Ok(o) => Response {
             hold: Some(o),
@@ -631,6 +619,86 @@ fn hold_round<S: ControlStream>(
         Err(e) => Response::error(e.to_string()),
     };
     serde_json::to_string(&response).expect("responses serialize")
+}
+
+/// [`HoldLink`] over the connection the hold came on.
+struct LineLink<'a, S: ControlStream> {
+    stream: &'a mut S,
+    pending: &'a mut Vec<u8>,
+    hold_deadline: std::time::Instant,
+    prepare_deadline: std::time::Instant,
+    timeout: Duration,
+}
+
+impl<S: ControlStream> LineLink<'_, S> {
+    /// Sends `response` by `until`; false if it could not.
+    fn send(&mut self, response: &Response, until: std::time::Instant) -> bool {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let line = serde_json::to_string(response).expect("responses serialize");
+        // A coordinator that does not read cannot keep the writes held.
+        let _ = self.stream.set_write_timeout(Some(left));
+        let sent = writeln!(self.stream, "{line}").and_then(|()| self.stream.flush());
+        let _ = self.stream.set_write_timeout(None);
+        sent.is_ok()
+    }
+
+    /// The next request line by `until`, if one comes.
+    fn next_request(&mut self, until: std::time::Instant) -> Option<Request> {
+        let mut chunk = [0u8; 1024];
+        loop {
+            if let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=end).collect();
+                return match serde_json::from_slice::<Envelope<Request>>(&line) {
+                    Ok(Envelope {
+                        version: VERSION,
+                        body,
+                    }) => Some(body),
+                    _ => None,
+                };
+            }
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() || self.pending.len() as u64 > MAX_LINE {
+                return None;
+            }
+            let _ = self.stream.set_read_timeout(Some(left));
+            match self.stream.read(&mut chunk) {
+                Ok(n) if n > 0 => self.pending.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                _ => return None, // hang-up or deadline
+            }
+        }
+    }
+}
+
+impl<S: ControlStream> HoldLink for LineLink<'_, S> {
+    fn frozen(&mut self) -> bool {
+        let frozen = Response {
+            frozen: Some(true),
+            ..Response::ok()
+        };
+        let until = self.prepare_deadline;
+        if !self.send(&frozen, until) {
+            return false;
+        }
+        // `proceed` starts the hold's own clock; anything else releases.
+        let go = matches!(self.next_request(until), Some(Request::Proceed));
+        self.hold_deadline = std::time::Instant::now() + self.timeout;
+        go
+    }
+
+    fn held(&mut self, seq: u64) -> bool {
+        let held = Response {
+            held: Some(seq),
+            ..Response::ok()
+        };
+        let until = self.hold_deadline;
+        // The verdict: `commit` takes the tag; anything else (abort, a stray
+        // request, silence past the deadline, a hang-up) releases without.
+        self.send(&held, until) && matches!(self.next_request(until), Some(Request::Commit))
+    }
 }
 
 /// Client side: send one request to the filter whose state directory is `state`.
@@ -717,9 +785,17 @@ mod tests {
             &self,
             request: &HoldRequest,
             _deadline: std::time::Instant,
-            decide: &mut dyn FnMut(u64) -> bool,
+            link: &mut dyn HoldLink,
         ) -> Result<HoldOutcome> {
-            let committed = decide(41);
+            if request.app && !link.frozen() {
+                return Ok(HoldOutcome {
+                    held_seq: 0,
+                    committed: false,
+                    tag: None,
+                    held_us: 0,
+                });
+            }
+            let committed = link.held(41);
             Ok(HoldOutcome {
                 held_seq: 41,
                 committed,
@@ -753,6 +829,39 @@ mod tests {
 
     /// A hold over a real socket: `held` first, then the outcome the
     /// second line chose; silence past the deadline and a hang-up abort.
+    #[test]
+    fn an_app_hold_freezes_first_and_holds_only_on_proceed() {
+        use std::io::{BufRead, BufReader, Write};
+        let (dir, stop, server) = serve_fake("hold-app");
+        let path = dir.join(SOCKET_NAME);
+        let stream = UnixStream::connect(&path).unwrap();
+        let mut w = stream.try_clone().unwrap();
+        let mut r = BufReader::new(stream);
+        let mut read = || {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            serde_json::from_str::<Response>(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+        };
+        let hold = r#"{"version":1,"op":"hold","name":"g2","timeout_ms":5000,"app":true}"#;
+        // Frozen, then proceed, held, commit: the tag.
+        writeln!(w, "{hold}").unwrap();
+        assert_eq!(read().frozen, Some(true));
+        writeln!(w, r#"{{"version":1,"op":"proceed"}}"#).unwrap();
+        assert_eq!(read().held, Some(41));
+        writeln!(w, r#"{{"version":1,"op":"commit"}}"#).unwrap();
+        assert!(read().hold.unwrap().committed);
+        // Frozen, then abort: released without ever holding.
+        writeln!(w, "{hold}").unwrap();
+        assert_eq!(read().frozen, Some(true));
+        writeln!(w, r#"{{"version":1,"op":"abort"}}"#).unwrap();
+        let done = read();
+        assert!(done.held.is_none());
+        assert!(!done.hold.unwrap().committed);
+        stop.store(true, Ordering::Relaxed);
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_hold_commits_aborts_and_times_out_on_its_connection() {
         use std::io::{BufRead, BufReader, Write};

@@ -202,7 +202,7 @@ impl control::Handler for Host {
         &self,
         request: &HoldRequest,
         deadline: Instant,
-        decide: &mut dyn FnMut(u64) -> bool,
+        link: &mut dyn control::HoldLink,
     ) -> Result<HoldOutcome> {
         let tag = TagRequest {
             name: request.name.clone(),
@@ -234,9 +234,9 @@ impl control::Handler for Host {
             }
         };
         if request.app {
-            return self.app_hold(&tag, deadline, decide);
+            return self.app_hold(&tag, deadline, link);
         }
-        self.hold_gates(&tag, decide)
+        self.hold_gates(&tag, link)
     }
 
     fn resync_all(&self, request: &ResyncRequest) -> Result<ResyncOutcome> {
@@ -267,7 +267,7 @@ impl Host {
     fn hold_gates(
         &self,
         tag: &TagRequest,
-        decide: &mut dyn FnMut(u64) -> bool,
+        link: &mut dyn control::HoldLink,
     ) -> Result<HoldOutcome> {
         let started = Instant::now();
         // (Waiting for writes in flight is not bounded by the deadline:
@@ -277,7 +277,7 @@ impl Host {
             return Err(Error::control(why));
         }
         let held_seq = self.sequencer.peek().saturating_sub(1);
-        let committed = decide(held_seq);
+        let committed = link.held(held_seq);
         let tag_outcome = if committed {
             let seq = self.sequencer.next();
             self.record_tag_name(seq, tag)?;
@@ -300,13 +300,15 @@ impl Host {
     }
 
     /// An app-consistent hold: pre script, freeze (a watchdog thaws at
-    /// `deadline` whatever happens), the hold, thaw, post script. The tag
+    /// `deadline` whatever happens), `frozen` to the coordinator and its
+    /// go-ahead, the hold (its own timeout counts from the go-ahead), thaw;
+    /// the post script runs after the answer, off this thread. The tag
     /// counts only if the file systems were still frozen when it was taken.
     fn app_hold(
         &self,
         tag: &TagRequest,
         deadline: Instant,
-        decide: &mut dyn FnMut(u64) -> bool,
+        link: &mut dyn control::HoldLink,
     ) -> Result<HoldOutcome> {
         let prepare = Duration::from_millis(crate::control::APP_PREPARE_MS);
         let result = (|| {
@@ -315,7 +317,17 @@ impl Host {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             let frozen = Frozen::freeze(&self.app.mounts, left)?;
-            let held = self.hold_gates(tag, decide);
+            let held = if link.frozen() {
+                self.hold_gates(tag, link)
+            } else {
+                // The coordinator aborted (or went silent) before anyone held.
+                Ok(HoldOutcome {
+                    held_seq: 0,
+                    committed: false,
+                    tag: None,
+                    held_us: 0,
+                })
+            };
             let expired = frozen.expired();
             frozen.thaw()?;
             let held = held?;
@@ -327,13 +339,19 @@ impl Host {
             }
             Ok(held)
         })();
-        let post = self
-            .app
-            .post
-            .as_ref()
-            .map(|post| run_script("post", post, prepare));
-        if let Some(Err(e)) = &post {
-            tracing::warn!(tag = %tag.name, error = %e, "post script failed after the group hold");
+        if let Some(post) = self.app.post.clone() {
+            // After the answer: the coordinator's wait does not include it.
+            let name = tag.name.clone();
+            let spawned = std::thread::Builder::new()
+                .name("app-post".into())
+                .spawn(move || {
+                    if let Err(e) = run_script("post", &post, prepare) {
+                        tracing::warn!(tag = %name, error = %e, "post script failed after the group hold");
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the post script");
+            }
         }
         result
     }

@@ -219,6 +219,27 @@ impl Member {
     }
 }
 
+/// Waits for every member's `frozen` by `deadline`; false (with the
+/// member's error recorded) if one does not say it.
+fn all_frozen(conns: &mut [Member], deadline: Instant) -> bool {
+    let mut all = true;
+    for m in conns.iter_mut() {
+        if m.outcome.error.is_some() {
+            all = false;
+            continue;
+        }
+        match m.answer(deadline) {
+            Some(r) if r.frozen == Some(true) => {}
+            Some(_) => {
+                m.outcome.error = Some("answered without freezing".into());
+                all = false;
+            }
+            None => all = false,
+        }
+    }
+    all
+}
+
 /// Take the group point `name` across the filters whose state directories
 /// are `members`, holding their writes for at most `timeout`.
 pub fn group_point(
@@ -250,17 +271,6 @@ pub fn group_round(
         .map(|m| Member::connect(m, tls))
         .collect::<Result<Vec<_>>>()?;
     let started = Instant::now();
-    // Members hold for at most `timeout` from their request; the commit
-    // must reach every one of them before that, so `held` answers count
-    // only in the first half.
-    // An app hold's member first freezes (its deadline grows by the same
-    // allowance).
-    let prepare = if app {
-        Duration::from_millis(crate::control::APP_PREPARE_MS)
-    } else {
-        Duration::ZERO
-    };
-    let held_deadline = started + prepare + timeout / 2;
     let timeout_ms = u64::try_from(timeout.as_millis())
         .unwrap_or(u64::MAX)
         .max(1);
@@ -269,15 +279,33 @@ pub fn group_round(
             serde_json::json!({"op": "hold", "name": name, "timeout_ms": timeout_ms, "app": app}),
         );
     }
-    let mut all_held = true;
-    for m in &mut conns {
-        if m.outcome.error.is_some() {
-            all_held = false;
-            continue;
+    // An app round has two phases: every member freezes first (within
+    // APP_PREPARE_MS) and says `frozen`; only when all have does anyone
+    // hold writes, so a slow pre script never stretches a hold.
+    let mut all_held = !app
+        || all_frozen(
+            &mut conns,
+            started + Duration::from_millis(crate::control::APP_PREPARE_MS),
+        );
+    if app && all_held {
+        for m in &mut conns {
+            m.send(serde_json::json!({ "op": "proceed" }));
         }
-        match m.answer(held_deadline).and_then(|r| r.held) {
-            Some(seq) => m.outcome.held_seq = Some(seq),
-            None => all_held = false,
+    }
+    // Members hold for at most `timeout` from their request (an app
+    // member: from `proceed`); the commit must reach every one of them
+    // before that, so `held` answers count only in the first half.
+    let held_deadline = Instant::now() + timeout / 2;
+    if all_held {
+        for m in &mut conns {
+            if m.outcome.error.is_some() {
+                all_held = false;
+                continue;
+            }
+            match m.answer(held_deadline).and_then(|r| r.held) {
+                Some(seq) => m.outcome.held_seq = Some(seq),
+                None => all_held = false,
+            }
         }
     }
     let verdict = if all_held { "commit" } else { "abort" };
@@ -286,8 +314,9 @@ pub fn group_round(
     for m in &mut conns {
         m.send(serde_json::json!({ "op": verdict }));
     }
-    // An app member thaws and runs its post script before it answers.
-    let finish = Instant::now() + FINISH_SLACK + prepare;
+    // A member answers once its tag is durable (an app member has thawed
+    // too; its post script runs after the answer).
+    let finish = Instant::now() + FINISH_SLACK;
     for m in &mut conns {
         if m.outcome.held_seq.is_none() {
             continue; // released by the abort or by the hang-up below

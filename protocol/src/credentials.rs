@@ -308,6 +308,9 @@ pub struct ServerCert {
     pub name: String,
     /// More subject alternative names: DNS names or IP addresses.
     pub extra_names: Vec<String>,
+    /// Also valid as a TLS client: only the control-plane server's
+    /// certificate, its identity as group coordinator.
+    pub client_use: bool,
 }
 
 impl ServerCert {
@@ -316,6 +319,7 @@ impl ServerCert {
         ServerCert {
             name: name.to_owned(),
             extra_names: Vec::new(),
+            client_use: false,
         }
     }
 }
@@ -456,12 +460,12 @@ fn issue(
     let mut pairs: Vec<(&str, &[String], PairPlan, Role)> = server_plans
         .iter()
         .map(|(s, plan)| {
-            (
-                s.name.as_str(),
-                s.extra_names.as_slice(),
-                *plan,
-                Role::Server,
-            )
+            let role = if s.client_use {
+                Role::ServerAndClient
+            } else {
+                Role::Server
+            };
+            (s.name.as_str(), s.extra_names.as_slice(), *plan, role)
         })
         .collect();
     pairs.extend(
@@ -622,6 +626,9 @@ fn write_secret(path: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
 pub(crate) enum Role {
     /// The target (TLS server).
     Server,
+    /// The control-plane server: TLS server of its API, TLS client of the
+    /// hosts' group ports (the coordinator).
+    ServerAndClient,
     /// A protected host (TLS client).
     Client,
 }
@@ -635,7 +642,7 @@ pub(crate) fn verify_leaf(
     let anchor = webpki::anchor_from_trusted_cert(ca)?;
     let ee = webpki::EndEntityCert::try_from(leaf)?;
     let usage = match role {
-        Role::Server => webpki::KeyUsage::server_auth(),
+        Role::Server | Role::ServerAndClient => webpki::KeyUsage::server_auth(),
         Role::Client => webpki::KeyUsage::client_auth(),
     };
     ee.verify_for_usage(
@@ -704,13 +711,14 @@ fn leaf_params(
             .map_err(|e| cred_err(format!("name {s:?} in a certificate: {e}")))
     };
     match role {
-        Role::Server => {
-            // Client use too: the control-plane server's certificate is the
-            // group coordinator's identity towards the hosts' group ports.
-            p.extended_key_usages = vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ];
+        Role::Server | Role::ServerAndClient => {
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            if role == Role::ServerAndClient {
+                // The control-plane server's certificate is also the group
+                // coordinator's identity towards the hosts' group ports.
+                p.extended_key_usages
+                    .push(ExtendedKeyUsagePurpose::ClientAuth);
+            }
             let mut sans = Vec::new();
             match name.parse::<IpAddr>() {
                 Ok(ip) => sans.push(SanType::IpAddress(ip)),

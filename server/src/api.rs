@@ -10,6 +10,8 @@
 //! | `GET /v1/hosts/H` | admin, host H | one host |
 //! | `PUT /v1/hosts/H/disks` | admin, host H | the host's disks |
 //! | `POST /v1/hosts/H/protect` | admin | protect disks ([`ProtectRequest`]) |
+//! | `GET /v1/hosts/H/config` | admin, host H | what the host's daemons should do |
+//! | `POST /v1/hosts/H/failover`, `.../commit`, `.../test-failover`, `.../test-failover-cleanup`, `.../points` | admin | a job on the host's target |
 //! | `POST /v1/heartbeat` | host, target | a daemon's heartbeat ([`HeartbeatRequest`]) |
 //! | `GET /v1/targets`, `GET /v1/targets/T` | admin; admin, target T | targets |
 //! | `GET/POST /v1/policies`, `GET /v1/policies/P` | admin | policies |
@@ -330,8 +332,8 @@ impl Api {
                         ferry_filter::control::MAX_HOLD_MS
                     )));
                 }
-                if g.interval_secs == Some(0) {
-                    return Err(invalid("the interval must be at least 1 s".into()));
+                if g.interval_secs == Some(0) || g.app_interval_secs == Some(0) {
+                    return Err(invalid("intervals must be at least 1 s".into()));
                 }
                 self.store.create_group(&g)?;
                 Ok(created(&self.store.group(&g.name)?))
@@ -560,15 +562,11 @@ impl Api {
                 Some(auth::hex(&key))
             }
             _ => {
-                let mut cert = ServerCert::new(&r.name);
-                if let Some(addr) = &r.address {
-                    let (host, _) = ferry_protocol::tls::split_host_port(addr)
-                        .map_err(|e| invalid(format!("target address: {e}")))?;
-                    if host != r.name && !host.starts_with("0.") && host != "::" {
-                        cert.extra_names.push(host.to_owned());
-                    }
-                }
-                credentials::ensure(dir, &[cert], &[])?;
+                // Only the target's own name: names a registrant could pick
+                // (its address) would let it pass for the server or another
+                // target. Sidecars check the target's certificate for its
+                // name, whatever address they reach it at.
+                credentials::ensure(dir, &[ServerCert::new(&r.name)], &[])?;
                 None
             }
         };
@@ -636,18 +634,15 @@ impl Api {
     fn group_failover(&self, group: &str, r: GroupFailoverRequest) -> Result<Response> {
         let g = self.store.group(group)?;
         let point = crate::groups::resolve(&self.store, group, &r.point)?;
+        let hosts = crate::groups::members_of(&point);
+        let _ = &g;
         let mode = if r.test {
             PlanMode::Test
         } else {
             PlanMode::Failover
         };
-        let owned = crate::plans::host_jobs(
-            &self.store,
-            &g.hosts,
-            &point.name,
-            mode,
-            r.format.as_deref(),
-        );
+        let owned =
+            crate::plans::host_jobs(&self.store, &hosts, &point.name, mode, r.format.as_deref());
         let jobs: Vec<HostJob<'_>> = owned
             .iter()
             .map(crate::plans::OwnedHostJob::as_host_job)
@@ -722,6 +717,7 @@ fn host_action(action: &str) -> Option<(&'static str, JobGate)> {
         "commit" => ("commit", JobGate::Require(Event::Committed)),
         "test-failover" => ("test-failover", JobGate::Free),
         "test-failover-cleanup" => ("test-failover-cleanup", JobGate::Free),
+        "points" => ("points", JobGate::Free),
         _ => return None,
     })
 }
@@ -786,10 +782,18 @@ fn check_name(what: &str, name: &str) -> Result<()> {
 
 fn check_registrant_name(role: Role, name: &str) -> Result<()> {
     check_name(role.as_str(), name)?;
-    if name == "ferry-server" {
-        return Err(invalid(format!(
-            "{name:?} is the server's own certificate name"
-        )));
+    // Certificate names compare without case: so do ours.
+    if name != name.to_ascii_lowercase() {
+        return Err(invalid(format!("{name:?}: names are lower case")));
+    }
+    for reserved in [
+        crate::daemon::SERVER_CERT_NAME,
+        ferry_protocol::credentials::TARGET_ALIAS,
+        "localhost",
+    ] {
+        if name == reserved {
+            return Err(invalid(format!("{name:?} is reserved")));
+        }
     }
     Ok(())
 }

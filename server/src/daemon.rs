@@ -93,6 +93,7 @@ pub fn init(data: &Path, names: &[String]) -> Result<InitReport> {
     let cert = ServerCert {
         name: SERVER_CERT_NAME.to_owned(),
         extra_names: names.to_vec(),
+        client_use: true,
     };
     credentials::ensure(&creds, &[cert], &[])?;
     let store = Store::open(&db_path)?;

@@ -433,11 +433,38 @@ impl Store {
             if expires_at.is_some_and(|t| t < now()) {
                 return Err(refused("the registration token expired"));
             }
-            if let Some(bound) = bound.filter(|b| b != name) {
+            if let Some(bound) = bound.as_ref().filter(|b| *b != name) {
                 return Err(Error::new(
                     ErrorKind::Forbidden,
                     OP,
                     format!("the registration token is for {bound:?}, not {name:?}"),
+                ));
+            }
+            // Hosts and targets share one credentials directory: one name,
+            // one role. Taking over an existing registration (a reinstalled
+            // host) hands out its keys: only with a token bound to its name.
+            let known = |table: &str| -> Result<bool> {
+                tx.query_row(&format!("SELECT 1 FROM {table} WHERE name = ?1"), [name], |_| Ok(()))
+                    .optional()
+                    .map(|o| o.is_some())
+                    .map_err(Error::db(OP))
+            };
+            let (mine, other) = match role {
+                Role::Host => ("hosts", "targets"),
+                _ => ("targets", "hosts"),
+            };
+            if known(other)? {
+                return Err(conflict(OP, format!("{name:?} is registered in another role")));
+            }
+            if known(mine)? && bound.is_none() {
+                return Err(Error::new(
+                    ErrorKind::Forbidden,
+                    OP,
+                    format!(
+                        "{name:?} is registered already: registering it again needs a token \
+                         bound to its name (`ferry {} token --name {name}`)",
+                        role.as_str()
+                    ),
                 ));
             }
             tx.execute("UPDATE tokens SET used_at = ?1 WHERE hash = ?2", params![now(), token_hash])
@@ -586,6 +613,14 @@ impl Store {
             .map_err(Error::db(OP))?;
             if component == ferry_api::types::Component::Filter {
                 record_disks(tx, owner, disks)?;
+            }
+            if component == ferry_api::types::Component::Target {
+                // A target alive and busy with one job keeps its queue.
+                tx.execute(
+                    "UPDATE jobs SET lease_until = ?1 WHERE owner = ?2 AND state = 'queued'",
+                    params![now() + JOB_CLAIM_SECS, format!("target:{owner}")],
+                )
+                .map_err(Error::db(OP))?;
             }
             let mut changed = Vec::new();
             for rep in replication {
@@ -749,9 +784,16 @@ impl Store {
                         | ProtectionState::Protected
                         | ProtectionState::ResyncRequired,
                     ) => {
+                        // Another target holds nothing of this disk yet: it
+                        // starts over there.
                         tx.execute(
-                            "UPDATE protections SET policy = ?1, target = ?2 WHERE host = ?3 AND disk = ?4",
-                            params![policy, target, host, disk],
+                            "UPDATE protections SET policy = ?1,
+                                 state = CASE WHEN target = ?2 THEN state ELSE 'enabling' END,
+                                 reason = CASE WHEN target = ?2 THEN reason ELSE 'moved to another target' END,
+                                 since = CASE WHEN target = ?2 THEN since ELSE ?5 END,
+                                 target = ?2
+                             WHERE host = ?3 AND disk = ?4",
+                            params![policy, target, host, disk, now()],
                         )
                         .map_err(Error::db(OP))?;
                     }
@@ -779,8 +821,13 @@ impl Store {
                 ));
             }
             tx.execute(
-                "UPDATE protections SET policy = ?1, target = ?2 WHERE host = ?3",
-                params![policy, target, host],
+                "UPDATE protections SET policy = ?1,
+                     state = CASE WHEN target = ?2 THEN state ELSE 'enabling' END,
+                     reason = CASE WHEN target = ?2 THEN reason ELSE 'moved to another target' END,
+                     since = CASE WHEN target = ?2 THEN since ELSE ?4 END,
+                     target = ?2
+                 WHERE host = ?3",
+                params![policy, target, host, now()],
             )
             .map_err(Error::db(OP))?;
             protections_of(tx, Some(host))
@@ -856,8 +903,9 @@ impl Store {
     pub fn renew_running_leases(&self) -> Result<usize> {
         self.write("renew leases", |tx| {
             tx.execute(
-                "UPDATE jobs SET lease_until = ?1 WHERE state = 'running'",
-                [now() + JOB_LEASE_SECS],
+                "UPDATE jobs SET lease_until = CASE state WHEN 'running' THEN ?1 ELSE ?2 END
+                 WHERE state IN ('running', 'queued') AND owner != 'server'",
+                [now() + JOB_LEASE_SECS, now() + JOB_CLAIM_SECS],
             )
             .map_err(Error::db("renew leases"))
         })
@@ -1309,12 +1357,16 @@ impl Store {
             let unclaimed: Vec<i64> = column(
                 tx,
                 OP,
-                "SELECT id FROM jobs WHERE state = 'queued' AND owner != 'server' AND created_at < ?1",
-                [now() - JOB_CLAIM_SECS],
+                "SELECT id FROM jobs WHERE state = 'queued' AND owner != 'server'
+                   AND COALESCE(lease_until, created_at + ?2) < ?1",
+                [now(), JOB_CLAIM_SECS],
             )?;
             for id in unclaimed {
                 let job = job_in(tx, id, false)?;
-                let why = format!("{} did not take the job within {JOB_CLAIM_SECS} s", job.owner);
+                let why = format!(
+                    "{} was silent for {JOB_CLAIM_SECS} s and did not take the job",
+                    job.owner
+                );
                 end_job(tx, &job, None, Some(&why))?;
                 let job = job_in(tx, id, false)?;
                 on_end(tx, &job)?;
@@ -1436,11 +1488,37 @@ fn queue_host_job(tx: &Transaction<'_>, j: &HostJob<'_>) -> Result<Job> {
             check_host_in(tx, host, event)?;
         }
     }
+    if j.kind != "points" {
+        // One verb per host at a time (as the target allows): a commit
+        // queued behind a change of point would race it.
+        let busy: Option<(i64, String)> = tx
+            .query_row(
+                "SELECT id, kind FROM jobs WHERE subject = ?1 AND owner LIKE 'target:%'
+                   AND kind != 'points' AND state IN ('queued', 'running') LIMIT 1",
+                [host],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(Error::db(OP))?;
+        if let Some((id, kind)) = busy {
+            return Err(conflict(
+                OP,
+                format!("host {host} has job {id} ({kind}) not ended yet"),
+            ));
+        }
+    }
     let owner = format!("target:{target}");
     tx.execute(
-        "INSERT INTO jobs (kind, subject, owner, state, params, created_at)
-         VALUES (?1, ?2, ?3, 'queued', ?4, ?5)",
-        params![j.kind, host, owner, json_text(&j.params), now()],
+        "INSERT INTO jobs (kind, subject, owner, state, params, created_at, lease_until)
+         VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6)",
+        params![
+            j.kind,
+            host,
+            owner,
+            json_text(&j.params),
+            now(),
+            now() + JOB_CLAIM_SECS
+        ],
     )
     .map_err(Error::db(OP))?;
     let id = tx.last_insert_rowid();
@@ -1827,7 +1905,7 @@ mod tests {
 
     fn register(store: &Store, role: Role, name: &str, token: &[u8], api: &[u8]) -> Result<()> {
         store
-            .add_token(token, role, None, true, None, Some(now() + 60))
+            .add_token(token, role, None, true, Some(name), Some(now() + 60))
             .ok();
         let addr = (role == Role::Target).then_some("127.0.0.1:9443");
         store.register(token, role, name, addr, api, || Ok(()))
@@ -1920,6 +1998,28 @@ mod tests {
         assert!(s.host("web03").is_err());
         assert_eq!(s.principal(b"api3").unwrap(), None);
         register(&s, Role::Host, "web03", b"t5", b"api3").unwrap();
+    }
+
+    #[test]
+    fn one_name_one_role_and_takeovers_need_a_bound_token() {
+        let (_tmp, s) = store();
+        register(&s, Role::Host, "web01", b"t1", b"h").unwrap();
+        s.add_token(b"t2", Role::Target, None, true, None, None)
+            .unwrap();
+        let e = s
+            .register(b"t2", Role::Target, "web01", Some("x:1"), b"t", || Ok(()))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Conflict);
+        s.add_token(b"t3", Role::Host, None, true, None, None)
+            .unwrap();
+        let e = s
+            .register(b"t3", Role::Host, "web01", None, b"h2", || Ok(()))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Forbidden);
+        assert_eq!(
+            s.principal(b"h").unwrap(),
+            Some(Principal::Host("web01".into()))
+        );
     }
 
     #[test]
@@ -2036,6 +2136,57 @@ mod tests {
             .map(|d| d.name)
             .collect();
         assert_eq!(names, ["data", "logs"]);
+    }
+
+    #[test]
+    fn one_job_per_host_and_a_new_target_starts_over() {
+        let (_tmp, s) = store();
+        register(&s, Role::Host, "web01", b"t1", b"h").unwrap();
+        register(&s, Role::Target, "site-b", b"t2", b"t").unwrap();
+        register(&s, Role::Target, "site-c", b"t3", b"api3").unwrap();
+        s.create_policy(&Policy::with_defaults("gold")).unwrap();
+        s.heartbeat(
+            "web01",
+            Component::Filter,
+            &[disk("data")],
+            &[],
+            &serde_json::json!({}),
+        )
+        .unwrap();
+        s.protect("web01", &[], "gold", "site-b").unwrap();
+        s.heartbeat(
+            "web01",
+            Component::Sidecar,
+            &[],
+            &[rep("data", true)],
+            &serde_json::json!({}),
+        )
+        .unwrap();
+        let state = |s: &Store| s.protections(Some("web01")).unwrap()[0].state;
+        assert_eq!(state(&s), ProtectionState::Protected);
+        // Same target: the state stays; another target: it starts over.
+        s.protect("web01", &[], "gold", "site-b").unwrap();
+        assert_eq!(state(&s), ProtectionState::Protected);
+        s.protect("web01", &[], "gold", "site-c").unwrap();
+        assert_eq!(state(&s), ProtectionState::Enabling);
+        s.heartbeat(
+            "web01",
+            Component::Sidecar,
+            &[],
+            &[rep("data", true)],
+            &serde_json::json!({}),
+        )
+        .unwrap();
+        // A second verb while one is queued is refused; reading points is not.
+        let json = serde_json::json!({});
+        s.create_host_job("web01", "test-failover", &json, JobGate::Free)
+            .unwrap();
+        let e = s
+            .create_host_job("web01", "commit", &json, JobGate::Free)
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Conflict);
+        s.create_host_job("web01", "points", &json, JobGate::Free)
+            .unwrap();
     }
 
     #[test]

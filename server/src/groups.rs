@@ -53,14 +53,21 @@ impl Coordinator {
             ));
         }
         let name = name.unwrap_or_else(|| default_name(group));
-        if name.is_empty() || name.len() > 128 || name.contains(['\n', '\r']) {
+        check_point_name(&name)?;
+        let _turn = self.turn(group)?;
+        if store
+            .group_points(group, 100_000)?
+            .iter()
+            .any(|p| p.name == name)
+        {
+            // The targets take the newest tag of a name: a second round of
+            // one name could mix rounds across hosts.
             return Err(Error::new(
-                ErrorKind::Invalid,
+                ErrorKind::Conflict,
                 "group point",
-                format!("bad point name {name:?}"),
+                format!("group {group} had a round named {name:?}: every round needs a new name"),
             ));
         }
-        let _turn = self.turn(group)?;
         let point = match members(store, &g) {
             Err(why) => not_started(&g, &name, app, &why),
             Ok(addrs) => {
@@ -123,6 +130,46 @@ impl Drop for Turn<'_> {
             .unwrap_or_else(|p| p.into_inner());
         busy.remove(&self.group);
     }
+}
+
+/// A point name a target will read as that name: not empty, no line
+/// breaks, not one of the point words (`latest...`) and not shaped like a
+/// time (`2026-11-26 08:00`), which a failover would read as such.
+fn check_point_name(name: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(Error::new(
+            ErrorKind::Invalid,
+            "group point",
+            format!("point name {name:?}: {why}"),
+        ))
+    };
+    if name.is_empty() || name.len() > 128 || name.contains(['\n', '\r', '\0']) {
+        return bad("1 to 128 characters without line breaks");
+    }
+    if name.starts_with("latest") {
+        return bad("names starting with \"latest\" are point words");
+    }
+    let b = name.as_bytes();
+    if b.len() >= 5 && b[..4].iter().all(u8::is_ascii_digit) && b[4] == b'-' {
+        return bad("a name shaped like a date would be read as a time");
+    }
+    Ok(())
+}
+
+/// The hosts whose tag a taken round holds (its members as recorded, not
+/// the group as it is now).
+pub fn members_of(point: &GroupPoint) -> Vec<String> {
+    point
+        .members
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|m| m["state"] == "committed")
+                .filter_map(|m| m["member"].as_str())
+                .map(|m| m.split('@').next().unwrap_or(m).to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// `GROUP-MILLISECONDS`: unique per group as rounds are one at a time.

@@ -278,7 +278,9 @@ fn step_targets(
             }
             let spec = req.point.clone().unwrap_or_else(|| "latest-group".into());
             let point = crate::groups::resolve(store, group, &spec)?;
-            Ok((point.name, g.hosts))
+            // The hosts whose tag the round holds, not the group as it is now.
+            let hosts = crate::groups::members_of(&point);
+            Ok((point.name, hosts))
         }
         StepAction::Hosts { hosts } if req.mode == PlanMode::Cleanup => {
             Ok((String::new(), hosts.clone()))

@@ -82,6 +82,10 @@ pub struct SidecarConfig {
     pub state: PathBuf,
     /// Target address (`host:port`).
     pub target: String,
+    /// The name the target's certificate must carry (None: the address's
+    /// host). A registered host knows its target by name and reaches it by
+    /// address.
+    pub target_name: Option<String>,
     /// Credentials directory (ca.crt, HOST.crt, HOST.key, HOST.datakey).
     pub credentials: PathBuf,
     /// Host name (default: the only `*.datakey` in the credentials).
@@ -125,6 +129,7 @@ impl SidecarConfig {
             max_frame: frame::MAX_FRAME,
             spool_size: DEFAULT_SPOOL_SIZE,
             batch_delay: Duration::from_millis(2),
+            target_name: None,
         }
     }
 }
@@ -751,14 +756,19 @@ impl DiskSession {
 
     fn connect_and_ship(&mut self, shared: &Shared) -> Result<()> {
         let generation = self.consumer()?.generation();
-        let stream = tls::connect(&shared.cfg.target, Arc::clone(&shared.tls), NET_TIMEOUT)
-            .map_err(|e| {
-                Error::with_source(
-                    ErrorKind::Transport,
-                    format!("connect to {}", shared.cfg.target),
-                    e,
-                )
-            })?;
+        let stream = match &shared.cfg.target_name {
+            None => tls::connect(&shared.cfg.target, Arc::clone(&shared.tls), NET_TIMEOUT),
+            Some(name) => tls::server_name_for(name).and_then(|sn| {
+                tls::connect_as(&shared.cfg.target, sn, Arc::clone(&shared.tls), NET_TIMEOUT)
+            }),
+        }
+        .map_err(|e| {
+            Error::with_source(
+                ErrorKind::Transport,
+                format!("connect to {}", shared.cfg.target),
+                e,
+            )
+        })?;
         let hello = DiskHello {
             name: self.name.clone(),
             size: self.size,

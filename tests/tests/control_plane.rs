@@ -265,6 +265,15 @@ fn register_protect_sync_then_a_plan_tests_fails_over_and_commit_through_the_ser
 
     let p1 = rig.point("p1", &[(0, 512, 1), (4096, 1024, 2)]);
     let p2 = rig.point("p2", &[(256, 512, 3), (8192, 2048, 0)]);
+    // The points as the target reads them, through the server.
+    let listed = rig.json(&["points", "web01"]);
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert!(names.contains(&"p1") && names.contains(&"p2"), "{listed}");
 
     // A plan: scripts around web01, then a manual step.
     let marks = rig.scratch.path("marks");
@@ -402,6 +411,15 @@ fn a_server_restart_in_the_middle_of_a_job_never_leaves_it_stuck() {
     rig.json(&["policy", "create", "gold", "--app-interval", "off"]);
     rig.json(&["protect", "web01", "--policy", "gold", "--target", "site-b"]);
     rig.wait_state("protected", Duration::from_secs(60));
+    // With the server away, a sidecar that starts again replicates with
+    // the last plan the server gave.
+    rig.server.daemon.kill9();
+    let sidecar = &mut rig.host.as_mut().unwrap().1;
+    sidecar.stop();
+    sidecar.restart();
+    rig.point("while-away", &[(2048, 256, 9)]);
+    rig.server.daemon.restart();
+    rig.server.wait_up();
     let p1 = rig.point("p1", &[(0, 1024, 4)]);
 
     // Queue a failover through the API, then kill the server as soon as the
@@ -644,6 +662,14 @@ fn group_points_over_the_network_keep_a_dependency_across_two_hosts() {
     let v = rig.json(&["group", "take", "shop", "--name", "grp-end"]);
     assert_eq!(v["result"], "taken", "{v}");
     names.push("grp-end".into());
+    // A round's name is used once, and never a point word or a time.
+    for taken in ["grp-1", "latest-x", "2026-11-26 08:00"] {
+        expect_code(
+            &rig.server.cli(&["group", "take", "shop", "--name", taken]),
+            6,
+            taken,
+        );
+    }
     let rounds = rig.json(&["group", "points", "shop"]);
     assert_eq!(rounds.as_array().map(Vec::len), Some(names.len()));
     for host in ["web01", "web02"] {

@@ -11,6 +11,10 @@ use ferry_api::Client;
 use ferry_tests::{expect_code, ferry, ControlServer, Scratch};
 use serde_json::{json, Value};
 
+fn s(p: &Path) -> String {
+    p.to_str().expect("utf-8 path").to_owned()
+}
+
 fn client(server: &ControlServer, token: Option<&str>) -> Client {
     let ca = std::fs::read(&server.ca).expect("CA");
     Client::new(&server.url, &ca, token.map(str::to_owned)).expect("client")
@@ -274,7 +278,9 @@ fn registration_tokens_are_one_time_bound_and_pinned() {
         0,
         "new host token",
     );
-    // The target's certificate is valid for its address and chains to the CA.
+    // A target's certificate names the target only: not the address it
+    // registered with (a registrant must not pick names that could pass for
+    // the server or another target), and it serves only.
     server.register("target", "site-b", &dir.path("t"), Some("10.9.8.7:9443"));
     let out = std::process::Command::new("openssl")
         .args([
@@ -289,11 +295,66 @@ fn registration_tokens_are_one_time_bound_and_pinned() {
     if let Some(out) = out.ok().filter(|o| o.status.success()) {
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
-            text.contains("10.9.8.7") && text.contains("site-b"),
+            text.contains("site-b") && !text.contains("10.9.8.7"),
             "{text}"
         );
         assert!(text.contains("TLS Web Server Authentication"), "{text}");
+        assert!(!text.contains("TLS Web Client Authentication"), "{text}");
     }
+    // One name, one role, lower case, not reserved.
+    let try_register = |role: &str, name: &str, bind: bool, state: &str| {
+        let mut args = vec![role, "token", "--json"];
+        if bind {
+            args.extend(["--name", name]);
+        }
+        let t: Value = serde_json::from_slice(&server.cli(&args).stdout).unwrap();
+        let dir_flag = if role == "host" { "--state" } else { "--data" };
+        let mut reg = vec![
+            role.to_owned(),
+            "register".into(),
+            "--server".into(),
+            server.url.clone(),
+            "--token".into(),
+            t["token"].as_str().unwrap().to_owned(),
+            "--ca-fingerprint".into(),
+            t["ca_fingerprint"].as_str().unwrap().to_owned(),
+            "--name".into(),
+            name.to_owned(),
+            dir_flag.into(),
+            s(&dir.path(state)),
+        ];
+        if role == "target" {
+            reg.extend(["--address".into(), "127.0.0.1:9".into()]);
+        }
+        ferry(&reg)
+    };
+    expect_code(
+        &try_register("host", "site-b", true, "x1"),
+        6,
+        "a host named like a target",
+    );
+    expect_code(
+        &try_register("target", "web01", true, "x2"),
+        6,
+        "a target named like a host",
+    );
+    expect_code(
+        &try_register("host", "ferry-server", false, "x3"),
+        6,
+        "the server's name",
+    );
+    expect_code(&try_register("host", "Web09", false, "x4"), 6, "upper case");
+    // Taking over a registered host needs a token bound to its name.
+    expect_code(
+        &try_register("host", "web01", false, "x5"),
+        4,
+        "an unbound token for an existing host",
+    );
+    expect_code(
+        &server.cli_as(&again, &["host", "show", "web01"]),
+        0,
+        "web01 keeps its token",
+    );
 }
 
 #[test]
