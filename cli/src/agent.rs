@@ -244,10 +244,15 @@ pub fn sidecar_report(state: &Path, cfg: Option<&HostConfig>) -> HeartbeatReques
             .and_then(|m| m["disks"].as_array())
             .and_then(|a| a.iter().find(|d| d["disk"] == p.disk.as_str()).cloned());
         let Some(m) = m else { continue };
-        let fd = filter
+        // A filter that does not answer (restarting) says nothing of the
+        // replica: report nothing rather than "inconsistent".
+        let Some(fd) = filter
             .as_ref()
-            .and_then(|f| f.disks.iter().find(|d| d.name == p.disk));
-        let settled = fd.is_some_and(ferry_sidecar::filterctl::FilterDisk::settled);
+            .and_then(|f| f.disks.iter().find(|d| d.name == p.disk))
+        else {
+            continue;
+        };
+        let settled = fd.settled();
         let lag = m["lag_seconds"].as_f64().unwrap_or(0.0);
         replication.push(DiskReplication {
             disk: p.disk.clone(),
@@ -257,7 +262,7 @@ pub fn sidecar_report(state: &Path, cfg: Option<&HostConfig>) -> HeartbeatReques
             // as smaller than it is.
             #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
             lag_secs: lag.max(0.0).ceil() as u64,
-            resync_bytes: fd.map_or(0, |d| d.dirty_bytes),
+            resync_bytes: fd.dirty_bytes,
         });
     }
     HeartbeatRequest {
@@ -471,7 +476,12 @@ pub fn fs_space(path: &Path) -> Option<(u64, u64)> {
 
 /// Starts the target's threads: heartbeats with data-key refresh, and the
 /// job runner.
-pub fn spawn_target_agent(reg: Registration, data: PathBuf, stop: Arc<AtomicBool>) -> Result<()> {
+pub fn spawn_target_agent(
+    reg: Registration,
+    data: PathBuf,
+    export_roots: Vec<PathBuf>,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
     let client = reg.client()?;
     {
         let (reg, client, data, stop) = (reg.clone(), client.clone(), data.clone(), stop.clone());
@@ -505,7 +515,7 @@ pub fn spawn_target_agent(reg: Registration, data: PathBuf, stop: Arc<AtomicBool
                 match client.post::<_, Option<Job>>("/v1/jobs/claim", &json!({})) {
                     Ok(Some(job)) => {
                         quiet.ok();
-                        run_job(&client, &data, &job, &stop);
+                        run_job(&client, &data, &export_roots, &job, &stop);
                     }
                     Ok(None) => quiet.ok(),
                     Err(e) => quiet.failed(&e),
@@ -517,7 +527,7 @@ pub fn spawn_target_agent(reg: Registration, data: PathBuf, stop: Arc<AtomicBool
 }
 
 /// Runs one job through the target's control socket and reports it.
-fn run_job(client: &Client, data: &Path, job: &Job, stop: &AtomicBool) {
+fn run_job(client: &Client, data: &Path, roots: &[PathBuf], job: &Job, stop: &AtomicBool) {
     tracing::info!(job = job.id, kind = %job.kind, host = %job.subject, "job taken");
     let path = format!("/v1/jobs/{}/progress", job.id);
     // The lease is renewed while the job runs, progress lines or not (a
@@ -535,7 +545,7 @@ fn run_job(client: &Client, data: &Path, job: &Job, stop: &AtomicBool) {
                 );
             }
         });
-        let outcome = run_job_body(client, data, job, &path);
+        let outcome = run_job_body(client, data, roots, job, &path);
         done.store(true, Ordering::Relaxed);
         let finish = match outcome {
             Ok(result) => JobFinish {
@@ -554,7 +564,13 @@ fn run_job(client: &Client, data: &Path, job: &Job, stop: &AtomicBool) {
 
 /// What a job does: a read of the data directory, or a verb through the
 /// target's control socket.
-fn run_job_body(client: &Client, data: &Path, job: &Job, path: &str) -> Result<serde_json::Value> {
+fn run_job_body(
+    client: &Client,
+    data: &Path,
+    roots: &[PathBuf],
+    job: &Job,
+    path: &str,
+) -> Result<serde_json::Value> {
     let mut progress = |line: &str| {
         let _ = client.post::<_, Job>(
             path,
@@ -573,9 +589,34 @@ fn run_job_body(client: &Client, data: &Path, job: &Job, path: &str) -> Result<s
         let points = ferry_master_target::points::of_host(data, &job.subject)?;
         return Ok(serde_json::to_value(points)?);
     }
-    let req = job_request(data, job)?;
+    let req = job_request(data, roots, job)?;
     ferry_master_target::control::call(data, &req, &mut progress)?
         .ok_or_else(|| anyhow!("the target's control socket does not answer"))
+}
+
+/// A job's output directory must lie in the data directory or under an
+/// `--export-root` of the target: whoever queues jobs (the server, an
+/// admin token) must not make the target write anywhere it likes.
+fn check_export_path(data: &Path, roots: &[PathBuf], out: &Path) -> Result<()> {
+    use std::path::Component;
+    if out.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(anyhow!(
+            "output directory {}: no '..' allowed",
+            out.display()
+        ));
+    }
+    let out = std::path::absolute(out)?;
+    let allowed = std::iter::once(data.to_path_buf())
+        .chain(roots.iter().cloned())
+        .filter_map(|r| std::path::absolute(r).ok())
+        .any(|root| out.starts_with(&root));
+    if !allowed {
+        return Err(anyhow!(
+            "output directory {} is outside the data directory and every --export-root of this target",
+            out.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Posts a job's end, retrying while the server is away (it may be
@@ -604,8 +645,15 @@ fn report_finish(client: &Client, id: i64, finish: &JobFinish, stop: &AtomicBool
 /// The control request a job stands for; an output directory left open
 /// defaults to `DATA/failover/HOST` (or the current failover's, for a
 /// change of point) and `DATA/test-failover/HOST`.
-fn job_request(data: &Path, job: &Job) -> Result<ferry_master_target::control::Request> {
+fn job_request(
+    data: &Path,
+    roots: &[PathBuf],
+    job: &Job,
+) -> Result<ferry_master_target::control::Request> {
     let mut params = job.params.clone();
+    if let Some(out) = params["out"].as_str() {
+        check_export_path(data, roots, Path::new(out))?;
+    }
     if params["out"].is_null() {
         let host = &job.subject;
         let default = match job.kind.as_str() {

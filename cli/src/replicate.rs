@@ -93,6 +93,10 @@ struct TargetDaemonArgs {
     /// Serve Prometheus metrics (plain HTTP) on this address.
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// A directory jobs from the control-plane server may write failover
+    /// images under, besides the data directory (repeat).
+    #[arg(long = "export-root")]
+    export_roots: Vec<PathBuf>,
 }
 
 fn parse_retention(s: &str) -> std::result::Result<Duration, String> {
@@ -153,7 +157,12 @@ fn target(args: TargetDaemonArgs) -> Result<ExitCode> {
         ),
     };
     if let Some(reg) = registration {
-        crate::agent::spawn_target_agent(reg, data.clone(), stop.clone())?;
+        crate::agent::spawn_target_agent(
+            reg,
+            data.clone(),
+            args.export_roots.clone(),
+            stop.clone(),
+        )?;
     }
     crate::metrics::serve(
         args.metrics_listen.as_deref(),

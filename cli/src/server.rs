@@ -1242,6 +1242,8 @@ pub enum JobCommand {
     Wait(JobWaitArgs),
     /// Let a plan run waiting at a manual step go on.
     Continue(JobShowArgs),
+    /// Cancel a plan run, or a job its target has not taken yet.
+    Cancel(JobShowArgs),
 }
 
 /// `ferry job list`.
@@ -1305,6 +1307,18 @@ pub fn run_job(cmd: &JobCommand) -> Result<ExitCode> {
                 print_json(&job)?;
             } else {
                 print_job(&job);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCommand::Cancel(a) => {
+            let job: Job = a
+                .conn
+                .client()?
+                .post(&format!("/v1/jobs/{}/cancel", a.id), &json!({}))?;
+            if a.json {
+                print_json(&job)?;
+            } else {
+                println!("job {} cancelled", job.id);
             }
             Ok(ExitCode::SUCCESS)
         }

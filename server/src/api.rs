@@ -385,6 +385,10 @@ impl Api {
                     &serde_json::to_value(&job).unwrap_or_default(),
                 ))
             }
+            (Method::Post, ["v1", "jobs", id, "cancel"]) => {
+                need(Scope::Admin)?;
+                Ok(ok(&self.store.cancel_job(job_id(id)?, follow_job)?))
+            }
             (Method::Post, ["v1", "jobs", id, "continue"]) => {
                 need(Scope::Admin)?;
                 Ok(ok(&self.store.continue_job(job_id(id)?)?))

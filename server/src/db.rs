@@ -1156,6 +1156,10 @@ impl Store {
     ) -> Result<Vec<Job>> {
         const OP: &str = "advance job";
         self.write(OP, |tx| {
+            // A run cancelled meanwhile stays ended and starts nothing.
+            if job_in(tx, id, false)?.state.is_final() {
+                return Err(conflict(OP, format!("job {id} has ended")));
+            }
             let queued: Vec<Job> = start
                 .iter()
                 .map(|j| queue_host_job(tx, j))
@@ -1187,8 +1191,46 @@ impl Store {
     ) -> Result<Job> {
         self.write("finish job", |tx| {
             let job = job_in(tx, id, false)?;
+            if job.state.is_final() {
+                // Cancelled meanwhile: the operator's word stands.
+                return Ok(job);
+            }
             end_job(tx, &job, result, error)?;
             job_in(tx, id, false)
+        })
+    }
+
+    /// Cancels job `id`: a plan run (whatever step it is at: the jobs it
+    /// queued run on) or a job its target has not taken yet. A running
+    /// target job cannot be taken back. `on_end` as in
+    /// [`Store::finish_job`].
+    pub fn cancel_job(
+        &self,
+        id: i64,
+        on_end: impl FnOnce(&Transaction<'_>, &Job) -> Result<()>,
+    ) -> Result<Job> {
+        const OP: &str = "cancel job";
+        self.write(OP, |tx| {
+            let job = job_in(tx, id, false)?;
+            let cancellable = match job.state {
+                JobState::Queued => true,
+                JobState::Running => job.owner == "server",
+                _ => false,
+            };
+            if !cancellable {
+                return Err(conflict(
+                    OP,
+                    format!(
+                        "job {id} is {} on {}: it cannot be cancelled now",
+                        job.state.as_str(),
+                        job.owner
+                    ),
+                ));
+            }
+            end_job(tx, &job, None, Some("cancelled by the operator"))?;
+            let job = job_in(tx, id, false)?;
+            on_end(tx, &job)?;
+            Ok(job)
         })
     }
 
@@ -2187,6 +2229,43 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Conflict);
         s.create_host_job("web01", "points", &json, JobGate::Free)
             .unwrap();
+    }
+
+    #[test]
+    fn cancelled_runs_stay_ended_and_taken_jobs_cannot_be_cancelled() {
+        let (_tmp, s) = store();
+        let run = s
+            .create_job("plan-test", "dr", "server", &serde_json::json!({}))
+            .unwrap();
+        s.advance_server_job(run, &serde_json::json!({"step": 0}), 0.0, &[], &[])
+            .unwrap();
+        let j = s.cancel_job(run, |_, _| Ok(())).unwrap();
+        assert_eq!(j.state, JobState::Failed);
+        assert_eq!(j.error.as_deref(), Some("cancelled by the operator"));
+        // The runner's next move changes nothing.
+        assert!(s
+            .advance_server_job(run, &serde_json::json!({"step": 1}), 0.5, &[], &[])
+            .is_err());
+        let j = s
+            .finish_server_job(run, Some(&serde_json::json!({})), None)
+            .unwrap();
+        assert_eq!(j.state, JobState::Failed);
+        // A target job: cancellable while queued, not once taken.
+        let a = s
+            .create_job("failover", "web01", "target:site-b", &serde_json::json!({}))
+            .unwrap();
+        let b = s
+            .create_job("commit", "web02", "target:site-b", &serde_json::json!({}))
+            .unwrap();
+        s.claim_job("target:site-b").unwrap().unwrap();
+        assert_eq!(
+            s.cancel_job(a, |_, _| Ok(())).unwrap_err().kind(),
+            ErrorKind::Conflict
+        );
+        assert_eq!(
+            s.cancel_job(b, |_, _| Ok(())).unwrap().state,
+            JobState::Failed
+        );
     }
 
     #[test]

@@ -367,9 +367,12 @@ pub fn host_jobs(
 /// its output's last lines go to the log. Non-zero exit or a timeout fails.
 fn run_script(cmd: &str, job: &Job, step: usize, when: &str) -> Result<Vec<String>> {
     let op = "plan script";
+    use std::os::unix::process::CommandExt;
     let child = Command::new("/bin/sh")
         .arg("-c")
         .arg(cmd)
+        // Its own process group: a timeout kills what it started too.
+        .process_group(0)
         .env("FERRY_PLAN", &job.subject)
         .env("FERRY_PLAN_MODE", job.kind.trim_start_matches("plan-"))
         .env("FERRY_JOB", job.id.to_string())
@@ -406,9 +409,10 @@ fn run_script(cmd: &str, job: &Job, step: usize, when: &str) -> Result<Vec<Strin
         }
         Err(_) => {
             if let Ok(pid) = libc::pid_t::try_from(pid) {
-                // SAFETY: kill(2) on the script we started; at worst the pid
-                // was reaped already and the call fails harmlessly.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                // SAFETY: kill(2) on the process group of the script we
+                // started (its pid is the group id); at worst it is gone
+                // already and the call fails harmlessly.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
             }
             return Err(Error::new(
                 ErrorKind::Conflict,

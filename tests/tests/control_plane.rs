@@ -395,6 +395,25 @@ fn a_failed_job_returns_the_disks_where_they_were() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(rig.states(), ["protected"]);
+    // An output directory outside the target's data directory (and its
+    // export roots) is refused by the target: jobs do not write anywhere.
+    let elsewhere = rig.scratch.path("elsewhere");
+    let out = rig.server.cli(&[
+        "failover",
+        "web01",
+        "--point",
+        "latest",
+        "--out",
+        s(&elsewhere),
+    ]);
+    expect_code(&out, 1, "failover outside the export roots");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("outside the data directory"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!elsewhere.exists());
+    assert_eq!(rig.states(), ["protected"]);
     rig.point("after", &[(0, 64, 7)]);
 }
 
