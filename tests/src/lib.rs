@@ -832,3 +832,53 @@ impl ControlServer {
             .to_owned()
     }
 }
+
+/// `cross_disk.py` writing records through `uri_b` and index entries
+/// through `uri_a`; `CTL/done` appears when it finished.
+pub fn start_cross_disk(scratch: &Scratch, uri_a: &str, uri_b: &str) -> (PathBuf, ChildGuard) {
+    let ctl = scratch.path("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let workload = std::process::Command::new("/usr/bin/python3")
+        .args([
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("workloads/cross_disk.py")
+                .to_str()
+                .expect("utf-8"),
+            uri_a,
+            uri_b,
+            ctl.to_str().expect("utf-8"),
+            "3000",
+        ])
+        .stderr(std::fs::File::create(scratch.path("workload.log")).unwrap())
+        .spawn()
+        .expect("start the workload");
+    (ctl, ChildGuard(workload))
+}
+
+/// Index entries on disk A (as `cross_disk.py` writes them) whose record is
+/// missing on disk B, and the number of entries.
+pub fn dangling_entries(a: &[u8], b: &[u8]) -> (usize, u64) {
+    let word = |buf: &[u8], at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().unwrap());
+    let mut dangling = 0;
+    let mut entries = 0;
+    for k in 1..(a.len() / 16) {
+        let (id, check) = (word(a, k * 16), word(a, k * 16 + 8));
+        if id == 0 {
+            continue;
+        }
+        assert_eq!(
+            (id, check),
+            (k as u64, k as u64 * 7919),
+            "index entry {k} intact"
+        );
+        entries += 1;
+        let rec = &b[k * 4096..(k + 1) * 4096];
+        let whole = rec
+            .chunks(16)
+            .all(|c| word(c, 0) == id && word(c, 8) == check);
+        if !whole {
+            dangling += 1;
+        }
+    }
+    (dangling, entries)
+}

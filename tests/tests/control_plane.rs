@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_tests::{
-    expect_code, free_port, run, wait_until, ControlServer, Daemon, FilterProcess, Scratch,
+    dangling_entries, expect_code, free_port, run, start_cross_disk, wait_until, ControlServer,
+    Daemon, FilterProcess, Scratch,
 };
 use serde_json::Value;
 
@@ -530,51 +531,6 @@ fn a_server_restart_in_the_middle_of_a_job_never_leaves_it_stuck() {
         .filter(|j| j["kind"] == "failover")
         .count();
     assert_eq!(failovers, 2, "the restart queued nothing twice");
-}
-
-/// `cross_disk.py` writing records through `uri_b` and index entries
-/// through `uri_a`; `CTL/done` appears when it finished.
-fn start_cross_disk(
-    scratch: &Scratch,
-    uri_a: &str,
-    uri_b: &str,
-) -> (PathBuf, ferry_tests::ChildGuard) {
-    let ctl = scratch.path("ctl");
-    std::fs::create_dir_all(&ctl).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads/cross_disk.py");
-    let workload = std::process::Command::new("/usr/bin/python3")
-        .args([s(&script), uri_a, uri_b, s(&ctl), "3000"])
-        .stderr(std::fs::File::create(scratch.path("workload.log")).unwrap())
-        .spawn()
-        .expect("start the workload");
-    (ctl, ferry_tests::ChildGuard(workload))
-}
-
-/// Index entries on disk A whose record is missing on disk B, and the
-/// number of entries (the layout of `cross_disk.py`).
-fn dangling_entries(a: &[u8], b: &[u8]) -> (usize, u64) {
-    let word = |buf: &[u8], at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().unwrap());
-    let (mut dangling, mut entries) = (0, 0);
-    for k in 1..(a.len() / 16) {
-        let (id, check) = (word(a, k * 16), word(a, k * 16 + 8));
-        if id == 0 {
-            continue;
-        }
-        assert_eq!(
-            (id, check),
-            (k as u64, k as u64 * 7919),
-            "index entry {k} intact"
-        );
-        entries += 1;
-        let rec = &b[k * 4096..(k + 1) * 4096];
-        if !rec
-            .chunks(16)
-            .all(|c| word(c, 0) == id && word(c, 8) == check)
-        {
-            dangling += 1;
-        }
-    }
-    (dangling, entries)
 }
 
 /// A second registered host with its own filter (group port on `port`)

@@ -9,7 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferry_tests::{expect_code, run, wait_until, FilterProcess, Scratch, Site};
+use ferry_tests::{
+    dangling_entries, expect_code, run, start_cross_disk, wait_until, FilterProcess, Scratch, Site,
+};
 
 const DISK: &str = "data";
 
@@ -704,57 +706,6 @@ fn sqlite_on_ext4_fails_over_at_app_crash_and_past_points_and_drills_while_runni
         "commit",
     );
     drop(sidecar);
-}
-
-/// `cross_disk.py` writing records through `uri_b` and index entries
-/// through `uri_a`; `CTL/done` appears when it finished.
-fn start_cross_disk(
-    scratch: &Scratch,
-    uri_a: &str,
-    uri_b: &str,
-) -> (PathBuf, ferry_tests::ChildGuard) {
-    let ctl = scratch.path("ctl");
-    std::fs::create_dir_all(&ctl).unwrap();
-    let workload = std::process::Command::new("/usr/bin/python3")
-        .args([
-            s(&workload_script("cross_disk.py")),
-            uri_a,
-            uri_b,
-            s(&ctl),
-            "3000",
-        ])
-        .stderr(std::fs::File::create(scratch.path("workload.log")).unwrap())
-        .spawn()
-        .expect("start the workload");
-    (ctl, ferry_tests::ChildGuard(workload))
-}
-
-/// Index entries on disk A (as `cross_disk.py` writes them) whose record is
-/// missing on disk B, and the number of entries.
-fn dangling_entries(a: &[u8], b: &[u8]) -> (usize, u64) {
-    let word = |buf: &[u8], at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().unwrap());
-    let mut dangling = 0;
-    let mut entries = 0;
-    for k in 1..(a.len() / 16) {
-        let (id, check) = (word(a, k * 16), word(a, k * 16 + 8));
-        if id == 0 {
-            continue;
-        }
-        assert_eq!(
-            (id, check),
-            (k as u64, k as u64 * 7919),
-            "index entry {k} intact"
-        );
-        entries += 1;
-        let rec = &b[k * 4096..(k + 1) * 4096];
-        let whole = rec
-            .chunks(16)
-            .all(|c| word(c, 0) == id && word(c, 8) == check);
-        if !whole {
-            dangling += 1;
-        }
-    }
-    (dangling, entries)
 }
 
 #[test]
