@@ -67,14 +67,14 @@ replica=site-b/hosts/web01/data/replica.vhd
 wait_replicated() { # until the replica holds every write of $1 and is a consistent point
     for _ in $(seq 600); do
         "$ferry" image compare "$1" "$replica" >/dev/null 2>&1 &&
-            "$ferry" target status --data ./site-b --json | grep -q '"state": "consistent"' && return 0
+            "$ferry" target status --data ./site-b --json | grep '"state": "consistent"' >/dev/null && return 0
         sleep 0.1
     done
     echo "the replica did not catch up" >&2; exit 1
 }
 wait_point() { # until the target lists point $1
     for _ in $(seq 300); do
-        "$ferry" points web01 --data ./site-b --json | grep -q "\"name\": \"$1\"" && return 0
+        "$ferry" points web01 --data ./site-b --json | grep "\"name\": \"$1\"" >/dev/null && return 0
         sleep 0.1
     done
     echo "point $1 not recorded" >&2; exit 1

@@ -62,7 +62,7 @@ pids="$pids $!"
 "$ferry" sidecar --state ./web01 2>sidecar.log &
 pids="$pids $!"
 for _ in $(seq 100); do
-    "$ferry" host show web01 --json | grep -q '"name": "data"' && break; sleep 0.2
+    "$ferry" host show web01 --json | grep '"name": "data"' >/dev/null && break; sleep 0.2
 done
 "$ferry" host show web01
 
@@ -80,7 +80,7 @@ qemu-io -f raw "$uri" -c "write -s note.txt 4M 512" >/dev/null 2>&1 || qemu-io -
 cp --sparse=always protected.img at-demo-point.raw
 wait_point() {
     for _ in $(seq 300); do
-        "$ferry" points web01 --data ./site-b --json | grep -q "\"name\": \"$1\"" && return 0
+        "$ferry" points web01 --data ./site-b --json | grep "\"name\": \"$1\"" >/dev/null && return 0
         sleep 0.1
     done
     echo "point $1 not recorded" >&2; exit 1

@@ -43,7 +43,7 @@ for h in h1 h2; do
     "$ferry" sidecar --state "$h" 2>"$h-sidecar.log" & pids+=($!)
 done
 for h in h1 h2; do
-    for _ in $(seq 150); do "$ferry" host show "$h" --json | grep -q '"name": "data"' && break; sleep 0.2; done
+    for _ in $(seq 150); do "$ferry" host show "$h" --json | grep '"name": "data"' >/dev/null && break; sleep 0.2; done
     "$ferry" protect "$h" --policy gold --target site-b --wait 5m >/dev/null
 done
 "$ferry" group create pair --host h1 --host h2 >/dev/null
