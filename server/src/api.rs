@@ -636,10 +636,9 @@ impl Api {
     /// Fails every member of `group` over (or tests it) at one group
     /// point: one job per host, queued together or not at all.
     fn group_failover(&self, group: &str, r: GroupFailoverRequest) -> Result<Response> {
-        let g = self.store.group(group)?;
+        // The hosts whose tag the round holds, not the group as it is now.
         let point = crate::groups::resolve(&self.store, group, &r.point)?;
         let hosts = crate::groups::members_of(&point);
-        let _ = &g;
         let mode = if r.test {
             PlanMode::Test
         } else {
