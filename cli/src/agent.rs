@@ -511,6 +511,8 @@ pub fn spawn_target_agent(
         .name("server-jobs".into())
         .spawn(move || {
             let mut quiet = Quiet::new("job poll");
+            // Results a previous run of this target could not deliver first.
+            resend_results(&client, &data, &stop);
             while !nap(&stop, JOB_POLL) {
                 match client.post::<_, Option<Job>>("/v1/jobs/claim", &json!({})) {
                     Ok(Some(job)) => {
@@ -558,7 +560,12 @@ fn run_job(client: &Client, data: &Path, roots: &[PathBuf], job: &Job, stop: &At
             },
         };
         tracing::info!(job = job.id, ok = finish.error.is_none(), "job ended");
-        report_finish(client, job.id, &finish, stop);
+        // Kept on disk until the server has it: a restart of this target
+        // (or a long outage of the server) does not lose what was done.
+        let kept = keep_result(data, job.id, &finish);
+        if report_finish(client, job.id, &finish, stop) {
+            forget_result(kept.as_deref());
+        }
     });
 }
 
@@ -621,23 +628,84 @@ fn check_export_path(data: &Path, roots: &[PathBuf], out: &Path) -> Result<()> {
 
 /// Posts a job's end, retrying while the server is away (it may be
 /// restarting), until it is taken or refused as no longer ours.
-fn report_finish(client: &Client, id: i64, finish: &JobFinish, stop: &AtomicBool) {
+/// Returns true once the server took the result or refused it for good
+/// (the job is no longer this target's); false if it is still to be sent.
+fn report_finish(client: &Client, id: i64, finish: &JobFinish, stop: &AtomicBool) -> bool {
     let started = Instant::now();
     let mut quiet = Quiet::new("job result");
     loop {
         match client.post::<_, Job>(&format!("/v1/jobs/{id}/finish"), finish) {
-            Ok(_) => return,
+            Ok(_) => return true,
             Err(e)
                 if e.kind() == ferry_api::ErrorKind::Api && e.status().is_some_and(|s| s < 500) =>
             {
                 tracing::warn!(job = id, error = %e, "the server refused the job's result");
-                return;
+                return true;
             }
             Err(e) => quiet.failed(&e),
         }
         if started.elapsed() >= RESULT_RETRY || nap(stop, Duration::from_secs(2)) {
-            tracing::error!(job = id, "gave up reporting the job's result");
-            return;
+            tracing::error!(
+                job = id,
+                "the job's result is kept on disk and sent when the target starts again"
+            );
+            return false;
+        }
+    }
+}
+
+/// Where undelivered job results wait (`DATA/server-results/ID.json`).
+const RESULTS_DIR: &str = "server-results";
+
+/// Writes a job's result before it is sent; its path, if written.
+fn keep_result(data: &Path, id: i64, finish: &JobFinish) -> Option<PathBuf> {
+    let dir = data.join(RESULTS_DIR);
+    let path = dir.join(format!("{id}.json"));
+    let written = ferry_server::daemon::make_private_dir(&dir)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| Ok(serde_json::to_vec(finish)?))
+        .and_then(|b| Ok(ferry_server::daemon::write_private(&path, &b)?));
+    match written {
+        Ok(()) => Some(path),
+        Err(e) => {
+            tracing::warn!(job = id, error = %e, "cannot keep the job's result on disk");
+            None
+        }
+    }
+}
+
+fn forget_result(path: Option<&Path>) {
+    if let Some(p) = path {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// Sends the results a previous run kept (a restart between a job's end
+/// and its report).
+fn resend_results(client: &Client, data: &Path, stop: &AtomicBool) {
+    let Ok(entries) = std::fs::read_dir(data.join(RESULTS_DIR)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let id = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse::<i64>().ok());
+        let finish = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<JobFinish>(&b).ok());
+        match (id, finish) {
+            (Some(id), Some(finish)) => {
+                tracing::info!(job = id, "sending a result kept from before a restart");
+                if report_finish(client, id, &finish, stop) {
+                    forget_result(Some(&path));
+                }
+            }
+            _ => {
+                tracing::warn!(path = %path.display(), "not a kept job result: removed");
+                let _ = std::fs::remove_file(&path);
+            }
         }
     }
 }
