@@ -10,12 +10,15 @@
 //!   configuration changes (another target or policy, a failover);
 //! - the target writes the data keys of the hosts protected to it into its
 //!   credentials, posts its status, and runs the jobs the server queues for
-//!   it (failover, commit, test failover, cleanup) through its own control
-//!   socket, reporting progress lines and the result.
+//!   it (failover, commit, test failover, cleanup, points) through its own
+//!   control socket, reporting progress lines and the result; output
+//!   directories stay inside its data directory or an `--export-root`.
 //!
 //! The server being away never stops replication: heartbeats are retried
-//! at the next beat, and a job's result is retried until the server takes
-//! it or says the job is no longer the target's.
+//! at the next beat, a sidecar keeps the last plan the server gave
+//! (`STATE/server-plan.json`), and a job's result is kept on the target's
+//! disk (`DATA/server-results/`) until the server takes it or says the job
+//! is no longer the target's.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
