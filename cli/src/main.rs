@@ -35,20 +35,20 @@ enum Command {
     /// Make the CA, certificates and data keys a target and its hosts need.
     Credentials(credentials::CredentialsArgs),
     /// The recovery-site receiver: journals and replica images
-    /// (`ferry target --help`), and `ferry target status`.
+    /// (`ferry target --help`), and `ferry target status|register|token|list`.
     Target(Box<replicate::TargetArgs>),
     /// Ship the filter's change stream to a target (`ferry sidecar --help`),
     /// and `ferry sidecar status`.
     Sidecar(Box<replicate::SidecarArgs>),
-    /// A host's recovery points at a target (`ferry points HOST --data DIR`).
+    /// A host's recovery points at a target (`ferry points HOST [--data DIR]`).
     Points(replicate::PointsArgs),
     /// Stop a host's replication and write its disks' images at a recovery
     /// point, with a manifest (`--change-point` picks another before commit).
     Failover(Box<failover::FailoverArgs>),
     /// Finalize a failover at its point; the other points are dropped.
     Commit(failover::CommitArgs),
-    /// Group-consistent points across hosts (`ferry group point NAME
-    /// --member STATE ...`).
+    /// Replication groups and group-consistent points: create, add, list,
+    /// show, take, points (through the server), point (local filters).
     #[command(subcommand)]
     Group(group::GroupCommand),
     /// Writable images of a host at a point while replication goes on
@@ -71,7 +71,7 @@ enum Command {
     /// What needs attention: RPO over threshold, points missing, resync
     /// required, heartbeats lost, space low (exit 1 if any is critical).
     Alerts(server::ListArgs),
-    /// Jobs the server runs: list, show, wait, continue.
+    /// Jobs the server runs: list, show, wait, continue, cancel.
     #[command(subcommand)]
     Job(server::JobCommand),
     /// Recovery plans: create, list, show, run --test|--failover|--cleanup.
