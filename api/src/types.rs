@@ -307,6 +307,18 @@ impl ProtectionState {
         }
     }
 
+    /// Whether the disk is (to be) replicating: enabling, initial-sync,
+    /// protected, resync-required. The other states stop the sidecar.
+    pub fn is_replicating(self) -> bool {
+        matches!(
+            self,
+            ProtectionState::Enabling
+                | ProtectionState::InitialSync
+                | ProtectionState::Protected
+                | ProtectionState::ResyncRequired
+        )
+    }
+
     /// Every state, in life order.
     pub const ALL: [ProtectionState; 10] = [
         ProtectionState::Enabling,
@@ -521,16 +533,7 @@ pub struct HostConfig {
 impl HostConfig {
     /// Whether replication should run: protected disks, none failed over.
     pub fn replicating(&self) -> bool {
-        self.target.is_some()
-            && self.protections.iter().any(|p| {
-                matches!(
-                    p.state,
-                    ProtectionState::Enabling
-                        | ProtectionState::InitialSync
-                        | ProtectionState::Protected
-                        | ProtectionState::ResyncRequired
-                )
-            })
+        self.target.is_some() && self.protections.iter().any(|p| p.state.is_replicating())
     }
 }
 

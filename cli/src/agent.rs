@@ -417,7 +417,7 @@ pub fn sync_data_keys(client: &Client, reg: &Registration) -> Result<usize> {
     let mut written = 0;
     for h in cfg.hosts {
         ferry_protocol::credentials::validate_name("host", &h.name)?;
-        let key = from_hex(&h.datakey_hex)?;
+        let key = crate::server::from_hex(&h.datakey_hex)?;
         let path = ferry_protocol::credentials::datakey_path(&reg.credentials, &h.name);
         if std::fs::read(&path).ok().as_deref() == Some(&key[..]) {
             continue;
@@ -427,18 +427,6 @@ pub fn sync_data_keys(client: &Client, reg: &Registration) -> Result<usize> {
         written += 1;
     }
     Ok(written)
-}
-
-fn from_hex(s: &str) -> Result<Vec<u8>> {
-    if !s.len().is_multiple_of(2) || !s.is_ascii() {
-        return Err(anyhow!("bad hex from the server"));
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| anyhow!("bad hex from the server"))
-        })
-        .collect()
 }
 
 /// The target's report: its status documents.

@@ -232,10 +232,7 @@ fn print_group_points(list: &[GroupPoint], json: bool) -> Result<()> {
         println!(
             "{:>5}  {}  {}  {}{}{}",
             p.id,
-            u64::try_from(p.at).map_or_else(
-                |_| p.at.to_string(),
-                |s| ferry_master_target::clock::utc(s.saturating_mul(1_000_000_000))
-            ),
+            crate::server::utc(p.at),
             p.name,
             p.result,
             p.elapsed_us

@@ -289,7 +289,8 @@ pub fn register(
     Ok(reg)
 }
 
-fn from_hex(s: &str) -> Result<Vec<u8>> {
+/// Bytes of the lower- or upper-case hex the server sends (data keys).
+pub(crate) fn from_hex(s: &str) -> Result<Vec<u8>> {
     if !s.len().is_multiple_of(2) || !s.is_ascii() {
         bail!("odd-length hex from the server");
     }
@@ -1510,7 +1511,8 @@ fn secs(s: u64) -> String {
     }
 }
 
-fn utc(t: i64) -> String {
+/// `YYYY-MM-DD HH:MM:SS` (UTC) of Unix seconds.
+pub(crate) fn utc(t: i64) -> String {
     u64::try_from(t)
         .ok()
         .and_then(|s| s.checked_mul(1_000_000_000))

@@ -583,7 +583,7 @@ fn prepare_dir(dir: &Path) -> Result<()> {
 /// Writes `bytes` to `path` with mode 0600: a temporary file in the same
 /// directory, fsync, then rename over `path` (refused if `path` exists and
 /// not `overwrite`). The caller fsyncs the directory.
-fn write_secret(path: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
+pub fn write_secret(path: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
     if !overwrite && exists(path)? {
         return Err(cred_err(format!(
             "{} already exists; refusing to overwrite it",

@@ -96,14 +96,16 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
 }
 
 fn roots(ca: &Path) -> Result<Arc<RootCertStore>> {
+    roots_of(load_certs(ca)?, &ca.display().to_string())
+}
+
+/// A root store of `certs` (`what` names them in errors).
+fn roots_of(certs: Vec<CertificateDer<'static>>, what: &str) -> Result<Arc<RootCertStore>> {
     let mut roots = RootCertStore::empty();
-    for cert in load_certs(ca)? {
-        roots.add(cert).map_err(|e| {
-            tls_err(format!(
-                "{}: not a usable CA certificate: {e}",
-                ca.display()
-            ))
-        })?;
+    for cert in certs {
+        roots
+            .add(cert)
+            .map_err(|e| tls_err(format!("{what}: not a usable CA certificate: {e}")))?;
     }
     Ok(Arc::new(roots))
 }
@@ -198,7 +200,6 @@ pub fn api_server_config(dir: &Path, name: &str) -> Result<Arc<ServerConfig>> {
 /// An API client's configuration: trusts only the CA certificates in
 /// `ca_pem`, presents no certificate, TLS 1.3 only.
 pub fn api_client_config(ca_pem: &[u8]) -> Result<Arc<ClientConfig>> {
-    let mut roots = RootCertStore::empty();
     let certs = CertificateDer::pem_slice_iter(ca_pem)
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| {
@@ -213,11 +214,7 @@ pub fn api_client_config(ca_pem: &[u8]) -> Result<Arc<ClientConfig>> {
             "CA certificate: no certificate in the PEM",
         ));
     }
-    for cert in certs {
-        roots
-            .add(cert)
-            .map_err(|e| tls_err(format!("not a usable CA certificate: {e}")))?;
-    }
+    let roots = roots_of(certs, "CA certificate")?;
     let cfg = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|e| tls_err(format!("TLS 1.3 client setup: {e}")))?

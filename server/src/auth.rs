@@ -61,14 +61,6 @@ pub fn hex(bytes: &[u8]) -> String {
         })
 }
 
-/// `sha256:HEX` of a DER certificate: the fingerprint registrants pin.
-pub fn fingerprint(der: &[u8]) -> String {
-    format!(
-        "sha256:{}",
-        hex(digest::digest(&digest::SHA256, der).as_ref())
-    )
-}
-
 /// What a request wants to touch, for [`allowed`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope<'a> {
@@ -137,14 +129,5 @@ mod tests {
         assert!(!allowed(&web01, Scope::Target("web01")));
         assert!(allowed(&t, Scope::Target("site-b")));
         assert!(!allowed(&t, Scope::Host("site-b")));
-    }
-
-    #[test]
-    fn fingerprint_format() {
-        let f = fingerprint(b"abc");
-        assert_eq!(
-            f,
-            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
     }
 }

@@ -308,20 +308,8 @@ pub fn make_private_dir(dir: &Path) -> Result<()> {
         .map_err(Error::io("server init", dir.display().to_string()))
 }
 
-/// Writes a 0600 file through a temporary file, fsync and a rename.
+/// Writes a 0600 file through a temporary file, fsync and a rename (as
+/// the credentials are written).
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let io = Error::io("write file", path.display().to_string());
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(".{}.tmp", name.unwrap_or_default()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(&io)?;
-    f.write_all(bytes).map_err(&io)?;
-    f.sync_all().map_err(&io)?;
-    std::fs::rename(&tmp, path).map_err(&io)
+    Ok(credentials::write_secret(path, bytes, true)?)
 }

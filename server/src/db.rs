@@ -778,12 +778,7 @@ impl Store {
                         )
                         .map_err(Error::db(OP))?;
                     }
-                    Some(
-                        ProtectionState::Enabling
-                        | ProtectionState::InitialSync
-                        | ProtectionState::Protected
-                        | ProtectionState::ResyncRequired,
-                    ) => {
+                    Some(state) if state.is_replicating() => {
                         // Another target holds nothing of this disk yet: it
                         // starts over there.
                         tx.execute(

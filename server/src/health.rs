@@ -14,7 +14,9 @@
 
 use std::collections::HashMap;
 
-use ferry_api::types::{Alert, Component, HostInfo, Policy, ProtectionState, TargetInfo};
+use ferry_api::types::{
+    Alert, Component, Heartbeat, HostInfo, Policy, ProtectionState, TargetInfo,
+};
 
 /// A daemon silent this long has lost its heartbeat (daemons beat every 5 s).
 pub const HEARTBEAT_LOST_SECS: i64 = 30;
@@ -47,16 +49,6 @@ fn alert(kind: &str, severity: &str, subject: String, message: String) -> Alert 
     }
 }
 
-fn replicating(state: ProtectionState) -> bool {
-    matches!(
-        state,
-        ProtectionState::Enabling
-            | ProtectionState::InitialSync
-            | ProtectionState::Protected
-            | ProtectionState::ResyncRequired
-    )
-}
-
 /// Every alert that holds at `now` (Unix seconds), most severe first.
 pub fn alerts(s: &Snapshot, now: i64) -> Vec<Alert> {
     let lost = s.heartbeat_lost_secs.unwrap_or(HEARTBEAT_LOST_SECS);
@@ -69,7 +61,7 @@ pub fn alerts(s: &Snapshot, now: i64) -> Vec<Alert> {
         let active: Vec<_> = h
             .protections
             .iter()
-            .filter(|p| replicating(p.state))
+            .filter(|p| p.state.is_replicating())
             .collect();
         if !active.is_empty() {
             heartbeat_alerts(h, now, lost, &mut out);
@@ -114,42 +106,28 @@ pub fn alerts(s: &Snapshot, now: i64) -> Vec<Alert> {
             .hosts
             .iter()
             .flat_map(|h| &h.protections)
-            .any(|p| p.target == t.name && replicating(p.state));
+            .any(|p| p.target == t.name && p.state.is_replicating());
         if !serves {
             continue;
         }
         let subject = format!("target:{}", t.name);
-        match &t.heartbeat {
-            Some(hb) if now - hb.at <= lost => {
-                let free = hb.status["free_bytes"].as_u64();
-                let total = hb.status["total_bytes"].as_u64();
-                if let (Some(free), Some(total)) = (free, total) {
-                    if total > 0
-                        && free.saturating_mul(100) < total.saturating_mul(100 - SPACE_LOW_PERCENT)
-                    {
-                        out.push(alert(
-                            "journal-space-low",
-                            "critical",
-                            subject,
-                            format!(
-                                "{free} of {total} bytes free on the target's data file system"
-                            ),
-                        ));
-                    }
-                }
+        if let Some(a) = heartbeat_lost(subject.clone(), t.heartbeat.as_ref(), now, lost) {
+            out.push(a);
+            continue;
+        }
+        let Some(hb) = &t.heartbeat else { continue };
+        let free = hb.status["free_bytes"].as_u64();
+        let total = hb.status["total_bytes"].as_u64();
+        if let (Some(free), Some(total)) = (free, total) {
+            if total > 0 && free.saturating_mul(100) < total.saturating_mul(100 - SPACE_LOW_PERCENT)
+            {
+                out.push(alert(
+                    "journal-space-low",
+                    "critical",
+                    subject,
+                    format!("{free} of {total} bytes free on the target's data file system"),
+                ));
             }
-            Some(hb) => out.push(alert(
-                "heartbeat-lost",
-                "critical",
-                subject,
-                format!("no heartbeat for {} s", now - hb.at),
-            )),
-            None => out.push(alert(
-                "heartbeat-lost",
-                "critical",
-                subject,
-                "never reported".into(),
-            )),
         }
     }
     out.sort_by_key(|a| (a.severity != "critical", a.kind.clone(), a.subject.clone()));
@@ -158,23 +136,25 @@ pub fn alerts(s: &Snapshot, now: i64) -> Vec<Alert> {
 
 fn heartbeat_alerts(h: &HostInfo, now: i64, lost: i64, out: &mut Vec<Alert>) {
     for c in [Component::Filter, Component::Sidecar] {
-        let subject = format!("{}/{}", h.name, c.as_str());
-        match h.heartbeats.iter().find(|b| b.component == c) {
-            Some(b) if now - b.at <= lost => {}
-            Some(b) => out.push(alert(
-                "heartbeat-lost",
-                "critical",
-                subject,
-                format!("no heartbeat for {} s", now - b.at),
-            )),
-            None => out.push(alert(
-                "heartbeat-lost",
-                "critical",
-                subject,
-                "never reported".into(),
-            )),
-        }
+        let last = h.heartbeats.iter().find(|b| b.component == c);
+        out.extend(heartbeat_lost(
+            format!("{}/{}", h.name, c.as_str()),
+            last,
+            now,
+            lost,
+        ));
     }
+}
+
+/// `heartbeat-lost` for `subject` if its last heartbeat is older than
+/// `lost` seconds or never came.
+fn heartbeat_lost(subject: String, last: Option<&Heartbeat>, now: i64, lost: i64) -> Option<Alert> {
+    let message = match last {
+        Some(b) if now - b.at <= lost => return None,
+        Some(b) => format!("no heartbeat for {} s", now - b.at),
+        None => "never reported".into(),
+    };
+    Some(alert("heartbeat-lost", "critical", subject, message))
 }
 
 fn spool_alert(h: &HostInfo, out: &mut Vec<Alert>) {

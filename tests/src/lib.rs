@@ -882,3 +882,19 @@ pub fn dangling_entries(a: &[u8], b: &[u8]) -> (usize, u64) {
     }
     (dangling, entries)
 }
+
+/// `ferry points HOST --data DATA --json`: the host's points at the target
+/// (empty while it has none or the command fails).
+pub fn points_at(data: &Path, host: &str) -> Vec<serde_json::Value> {
+    let out = ferry([
+        "points",
+        host,
+        "--data",
+        data.to_str().expect("utf-8"),
+        "--json",
+    ]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_tests::{
-    dangling_entries, expect_code, free_port, run, start_cross_disk, wait_until, ControlServer,
-    Daemon, FilterProcess, Scratch,
+    dangling_entries, expect_code, free_port, points_at, run, start_cross_disk, wait_until,
+    ControlServer, Daemon, FilterProcess, Scratch,
 };
 use serde_json::Value;
 
@@ -155,11 +155,9 @@ impl Rig {
             "copy",
         );
         let listed = wait_until(Duration::from_secs(60), || {
-            let out = ferry_tests::ferry(["points", "web01", "--data", s(&self.site), "--json"]);
-            serde_json::from_slice::<Value>(&out.stdout)
-                .ok()
-                .and_then(|v| v.as_array().cloned())
-                .is_some_and(|a| a.iter().any(|p| p["name"] == name))
+            points_at(&self.site, "web01")
+                .iter()
+                .any(|p| p["name"] == name)
         });
         assert!(listed, "point {name} reached the target\n{}", self.logs());
         copy
@@ -652,11 +650,9 @@ fn group_points_over_the_network_keep_a_dependency_across_two_hosts() {
     assert_eq!(rounds.as_array().map(Vec::len), Some(names.len()));
     for host in ["web01", "web02"] {
         let listed = wait_until(Duration::from_secs(60), || {
-            let out = ferry_tests::ferry(["points", host, "--data", s(&rig.site), "--json"]);
-            serde_json::from_slice::<Value>(&out.stdout)
-                .ok()
-                .and_then(|v| v.as_array().cloned())
-                .is_some_and(|a| a.iter().any(|p| p["name"] == "grp-end"))
+            points_at(&rig.site, host)
+                .iter()
+                .any(|p| p["name"] == "grp-end")
         });
         assert!(listed, "grp-end reached the target for {host}");
     }
@@ -971,14 +967,9 @@ fn an_app_group_point_runs_every_members_scripts_around_its_hold() {
     // The app round's tags are app-consistent points on both hosts.
     for host in ["web01", "web02"] {
         let listed = wait_until(Duration::from_secs(60), || {
-            let out = ferry_tests::ferry(["points", host, "--data", s(&rig.site), "--json"]);
-            serde_json::from_slice::<Value>(&out.stdout)
-                .ok()
-                .and_then(|v| v.as_array().cloned())
-                .is_some_and(|a| {
-                    a.iter().any(|p| p["name"] == "g-app" && p["app"] == true)
-                        && a.iter().any(|p| p["name"] == "g-crash")
-                })
+            let a = points_at(&rig.site, host);
+            a.iter().any(|p| p["name"] == "g-app" && p["app"] == true)
+                && a.iter().any(|p| p["name"] == "g-crash")
         });
         assert!(listed, "g-app is an app point of {host}");
     }

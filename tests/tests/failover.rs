@@ -41,11 +41,7 @@ fn cleanup_drill(data: &Path, what: &str) -> serde_json::Value {
 }
 
 fn points(data: &Path) -> Vec<serde_json::Value> {
-    let out = ferry_tests::ferry(["points", "web01", "--data", s(data), "--json"]);
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
+    ferry_tests::points_at(data, "web01")
 }
 
 fn wait_point(data: &Path, name: &str) {
@@ -965,11 +961,7 @@ fn host_consistent(site: &Site, host: &str) -> bool {
 }
 
 fn host_points(data: &Path, host: &str) -> Vec<String> {
-    let out = ferry_tests::ferry(["points", host, "--data", s(data), "--json"]);
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
+    ferry_tests::points_at(data, host)
         .iter()
         .filter_map(|p| p["name"].as_str().map(str::to_owned))
         .collect()
