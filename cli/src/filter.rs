@@ -17,6 +17,7 @@ use ferry_filter::control::{self, Request, TagRequest};
     args_conflicts_with_subcommands = true,
     after_help = "Examples:\n  \
     ferry filter --disk data=./disk.img --listen unix:./web01/nbd.sock --state ./web01\n  \
+    ferry filter --disk data=/dev/vdb --nbd-device data=/dev/nbd0 --state /var/lib/ferry/filter\n  \
     ferry filter --config /etc/ferry/filter.toml\n  \
     ferry filter status --state ./web01\n  \
     ferry filter tag before-upgrade --state ./web01 --app --mount /srv --pre 'sync'"
@@ -74,19 +75,19 @@ struct DrainArgs {
 
 /// Run the daemon: serve each disk over NBD and record its writes.
 #[derive(Debug, Args)]
-struct DaemonArgs {
+pub(crate) struct DaemonArgs {
     /// TOML configuration instead of --disk/--listen/--state (see docs/ARCHITECTURE.md).
     #[arg(long, conflicts_with_all = ["disk", "listen", "state"])]
-    config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// A protected disk: NAME=PATH (block device or file); repeat for more.
     #[arg(long, value_name = "NAME=PATH")]
-    disk: Vec<String>,
+    pub(crate) disk: Vec<String>,
     /// Where to serve NBD: unix:SOCKET or tcp:ADDR:PORT; repeat for more.
     #[arg(long, value_name = "unix:SOCKET|tcp:ADDR")]
     listen: Vec<String>,
     /// State directory: control socket, tracking metadata, ring links.
     #[arg(long)]
-    state: Option<PathBuf>,
+    pub(crate) state: Option<PathBuf>,
     /// Payload area of each disk's ring (e.g. 64M).
     #[arg(long, value_parser = size)]
     ring_size: Option<u64>,
@@ -129,6 +130,19 @@ struct DaemonArgs {
     /// Command run after thawing, always.
     #[arg(long)]
     app_post: Option<String>,
+    /// Serve a disk to the kernel's own NBD client: DISK=/dev/nbdN, or
+    /// DISK=auto for any free device (needs the nbd module: `modprobe
+    /// nbd`). A restarted filter reattaches to the same device.
+    #[arg(long, value_name = "DISK=/dev/nbdN|auto")]
+    nbd_device: Vec<String>,
+    /// Seconds before the kernel requeues an unanswered request on a new
+    /// connection (default 30).
+    #[arg(long, value_name = "SECS")]
+    nbd_timeout: Option<u64>,
+    /// Seconds the kernel waits for a restarted filter before failing
+    /// requests (default 120).
+    #[arg(long, value_name = "SECS")]
+    nbd_dead_timeout: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -184,6 +198,12 @@ pub fn run(args: FilterArgs) -> Result<ExitCode> {
 }
 
 fn daemon(args: DaemonArgs) -> Result<ExitCode> {
+    let config = daemon_config(&args)?;
+    run_daemon(config, &args, |_| Ok(()))
+}
+
+/// The filter configuration the daemon flags describe.
+pub(crate) fn daemon_config(args: &DaemonArgs) -> Result<FilterConfig> {
     let mut config = match &args.config {
         Some(path) => FilterConfig::from_file(path)?,
         None => {
@@ -224,11 +244,33 @@ fn daemon(args: DaemonArgs) -> Result<ExitCode> {
     if args.no_initial_copy {
         config.initial_copy = false;
     }
+    for device in &args.nbd_device {
+        config
+            .nbd_devices
+            .push(ferry_filter::config::parse_nbd_device(device)?);
+    }
+    if let Some(secs) = args.nbd_timeout {
+        config.nbd_timeouts.request = std::time::Duration::from_secs(secs);
+    }
+    if let Some(secs) = args.nbd_dead_timeout {
+        config.nbd_timeouts.dead_connection = std::time::Duration::from_secs(secs);
+    }
     config.app = ferry_filter::config::AppSettings {
         mounts: args.app_mounts.clone(),
         pre: args.app_pre.clone(),
         post: args.app_post.clone(),
     };
+    Ok(config)
+}
+
+/// Runs the filter daemon with `config` (and the registration, group port,
+/// metrics and heartbeats the flags ask for), calling `started` once every
+/// disk is served.
+pub(crate) fn run_daemon(
+    mut config: FilterConfig,
+    args: &DaemonArgs,
+    started: impl FnOnce(&[ferry_filter::daemon::KernelDevice]) -> ferry_filter::Result<()>,
+) -> Result<ExitCode> {
     crate::init_logging();
     let stop = Arc::new(AtomicBool::new(false));
     let registration = crate::agent::Registration::load(&config.state)?;
@@ -261,7 +303,7 @@ fn daemon(args: DaemonArgs) -> Result<ExitCode> {
             stop.clone(),
         )?;
     }
-    ferry_filter::daemon::run(config, stop)?;
+    ferry_filter::daemon::run_with(config, stop, started)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -10,6 +10,7 @@ mod image;
 mod metrics;
 mod replicate;
 mod server;
+mod volume;
 
 use std::process::ExitCode;
 
@@ -32,6 +33,11 @@ enum Command {
     /// The write interceptor: serve protected disks over NBD and record
     /// every write in write order (`ferry filter --help`).
     Filter(Box<filter::FilterArgs>),
+    /// Slide the filter under a mounted device-mapper volume (LVM or dm):
+    /// no unmount, the same device; runs until stopped.
+    ProtectVolume(Box<volume::ProtectVolumeArgs>),
+    /// Slide the filter back out from under a protected volume and stop it.
+    UnprotectVolume(volume::UnprotectVolumeArgs),
     /// Make the CA, certificates and data keys a target and its hosts need.
     Credentials(credentials::CredentialsArgs),
     /// The recovery-site receiver: journals and replica images
@@ -113,6 +119,11 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Image(cmd) => image::run(cmd),
         Command::Filter(args) => filter::run(*args),
+        Command::ProtectVolume(args) => volume::run_protect(*args),
+        Command::UnprotectVolume(args) => {
+            init_logging();
+            volume::run_unprotect(&args)
+        }
         Command::Credentials(args) => credentials::run(args).map(|()| ExitCode::SUCCESS),
         Command::Target(args) => {
             init_logging();
@@ -142,8 +153,42 @@ fn main() -> ExitCode {
     match outcome {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("ferry: {err:#}");
+            eprintln!("ferry: {}", error_chain(&err));
             ExitCode::from(server::exit_code(&err).unwrap_or(image::EXIT_ERROR))
         }
+    }
+}
+
+/// The error and its causes, `: `-separated, without repeating a cause
+/// whose text its parent's message already carries (the libraries' I/O
+/// errors say their source in their own message).
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod error_chain_tests {
+    #[test]
+    fn causes_already_said_are_not_repeated() {
+        let io = std::io::Error::other("disk gone");
+        let err = anyhow::Error::new(std::io::Error::other(format!("read meta: {io}")))
+            .context("open disk data");
+        assert_eq!(
+            super::error_chain(&err),
+            "open disk data: read meta: disk gone"
+        );
+        let err = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(super::error_chain(&err), "outer: inner");
     }
 }

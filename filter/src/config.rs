@@ -5,6 +5,9 @@
 //! listen = ["unix:/run/ferry/web01.sock", "tcp:127.0.0.1:10809"]
 //! ring_size = "64M"                  # payload area of each disk's ring
 //! initial_copy = true               # first protection copies the allocated data
+//! nbd_devices = ["data=/dev/nbd0"] # serve to the kernel as /dev/nbd0 ("data=auto": any free)
+//! nbd_timeout = 30                  # seconds before the kernel requeues a request
+//! nbd_dead_timeout = 120            # seconds the kernel waits for a restarted filter
 //! [[disk]]
 //! name = "data"
 //! path = "/dev/vg0/data"
@@ -140,6 +143,31 @@ pub struct FilterConfig {
     /// What an app-consistent group hold freezes and runs: this host's own
     /// settings, never a coordinator's.
     pub app: AppSettings,
+    /// Disks served to the kernel's own NBD client as /dev/nbdN.
+    pub nbd_devices: Vec<crate::kernel::attach::Request>,
+    /// The kernel NBD client's request and dead-connection timeouts.
+    pub nbd_timeouts: crate::kernel::attach::Timeouts,
+}
+
+/// Parse `DISK=/dev/nbdN` or `DISK=auto` (any free device).
+pub fn parse_nbd_device(text: &str) -> Result<crate::kernel::attach::Request> {
+    let bad = || {
+        Error::config(format!(
+            "--nbd-device {text:?}: expected DISK=/dev/nbdN or DISK=auto"
+        ))
+    };
+    let (disk, device) = text.split_once('=').ok_or_else(bad)?;
+    let device = match device {
+        "auto" => None,
+        path => Some(crate::kernel::nbd_netlink::parse_device(path).ok_or_else(bad)?),
+    };
+    if disk.is_empty() {
+        return Err(bad());
+    }
+    Ok(crate::kernel::attach::Request {
+        disk: disk.to_string(),
+        device,
+    })
 }
 
 /// File systems to freeze and scripts to run around an app-consistent
@@ -175,6 +203,10 @@ struct FileConfig {
     al_slots: Option<u32>,
     block_size: Option<u32>,
     initial_copy: Option<bool>,
+    #[serde(default)]
+    nbd_devices: Vec<String>,
+    nbd_timeout: Option<u64>,
+    nbd_dead_timeout: Option<u64>,
     #[serde(default)]
     disk: Vec<DiskConfig>,
 }
@@ -226,6 +258,8 @@ impl FilterConfig {
             initial_copy: true,
             group_link: None,
             app: AppSettings::default(),
+            nbd_devices: Vec::new(),
+            nbd_timeouts: crate::kernel::attach::Timeouts::default(),
         }
     }
 
@@ -261,6 +295,17 @@ impl FilterConfig {
         if let Some(copy) = file.initial_copy {
             config.initial_copy = copy;
         }
+        config.nbd_devices = file
+            .nbd_devices
+            .iter()
+            .map(|d| parse_nbd_device(d))
+            .collect::<Result<_>>()?;
+        if let Some(secs) = file.nbd_timeout {
+            config.nbd_timeouts.request = std::time::Duration::from_secs(secs);
+        }
+        if let Some(secs) = file.nbd_dead_timeout {
+            config.nbd_timeouts.dead_connection = std::time::Duration::from_secs(secs);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -278,10 +323,42 @@ impl FilterConfig {
                 "no disks: give at least one --disk NAME=PATH",
             ));
         }
-        if self.listen.is_empty() {
+        if self.listen.is_empty() && self.nbd_devices.is_empty() {
             return Err(Error::config(
-                "nowhere to listen: give --listen unix:SOCKET or tcp:ADDR",
+                "nowhere to serve: give --listen unix:SOCKET or tcp:ADDR, or --nbd-device DISK=/dev/nbdN",
             ));
+        }
+        for request in &self.nbd_devices {
+            if !self.disks.iter().any(|d| d.name == request.disk) {
+                return Err(Error::config(format!(
+                    "--nbd-device names disk {:?}, which is not protected here",
+                    request.disk
+                )));
+            }
+            let twice = self
+                .nbd_devices
+                .iter()
+                .filter(|r| r.disk == request.disk)
+                .count()
+                > 1
+                || request.device.is_some_and(|d| {
+                    self.nbd_devices
+                        .iter()
+                        .filter(|r| r.device == Some(d))
+                        .count()
+                        > 1
+                });
+            if twice {
+                return Err(Error::config(format!(
+                    "--nbd-device: disk {:?} or its device given twice",
+                    request.disk
+                )));
+            }
+        }
+        for t in [self.nbd_timeouts.request, self.nbd_timeouts.dead_connection] {
+            if t.as_secs() == 0 {
+                return Err(Error::config("NBD timeouts must be at least 1 second"));
+            }
         }
         let mut names: Vec<&str> = self.disks.iter().map(|d| d.name.as_str()).collect();
         names.sort_unstable();
@@ -347,6 +424,12 @@ mod tests {
         assert!(DiskConfig::parse("bad/name=/x").is_err());
         assert_eq!(parse_size("64M").unwrap(), 64 << 20);
         assert!(parse_size("12X").is_err());
+        let n = parse_nbd_device("data=/dev/nbd3").unwrap();
+        assert_eq!((n.disk.as_str(), n.device), ("data", Some(3)));
+        assert_eq!(parse_nbd_device("data=auto").unwrap().device, None);
+        for bad in ["data", "=/dev/nbd0", "data=/dev/sda", "data=nbd"] {
+            assert!(parse_nbd_device(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -379,6 +462,26 @@ mod tests {
         )
         .unwrap();
         assert!(!FilterConfig::from_file(&path).unwrap().initial_copy);
+        std::fs::write(
+            &path,
+            "state = \"/tmp/st\"\nnbd_devices = [\"data=/dev/nbd1\"]\nnbd_timeout = 5\n\
+             [[disk]]\nname = \"data\"\npath = \"/tmp/disk.img\"\n",
+        )
+        .unwrap();
+        let c = FilterConfig::from_file(&path).unwrap();
+        assert!(c.listen.is_empty(), "a kernel device is somewhere to serve");
+        assert_eq!(c.nbd_devices[0].device, Some(1));
+        assert_eq!(c.nbd_timeouts.request.as_secs(), 5);
+        std::fs::write(
+            &path,
+            "state = \"/tmp/st\"\nnbd_devices = [\"logs=/dev/nbd1\"]\n\
+             [[disk]]\nname = \"data\"\npath = \"/tmp/disk.img\"\n",
+        )
+        .unwrap();
+        assert!(
+            FilterConfig::from_file(&path).is_err(),
+            "unknown disk refused"
+        );
         std::fs::write(&path, "state = \"/tmp/st\"\nbogus = 1\n").unwrap();
         assert!(
             FilterConfig::from_file(&path).is_err(),

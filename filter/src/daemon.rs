@@ -38,6 +38,7 @@ use crate::disk::Disk;
 use crate::error::{Error, Result};
 use crate::export::Exports;
 use crate::freeze::{run_script, Frozen};
+use crate::kernel;
 use crate::nbd::{self, ServeOptions};
 use crate::order::Sequencer;
 use crate::uring::Uring;
@@ -447,6 +448,16 @@ fn become_io_flusher() {
     }
 }
 
+/// Best effort: a daemon in a block device's write path must not wait on
+/// its own pages being read back from swap or from the device it serves.
+fn lock_memory() {
+    // SAFETY: mlockall takes flags only.
+    let rc = unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) };
+    if rc != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "mlockall failed: the filter's memory may be paged out");
+    }
+}
+
 /// Live NBD connections, so a stop can end their request loops.
 #[derive(Debug, Default)]
 struct Connections {
@@ -483,10 +494,33 @@ struct DiskInfo<'a> {
     name: &'a str,
     size: u64,
     ring: &'a Path,
+    /// The kernel NBD device the disk is served as, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nbd_device: Option<PathBuf>,
 }
 
 /// Run the filter until `stop` is set (SIGTERM/SIGINT set it too).
 pub fn run(config: FilterConfig, stop: Arc<AtomicBool>) -> Result<()> {
+    run_with(config, stop, |_| Ok(()))
+}
+
+/// A disk served to the kernel, as `started` sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelDevice {
+    /// Disk name.
+    pub disk: String,
+    /// Its `/dev/nbdN`.
+    pub device: PathBuf,
+}
+
+/// [`run`], calling `started` once every disk is served (listeners bound,
+/// kernel devices attached, control socket up). An error from `started`
+/// stops the filter cleanly and is returned.
+pub fn run_with(
+    config: FilterConfig,
+    stop: Arc<AtomicBool>,
+    started: impl FnOnce(&[KernelDevice]) -> Result<()>,
+) -> Result<()> {
     config.validate()?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))
         .map_err(|e| Error::io(e, "SIGTERM handler"))?;
@@ -538,8 +572,6 @@ pub fn run(config: FilterConfig, stop: Arc<AtomicBool>) -> Result<()> {
         tag_lock: Mutex::new(()),
         app: config.app.clone(),
     });
-    write_info(&state, &config, &disks)?;
-
     let control_path = state.join(control::SOCKET_NAME);
     let _ = std::fs::remove_file(&control_path);
     let control_listener = UnixListener::bind(&control_path)
@@ -574,19 +606,65 @@ pub fn run(config: FilterConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let exports = Arc::new(Exports::new(disks.clone()));
     let connections = Arc::new(Connections::default());
     let shutdown = Arc::new(AtomicBool::new(false));
+    if !config.nbd_devices.is_empty() {
+        lock_memory();
+    }
+    // A device that cannot be attached stops the filter, through the same
+    // clean stop as a signal (the disks are closed clean).
+    let backend = Arc::clone(&exports) as Arc<dyn nbd::Backend>;
+    let (links, mut failure) = match kernel::attach::attach_all(
+        &config.nbd_devices,
+        config.nbd_timeouts,
+        &backend,
+        &state,
+        &shutdown,
+    ) {
+        Ok(links) => (links, None),
+        Err(e) => (Vec::new(), Some(e)),
+    };
+    drop(backend);
     let mut acceptors = Vec::new();
     let mut unix_paths = Vec::new();
-    for listen in &config.listen {
-        acceptors.push(listen_on(
-            listen,
-            &exports,
-            &connections,
-            &stop,
-            &shutdown,
-            &mut unix_paths,
-        )?);
+    if failure.is_none() {
+        for listen in &config.listen {
+            match listen_on(
+                listen,
+                &exports,
+                &connections,
+                &stop,
+                &shutdown,
+                &mut unix_paths,
+            ) {
+                Ok(acceptor) => acceptors.push(acceptor),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
     }
-    tracing::info!(state = %state.display(), disks = disks.len(), "ferry filter running");
+    if failure.is_none() {
+        if let Err(e) = write_info(&state, &config, &disks, &links) {
+            failure = Some(e);
+        }
+    }
+    if failure.is_none() {
+        let devices: Vec<KernelDevice> = links
+            .iter()
+            .map(|l| KernelDevice {
+                disk: l.disk().to_string(),
+                device: l.device(),
+            })
+            .collect();
+        if let Err(e) = started(&devices) {
+            failure = Some(e);
+        }
+    }
+    if failure.is_some() {
+        stop.store(true, Ordering::Relaxed);
+    } else {
+        tracing::info!(state = %state.display(), disks = disks.len(), "ferry filter running");
+    }
 
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
@@ -595,6 +673,7 @@ pub fn run(config: FilterConfig, stop: Arc<AtomicBool>) -> Result<()> {
     for a in acceptors {
         let _ = a.join();
     }
+    kernel::attach::stop_all(links);
     for stream in connections.live.lock().expect("connections").values() {
         stream.shutdown_read();
     }
@@ -645,7 +724,10 @@ pub fn run(config: FilterConfig, stop: Arc<AtomicBool>) -> Result<()> {
     // The closed disks removed their rings; the directory goes when empty.
     let _ = std::fs::remove_dir(&rings);
     tracing::info!("ferry filter stopped");
-    result
+    match failure {
+        Some(e) => Err(e),
+        None => result,
+    }
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
@@ -655,7 +737,12 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
         .map_err(|e| Error::io(e, "spawn thread"))
 }
 
-fn write_info(state: &Path, config: &FilterConfig, disks: &[Arc<Disk>]) -> Result<()> {
+fn write_info(
+    state: &Path,
+    config: &FilterConfig,
+    disks: &[Arc<Disk>],
+    links: &[kernel::attach::Link],
+) -> Result<()> {
     let info = FilterInfo {
         pid: std::process::id(),
         listen: config
@@ -672,6 +759,10 @@ fn write_info(state: &Path, config: &FilterConfig, disks: &[Arc<Disk>]) -> Resul
                 name: d.name(),
                 size: d.size(),
                 ring: d.ring_path(),
+                nbd_device: links
+                    .iter()
+                    .find(|l| l.disk() == d.name())
+                    .map(|l| l.device()),
             })
             .collect(),
     };

@@ -20,6 +20,7 @@ pub mod export;
 pub mod freeze;
 pub mod group;
 pub mod grouplink;
+pub mod kernel;
 pub mod nbd;
 pub mod order;
 pub mod tracker;

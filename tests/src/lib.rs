@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub mod logwrites;
+
 /// The `ferry` binary under test: `$FERRY_BIN`, else `target/debug/ferry`.
 pub fn ferry_bin() -> PathBuf {
     let path = std::env::var_os("FERRY_BIN")

@@ -1,0 +1,257 @@
+//! `ferry protect-volume` and `ferry unprotect-volume`: slide the write
+//! interceptor under a mounted device-mapper volume (an LVM logical volume
+//! or any dm device) and back out, without unmounting and without changing
+//! the device the file system sees (`ferry_filter::kernel::volume`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use ferry_filter::config::DiskConfig;
+use ferry_filter::control::{self, Request, ResyncRequest};
+use ferry_filter::kernel::attach;
+use ferry_filter::kernel::dm::Control;
+use ferry_filter::kernel::volume::{self, Prepared};
+
+use crate::filter::{daemon_config, run_daemon, DaemonArgs};
+
+/// Protect a mounted dm volume: run the filter on its blocks and slide
+/// /dev/nbdN under it (suspend, reload, resume). Runs until stopped; a
+/// stop leaves the volume on /dev/nbdN for the next run to reattach.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+    ferry protect-volume /dev/vg0/data --state /var/lib/ferry/data\n  \
+    ferry protect-volume /dev/mapper/web-db --state /var/lib/ferry/db --nbd-timeout 30\n  \
+    ferry unprotect-volume /dev/vg0/data --state /var/lib/ferry/data\n\n\
+    A plain partition cannot be slid under while mounted: use an LVM volume, a dm-linear\n\
+    device made at boot (dm-mod.create=), or protect it before mounting with\n\
+    `ferry filter --disk NAME=/dev/sdXN --nbd-device NAME=auto`.")]
+pub struct ProtectVolumeArgs {
+    /// The volume: /dev/mapper/NAME or /dev/VG/LV.
+    volume: PathBuf,
+    /// The disk's name in ferry (default: the volume's dm name).
+    #[arg(long)]
+    name: Option<String>,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+/// Slide the filter back out from under a volume protect-volume runs on,
+/// then stop that filter. The volume keeps running, unprotected.
+#[derive(Debug, Args)]
+pub struct UnprotectVolumeArgs {
+    /// The volume: /dev/mapper/NAME or /dev/VG/LV.
+    volume: PathBuf,
+    /// The state directory protect-volume runs with.
+    #[arg(long)]
+    state: PathBuf,
+    /// How long to wait for the filter to stop, in seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+}
+
+pub fn run_protect(args: ProtectVolumeArgs) -> Result<ExitCode> {
+    if args.daemon.config.is_some() || !args.daemon.disk.is_empty() {
+        bail!("protect-volume protects the volume it is given: --config and --disk do not apply");
+    }
+    let state = args
+        .daemon
+        .state
+        .clone()
+        .context("give --state DIR (the filter's state directory)")?;
+    let name = volume::resolve(&args.volume)?;
+    let disk = args.name.clone().unwrap_or_else(|| name.clone());
+    std::fs::create_dir_all(&state).with_context(|| format!("create {}", state.display()))?;
+    // The daemon resolves the state path the same way: the backend
+    // identifier must match the one it attaches with.
+    let state = state
+        .canonicalize()
+        .with_context(|| format!("resolve {}", state.display()))?;
+    let control = Control::open()?;
+    let prepared = volume::prepare(&control, &name, &attach::backend_id(&state, &disk))?;
+    let base = volume::mapper_path(&volume::base_name(&name));
+    let mut config = daemon_config(&args.daemon)?;
+    config
+        .disks
+        .push(DiskConfig::parse(&format!("{disk}={}", base.display()))?);
+    config.nbd_devices.push(attach::Request {
+        disk: disk.clone(),
+        device: match prepared {
+            Prepared::Restart(index) => Some(index),
+            Prepared::Fresh => None,
+        },
+    });
+    let shown = args.volume.display().to_string();
+    let outcome = run_daemon(config, &args.daemon, |devices| {
+        let device = devices
+            .iter()
+            .find(|d| d.disk == disk)
+            .ok_or_else(|| ferry_filter::Error::control("the volume's disk was not attached"))?;
+        if prepared == Prepared::Fresh {
+            let index =
+                ferry_filter::kernel::nbd_netlink::parse_device(&device.device.to_string_lossy())
+                    .ok_or_else(|| {
+                    ferry_filter::Error::control("attached to a device with no index")
+                })?;
+            volume::slide_in(&control, &name, index)?;
+            // Writes that reached the volume before the cut went around the
+            // filter: mark every region so the sidecar ships what is there
+            // now (on first protection this repeats the initial copy).
+            resync(&state, &disk)?;
+        }
+        eprintln!(
+            "ferry: {shown} runs through {} (writes recorded in {})",
+            device.device.display(),
+            state.display()
+        );
+        Ok(())
+    });
+    finish_stop(&control, &name);
+    outcome
+}
+
+fn resync(state: &Path, disk: &str) -> ferry_filter::Result<()> {
+    let request = Request::ResyncAll(ResyncRequest {
+        disk: Some(disk.to_string()),
+    });
+    let response = control::call(state, &request, Duration::from_secs(30))?;
+    if !response.ok {
+        return Err(ferry_filter::Error::control(format!(
+            "resync of {disk} refused: {}",
+            response.error.unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
+/// After the filter stopped: a volume slid back out no longer needs its
+/// base device; one still on /dev/nbdN keeps it for the next run.
+fn finish_stop(control: &Control, name: &str) {
+    let on_nbd = control
+        .table(name)
+        .map(|t| volume::nbd_target(Path::new("/sys/dev/block"), &t).is_some())
+        .unwrap_or(true);
+    if on_nbd {
+        tracing::warn!(volume = name, "the volume stays on its NBD device: run protect-volume again to resume (its writes wait for it), or unprotect-volume");
+    } else if let Err(e) = control.remove(&volume::base_name(name)) {
+        tracing::warn!(volume = name, error = %e, "base device not removed");
+    }
+}
+
+pub fn run_unprotect(args: &UnprotectVolumeArgs) -> Result<ExitCode> {
+    let name = volume::resolve(&args.volume)?;
+    let state = args
+        .state
+        .canonicalize()
+        .with_context(|| format!("resolve {}", args.state.display()))?;
+    let control = Control::open()?;
+    let Some(index) = volume::nbd_target(Path::new("/sys/dev/block"), &control.table(&name)?)
+    else {
+        bail!(
+            "{} is not protected: its table does not point at an NBD device",
+            args.volume.display()
+        );
+    };
+    let info = FilterInfo::load(&state)?;
+    let device = ferry_filter::kernel::nbd_netlink::device_path(index);
+    let Some(disk) = info.disk_on(&device) else {
+        bail!(
+            "{} runs on {} but the filter of {} does not serve it",
+            args.volume.display(),
+            device.display(),
+            state.display()
+        );
+    };
+    if !Path::new(&format!("/proc/{}", info.pid)).exists() {
+        bail!(
+            "the filter of {} (pid {}) is not running, and the volume's I/O waits for it: \
+             start `ferry protect-volume {} --state {}` again (it reattaches), then unprotect",
+            state.display(),
+            info.pid,
+            args.volume.display(),
+            state.display()
+        );
+    }
+    volume::slide_out(&control, &name)?;
+    eprintln!(
+        "ferry: {} runs on its own table again; stopping the filter (disk {disk})",
+        args.volume.display()
+    );
+    stop_filter(info.pid, Duration::from_secs(args.timeout))?;
+    // protect-volume removes the base device as it exits; make sure.
+    match control.remove(&volume::base_name(&name)) {
+        Ok(()) => {}
+        Err(e) if ferry_filter::kernel::dm::is_no_such_device(&e) => {}
+        Err(e) => return Err(e.into()),
+    }
+    println!(
+        "{} is no longer protected: ferry does not record its writes (protect it again with protect-volume; its data is copied again)",
+        args.volume.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn stop_filter(pid: u32, timeout: Duration) -> Result<()> {
+    let raw = libc::pid_t::try_from(pid).context("filter pid")?;
+    // SAFETY: kill with a pid read from the filter's own filter.json and a
+    // constant signal.
+    if unsafe { libc::kill(raw, libc::SIGTERM) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            return Err(e).context("signal the filter");
+        }
+    }
+    let deadline = Instant::now() + timeout;
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        if Instant::now() > deadline {
+            bail!("the filter (pid {pid}) did not stop within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// What a running filter wrote in `STATE/filter.json`.
+struct FilterInfo {
+    pid: u32,
+    /// (disk, its kernel device)
+    devices: Vec<(String, PathBuf)>,
+}
+
+impl FilterInfo {
+    fn load(state: &Path) -> Result<FilterInfo> {
+        let path = state.join("filter.json");
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        let pid = value["pid"]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+            .with_context(|| format!("{} has no pid", path.display()))?;
+        let devices = value["disks"]
+            .as_array()
+            .map(|disks| {
+                disks
+                    .iter()
+                    .filter_map(|d| {
+                        Some((
+                            d["name"].as_str()?.to_string(),
+                            PathBuf::from(d["nbd_device"].as_str()?),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(FilterInfo { pid, devices })
+    }
+
+    fn disk_on(&self, device: &Path) -> Option<&str> {
+        self.devices
+            .iter()
+            .find(|(_, d)| d == device)
+            .map(|(name, _)| name.as_str())
+    }
+}

@@ -1,0 +1,220 @@
+//! Sliding the interceptor under a live device-mapper volume, and back out.
+//!
+//! A volume `NAME` (an LVM logical volume, or any dm device) keeps its
+//! device number and its mounted file system throughout:
+//!
+//! 1. **prepare**: a new dm device `ferry-base-NAME` gets the volume's
+//!    current table: the same blocks, a second way in. The filter protects
+//!    `/dev/mapper/ferry-base-NAME` and serves it as `/dev/nbdN`.
+//! 2. **slide in**: load `0 SIZE linear NBD_MAJ:MIN 0` into the volume's
+//!    inactive slot, suspend it (the kernel flushes and freezes the file
+//!    system: every write before the cut reached the old table), resume
+//!    (every write after it goes through the filter).
+//! 3. **slide out**: the same with the base's table; then the filter stops
+//!    and the base device is removed.
+//!
+//! A volume whose table already points at an NBD device carrying this
+//! filter's backend identifier is one a previous filter process slid
+//! under: a restart reattaches to that device instead of sliding again.
+//!
+//! Upstream Linux cannot do this for a mounted plain partition: its block
+//! device has no table to swap ([`not_a_volume`] says what to do instead).
+
+use std::path::{Path, PathBuf};
+
+use super::dm::{self, Control, Target};
+use super::nbd_netlink;
+use crate::error::{Error, Result};
+
+/// Prefix of the dm device holding a protected volume's original table.
+pub const BASE_PREFIX: &str = "ferry-base-";
+/// Major number of the kernel's NBD devices (include/uapi/linux/major.h).
+pub const NBD_MAJOR: u32 = 43;
+const SYS_BLOCK: &str = "/sys/block";
+const SYS_DEV_BLOCK: &str = "/sys/dev/block";
+
+/// The dm device holding volume `name`'s original table.
+pub fn base_name(name: &str) -> String {
+    format!("{BASE_PREFIX}{name}")
+}
+
+/// `/dev/mapper/NAME`.
+pub fn mapper_path(name: &str) -> PathBuf {
+    PathBuf::from("/dev/mapper").join(name)
+}
+
+/// The error for a block device that is not a dm device, with the
+/// supported ways to protect it.
+pub fn not_a_volume(path: &Path) -> Error {
+    Error::config(format!(
+        "{} is not a device-mapper volume: on stock Linux ferry cannot slide under a mounted \
+         plain partition or disk (it has no table to swap). Supported ways: (1) an LVM logical \
+         volume or any dm device: `ferry protect-volume /dev/VG/LV`; (2) a dm-linear device over \
+         the partition made at boot (kernel parameter dm-mod.create=) and mounted instead of it, \
+         then protect-volume it; (3) protect before mounting: `ferry filter --disk \
+         NAME={} --nbd-device NAME=auto` and mount the /dev/nbdN it prints",
+        path.display(),
+        path.display()
+    ))
+}
+
+/// The dm name of a volume path (`/dev/mapper/NAME`, `/dev/VG/LV`).
+pub fn resolve(path: &Path) -> Result<String> {
+    dm::name_of(path)?.ok_or_else(|| not_a_volume(path))
+}
+
+/// The NBD device index a table's only target sends its I/O to, if the
+/// table is one linear target over a whole NBD device.
+pub fn nbd_target(sys_dev_block: &Path, table: &[Target]) -> Option<u32> {
+    let [target] = table else { return None };
+    if target.kind != "linear" || target.start != 0 {
+        return None;
+    }
+    let mut params = target.params.split_whitespace();
+    let device = params.next()?;
+    if params.next()? != "0" {
+        return None;
+    }
+    let (major, minor) = device.split_once(':')?;
+    if major.parse::<u32>().ok()? != NBD_MAJOR {
+        return None;
+    }
+    // Minors of NBD devices depend on the module's max_part: ask sysfs.
+    let link = std::fs::read_link(sys_dev_block.join(format!("{major}:{minor}"))).ok()?;
+    nbd_netlink::parse_device(link.file_name()?.to_str()?)
+}
+
+/// What `prepare` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prepared {
+    /// The volume is on its own table; the base device is ready and the
+    /// volume must be slid in once the filter serves the base.
+    Fresh,
+    /// A previous filter slid the volume onto `/dev/nbdN` with this index:
+    /// reattach to it, do not slide.
+    Restart(u32),
+}
+
+/// Makes sure `ferry-base-NAME` holds the volume's original table and
+/// tells whether the volume still needs sliding. `backend` is the backend
+/// identifier the filter will attach with.
+pub fn prepare(control: &Control, volume: &str, backend: &str) -> Result<Prepared> {
+    let table = control.table(volume)?;
+    let base = base_name(volume);
+    if let Some(index) = nbd_target(Path::new(SYS_DEV_BLOCK), &table) {
+        let owner = nbd_netlink::backend_of(Path::new(SYS_BLOCK), index);
+        if owner.as_deref() != Some(backend) {
+            return Err(Error::config(format!(
+                "volume {volume} already runs on /dev/nbd{index}, served by {}: not ours",
+                owner.as_deref().unwrap_or("nobody")
+            )));
+        }
+        control.info(&base).map_err(|e| {
+            Error::config(format!(
+                "volume {volume} runs on our /dev/nbd{index} but its base device {base} is gone: {e}"
+            ))
+        })?;
+        return Ok(Prepared::Restart(index));
+    }
+    dm::table_size(&table)?;
+    match control.info(&base) {
+        Ok(_) => {
+            // Left by a run that stopped before sliding: reuse it only if it
+            // is exactly the volume's table.
+            if control.table(&base)? != table {
+                return Err(Error::config(format!(
+                    "{base} exists with a table other than {volume}'s: remove it (dmsetup remove {base}) after checking nothing uses it"
+                )));
+            }
+        }
+        Err(e) if dm::is_no_such_device(&e) => {
+            control.create(&base, None)?;
+            let made = control
+                .load(&base, &table)
+                .and_then(|()| control.resume(&base).map(drop));
+            if let Err(e) = made {
+                let _ = control.remove(&base);
+                return Err(e);
+            }
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(Prepared::Fresh)
+}
+
+/// Swaps `table` in as the volume's live table: load into the inactive
+/// slot, suspend (flush and freeze), resume. If suspend or resume fails
+/// the staged table is dropped and the volume resumed as it was.
+pub fn swap_table(control: &Control, volume: &str, table: &[Target]) -> Result<()> {
+    control.load(volume, table)?;
+    if let Err(e) = control.suspend(volume) {
+        let _ = control.clear(volume);
+        return Err(e);
+    }
+    if let Err(e) = control.resume(volume) {
+        let _ = control.clear(volume);
+        let _ = control.resume(volume);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Slides the volume onto `/dev/nbdN`.
+pub fn slide_in(control: &Control, volume: &str, nbd_index: u32) -> Result<()> {
+    let size = dm::table_size(&control.table(volume)?)?;
+    let dev_file = Path::new(SYS_BLOCK).join(format!("nbd{nbd_index}/dev"));
+    let dev = std::fs::read_to_string(&dev_file)
+        .map_err(|e| Error::io(e, "read NBD device number").with_path(&dev_file))?;
+    let (major, minor) = dev
+        .trim()
+        .split_once(':')
+        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+        .ok_or_else(|| Error::config(format!("bad device number {dev:?}")))?;
+    swap_table(control, volume, &[Target::linear(0, size, major, minor, 0)])
+}
+
+/// Slides the volume back onto its original table (the base device's).
+pub fn slide_out(control: &Control, volume: &str) -> Result<()> {
+    let base = base_name(volume);
+    let table = control.table(&base)?;
+    swap_table(control, volume, &table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_whole_nbd_device_is_recognized() {
+        let dir = std::env::temp_dir().join(format!("ferry-volume-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let link = dir.join("43:32");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("../../devices/virtual/block/nbd1", &link).unwrap();
+        let on_nbd = vec![Target::linear(0, 2048, 43, 32, 0)];
+        assert_eq!(nbd_target(&dir, &on_nbd), Some(1));
+        let offset = vec![Target::linear(0, 2048, 43, 32, 8)];
+        assert_eq!(nbd_target(&dir, &offset), None);
+        let other = vec![Target::linear(0, 2048, 8, 16, 0)];
+        assert_eq!(nbd_target(&dir, &other), None);
+        let unknown_minor = vec![Target::linear(0, 2048, 43, 64, 0)];
+        assert_eq!(nbd_target(&dir, &unknown_minor), None);
+        let two = vec![
+            Target::linear(0, 1024, 43, 32, 0),
+            Target::linear(1024, 1024, 43, 32, 1024),
+        ];
+        assert_eq!(nbd_target(&dir, &two), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn names_and_the_partition_refusal() {
+        assert_eq!(base_name("vg0-data"), "ferry-base-vg0-data");
+        assert_eq!(
+            mapper_path("vg0-data"),
+            PathBuf::from("/dev/mapper/vg0-data")
+        );
+        let e = not_a_volume(Path::new("/dev/sda2")).to_string();
+        assert!(e.contains("LVM") && e.contains("dm-mod.create") && e.contains("--nbd-device"));
+    }
+}

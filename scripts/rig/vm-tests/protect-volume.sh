@@ -1,0 +1,140 @@
+#!/bin/sh
+# Inside the real-kernel VM (scripts/rig/kernel-vm.sh): `ferry protect-volume`
+# slides the interceptor under a mounted dm volume and `ferry
+# unprotect-volume` takes it back out, while a workload writes and a sidecar
+# replicates to a target in the same VM.
+#
+# The stack: vol (dm-linear, mounted ext4) -> lw (dm-log-writes over /dev/vda,
+# its log on /dev/vdb: every write that reaches the disk, in completion order,
+# an independent record) -> /dev/vda. Once protected: vol -> /dev/nbdN ->
+# ferry filter -> ferry-base-vol (vol's old table) -> lw -> /dev/vda.
+#
+# The host checks afterwards (tests/tests/kernel_vm.rs): every recovery point
+# on the site disk equals the disk as it was at some instant of the
+# dm-log-writes record, in order; the last one equals it at the mark
+# "before-unprotect"; the log replays to the final disk.
+# Needs: --disk data=64M --disk log=256M --disk site=512M, --bin mkfs.ext4
+# --bin e2fsck --bin dmsetup.
+set -eu
+state=/run/ferry/vol
+say() { echo "protect-volume: $*"; }
+fail() {
+    say "FAIL: $*"
+    for f in /tmp/pv.log /tmp/sidecar.log /tmp/target.log; do
+        echo "--- $f"; tail -n 30 "$f" 2>/dev/null || true
+    done
+    dmesg | tail -n 30
+    exit 1
+}
+wait_for() { # wait_for SECONDS COMMAND...: poll every 50 ms
+    limit=$(($1 * 20)); shift
+    n=0
+    until "$@"; do
+        n=$((n + 1))
+        [ "$n" -lt "$limit" ] || return 1
+        sleep 0.05
+    done
+}
+write_files() { # write_files PREFIX COUNT
+    i=0
+    while [ "$i" -lt "$2" ]; do
+        i=$((i + 1))
+        dd if=/dev/urandom of="/mnt/$1$i" bs=4k count=$((i % 8 + 1)) conv=fsync 2>/dev/null ||
+            { echo "write of $1$i failed" >>/tmp/workload.err; return 1; }
+        md5sum "/mnt/$1$i" >>/tmp/sums
+    done
+}
+start_protect() {
+    ferry protect-volume /dev/mapper/vol --state "$state" --name data --nbd-timeout 5 \
+        --ring-size 8M >>/tmp/pv.log 2>&1 &
+    echo $! >/tmp/pv.pid
+}
+serving() {
+    pid=$(cat /tmp/pv.pid)
+    grep -q "\"pid\": $pid," "$state/filter.json" 2>/dev/null
+}
+table_of() { dmsetup table "$1" | awk '{ print $3 }'; }
+
+sectors=$(blockdev --getsz /dev/vda)
+dmsetup create lw --table "0 $sectors log-writes /dev/vda /dev/vdb"
+dmsetup create vol --table "0 $sectors linear /dev/mapper/lw 0"
+dmsetup message lw 0 mark start
+mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 /dev/mapper/vol
+mkdir -p /mnt /site
+mount -o noatime /dev/mapper/vol /mnt
+vol_dev=$(stat -L -c %t:%T /dev/mapper/vol)
+own_table=$(dmsetup table vol)
+: >/tmp/sums
+write_files before 20 || fail "writes before protection failed"
+
+say "a target and credentials on the site disk"
+mkfs.ext4 -q /dev/vdc
+mount /dev/vdc /site
+ferry credentials init /site/creds --host vm01 >/dev/null
+ferry target --data /site/data --listen 127.0.0.1:0 --credentials /site/creds 2>/tmp/target.log &
+target_pid=$!
+wait_for 60 grep -q "^ferry target: listening on " /tmp/target.log || fail "the target did not start"
+addr=$(sed -n 's/^ferry target: listening on //p' /tmp/target.log | head -n 1)
+
+say "slide the filter under the mounted volume"
+start_protect
+wait_for 120 grep -q "runs through /dev/nbd" /tmp/pv.log || fail "protect-volume did not slide in"
+[ "$(table_of vol)" = linear ] || fail "vol's table is not linear"
+dmsetup table vol | grep -q " 43:" || fail "vol does not point at an NBD device: $(dmsetup table vol)"
+[ "$(stat -L -c %t:%T /dev/mapper/vol)" = "$vol_dev" ] || fail "the volume's device number changed"
+dmsetup info ferry-base-vol >/dev/null || fail "no base device"
+ferry sidecar --state "$state" --target "$addr" --credentials /site/creds 2>/tmp/sidecar.log &
+sidecar_pid=$!
+
+say "a workload with recovery points, and a kill -9 of protect-volume"
+point=0
+tag() { point=$((point + 1)); ferry filter tag "p$point" --state "$state" >/dev/null || fail "tag p$point failed"; }
+write_files a 15 || fail "writes failed"
+tag
+write_files b 15 || fail "writes failed"
+tag
+kill -9 "$(cat /tmp/pv.pid)"
+write_files c 5 &
+writer=$!
+start_protect
+wait_for 120 serving || fail "protect-volume did not come back"
+grep -q "reattached to the kernel's NBD device" /tmp/pv.log || fail "the restart did not reattach"
+wait "$writer" || fail "writes across the restart failed"
+write_files d 15 || fail "writes failed"
+tag
+sync
+tag
+final=p$point
+has_point() { ferry points vm01 --data /site/data --json 2>/dev/null | grep -q "\"name\": \"$1\""; }
+wait_for 300 has_point "$final" || fail "the last point did not reach the target"
+dmsetup message lw 0 mark before-unprotect
+
+say "slide back out"
+ferry unprotect-volume /dev/mapper/vol --state "$state" >/tmp/unprotect.log 2>&1 ||
+    { cat /tmp/unprotect.log; fail "unprotect-volume failed"; }
+[ "$(dmsetup table vol)" = "$own_table" ] ||
+    fail "vol is not back on its own table: $(dmsetup table vol)"
+! dmsetup info ferry-base-vol >/dev/null 2>&1 || fail "the base device was left behind"
+[ "$(stat -L -c %t:%T /dev/mapper/vol)" = "$vol_dev" ] || fail "the volume's device number changed"
+kill -0 "$(cat /tmp/pv.pid)" 2>/dev/null && fail "protect-volume still runs"
+write_files after 5 || fail "writes after unprotect failed"
+
+say "verify"
+[ ! -e /tmp/workload.err ] || fail "the workload saw an error: $(cat /tmp/workload.err)"
+sync
+echo 3 >/proc/sys/vm/drop_caches
+md5sum -c /tmp/sums >/tmp/md5.out 2>&1 || { tail /tmp/md5.out; fail "a file does not read back"; }
+if dmesg | grep -E "I/O error|EXT4-fs error|Buffer I/O" >/tmp/errors; then
+    cat /tmp/errors
+    fail "the kernel logged I/O errors"
+fi
+umount /mnt
+e2fsck -fn /dev/mapper/vol >/tmp/fsck.out 2>&1 || { cat /tmp/fsck.out; fail "e2fsck found errors"; }
+dmsetup remove vol
+dmsetup remove lw
+kill -TERM "$sidecar_pid" "$target_pid"
+wait "$sidecar_pid" "$target_pid" || true
+ferry points vm01 --data /site/data
+umount /site
+echo "$final" >/tmp/final
+say "points p1..$final; ok"
