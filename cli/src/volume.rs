@@ -71,7 +71,7 @@ pub fn run_protect(args: ProtectVolumeArgs) -> Result<ExitCode> {
         .with_context(|| format!("resolve {}", state.display()))?;
     let control = Control::open()?;
     let prepared = volume::prepare(&control, &name, &attach::backend_id(&state, &disk))?;
-    let base = volume::mapper_path(&volume::base_name(&name));
+    let base = volume::device_node(&control, &volume::base_name(&name))?;
     let mut config = daemon_config(&args.daemon)?;
     config
         .disks
@@ -135,8 +135,8 @@ fn finish_stop(control: &Control, name: &str) {
         .unwrap_or(true);
     if on_nbd {
         tracing::warn!(volume = name, "the volume stays on its NBD device: run protect-volume again to resume (its writes wait for it), or unprotect-volume");
-    } else if let Err(e) = control.remove(&volume::base_name(name)) {
-        tracing::warn!(volume = name, error = %e, "base device not removed");
+    } else {
+        remove_base(control, name);
     }
 }
 
@@ -181,16 +181,26 @@ pub fn run_unprotect(args: &UnprotectVolumeArgs) -> Result<ExitCode> {
     );
     stop_filter(info.pid, Duration::from_secs(args.timeout))?;
     // protect-volume removes the base device as it exits; make sure.
-    match control.remove(&volume::base_name(&name)) {
-        Ok(()) => {}
-        Err(e) if ferry_filter::kernel::dm::is_no_such_device(&e) => {}
-        Err(e) => return Err(e.into()),
-    }
+    remove_base(&control, &name);
     println!(
         "{} is no longer protected: ferry does not record its writes (protect it again with protect-volume; its data is copied again)",
         args.volume.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Removes the base device, or has the kernel remove it when its last
+/// user (a sidecar still reading it) closes it.
+fn remove_base(control: &Control, name: &str) {
+    let base = volume::base_name(name);
+    match control.remove_deferred(&base) {
+        Ok(true) => {}
+        Ok(false) => eprintln!(
+            "ferry: {base} is still open (a sidecar reading it?): the kernel removes it when it is closed"
+        ),
+        Err(e) if ferry_filter::kernel::dm::is_no_such_device(&e) => {}
+        Err(e) => tracing::warn!(volume = name, error = %e, "base device not removed"),
+    }
 }
 
 fn stop_filter(pid: u32, timeout: Duration) -> Result<()> {

@@ -63,8 +63,11 @@ impl Listen {
     }
 }
 
-/// One protected disk.
+/// One protected disk. Unknown keys are refused: in TOML a key written
+/// after a `[[disk]]` line belongs to that disk, and a filter-wide setting
+/// put there by mistake must not be silently ignored.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     /// Export name (and the disk's name everywhere else).
     pub name: String,
@@ -481,6 +484,17 @@ mod tests {
         assert!(
             FilterConfig::from_file(&path).is_err(),
             "unknown disk refused"
+        );
+        std::fs::write(
+            &path,
+            "state = \"/tmp/st\"\nlisten = [\"unix:/s/x\"]\n\
+             [[disk]]\nname = \"data\"\npath = \"/tmp/disk.img\"\nring_size = \"8M\"\n",
+        )
+        .unwrap();
+        let e = FilterConfig::from_file(&path).unwrap_err();
+        assert!(
+            e.to_string().contains("ring_size"),
+            "a filter key under [[disk]] is refused: {e}"
         );
         std::fs::write(&path, "state = \"/tmp/st\"\nbogus = 1\n").unwrap();
         assert!(

@@ -409,6 +409,10 @@ fn read_seq(file: &File) -> u64 {
 }
 
 /// Take the state directory's lock, so two filters never share it.
+/// How long a starting filter waits for a previous one to release its
+/// state directory.
+const STATE_LOCK_WAIT: Duration = Duration::from_secs(15);
+
 fn lock_state(state: &Path) -> Result<File> {
     let path = state.join("filter.lock");
     let file = std::fs::OpenOptions::new()
@@ -417,16 +421,25 @@ fn lock_state(state: &Path) -> Result<File> {
         .write(true)
         .open(&path)
         .map_err(|e| Error::io(e, "open lock").with_path(&path))?;
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        return Err(Error::config(format!(
-            "another ferry filter is using {} (lock held on {})",
-            state.display(),
-            path.display()
-        )));
+    // A filter killed a moment ago may still be exiting (unmapping its
+    // locked memory takes a while on a slow machine) and hold the lock:
+    // wait for it rather than fail the restart.
+    let deadline = Instant::now() + STATE_LOCK_WAIT;
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(file);
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::config(format!(
+                "another ferry filter is using {} (lock held on {})",
+                state.display(),
+                path.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(file)
 }
 
 /// Directory in shared memory for this state directory's rings.

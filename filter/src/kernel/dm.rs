@@ -1126,6 +1126,18 @@ fn remove(t: &dyn Transport, name: &str, retries: u32, delay: Duration) -> Resul
     }
 }
 
+fn remove_deferred(t: &dyn Transport, name: &str) -> Result<bool> {
+    device_name(name)?;
+    let request = Request {
+        flags: DM_DEFERRED_REMOVE,
+        ..Request::named(name)
+    };
+    let answer = exchange(t, DM_DEV_REMOVE_CMD, &request)?;
+    // The kernel answers with the flag still set when it only scheduled
+    // the removal.
+    Ok(u32_at(&answer, OFF_FLAGS).map_or(true, |flags| flags & DM_DEFERRED_REMOVE == 0))
+}
+
 fn os_error(err: &Error) -> Option<i32> {
     std::error::Error::source(err)
         .and_then(|source| source.downcast_ref::<io::Error>())
@@ -1236,6 +1248,13 @@ impl Control {
     /// briefly probed by udev) is retried for up to two seconds.
     pub fn remove(&self, name: &str) -> Result<()> {
         remove(self, name, REMOVE_RETRIES, REMOVE_RETRY_DELAY)
+    }
+
+    /// Remove `name` now if nothing holds it open, else as soon as its last
+    /// opener closes it (`DM_DEFERRED_REMOVE`, interface 4.27+). Returns
+    /// whether the device is already gone.
+    pub fn remove_deferred(&self, name: &str) -> Result<bool> {
+        remove_deferred(self, name)
     }
 
     /// Stage `table` as the inactive table of `name` (read-write); the live

@@ -38,11 +38,6 @@ pub fn base_name(name: &str) -> String {
     format!("{BASE_PREFIX}{name}")
 }
 
-/// `/dev/mapper/NAME`.
-pub fn mapper_path(name: &str) -> PathBuf {
-    PathBuf::from("/dev/mapper").join(name)
-}
-
 /// The error for a block device that is not a dm device, with the
 /// supported ways to protect it.
 pub fn not_a_volume(path: &Path) -> Error {
@@ -93,6 +88,21 @@ pub enum Prepared {
     /// A previous filter slid the volume onto `/dev/nbdN` with this index:
     /// reattach to it, do not slide.
     Restart(u32),
+}
+
+/// The device node of a dm device, from the kernel's own naming
+/// (devtmpfs makes `/dev/dm-N` whether or not udev runs; udev's
+/// `/dev/mapper/NAME` link may come later or never).
+pub fn device_node(control: &Control, name: &str) -> Result<PathBuf> {
+    let info = control.info(name)?;
+    let uevent = Path::new(SYS_DEV_BLOCK).join(format!("{}:{}/uevent", info.major, info.minor));
+    let text = std::fs::read_to_string(&uevent)
+        .map_err(|e| Error::io(e, "read device name").with_path(&uevent))?;
+    let devname = text
+        .lines()
+        .find_map(|l| l.strip_prefix("DEVNAME="))
+        .ok_or_else(|| Error::config(format!("no DEVNAME in {}", uevent.display())))?;
+    Ok(Path::new("/dev").join(devname))
 }
 
 /// Makes sure `ferry-base-NAME` holds the volume's original table and
@@ -210,10 +220,6 @@ mod tests {
     #[test]
     fn names_and_the_partition_refusal() {
         assert_eq!(base_name("vg0-data"), "ferry-base-vg0-data");
-        assert_eq!(
-            mapper_path("vg0-data"),
-            PathBuf::from("/dev/mapper/vg0-data")
-        );
         let e = not_a_volume(Path::new("/dev/sda2")).to_string();
         assert!(e.contains("LVM") && e.contains("dm-mod.create") && e.contains("--nbd-device"));
     }

@@ -1,6 +1,8 @@
 #!/bin/sh
 # Inside the real-kernel VM (scripts/rig/kernel-vm.sh): the kernel's own NBD
 # client in front of ferry.
+#   0. scripts/install.sh installs ferry on the VM's root (no systemd as PID
+#      1: it says so); the rest uses the installed binary;
 #   1. `ferry filter --nbd-device` attaches /dev/vda as /dev/nbd0 over netlink;
 #   2. ext4 on /dev/nbd0, mounted, a workload writing files with fsync;
 #   3. kill -9 of the filter mid-workload, a new filter reattaches
@@ -10,8 +12,10 @@
 #      filter reattaches;
 #   5. every file reads back with its checksum after the caches are dropped,
 #      e2fsck finds the file system clean, and a clean stop once unmounted
-#      detaches the device.
-# Needs: --disk data=SIZE (/dev/vda), --bin mkfs.ext4 --bin e2fsck.
+#      detaches the device;
+#   6. scripts/uninstall.sh --purge removes what install.sh put there, twice.
+# Needs: --disk data=SIZE (/dev/vda), --bin mkfs.ext4 --bin e2fsck, the
+# repository's scripts/ at /src/scripts.
 set -eu
 state=/run/ferry/data
 log=/tmp/filter.log
@@ -36,7 +40,7 @@ wait_for() { # wait_for SECONDS COMMAND...: poll every 50 ms
 }
 
 start_filter() {
-    ferry filter --disk data=/dev/vda --nbd-device data=/dev/nbd0 --nbd-timeout 5 \
+    "$ferry" filter --disk data=/dev/vda --nbd-device data=/dev/nbd0 --nbd-timeout 5 \
         --nbd-dead-timeout 120 --state "$state" >>"$log" 2>&1 &
     echo $! >/tmp/filter.pid
 }
@@ -64,6 +68,18 @@ workload() { # (re)writes 200 files in turn until /tmp/stop exists; any failure 
         echo "$i" >/tmp/written
     done
 }
+
+say "install"
+sh /src/scripts/install.sh --bin /bin/ferry >/tmp/install.out 2>&1 || { cat /tmp/install.out; fail "install.sh failed"; }
+sh /src/scripts/install.sh --bin /bin/ferry >/tmp/install2.out 2>&1 || { cat /tmp/install2.out; fail "a second install.sh failed"; }
+ferry=/usr/local/bin/ferry
+"$ferry" --version >/dev/null || fail "the installed ferry does not run"
+for f in /etc/systemd/system/ferry-filter.service /etc/modules-load.d/ferry.conf \
+    /etc/modprobe.d/ferry.conf /etc/ferry/filter.toml /var/lib/ferry/.install-manifest; do
+    [ -f "$f" ] || fail "install.sh did not install $f"
+done
+grep -q "^ExecStart=/usr/local/bin/ferry " /etc/systemd/system/ferry-filter.service || fail "ExecStart does not name the installed binary"
+grep -qi "systemd" /tmp/install.out || fail "install.sh did not say systemd is not running"
 
 say "attach"
 start_filter
@@ -123,4 +139,11 @@ wait_for 60 sh -c "! kill -0 $(cat /tmp/filter.pid) 2>/dev/null" || fail "the fi
 grep -q "detached from the kernel's NBD client" "$log" || fail "no detach"
 [ -z "$(backend)" ] || fail "the device still names a backend after the detach"
 [ ! -e "$state/disks/data/kernel-nbd" ] || fail "the device record was left behind"
+
+say "uninstall"
+sh /src/scripts/uninstall.sh --purge >/tmp/uninstall.out 2>&1 || { cat /tmp/uninstall.out; fail "uninstall.sh failed"; }
+sh /src/scripts/uninstall.sh --purge >/tmp/uninstall2.out 2>&1 || { cat /tmp/uninstall2.out; fail "a second uninstall.sh failed"; }
+for f in /usr/local/bin/ferry /etc/systemd/system/ferry-filter.service /etc/modules-load.d/ferry.conf /etc/ferry; do
+    [ ! -e "$f" ] || fail "uninstall.sh left $f"
+done
 say "ok"

@@ -88,7 +88,10 @@ sidecar_pid=$!
 
 say "a workload with recovery points, and a kill -9 of protect-volume"
 point=0
-tag() { point=$((point + 1)); ferry filter tag "p$point" --state "$state" >/dev/null || fail "tag p$point failed"; }
+# A tag is refused until the sidecar has taken the resync the slide-in
+# asked for (a point cannot be consistent before): retry until then.
+tag_once() { ferry filter tag "p$point" --state "$state" >/tmp/tag.out 2>&1; }
+tag() { point=$((point + 1)); wait_for 300 tag_once || { cat /tmp/tag.out; fail "tag p$point failed"; }; }
 write_files a 15 || fail "writes failed"
 tag
 write_files b 15 || fail "writes failed"
@@ -114,7 +117,6 @@ ferry unprotect-volume /dev/mapper/vol --state "$state" >/tmp/unprotect.log 2>&1
     { cat /tmp/unprotect.log; fail "unprotect-volume failed"; }
 [ "$(dmsetup table vol)" = "$own_table" ] ||
     fail "vol is not back on its own table: $(dmsetup table vol)"
-! dmsetup info ferry-base-vol >/dev/null 2>&1 || fail "the base device was left behind"
 [ "$(stat -L -c %t:%T /dev/mapper/vol)" = "$vol_dev" ] || fail "the volume's device number changed"
 kill -0 "$(cat /tmp/pv.pid)" 2>/dev/null && fail "protect-volume still runs"
 write_files after 5 || fail "writes after unprotect failed"
@@ -130,10 +132,14 @@ if dmesg | grep -E "I/O error|EXT4-fs error|Buffer I/O" >/tmp/errors; then
 fi
 umount /mnt
 e2fsck -fn /dev/mapper/vol >/tmp/fsck.out 2>&1 || { cat /tmp/fsck.out; fail "e2fsck found errors"; }
-dmsetup remove vol
-dmsetup remove lw
 kill -TERM "$sidecar_pid" "$target_pid"
 wait "$sidecar_pid" "$target_pid" || true
+# The sidecar held the base device open: its deferred removal is done now.
+base_gone() { ! dmsetup info ferry-base-vol >/dev/null 2>&1; }
+wait_for 30 base_gone || fail "the base device was left behind"
+dmsetup remove vol
+# Removing lw writes the log's closing mark and its entry count.
+dmsetup remove lw
 ferry points vm01 --data /site/data
 umount /site
 echo "$final" >/tmp/final
