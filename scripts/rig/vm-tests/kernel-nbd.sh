@@ -81,6 +81,15 @@ done
 grep -q "^ExecStart=/usr/local/bin/ferry " /etc/systemd/system/ferry-filter.service || fail "ExecStart does not name the installed binary"
 grep -qi "systemd" /tmp/install.out || fail "install.sh did not say systemd is not running"
 
+say "without the nbd module the filter says how to load it"
+rmmod nbd
+if "$ferry" filter --disk data=/dev/vda --nbd-device data=auto --state /run/ferry/nomod >/tmp/nomod.out 2>&1; then
+    fail "the filter started without the nbd module"
+fi
+grep -q "modprobe nbd" /tmp/nomod.out || { cat /tmp/nomod.out; fail "no modprobe hint"; }
+modprobe nbd nbds_max=4 || fail "modprobe nbd failed"
+wait_for 10 test -b /dev/nbd0 || fail "no /dev/nbd0 after modprobe"
+
 say "attach"
 start_filter
 wait_for 60 serving || fail "the filter did not attach /dev/nbd0"

@@ -44,6 +44,25 @@ write_files() { # write_files PREFIX COUNT
         md5sum "/mnt/$1$i" >>/tmp/sums
     done
 }
+# A writer running in the background until /tmp/stop-NAME exists.
+start_writer() { # start_writer NAME
+    rm -f "/tmp/stop-$1"
+    (
+        n=0 # not i: write_files uses i (sh has no local variables)
+        while [ ! -e "/tmp/stop-$1" ]; do
+            n=$((n + 1))
+            write_files "$1-$n-" 1 || exit 1
+            echo "$n" >"/tmp/count-$1"
+        done
+    ) &
+    echo $! >"/tmp/writer-$1.pid"
+}
+count_of() { cat "/tmp/count-$1" 2>/dev/null || echo 0; }
+writer_at_least() { [ "$(count_of "$1")" -ge "$2" ]; }
+stop_writer() { # stop_writer NAME: stop it and fail if it saw an error
+    touch "/tmp/stop-$1"
+    wait "$(cat "/tmp/writer-$1.pid")" || fail "writer $1 saw an error: $(cat /tmp/workload.err 2>/dev/null)"
+}
 start_protect() {
     ferry protect-volume /dev/mapper/vol --state "$state" --name data --nbd-timeout 5 \
         --ring-size 8M >>/tmp/pv.log 2>&1 &
@@ -67,6 +86,14 @@ own_table=$(dmsetup table vol)
 : >/tmp/sums
 write_files before 20 || fail "writes before protection failed"
 
+say "a plain disk is refused, with the supported ways"
+if ferry protect-volume /dev/vdc --state /run/ferry/plain >/tmp/plain.out 2>&1; then
+    fail "protect-volume accepted a plain disk"
+fi
+for word in "not a device-mapper volume" LVM dm-mod.create= --nbd-device; do
+    grep -q -- "$word" /tmp/plain.out || { cat /tmp/plain.out; fail "the refusal does not mention $word"; }
+done
+
 say "a target and credentials on the site disk"
 mkfs.ext4 -q /dev/vdc
 mount /dev/vdc /site
@@ -76,9 +103,14 @@ target_pid=$!
 wait_for 60 grep -q "^ferry target: listening on " /tmp/target.log || fail "the target did not start"
 addr=$(sed -n 's/^ferry target: listening on //p' /tmp/target.log | head -n 1)
 
-say "slide the filter under the mounted volume"
+say "slide the filter under the mounted volume while a writer runs"
+start_writer in
+wait_for 60 writer_at_least in 3 || fail "the writer did not start"
 start_protect
 wait_for 120 grep -q "runs through /dev/nbd" /tmp/pv.log || fail "protect-volume did not slide in"
+written=$(count_of in)
+wait_for 120 writer_at_least in $((written + 5)) || fail "the writer did not go on through the slide"
+stop_writer in
 [ "$(table_of vol)" = linear ] || fail "vol's table is not linear"
 dmsetup table vol | grep -q " 43:" || fail "vol does not point at an NBD device: $(dmsetup table vol)"
 [ "$(stat -L -c %t:%T /dev/mapper/vol)" = "$vol_dev" ] || fail "the volume's device number changed"
@@ -112,9 +144,14 @@ has_point() { ferry points vm01 --data /site/data --json 2>/dev/null | grep -q "
 wait_for 300 has_point "$final" || fail "the last point did not reach the target"
 dmsetup message lw 0 mark before-unprotect
 
-say "slide back out"
+say "slide back out while a writer runs"
+start_writer out
+wait_for 60 writer_at_least out 3 || fail "the writer did not start"
 ferry unprotect-volume /dev/mapper/vol --state "$state" >/tmp/unprotect.log 2>&1 ||
     { cat /tmp/unprotect.log; fail "unprotect-volume failed"; }
+written=$(count_of out)
+wait_for 120 writer_at_least out $((written + 5)) || fail "the writer did not go on after the slide out"
+stop_writer out
 [ "$(dmsetup table vol)" = "$own_table" ] ||
     fail "vol is not back on its own table: $(dmsetup table vol)"
 [ "$(stat -L -c %t:%T /dev/mapper/vol)" = "$vol_dev" ] || fail "the volume's device number changed"
