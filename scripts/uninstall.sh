@@ -59,8 +59,26 @@ else
     say "no install manifest at $manifest: nothing recorded to remove"
 fi
 
-# Manifest paths of one kind.
-entries() { awk -v k="$1" '$1 == k { print $2 }' "$work/manifest"; }
+# Manifest paths of one kind. Files and the configuration and state
+# directories (removed with rm) only where install.sh writes them: an edited
+# or corrupted manifest must not make this remove anything else.
+# Directories it made are only ever rmdir'ed (empty ones).
+entries() {
+    awk -v k="$1" '$1 == k { print $2 }' "$work/manifest" | while read -r path; do
+        case $path in
+        /*..* | *[!A-Za-z0-9/@._-]*) ;;
+        *)
+            case $1:$path in
+            dir:/*) printf '%s\n' "$path"; continue ;;
+            file:*/bin/ferry | file:/etc/systemd/system/ferry-*.service | \
+                file:/etc/modules-load.d/ferry.conf | file:/etc/modprobe.d/ferry.conf | \
+                file:/etc/ferry/* | confdir:/etc/ferry | statedir:/var/lib/ferry)
+                printf '%s\n' "$path"; continue ;;
+            esac ;;
+        esac
+        say "ignored    $path (not a path install.sh writes)" >&2
+    done
+}
 
 # The unit files installed, by name.
 unit_names=$(entries file | sed -n 's|^/etc/systemd/system/\([^/]*\.service\)$|\1|p')
@@ -104,14 +122,17 @@ if [ "$live" = yes ] && [ -n "$unit_names" ]; then
             say "could not unprotect /dev/mapper/$name (see above)"
         fi
     done
-    writers=$(units_in ferry-filter.service "$running")
-    writers="$writers $(units_in 'ferry-volume@*.service' "$running")"
-    if [ -n "$(echo "$writers" | tr -d ' ')" ]; then
-        busy=$(ferry_devices_in_use)
-        if [ -n "$busy" ]; then
-            die "still in use through ferry: ${busy}(a file system mounted on it, or a protected volume). Unmount it, or take the volume out (ferry unprotect-volume /dev/mapper/NAME --state /var/lib/ferry/volume/NAME), then run this again. Nothing was removed."
-        fi
+fi
+if [ -z "$root" ]; then
+    # Also when no unit runs (or no systemd): a volume whose filter was
+    # stopped waits on /dev/nbdN for the next one, which removing ferry
+    # would never start.
+    busy=$(ferry_devices_in_use)
+    if [ -n "$busy" ]; then
+        die "still in use through ferry: ${busy}(a file system mounted on it, or a protected volume). Unmount it, or take the volume out (ferry unprotect-volume /dev/mapper/NAME --state /var/lib/ferry/volume/NAME), then run this again. Nothing was removed."
     fi
+fi
+if [ "$live" = yes ] && [ -n "$unit_names" ]; then
     # Stop and disable every ferry unit, instances of the templates too;
     # systemd stops the sidecars before the filters (their After= order).
     loaded=$(units_in 'ferry-*')

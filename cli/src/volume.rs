@@ -5,15 +5,19 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use std::os::unix::ffi::OsStrExt;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use ferry_filter::config::DiskConfig;
 use ferry_filter::control::{self, Request, ResyncRequest};
-use ferry_filter::kernel::attach;
 use ferry_filter::kernel::dm::Control;
 use ferry_filter::kernel::volume::{self, Prepared};
+use ferry_filter::kernel::{attach, nbd_netlink};
 
 use crate::filter::{daemon_config, run_daemon, DaemonArgs};
 
@@ -69,6 +73,7 @@ pub fn run_protect(args: ProtectVolumeArgs) -> Result<ExitCode> {
     let state = state
         .canonicalize()
         .with_context(|| format!("resolve {}", state.display()))?;
+    refuse_state_on_volume(&state, &args.volume)?;
     let control = Control::open()?;
     let prepared = volume::prepare(&control, &name, &attach::backend_id(&state, &disk))?;
     let base = volume::device_node(&control, &volume::base_name(&name))?;
@@ -84,23 +89,37 @@ pub fn run_protect(args: ProtectVolumeArgs) -> Result<ExitCode> {
         },
     });
     let shown = args.volume.display().to_string();
+    let disk_dir = state.join("disks").join(&disk);
+    // Set before the slide, cleared once the resync after it is asked for:
+    // a run that dies in between leaves it, and the next run (which finds
+    // the volume already slid) still asks.
+    let pending = disk_dir.join(RESYNC_PENDING);
+    let unprotecting = disk_dir.join(UNPROTECTING);
+    let lost = Arc::new(AtomicBool::new(false));
+    let mut ran = false;
     let outcome = run_daemon(config, &args.daemon, |devices| {
+        // Only a run that holds the state gets here: it owns the base.
+        ran = true;
+        let _ = std::fs::remove_file(&unprotecting);
         let device = devices
             .iter()
             .find(|d| d.disk == disk)
             .ok_or_else(|| ferry_filter::Error::control("the volume's disk was not attached"))?;
+        let index = nbd_netlink::parse_device(&device.device.to_string_lossy())
+            .ok_or_else(|| ferry_filter::Error::control("attached to a device with no index"))?;
         if prepared == Prepared::Fresh {
-            let index =
-                ferry_filter::kernel::nbd_netlink::parse_device(&device.device.to_string_lossy())
-                    .ok_or_else(|| {
-                    ferry_filter::Error::control("attached to a device with no index")
-                })?;
+            std::fs::write(&pending, b"")
+                .map_err(|e| ferry_filter::Error::io(e, "mark the resync").with_path(&pending))?;
             volume::slide_in(&control, &name, index)?;
+        }
+        if pending.exists() {
             // Writes that reached the volume before the cut went around the
             // filter: mark every region so the sidecar ships what is there
-            // now (on first protection this repeats the initial copy).
-            resync(&state, &disk)?;
+            // now (on first protection this repeats the initial copy). The
+            // volume runs through us now: a failure must not stop us.
+            spawn_resync(state.clone(), disk.clone(), pending.clone());
         }
+        spawn_table_watch(name.clone(), index, unprotecting.clone(), Arc::clone(&lost));
         eprintln!(
             "ferry: {shown} runs through {} (writes recorded in {})",
             device.device.display(),
@@ -108,9 +127,97 @@ pub fn run_protect(args: ProtectVolumeArgs) -> Result<ExitCode> {
         );
         Ok(())
     });
-    finish_stop(&control, &name);
+    if ran {
+        finish_stop(&control, &name);
+    }
+    if lost.load(Ordering::Acquire) {
+        bail!(
+            "{shown}'s table was replaced behind the filter (an LVM operation such as lvextend, \
+             lvchange --refresh or pvmove?): its writes no longer pass through ferry. Start \
+             protect-volume again to slide back in (the whole volume is copied again)"
+        );
+    }
     outcome
 }
+
+/// The state directory must not live on the volume: the slide suspends
+/// the volume while the filter writes its state, and afterwards the filter
+/// would write its own metadata through itself.
+fn refuse_state_on_volume(state: &Path, volume_path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let state_dev = std::fs::metadata(state)?.dev();
+    let volume_dev = std::fs::metadata(volume_path)?.rdev();
+    if state_dev == volume_dev {
+        bail!(
+            "the state directory {} is on {} itself: put it on another file system (the root's)",
+            state.display(),
+            volume_path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Asks for the post-slide resync until the filter takes it, then clears
+/// the mark.
+fn spawn_resync(state: PathBuf, disk: String, pending: PathBuf) {
+    let spawned = std::thread::Builder::new()
+        .name("slide-resync".into())
+        .spawn(move || loop {
+            match resync(&state, &disk) {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(&pending);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(disk = %disk, error = %e, "resync after the slide not taken yet; retrying");
+                    std::thread::sleep(Duration::from_secs(5));
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the resync thread: the mark stays for the next run");
+    }
+}
+
+/// Every few seconds, checks that the volume still runs through our
+/// device. LVM reloads a logical volume's table from its metadata on
+/// lvextend, lvchange --refresh, pvmove...: its writes would then go
+/// around the filter. The filter stops with an error (a supervisor
+/// restarts it, which slides in again and resyncs) unless an
+/// unprotect-volume is under way.
+fn spawn_table_watch(name: String, index: u32, unprotecting: PathBuf, lost: Arc<AtomicBool>) {
+    let spawned = std::thread::Builder::new()
+        .name("table-watch".into())
+        .spawn(move || {
+            let Ok(control) = Control::open() else { return };
+            loop {
+                std::thread::sleep(TABLE_WATCH);
+                let ours = control
+                    .table(&name)
+                    .map(|t| volume::nbd_target(Path::new("/sys/dev/block"), &t) == Some(index));
+                if matches!(ours, Ok(false)) && !unprotecting.exists() {
+                    tracing::error!(volume = %name, "the volume no longer runs through the filter");
+                    lost.store(true, Ordering::Release);
+                    // SAFETY: raise with a constant signal; the daemon's
+                    // handler turns it into a clean stop.
+                    unsafe { libc::raise(libc::SIGTERM) };
+                    return;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot watch the volume's table");
+    }
+}
+
+/// File under the disk's state directory while the resync that follows a
+/// slide-in is owed.
+const RESYNC_PENDING: &str = "slide-resync-pending";
+/// File under the disk's state directory while unprotect-volume slides the
+/// volume out (the table watch must not take that for a loss).
+const UNPROTECTING: &str = "unprotecting";
+/// How often the volume's table is checked.
+const TABLE_WATCH: Duration = Duration::from_secs(2);
 
 fn resync(state: &Path, disk: &str) -> ferry_filter::Result<()> {
     let request = Request::ResyncAll(ResyncRequest {
@@ -164,7 +271,10 @@ pub fn run_unprotect(args: &UnprotectVolumeArgs) -> Result<ExitCode> {
             state.display()
         );
     };
-    if !Path::new(&format!("/proc/{}", info.pid)).exists() {
+    let answering = control::call(&state, &Request::Status, Duration::from_secs(10))
+        .map(|r| r.ok)
+        .unwrap_or(false);
+    if !answering || !is_ferry(info.pid) {
         bail!(
             "the filter of {} (pid {}) is not running, and the volume's I/O waits for it: \
              start `ferry protect-volume {} --state {}` again (it reattaches), then unprotect",
@@ -174,7 +284,12 @@ pub fn run_unprotect(args: &UnprotectVolumeArgs) -> Result<ExitCode> {
             state.display()
         );
     }
-    volume::slide_out(&control, &name)?;
+    let marker = state.join("disks").join(disk).join(UNPROTECTING);
+    std::fs::write(&marker, b"").with_context(|| format!("write {}", marker.display()))?;
+    if let Err(e) = volume::slide_out(&control, &name) {
+        let _ = std::fs::remove_file(&marker);
+        return Err(e.into());
+    }
     eprintln!(
         "ferry: {} runs on its own table again; stopping the filter (disk {disk})",
         args.volume.display()
@@ -201,6 +316,19 @@ fn remove_base(control: &Control, name: &str) {
         Err(e) if ferry_filter::kernel::dm::is_no_such_device(&e) => {}
         Err(e) => tracing::warn!(volume = name, error = %e, "base device not removed"),
     }
+}
+
+/// Whether `pid` runs ferry (a pid from filter.json may have been reused
+/// since).
+fn is_ferry(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|cmdline| {
+            let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+            Path::new(std::ffi::OsStr::from_bytes(argv0))
+                .file_name()
+                .is_some_and(|n| n == "ferry")
+        })
+        .unwrap_or(false)
 }
 
 fn stop_filter(pid: u32, timeout: Duration) -> Result<()> {

@@ -411,7 +411,7 @@ fn read_seq(file: &File) -> u64 {
 /// Take the state directory's lock, so two filters never share it.
 /// How long a starting filter waits for a previous one to release its
 /// state directory.
-const STATE_LOCK_WAIT: Duration = Duration::from_secs(15);
+const STATE_LOCK_WAIT: Duration = Duration::from_secs(60);
 
 fn lock_state(state: &Path) -> Result<File> {
     let path = state.join("filter.lock");
@@ -630,7 +630,6 @@ pub fn run_with(
         config.nbd_timeouts,
         &backend,
         &state,
-        &shutdown,
     ) {
         Ok(links) => (links, None),
         Err(e) => (Vec::new(), Some(e)),

@@ -90,12 +90,23 @@ impl Link {
 }
 
 /// The backend identifier of a disk of the filter whose state is `state`:
-/// stable across restarts, distinct between filters.
+/// stable across restarts and across ferry versions (a mounted device must
+/// be recognised by the upgraded filter), distinct between filters.
 pub fn backend_id(state: &Path, disk: &str) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    state.hash(&mut h);
-    format!("ferry:{disk}:{:016x}", h.finish())
+    format!(
+        "ferry:{disk}:{:016x}",
+        fnv1a64(state.as_os_str().as_encoded_bytes())
+    )
+}
+
+/// FNV-1a, 64 bits: a hash whose every step is written here, unlike std's
+/// `DefaultHasher`, which may change between Rust releases.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    bytes
+        .iter()
+        .fold(OFFSET_BASIS, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME))
 }
 
 /// The logical block size the kernel device gets: the backing device's
@@ -116,7 +127,6 @@ pub fn attach_all(
     timeouts: Timeouts,
     backend: &Arc<dyn Backend>,
     state: &Path,
-    shutdown: &Arc<AtomicBool>,
 ) -> Result<Vec<Link>> {
     if requests.is_empty() {
         return Ok(Vec::new());
@@ -124,7 +134,7 @@ pub fn attach_all(
     let mut netlink = Nbd::open().map_err(|e| Error::io(e, "kernel NBD netlink"))?;
     let mut links = Vec::new();
     for request in requests {
-        match attach_one(&mut netlink, request, timeouts, backend, state, shutdown) {
+        match attach_one(&mut netlink, request, timeouts, backend, state) {
             Ok(link) => links.push(link),
             Err(e) => {
                 // Leave nothing half attached behind.
@@ -142,7 +152,6 @@ fn attach_one(
     timeouts: Timeouts,
     backend: &Arc<dyn Backend>,
     state: &Path,
-    shutdown: &Arc<AtomicBool>,
 ) -> Result<Link> {
     let disk = request.disk.as_str();
     let info = backend
@@ -191,27 +200,49 @@ fn attach_one(
     };
     // The kernel holds its own reference on its end now.
     drop(theirs);
-    std::fs::write(&record, format!("{index}\n"))
-        .map_err(|e| Error::io(e, "record the NBD device").with_path(&record))?;
+    let started = record_device(&record, index)
+        .and_then(|()| start_link(disk, index, attach, ours, backend, &record));
+    if started.is_err() && reattach.is_none() {
+        // Nobody will serve the device we just configured: give it back.
+        let _ = netlink.disconnect(index);
+    }
+    started
+}
+
+/// Writes the device record atomically (a crash leaves the old or the new).
+fn record_device(record: &Path, index: u32) -> Result<()> {
+    let tmp = record.with_extension("tmp");
+    std::fs::write(&tmp, format!("{index}\n"))
+        .and_then(|()| std::fs::rename(&tmp, record))
+        .map_err(|e| Error::io(e, "record the NBD device").with_path(record))
+}
+
+fn start_link(
+    disk: &str,
+    index: u32,
+    attach: Attach,
+    ours: UnixStream,
+    backend: &Arc<dyn Backend>,
+    record: &Path,
+) -> Result<Link> {
     let ours = Arc::new(Mutex::new(Some(ours)));
     let stopping = Arc::new(AtomicBool::new(false));
     let thread = {
-        let (ours, stopping, backend, shutdown) = (
+        let (ours, stopping, backend) = (
             Arc::clone(&ours),
             Arc::clone(&stopping),
             Arc::clone(backend),
-            Arc::clone(shutdown),
         );
         let disk = disk.to_string();
         std::thread::Builder::new()
             .name(format!("nbd-kernel-{disk}"))
-            .spawn(move || serve_link(&disk, index, &attach, &ours, &stopping, &backend, &shutdown))
+            .spawn(move || serve_link(&disk, index, &attach, &ours, &stopping, &backend))
             .map_err(|e| Error::io(e, "spawn thread"))?
     };
     Ok(Link {
         disk: disk.to_string(),
         index,
-        record,
+        record: record.to_path_buf(),
         ours,
         stopping,
         thread: Some(thread),
@@ -227,7 +258,6 @@ fn serve_link(
     ours: &Mutex<Option<UnixStream>>,
     stopping: &AtomicBool,
     backend: &Arc<dyn Backend>,
-    shutdown: &Arc<AtomicBool>,
 ) {
     let mut last_warning: Option<Instant> = None;
     loop {
@@ -239,10 +269,10 @@ fn serve_link(
         if let (Some(stream), Some(export), Some(info)) =
             (stream, backend.open(disk), backend.export(disk))
         {
-            let options = ServeOptions {
-                shutdown: Some(Arc::clone(shutdown)),
-                ..ServeOptions::default()
-            };
+            // No shutdown flag: NBD_ESHUTDOWN would reach the file system
+            // as an I/O error, while a closed socket makes the kernel
+            // requeue for the next filter.
+            let options = ServeOptions::default();
             match nbd::serve_transmission(stream, export, info, options) {
                 Ok(()) => tracing::info!(disk, "the kernel disconnected the NBD device"),
                 Err(e) => tracing::debug!(disk, error = %e, "kernel NBD connection ended"),
@@ -271,18 +301,30 @@ fn serve_link(
             );
             return;
         }
-        if let Err(e) = reconnect(index, attach, ours) {
+        if let Err(e) = reconnect(index, attach, ours, stopping) {
             tracing::debug!(disk, error = %e, "NBD reconfigure failed; retrying");
         }
     }
 }
 
-fn reconnect(index: u32, attach: &Attach, ours: &Mutex<Option<UnixStream>>) -> std::io::Result<()> {
+fn reconnect(
+    index: u32,
+    attach: &Attach,
+    ours: &Mutex<Option<UnixStream>>,
+    stopping: &AtomicBool,
+) -> std::io::Result<()> {
     let (mine, theirs) = UnixStream::pair()?;
     Nbd::open()?.reconfigure(attach, index, theirs.as_fd())?;
     // If the kernel still had a live socket it did not take ours: our end
     // then reads end-of-file at once and the loop tries again.
-    *ours.lock().expect("link socket") = Some(mine);
+    let mut slot = ours.lock().expect("link socket");
+    // A stop that took the old socket meanwhile must not find a new one
+    // served behind its back: checked under the lock stop_all takes.
+    if stopping.load(Ordering::Acquire) {
+        let _ = mine.shutdown(std::net::Shutdown::Both);
+    } else {
+        *slot = Some(mine);
+    }
     Ok(())
 }
 
@@ -291,9 +333,13 @@ fn reconnect(index: u32, attach: &Attach, ours: &Mutex<Option<UnixStream>>) -> s
 pub fn stop_all(links: Vec<Link>) {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     for mut link in links {
-        link.stopping.store(true, Ordering::Release);
+        {
+            let _slot = link.ours.lock().expect("link socket");
+            link.stopping.store(true, Ordering::Release);
+        }
         let device = link.device();
-        let busy = nbd_netlink::in_use(Path::new(SYS_BLOCK), &mountinfo, link.index);
+        let busy = nbd_netlink::in_use(Path::new(SYS_BLOCK), &mountinfo, link.index)
+            || nbd_netlink::exclusively_held(link.index);
         let disconnected = !busy
             && match Nbd::open().and_then(|mut n| n.disconnect(link.index)) {
                 Ok(()) => true,
@@ -339,6 +385,18 @@ mod tests {
         assert_ne!(a, backend_id(Path::new("/var/lib/ferry/b"), "data"));
         assert_ne!(a, backend_id(Path::new("/var/lib/ferry/a"), "logs"));
         assert!(a.starts_with("ferry:data:"));
+    }
+
+    #[test]
+    fn the_backend_hash_is_fnv1a() {
+        // Published FNV-1a 64 test vectors.
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+        assert_eq!(
+            backend_id(Path::new("/var/lib/ferry/a"), "data"),
+            format!("ferry:data:{:016x}", fnv1a64(b"/var/lib/ferry/a"))
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -297,21 +298,51 @@ pub fn backend_of(sys_block: &Path, index: u32) -> Option<String> {
     (!text.is_empty()).then(|| text.to_string())
 }
 
-/// Whether something holds device `index` open: a mounted file system, a
-/// device-mapper table (`holders/`), or a partition. Read from sysfs and
-/// mountinfo only: the filter never opens the device it serves.
+/// Whether something holds device `index` or one of its partitions: a
+/// mounted file system (by device number in mountinfo), a device-mapper
+/// table or md array (`holders/`). Read from sysfs and mountinfo only; see
+/// [`exclusively_held`] for what only the kernel knows (swap, other mount
+/// namespaces, btrfs).
 pub fn in_use(sys_block: &Path, mountinfo: &str, index: u32) -> bool {
     let dir = sys_block.join(format!("nbd{index}"));
-    let holders = std::fs::read_dir(dir.join("holders"))
-        .map(|mut d| d.next().is_some())
-        .unwrap_or(false);
-    let dev = std::fs::read_to_string(dir.join("dev")).unwrap_or_default();
-    let dev = dev.trim();
-    let mounted = !dev.is_empty()
-        && mountinfo
-            .lines()
-            .any(|line| line.split(' ').nth(2) == Some(dev));
-    holders || mounted
+    let name = format!("nbd{index}");
+    let mut devices = vec![dir.clone()];
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        devices.extend(
+            entries
+                .flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("{name}p"))
+                })
+                .map(|e| e.path()),
+        );
+    }
+    devices.iter().any(|device| {
+        let held = std::fs::read_dir(device.join("holders"))
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
+        let dev = std::fs::read_to_string(device.join("dev")).unwrap_or_default();
+        let dev = dev.trim();
+        let mounted = !dev.is_empty()
+            && mountinfo
+                .lines()
+                .any(|line| line.split(' ').nth(2) == Some(dev));
+        held || mounted
+    })
+}
+
+/// Whether the kernel refuses an exclusive open of `/dev/nbdN`: it is
+/// mounted (in any namespace), a swap device, or held by dm/md. Opening
+/// and closing does no I/O on a connected device.
+pub fn exclusively_held(index: u32) -> bool {
+    let path = device_path(index);
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(&path);
+    matches!(opened, Err(e) if e.raw_os_error() == Some(libc::EBUSY))
 }
 
 #[cfg(test)]
@@ -449,6 +480,14 @@ mod tests {
         let other = "36 25 8:1 / / rw - ext4 /dev/sda1 rw\n";
         assert!(in_use(&dir, mounted, 1));
         assert!(!in_use(&dir, other, 1));
+        let part = dev.join("nbd1p1");
+        std::fs::create_dir_all(part.join("holders")).unwrap();
+        std::fs::write(part.join("dev"), "43:17\n").unwrap();
+        let part_mounted = "37 25 43:17 / /srv rw - xfs /dev/nbd1p1 rw\n";
+        assert!(in_use(&dir, part_mounted, 1), "a mounted partition");
+        std::fs::create_dir_all(part.join("holders/dm-4")).unwrap();
+        assert!(in_use(&dir, other, 1), "a partition under dm");
+        std::fs::remove_dir(part.join("holders/dm-4")).unwrap();
         std::fs::create_dir_all(dev.join("holders/dm-3")).unwrap();
         assert!(in_use(&dir, other, 1));
         assert_eq!(backend_of(&dir, 1).as_deref(), Some("ferry:data:1"));

@@ -28,6 +28,13 @@ use crate::error::{Error, Result};
 
 /// Prefix of the dm device holding a protected volume's original table.
 pub const BASE_PREFIX: &str = "ferry-base-";
+/// Targets that may be live twice (the volume and its base) for a moment:
+/// they only map blocks. Stateful ones (raid, mirror, cache, snapshot,
+/// thin, era, integrity, vdo...) would run their metadata twice.
+pub const STATELESS_TARGETS: &[&str] = &["linear", "striped", "crypt"];
+/// `BLKFLSBUF` (include/uapi/linux/fs.h, `_IO(0x12, 97)`): write back and
+/// drop a block device's page cache.
+const BLKFLSBUF: libc::Ioctl = 0x1261;
 /// Major number of the kernel's NBD devices (include/uapi/linux/major.h).
 pub const NBD_MAJOR: u32 = 43;
 const SYS_BLOCK: &str = "/sys/block";
@@ -124,9 +131,20 @@ pub fn prepare(control: &Control, volume: &str, backend: &str) -> Result<Prepare
                 "volume {volume} runs on our /dev/nbd{index} but its base device {base} is gone: {e}"
             ))
         })?;
+        cancel_deferred_remove(control, &base);
         return Ok(Prepared::Restart(index));
     }
     dm::table_size(&table)?;
+    if let Some(t) = table
+        .iter()
+        .find(|t| !STATELESS_TARGETS.contains(&t.kind.as_str()))
+    {
+        return Err(Error::config(format!(
+            "volume {volume} uses the dm target {:?}, which keeps state of its own: ferry slides only under {} volumes (for others, protect the devices below them)",
+            t.kind,
+            STATELESS_TARGETS.join(", ")
+        )));
+    }
     match control.info(&base) {
         Ok(_) => {
             // Left by a run that stopped before sliding: reuse it only if it
@@ -136,6 +154,7 @@ pub fn prepare(control: &Control, volume: &str, backend: &str) -> Result<Prepare
                     "{base} exists with a table other than {volume}'s: remove it (dmsetup remove {base}) after checking nothing uses it"
                 )));
             }
+            cancel_deferred_remove(control, &base);
         }
         Err(e) if dm::is_no_such_device(&e) => {
             control.create(&base, None)?;
@@ -152,13 +171,42 @@ pub fn prepare(control: &Control, volume: &str, backend: &str) -> Result<Prepare
     Ok(Prepared::Fresh)
 }
 
+/// A base device reused from an earlier run may still carry the deferred
+/// removal an unprotect asked for (while a sidecar held it): cancel it, or
+/// the kernel would remove the base under the next filter.
+fn cancel_deferred_remove(control: &Control, base: &str) {
+    // The kernel refuses when no removal is pending: nothing to do then.
+    let _ = control.message(base, 0, "@cancel_deferred_remove");
+}
+
+/// Writes back and drops the page cache of the base device: pages read or
+/// written through one path (the volume's table, or the filter) must not be
+/// served or written back after the other path changed the blocks.
+pub fn drop_base_cache(control: &Control, volume: &str) -> Result<()> {
+    let node = device_node(control, &base_name(volume))?;
+    let file = std::fs::File::open(&node)
+        .map_err(|e| Error::io(e, "open the base device").with_path(&node))?;
+    // SAFETY: BLKFLSBUF takes no argument memory; the descriptor is ours.
+    let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&file), BLKFLSBUF, 0) };
+    if rc != 0 {
+        return Err(Error::io(std::io::Error::last_os_error(), "BLKFLSBUF").with_path(&node));
+    }
+    Ok(())
+}
+
 /// Swaps `table` in as the volume's live table: load into the inactive
-/// slot, suspend (flush and freeze), resume. If suspend or resume fails
-/// the staged table is dropped and the volume resumed as it was.
+/// slot, suspend (flush and freeze), drop the base's page cache, resume. If
+/// a step fails the staged table is dropped and the volume resumed as it
+/// was.
 pub fn swap_table(control: &Control, volume: &str, table: &[Target]) -> Result<()> {
     control.load(volume, table)?;
     if let Err(e) = control.suspend(volume) {
         let _ = control.clear(volume);
+        return Err(e);
+    }
+    if let Err(e) = drop_base_cache(control, volume) {
+        let _ = control.clear(volume);
+        let _ = control.resume(volume);
         return Err(e);
     }
     if let Err(e) = control.resume(volume) {
@@ -180,6 +228,27 @@ pub fn slide_in(control: &Control, volume: &str, nbd_index: u32) -> Result<()> {
         .split_once(':')
         .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
         .ok_or_else(|| Error::config(format!("bad device number {dev:?}")))?;
+    // dm takes the largest logical block size of its table's devices: a
+    // larger one under a mounted file system fails its smaller I/O.
+    let info = control.info(volume)?;
+    let block_size = |path: PathBuf| {
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|t| t.trim().to_string())
+    };
+    let ours =
+        block_size(Path::new(SYS_BLOCK).join(format!("nbd{nbd_index}/queue/logical_block_size")));
+    let theirs = block_size(Path::new(SYS_DEV_BLOCK).join(format!(
+        "{}:{}/queue/logical_block_size",
+        info.major, info.minor
+    )));
+    if ours != theirs {
+        return Err(Error::config(format!(
+            "/dev/nbd{nbd_index} has logical blocks of {} bytes, {volume} of {}: not sliding (leave --block-size unset)",
+            ours.unwrap_or_default(),
+            theirs.unwrap_or_default()
+        )));
+    }
     swap_table(control, volume, &[Target::linear(0, size, major, minor, 0)])
 }
 

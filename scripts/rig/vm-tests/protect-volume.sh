@@ -135,6 +135,19 @@ start_protect
 wait_for 120 serving || fail "protect-volume did not come back"
 grep -q "reattached to the kernel's NBD device" /tmp/pv.log || fail "the restart did not reattach"
 wait "$writer" || fail "writes across the restart failed"
+
+say "the table replaced behind the filter (as lvchange --refresh does): it stops, a restart slides in again"
+pv_pid=$(cat /tmp/pv.pid)
+dmsetup reload vol --table "$own_table"
+dmsetup resume vol
+write_files around 5 || fail "writes around the filter failed"
+pv_gone() { ! kill -0 "$pv_pid" 2>/dev/null || grep -q "table was replaced" /tmp/pv.log; }
+wait_for 60 pv_gone || fail "protect-volume did not notice the table swap"
+wait "$pv_pid" && fail "protect-volume exited 0 after losing the volume"
+grep -q "table was replaced" /tmp/pv.log || fail "no message about the replaced table"
+start_protect
+wait_for 120 serving || fail "protect-volume did not come back"
+wait_for 60 sh -c "dmsetup table vol | grep -q ' 43:'" || fail "the restart did not slide in again"
 write_files d 15 || fail "writes failed"
 tag
 sync
