@@ -9,7 +9,8 @@
 #   scripts/rig/kernel-vm.sh kernel   # fetch/extract the kernel into the cache, print its version
 #
 # run:
-#   --script FILE    becomes /test.sh, run by `sh /test.sh` (cwd /, stdin /dev/null)
+#   --script FILE    becomes /test.sh, run by `sh /test.sh` (cwd /, stdin /dev/null);
+#                    scripts/rig/vm-tests/lib.sh is /test-lib.sh beside it
 #   --out DIR        work dir (default: a new /tmp/ferry-vm.XXXXXX, printed): holds
 #                    console.log, qemu.log, initramfs.cpio and the disk images
 #   --disk NAME=SIZE OUT/NAME.img (raw, sparse; kept if it exists) as a virtio-blk
@@ -272,6 +273,7 @@ build_initramfs() {
     install_modules "$stage"
     cp "$here/vm-init.sh" "$stage/init"
     cp "$script" "$stage/test.sh"
+    cp "$here/vm-tests/lib.sh" "$stage/test-lib.sh"
     chmod 755 "$stage/init" "$stage/test.sh"
     (cd "$stage" && find . | busybox cpio -o -H newc -R 0:0 2>/dev/null) >"$out/initramfs.cpio"
 }

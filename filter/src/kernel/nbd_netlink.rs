@@ -35,8 +35,6 @@ pub const NBD_CMD_CONNECT: u8 = 1;
 pub const NBD_CMD_DISCONNECT: u8 = 2;
 /// `NBD_CMD_RECONFIGURE`.
 pub const NBD_CMD_RECONFIGURE: u8 = 3;
-/// `NBD_CMD_STATUS`.
-pub const NBD_CMD_STATUS: u8 = 5;
 
 /// `NBD_ATTR_INDEX` (u32): the device number N of /dev/nbdN.
 pub const NBD_ATTR_INDEX: u16 = 1;
@@ -54,20 +52,12 @@ pub const NBD_ATTR_CLIENT_FLAGS: u16 = 6;
 pub const NBD_ATTR_SOCKETS: u16 = 7;
 /// `NBD_ATTR_DEAD_CONN_TIMEOUT` (u64 seconds).
 pub const NBD_ATTR_DEAD_CONN_TIMEOUT: u16 = 8;
-/// `NBD_ATTR_DEVICE_LIST` (nested `NBD_DEVICE_ITEM`s, in STATUS answers).
-pub const NBD_ATTR_DEVICE_LIST: u16 = 9;
 /// `NBD_ATTR_BACKEND_IDENTIFIER` (string, Linux 5.14+).
 pub const NBD_ATTR_BACKEND_IDENTIFIER: u16 = 10;
 /// `NBD_SOCK_ITEM` (nested, inside `NBD_ATTR_SOCKETS`).
 pub const NBD_SOCK_ITEM: u16 = 1;
 /// `NBD_SOCK_FD` (u32, inside `NBD_SOCK_ITEM`).
 pub const NBD_SOCK_FD: u16 = 1;
-/// `NBD_DEVICE_ITEM` (nested, inside `NBD_ATTR_DEVICE_LIST`).
-pub const NBD_DEVICE_ITEM: u16 = 1;
-/// `NBD_DEVICE_INDEX` (u32).
-pub const NBD_DEVICE_INDEX: u16 = 1;
-/// `NBD_DEVICE_CONNECTED` (u8).
-pub const NBD_DEVICE_CONNECTED: u16 = 2;
 
 /// How a device is configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,35 +153,6 @@ pub fn parse_connect_reply(replies: &[(u8, Vec<u8>)]) -> io::Result<u32> {
     ))
 }
 
-/// `(index, connected)` of each device in a STATUS answer.
-pub fn parse_status_reply(replies: &[(u8, Vec<u8>)]) -> io::Result<Vec<(u32, bool)>> {
-    let mut out = Vec::new();
-    for (_, attrs) in replies {
-        for (kind, list) in netlink::parse_attrs(attrs)? {
-            if kind != NBD_ATTR_DEVICE_LIST {
-                continue;
-            }
-            for (item_kind, item) in netlink::parse_attrs(list)? {
-                if item_kind != NBD_DEVICE_ITEM {
-                    continue;
-                }
-                let (mut index, mut connected) = (None, false);
-                for (field, value) in netlink::parse_attrs(item)? {
-                    match field {
-                        NBD_DEVICE_INDEX => index = Some(netlink::attr_u32(value)?),
-                        NBD_DEVICE_CONNECTED => connected = value.first() == Some(&1),
-                        _ => {}
-                    }
-                }
-                if let Some(index) = index {
-                    out.push((index, connected));
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// A netlink session with the kernel's NBD driver.
 #[derive(Debug)]
 pub struct Nbd {
@@ -259,19 +220,6 @@ impl Nbd {
         self.socket
             .request(self.family, NBD_CMD_DISCONNECT, VERSION, &attrs)?;
         Ok(())
-    }
-
-    /// Whether device `index` exists and is connected (None: no such device).
-    pub fn connected(&mut self, index: u32) -> io::Result<Option<bool>> {
-        let mut attrs = Attrs::new();
-        attrs.u32(NBD_ATTR_INDEX, index);
-        let replies = self
-            .socket
-            .request(self.family, NBD_CMD_STATUS, VERSION, &attrs)?;
-        Ok(parse_status_reply(&replies)?
-            .into_iter()
-            .find(|(i, _)| *i == index)
-            .map(|(_, connected)| connected))
     }
 }
 
@@ -442,21 +390,6 @@ mod tests {
         let replies = vec![(NBD_CMD_CONNECT, reply.as_bytes().to_vec())];
         assert_eq!(parse_connect_reply(&replies).unwrap(), 5);
         assert!(parse_connect_reply(&[]).is_err());
-
-        let mut list = Attrs::new();
-        for (index, connected) in [(0u32, 1u8), (1, 0)] {
-            let mut item = Attrs::new();
-            item.u32(NBD_DEVICE_INDEX, index);
-            item.u8(NBD_DEVICE_CONNECTED, connected);
-            list.nested(NBD_DEVICE_ITEM, &item).unwrap();
-        }
-        let mut top = Attrs::new();
-        top.nested(NBD_ATTR_DEVICE_LIST, &list).unwrap();
-        let replies = vec![(NBD_CMD_STATUS, top.as_bytes().to_vec())];
-        assert_eq!(
-            parse_status_reply(&replies).unwrap(),
-            vec![(0, true), (1, false)]
-        );
     }
 
     #[test]

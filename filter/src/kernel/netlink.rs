@@ -83,11 +83,6 @@ impl Attrs {
         self
     }
 
-    /// A u8 attribute.
-    pub fn u8(&mut self, kind: u16, value: u8) -> &mut Self {
-        self.put(kind, &[value])
-    }
-
     /// A u32 attribute.
     pub fn u32(&mut self, kind: u16, value: u32) -> &mut Self {
         self.put(kind, &value.to_ne_bytes())

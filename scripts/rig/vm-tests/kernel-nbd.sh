@@ -17,6 +17,8 @@
 # Needs: --disk data=SIZE (/dev/vda), --bin mkfs.ext4 --bin e2fsck, the
 # repository's scripts/ at /src/scripts.
 set -eu
+# shellcheck source=scripts/rig/vm-tests/lib.sh # the guest has it at /test-lib.sh
+. /test-lib.sh
 state=/run/ferry/data
 log=/tmp/filter.log
 
@@ -28,15 +30,6 @@ fail() {
     tail -n 40 "$log" 2>/dev/null || true
     dmesg | tail -n 40
     exit 1
-}
-wait_for() { # wait_for SECONDS COMMAND...: poll every 50 ms
-    limit=$(($1 * 20)); shift
-    n=0
-    until "$@"; do
-        n=$((n + 1))
-        [ "$n" -lt "$limit" ] || return 1
-        sleep 0.05
-    done
 }
 
 start_filter() {

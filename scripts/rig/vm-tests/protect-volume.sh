@@ -16,6 +16,8 @@
 # Needs: --disk data=64M --disk log=256M --disk site=512M, --bin mkfs.ext4
 # --bin e2fsck --bin dmsetup.
 set -eu
+# shellcheck source=scripts/rig/vm-tests/lib.sh # the guest has it at /test-lib.sh
+. /test-lib.sh
 state=/run/ferry/vol
 say() { echo "protect-volume: $*"; }
 fail() {
@@ -25,15 +27,6 @@ fail() {
     done
     dmesg | tail -n 30
     exit 1
-}
-wait_for() { # wait_for SECONDS COMMAND...: poll every 50 ms
-    limit=$(($1 * 20)); shift
-    n=0
-    until "$@"; do
-        n=$((n + 1))
-        [ "$n" -lt "$limit" ] || return 1
-        sleep 0.05
-    done
 }
 write_files() { # write_files PREFIX COUNT
     i=0
