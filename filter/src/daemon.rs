@@ -679,6 +679,16 @@ pub fn run_with(
     }
 
     while !stop.load(Ordering::Relaxed) {
+        if let Some(link) = links.iter().find(|l| l.is_lost()) {
+            // Its writes can no longer reach us: stopping says so, and a
+            // supervisor's restart attaches again.
+            failure = Some(Error::control(format!(
+                "{} (disk {}) was disconnected by someone else",
+                link.device().display(),
+                link.disk()
+            )));
+            break;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     tracing::info!("stopping: finishing in-flight requests");

@@ -74,6 +74,8 @@ pub struct Link {
     record: PathBuf,
     ours: Arc<Mutex<Option<UnixStream>>>,
     stopping: Arc<AtomicBool>,
+    /// Set when the link ended on its own: the device was taken away.
+    lost: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -86,6 +88,12 @@ impl Link {
     /// The disk's name.
     pub fn disk(&self) -> &str {
         &self.disk
+    }
+
+    /// Whether the device was disconnected by someone else: the link no
+    /// longer serves it and the filter should stop.
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
     }
 }
 
@@ -227,16 +235,23 @@ fn start_link(
 ) -> Result<Link> {
     let ours = Arc::new(Mutex::new(Some(ours)));
     let stopping = Arc::new(AtomicBool::new(false));
+    let lost = Arc::new(AtomicBool::new(false));
     let thread = {
-        let (ours, stopping, backend) = (
+        let (ours, stopping, lost, backend) = (
             Arc::clone(&ours),
             Arc::clone(&stopping),
+            Arc::clone(&lost),
             Arc::clone(backend),
         );
         let disk = disk.to_string();
         std::thread::Builder::new()
             .name(format!("nbd-kernel-{disk}"))
-            .spawn(move || serve_link(&disk, index, &attach, &ours, &stopping, &backend))
+            .spawn(move || {
+                serve_link(&disk, index, &attach, &ours, &stopping, &backend);
+                if !stopping.load(Ordering::Acquire) {
+                    lost.store(true, Ordering::Release);
+                }
+            })
             .map_err(|e| Error::io(e, "spawn thread"))?
     };
     Ok(Link {
@@ -245,6 +260,7 @@ fn start_link(
         record: record.to_path_buf(),
         ours,
         stopping,
+        lost,
         thread: Some(thread),
     })
 }
