@@ -271,19 +271,22 @@ pub fn run_unprotect(args: &UnprotectVolumeArgs) -> Result<ExitCode> {
             state.display()
         );
     };
-    let answering = control::call(&state, &Request::Status, Duration::from_secs(10))
-        .map(|r| r.ok)
-        .unwrap_or(false);
-    if !answering || !is_ferry(info.pid) {
+    // The pid comes from the live filter, not from filter.json (a dead
+    // filter's pid may belong to another process by now).
+    let pid = control::call(&state, &Request::Status, Duration::from_secs(10))
+        .ok()
+        .and_then(|r| r.status)
+        .map(|status| status.pid)
+        .filter(|&pid| is_ferry(pid));
+    let Some(pid) = pid else {
         bail!(
-            "the filter of {} (pid {}) is not running, and the volume's I/O waits for it: \
+            "the filter of {} is not running, and the volume's I/O waits for it: \
              start `ferry protect-volume {} --state {}` again (it reattaches), then unprotect",
             state.display(),
-            info.pid,
             args.volume.display(),
             state.display()
         );
-    }
+    };
     let marker = state.join("disks").join(disk).join(UNPROTECTING);
     std::fs::write(&marker, b"").with_context(|| format!("write {}", marker.display()))?;
     if let Err(e) = volume::slide_out(&control, &name) {
@@ -294,7 +297,7 @@ pub fn run_unprotect(args: &UnprotectVolumeArgs) -> Result<ExitCode> {
         "ferry: {} runs on its own table again; stopping the filter (disk {disk})",
         args.volume.display()
     );
-    stop_filter(info.pid, Duration::from_secs(args.timeout))?;
+    stop_filter(pid, Duration::from_secs(args.timeout))?;
     // protect-volume removes the base device as it exits; make sure.
     remove_base(&control, &name);
     println!(
@@ -318,8 +321,7 @@ fn remove_base(control: &Control, name: &str) {
     }
 }
 
-/// Whether `pid` runs ferry (a pid from filter.json may have been reused
-/// since).
+/// Whether `pid` runs ferry.
 fn is_ferry(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|cmdline| {
@@ -333,8 +335,8 @@ fn is_ferry(pid: u32) -> bool {
 
 fn stop_filter(pid: u32, timeout: Duration) -> Result<()> {
     let raw = libc::pid_t::try_from(pid).context("filter pid")?;
-    // SAFETY: kill with a pid read from the filter's own filter.json and a
-    // constant signal.
+    // SAFETY: kill with the pid the filter reported on its control socket
+    // and a constant signal.
     if unsafe { libc::kill(raw, libc::SIGTERM) } != 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::ESRCH) {
@@ -351,9 +353,8 @@ fn stop_filter(pid: u32, timeout: Duration) -> Result<()> {
     Ok(())
 }
 
-/// What a running filter wrote in `STATE/filter.json`.
+/// The disks a filter serves to the kernel, from `STATE/filter.json`.
 struct FilterInfo {
-    pid: u32,
     /// (disk, its kernel device)
     devices: Vec<(String, PathBuf)>,
 }
@@ -365,10 +366,6 @@ impl FilterInfo {
             std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
         let value: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
-        let pid = value["pid"]
-            .as_u64()
-            .and_then(|p| u32::try_from(p).ok())
-            .with_context(|| format!("{} has no pid", path.display()))?;
         let devices = value["disks"]
             .as_array()
             .map(|disks| {
@@ -383,7 +380,7 @@ impl FilterInfo {
                     .collect()
             })
             .unwrap_or_default();
-        Ok(FilterInfo { pid, devices })
+        Ok(FilterInfo { devices })
     }
 
     fn disk_on(&self, device: &Path) -> Option<&str> {
