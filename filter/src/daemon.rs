@@ -444,10 +444,8 @@ fn lock_state(state: &Path) -> Result<File> {
 
 /// Directory in shared memory for this state directory's rings.
 fn ring_dir(state: &Path) -> PathBuf {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    state.hash(&mut h);
-    PathBuf::from("/dev/shm").join(format!("ferry-{:016x}", h.finish()))
+    let hash = crate::stable_hash(state.as_os_str().as_encoded_bytes());
+    PathBuf::from("/dev/shm").join(format!("ferry-{hash:016x}"))
 }
 
 /// Best effort: the kernel must not wait on this process's own I/O to free

@@ -27,3 +27,15 @@ pub mod tracker;
 pub mod uring;
 
 pub use error::{Error, ErrorKind, Result};
+
+/// FNV-1a, 64 bits: a hash of state paths whose every step is written
+/// here, so names derived from it (the kernel NBD backend identifier, the
+/// ring directory) stay the same across ferry and Rust versions, unlike
+/// std's `DefaultHasher`.
+pub(crate) fn stable_hash(bytes: &[u8]) -> u64 {
+    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    bytes
+        .iter()
+        .fold(OFFSET_BASIS, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME))
+}

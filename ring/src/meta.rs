@@ -835,14 +835,26 @@ fn new_instance() -> u64 {
     (u64::from(v) << 32 | u64::from(w)) ^ u64::try_from(t & u128::from(u64::MAX)).unwrap_or(0)
 }
 
+/// How long opening waits for a previous producer's lock to go: a closed
+/// file whose last reference an io_uring instance held is released by the
+/// kernel's deferred teardown, a moment after the close.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
-    // SAFETY: flock only takes the descriptor number; `file` keeps it open for
-    // the whole call, and no memory is passed.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let e = loop {
+        // SAFETY: flock only takes the descriptor number; `file` keeps it
+        // open for the whole call, and no memory is passed.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) || std::time::Instant::now() >= deadline {
+            break e;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
     if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
         return Err(Error::new(
             ErrorKind::Io,

@@ -103,18 +103,8 @@ impl Link {
 pub fn backend_id(state: &Path, disk: &str) -> String {
     format!(
         "ferry:{disk}:{:016x}",
-        fnv1a64(state.as_os_str().as_encoded_bytes())
+        crate::stable_hash(state.as_os_str().as_encoded_bytes())
     )
-}
-
-/// FNV-1a, 64 bits: a hash whose every step is written here, unlike std's
-/// `DefaultHasher`, which may change between Rust releases.
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes
-        .iter()
-        .fold(OFFSET_BASIS, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME))
 }
 
 /// The logical block size the kernel device gets: the backing device's
@@ -406,12 +396,15 @@ mod tests {
     #[test]
     fn the_backend_hash_is_fnv1a() {
         // Published FNV-1a 64 test vectors.
-        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+        assert_eq!(crate::stable_hash(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(crate::stable_hash(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(crate::stable_hash(b"foobar"), 0x8594_4171_f739_67e8);
         assert_eq!(
             backend_id(Path::new("/var/lib/ferry/a"), "data"),
-            format!("ferry:data:{:016x}", fnv1a64(b"/var/lib/ferry/a"))
+            format!(
+                "ferry:data:{:016x}",
+                crate::stable_hash(b"/var/lib/ferry/a")
+            )
         );
     }
 
