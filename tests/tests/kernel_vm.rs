@@ -42,7 +42,7 @@ fn run_vm(out: &Path, script: &str, disks: &[&str], extra: &[&str]) {
         "--out".into(),
         out.display().to_string(),
         "--timeout".into(),
-        "900".into(),
+        "600".into(),
     ];
     for disk in disks {
         args.extend(["--disk".into(), (*disk).to_string()]);

@@ -65,7 +65,24 @@ serving() {
     pid=$(cat /tmp/pv.pid)
     grep -q "\"pid\": $pid," "$state/filter.json" 2>/dev/null
 }
+threads_of() { # name, state and wait channel of each thread, for a stuck process
+    for t in /proc/"$1"/task/*; do
+        echo "$(cat "$t/comm") $(cut -d' ' -f3 "$t/stat") $(cat "$t/wchan" 2>/dev/null)"
+    done
+}
 table_of() { dmsetup table "$1" | awk '{ print $3 }'; }
+
+# If a step hangs (an I/O that never completes has no timeout of its own),
+# say where, with every ferry thread's state, before the VM's time runs out.
+(
+    sleep 400
+    echo "protect-volume: WATCHDOG: still running after 400 s"
+    ps
+    dmsetup info
+    for pid in $(pidof ferry); do echo "--- ferry $pid"; threads_of "$pid"; done
+    for f in /tmp/pv.log /tmp/sidecar.log; do echo "--- $f"; tail -n 40 "$f"; done
+) &
+watchdog=$!
 
 sectors=$(blockdev --getsz /dev/vda)
 dmsetup create lw --table "0 $sectors log-writes /dev/vda /dev/vdb"
@@ -134,8 +151,9 @@ pv_pid=$(cat /tmp/pv.pid)
 dmsetup reload vol --table "$own_table"
 dmsetup resume vol
 write_files around 5 || fail "writes around the filter failed"
-pv_gone() { ! kill -0 "$pv_pid" 2>/dev/null || grep -q "table was replaced" /tmp/pv.log; }
-wait_for 60 pv_gone || fail "protect-volume did not notice the table swap"
+# Exited: gone, or a zombie waiting for `wait`.
+pv_exited() { ! grep -q '^State:[[:space:]]*[RSDT]' "/proc/$pv_pid/status" 2>/dev/null; }
+wait_for 90 pv_exited || { threads_of "$pv_pid"; fail "protect-volume did not stop after the table swap"; }
 wait "$pv_pid" && fail "protect-volume exited 0 after losing the volume"
 grep -q "table was replaced" /tmp/pv.log || fail "no message about the replaced table"
 start_protect
@@ -185,5 +203,6 @@ dmsetup remove vol
 dmsetup remove lw
 ferry points vm01 --data /site/data
 umount /site
+kill "$watchdog" 2>/dev/null || true
 echo "$final" >/tmp/final
 say "points p1..$final; ok"
