@@ -411,16 +411,25 @@ impl Volume {
             .to_string()
     }
 
-    /// Unmount the file system (the loop device and filter stay up).
+    /// Unmount the file system (the loop device and filter stay up). A
+    /// workload process that just exited may hold the mount busy for a
+    /// moment while its files are released: retried for up to 20 s.
     pub fn unmount(&self) {
-        let out = Command::new("umount")
-            .arg(self.mnt())
-            .output()
-            .expect("umount");
+        let mut last = None;
+        let done = wait_until(std::time::Duration::from_secs(20), || {
+            let out = Command::new("umount")
+                .arg(self.mnt())
+                .output()
+                .expect("umount");
+            let ok = out.status.success();
+            last = Some(out);
+            ok
+        });
         assert!(
-            out.status.success(),
+            done,
             "umount: {}",
-            String::from_utf8_lossy(&out.stderr)
+            last.map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+                .unwrap_or_default()
         );
     }
 }
