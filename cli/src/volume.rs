@@ -89,7 +89,7 @@ pub fn run_protect(args: ProtectVolumeArgs) -> Result<ExitCode> {
         },
     });
     let shown = args.volume.display().to_string();
-    let disk_dir = state.join("disks").join(&disk);
+    let disk_dir = ferry_filter::disk::state_dir_of(&state, &disk);
     // Set before the slide, cleared once the resync after it is asked for:
     // a run that dies in between leaves it, and the next run (which finds
     // the volume already slid) still asks.
@@ -192,9 +192,7 @@ fn spawn_table_watch(name: String, index: u32, unprotecting: PathBuf, lost: Arc<
             let Ok(control) = Control::open() else { return };
             loop {
                 std::thread::sleep(TABLE_WATCH);
-                let ours = control
-                    .table(&name)
-                    .map(|t| volume::nbd_target(Path::new("/sys/dev/block"), &t) == Some(index));
+                let ours = volume::running_on(&control, &name).map(|on| on == Some(index));
                 if matches!(ours, Ok(false)) && !unprotecting.exists() {
                     tracing::error!(volume = %name, "the volume no longer runs through the filter");
                     lost.store(true, Ordering::Release);
@@ -236,10 +234,7 @@ fn resync(state: &Path, disk: &str) -> ferry_filter::Result<()> {
 /// After the filter stopped: a volume slid back out no longer needs its
 /// base device; one still on /dev/nbdN keeps it for the next run.
 fn finish_stop(control: &Control, name: &str) {
-    let on_nbd = control
-        .table(name)
-        .map(|t| volume::nbd_target(Path::new("/sys/dev/block"), &t).is_some())
-        .unwrap_or(true);
+    let on_nbd = volume::running_on(control, name).map_or(true, |on| on.is_some());
     if on_nbd {
         tracing::warn!(volume = name, "the volume stays on its NBD device: run protect-volume again to resume (its writes wait for it), or unprotect-volume");
     } else {
@@ -254,8 +249,7 @@ pub fn run_unprotect(args: &UnprotectVolumeArgs) -> Result<ExitCode> {
         .canonicalize()
         .with_context(|| format!("resolve {}", args.state.display()))?;
     let control = Control::open()?;
-    let Some(index) = volume::nbd_target(Path::new("/sys/dev/block"), &control.table(&name)?)
-    else {
+    let Some(index) = volume::running_on(&control, &name)? else {
         bail!(
             "{} is not protected: its table does not point at an NBD device",
             args.volume.display()
@@ -287,7 +281,7 @@ pub fn run_unprotect(args: &UnprotectVolumeArgs) -> Result<ExitCode> {
             state.display()
         );
     };
-    let marker = state.join("disks").join(disk).join(UNPROTECTING);
+    let marker = ferry_filter::disk::state_dir_of(&state, disk).join(UNPROTECTING);
     std::fs::write(&marker, b"").with_context(|| format!("write {}", marker.display()))?;
     if let Err(e) = volume::slide_out(&control, &name) {
         let _ = std::fs::remove_file(&marker);

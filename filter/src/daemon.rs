@@ -18,7 +18,6 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -424,21 +423,14 @@ fn lock_state(state: &Path) -> Result<File> {
     // A filter killed a moment ago may still be exiting (unmapping its
     // locked memory takes a while on a slow machine) and hold the lock:
     // wait for it rather than fail the restart.
-    let deadline = Instant::now() + STATE_LOCK_WAIT;
-    loop {
-        // SAFETY: flock on a descriptor we own; no memory is involved.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
-            return Ok(file);
-        }
-        if Instant::now() >= deadline {
-            return Err(Error::config(format!(
-                "another ferry filter is using {} (lock held on {})",
-                state.display(),
-                path.display()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    match ferry_ring::meta::flock_exclusive_within(&file, STATE_LOCK_WAIT) {
+        Ok(()) => Ok(file),
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Err(Error::config(format!(
+            "another ferry filter is using {} (lock held on {})",
+            state.display(),
+            path.display()
+        ))),
+        Err(e) => Err(Error::io(e, "lock state").with_path(&path)),
     }
 }
 

@@ -77,6 +77,12 @@ const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 /// `_IO(0x12, 104)`: logical block size of a block device (linux/fs.h).
 const BLKSSZGET: libc::c_ulong = 0x1268;
 
+/// A disk's own directory under the filter's state directory
+/// (`STATE/disks/NAME`: tracking metadata, ring link, kernel NBD record).
+pub fn state_dir_of(state: &Path, disk: &str) -> PathBuf {
+    state.join("disks").join(disk)
+}
+
 /// Buffer a write's payload is read into.
 #[derive(Debug)]
 pub enum WriteData {
@@ -498,7 +504,7 @@ impl Disk {
             None if is_block_device => logical_block_size(&file, &disk.path)?,
             None => 1,
         };
-        let dir = state_dir.join("disks").join(&disk.name);
+        let dir = state_dir_of(state_dir, &disk.name);
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::io(e, "create disk state dir").with_path(&dir))?;
         let meta_path = dir.join("meta");

@@ -838,11 +838,26 @@ fn new_instance() -> u64 {
 /// How long opening waits for a previous producer's lock to go: a closed
 /// file whose last reference an io_uring instance held is released by the
 /// kernel's deferred teardown, a moment after the close.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+const LOCK_WAIT: Duration = Duration::from_secs(2);
 
 fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
-    let deadline = std::time::Instant::now() + LOCK_WAIT;
-    let e = loop {
+    match flock_exclusive_within(file, LOCK_WAIT) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Err(Error::new(
+            ErrorKind::Io,
+            "already open for writing by another producer",
+        )
+        .at_path(path)),
+        Err(e) => Err(Error::io(e, "flock").at_path(path)),
+    }
+}
+
+/// Takes an exclusive `flock` on `file`, waiting up to `wait` for a holder
+/// that is going away (a process still exiting, a descriptor io_uring
+/// releases late). Fails with `EWOULDBLOCK` if it is still held then.
+pub fn flock_exclusive_within(file: &File, wait: Duration) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
         // SAFETY: flock only takes the descriptor number; `file` keeps it
         // open for the whole call, and no memory is passed.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
@@ -851,18 +866,10 @@ fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
         }
         let e = io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EWOULDBLOCK) || std::time::Instant::now() >= deadline {
-            break e;
+            return Err(e);
         }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        return Err(Error::new(
-            ErrorKind::Io,
-            "already open for writing by another producer",
-        )
-        .at_path(path));
+        std::thread::sleep(Duration::from_millis(10));
     }
-    Err(Error::io(e, "flock").at_path(path))
 }
 
 // ---------------------------------------------------------------------------

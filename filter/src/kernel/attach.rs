@@ -163,7 +163,7 @@ fn attach_one(
         dead_conn_timeout: timeouts.dead_connection,
         backend: backend_id(state, disk),
     };
-    let record = state.join("disks").join(disk).join(RECORD);
+    let record = crate::disk::state_dir_of(state, disk).join(RECORD);
     let recorded = std::fs::read_to_string(&record)
         .ok()
         .and_then(|t| t.trim().parse::<u32>().ok());

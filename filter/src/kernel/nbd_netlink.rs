@@ -316,13 +316,16 @@ mod tests {
             .collect()
     }
 
+    fn kinds(fields: &[(u16, Vec<u8>)]) -> Vec<u16> {
+        fields.iter().map(|(k, _)| *k).collect()
+    }
+
     #[test]
     fn connect_carries_every_setting_and_the_socket() {
         let attrs = connect_attrs(&attach(), Some(3), 17).unwrap();
         let top = fields(attrs.as_bytes());
-        let kinds: Vec<u16> = top.iter().map(|(k, _)| *k).collect();
         assert_eq!(
-            kinds,
+            kinds(&top),
             vec![
                 NBD_ATTR_INDEX,
                 NBD_ATTR_SIZE_BYTES,
@@ -369,9 +372,8 @@ mod tests {
     fn reconfigure_names_the_device_the_backend_and_the_socket() {
         let attrs = reconfigure_attrs(&attach(), 2, 9).unwrap();
         let top = fields(attrs.as_bytes());
-        let kinds: Vec<u16> = top.iter().map(|(k, _)| *k).collect();
         assert_eq!(
-            kinds,
+            kinds(&top),
             vec![
                 NBD_ATTR_INDEX,
                 NBD_ATTR_TIMEOUT,

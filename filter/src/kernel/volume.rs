@@ -86,6 +86,15 @@ pub fn nbd_target(sys_dev_block: &Path, table: &[Target]) -> Option<u32> {
     nbd_netlink::parse_device(link.file_name()?.to_str()?)
 }
 
+/// The NBD device index the volume's live table runs on (None: its own
+/// table).
+pub fn running_on(control: &Control, volume: &str) -> Result<Option<u32>> {
+    Ok(nbd_target(
+        Path::new(SYS_DEV_BLOCK),
+        &control.table(volume)?,
+    ))
+}
+
 /// What `prepare` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Prepared {
