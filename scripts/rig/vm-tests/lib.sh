@@ -2,15 +2,17 @@
 # Helpers for the scripts under scripts/rig/vm-tests/, sourced from
 # /test-lib.sh in the guest (scripts/rig/kernel-vm.sh puts it there).
 
+# Seconds since boot (a clock that keeps time under emulation, where a
+# loop's own pace says nothing).
+uptime_s() { cut -d. -f1 /proc/uptime; }
+
 # wait_for SECONDS COMMAND...: run COMMAND every 50 ms until it succeeds;
-# fails after SECONDS. (Uses the globals wait_n and wait_limit: sh has no
-# local variables.)
+# fails once SECONDS have passed. (Uses the global wait_deadline: sh has
+# no local variables, so COMMAND must not call wait_for itself.)
 wait_for() {
-    wait_limit=$(($1 * 20)); shift
-    wait_n=0
+    wait_deadline=$(($(uptime_s) + $1)); shift
     until "$@"; do
-        wait_n=$((wait_n + 1))
-        [ "$wait_n" -lt "$wait_limit" ] || return 1
+        [ "$(uptime_s)" -lt "$wait_deadline" ] || return 1
         sleep 0.05
     done
 }

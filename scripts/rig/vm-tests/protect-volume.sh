@@ -71,16 +71,31 @@ threads_of() { # name, state and wait channel of each thread, for a stuck proces
     done
 }
 table_of() { dmsetup table "$1" | awk '{ print $3 }'; }
+# The highest sequence the filter has given out.
+filter_seq() { ferry filter status --state "$state" --json | sed -n 's/^  "seq": \([0-9]*\),*$/\1/p'; }
+# consistent_after SEQ: the target holds a point the sidecar tagged itself
+# after SEQ. It tags one once a resync is complete, so the replica is
+# consistent again and a tag taken from now on becomes a recovery point.
+# (A tag taken while the resync still runs is recorded but is no point:
+# the replica never held the disk as it was at that tag.) Sequences are
+# compared as strings of digits: awk's numbers are doubles.
+consistent_after() {
+    ferry points vm01 --data /site/data 2>/dev/null | awk -v after="$1" '
+        function later(s, a) { return length(s) > length(a) || (length(s) == length(a) && s "" > a ""); }
+        $NF ~ /^ferry-consistent-/ && later($(NF - 1), after) { found = 1 }
+        END { exit !found }'
+}
 
 # If a step hangs (an I/O that never completes has no timeout of its own),
 # say where, with every ferry thread's state, before the VM's time runs out.
 (
     sleep 400
     echo "protect-volume: WATCHDOG: still running after 400 s"
-    ps
-    dmsetup info
+    ps | grep -v ' \[' # user processes only
+    dmsetup info -c
     for pid in $(pidof ferry); do echo "--- ferry $pid"; threads_of "$pid"; done
-    for f in /tmp/pv.log /tmp/sidecar.log; do echo "--- $f"; tail -n 40 "$f"; done
+    ferry sidecar status --state "$state"
+    for f in /tmp/pv.log /tmp/sidecar.log /tmp/target.log; do echo "--- $f"; tail -n 20 "$f"; done
 ) &
 watchdog=$!
 
@@ -125,13 +140,13 @@ stop_writer in
 dmsetup table vol | grep -q " 43:" || fail "vol does not point at an NBD device: $(dmsetup table vol)"
 [ "$(stat -L -c %t:%T /dev/mapper/vol)" = "$vol_dev" ] || fail "the volume's device number changed"
 dmsetup info ferry-base-vol >/dev/null || fail "no base device"
+slid_at=$(filter_seq)
 ferry sidecar --state "$state" --target "$addr" --credentials /site/creds 2>/tmp/sidecar.log &
 sidecar_pid=$!
 
 say "a workload with recovery points, and a kill -9 of protect-volume"
 point=0
-# A tag is refused until the sidecar has taken the resync the slide-in
-# asked for (a point cannot be consistent before): retry until then.
+wait_for 300 consistent_after "$slid_at" || fail "the replica did not become consistent after the slide-in"
 tag_once() { ferry filter tag "p$point" --state "$state" >/tmp/tag.out 2>&1; }
 tag() { point=$((point + 1)); wait_for 300 tag_once || { cat /tmp/tag.out; fail "tag p$point failed"; }; }
 write_files a 15 || fail "writes failed"
@@ -159,7 +174,9 @@ grep -q "table was replaced" /tmp/pv.log || fail "no message about the replaced 
 start_protect
 wait_for 120 serving || fail "protect-volume did not come back"
 wait_for 60 sh -c "dmsetup table vol | grep -q ' 43:'" || fail "the restart did not slide in again"
+slid_at=$(filter_seq)
 write_files d 15 || fail "writes failed"
+wait_for 300 consistent_after "$slid_at" || fail "the replica did not become consistent after sliding in again"
 tag
 sync
 tag
