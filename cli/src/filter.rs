@@ -377,6 +377,18 @@ fn tag(args: TagArgs) -> Result<ExitCode> {
     let wait = Duration::from_secs_f64(args.timeout * 3.0 + 10.0);
     let response = control::call(&args.state, &Request::Tag(request), wait)?;
     let tag = response.tag.context("filter sent no tag")?;
+    let resyncing: Vec<_> = crate::replicate::inconsistent_disks(&args.state)
+        .into_iter()
+        .filter(|d| tag.disks.contains(d))
+        .collect();
+    if !resyncing.is_empty() {
+        eprintln!(
+            "ferry: warning: the sidecar reports {} not consistent yet (a resync runs): \
+             this tag will not be a recovery point; tag again once `ferry sidecar status` \
+             says consistent",
+            resyncing.join(", ")
+        );
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&tag)?);
     } else {

@@ -606,6 +606,32 @@ pub(crate) fn metrics_path(state: &Path) -> PathBuf {
     state.join(SIDECAR_DIR).join(METRICS_FILE)
 }
 
+/// The disks a running sidecar reports as not consistent (a resync runs or
+/// is owed): a tag taken now on them is recorded but is no recovery point.
+/// Empty when no sidecar has written its metrics in the last 10 s.
+pub(crate) fn inconsistent_disks(state: &Path) -> Vec<String> {
+    let path = metrics_path(state);
+    let fresh = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < Duration::from_secs(10));
+    let Some(v) = fresh
+        .then(|| std::fs::read_to_string(&path).ok())
+        .flatten()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+    else {
+        return Vec::new();
+    };
+    v["disks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["consistent_since"].is_null())
+        .filter_map(|d| d["disk"].as_str().map(str::to_string))
+        .collect()
+}
+
 /// `ferry points HOST --data DIR [--json]`.
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
@@ -669,6 +695,34 @@ fn utc(ns: u64) -> String {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    #[test]
+    fn inconsistent_disks_come_from_fresh_sidecar_metrics() {
+        let state = std::env::temp_dir().join(format!("ferry-incons-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state);
+        // No sidecar: nothing to say.
+        assert!(super::inconsistent_disks(&state).is_empty());
+        let path = super::metrics_path(&state);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(
+            &path,
+            r#"{"disks": [{"disk": "a", "consistent_since": 7},
+                          {"disk": "b", "consistent_since": null},
+                          {"disk": "c"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(super::inconsistent_disks(&state), ["b", "c"]);
+        // Metrics nobody rewrote for a while: a sidecar that is gone.
+        let old = std::time::SystemTime::now() - Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert!(super::inconsistent_disks(&state).is_empty());
+        std::fs::remove_dir_all(&state).unwrap();
+    }
 
     #[test]
     fn target_retention_flag() {
