@@ -14,7 +14,11 @@ use ferry_master_target::failover::{Manifest, TestFailover};
 use ferry_master_target::site::Site;
 
 /// Run `req` in the target that owns `data`, or here if none runs.
-fn run(data: &Path, credentials: Option<&Path>, req: &Request) -> Result<serde_json::Value> {
+pub(crate) fn run(
+    data: &Path,
+    credentials: Option<&Path>,
+    req: &Request,
+) -> Result<serde_json::Value> {
     let mut progress = |m: &str| eprintln!("{m}");
     if let Some(v) = control::call(data, req, &mut progress)? {
         return Ok(v);
@@ -168,7 +172,7 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 }
 
 /// Print a verb's manifest: JSON as it came, or for people.
-fn show_manifest(v: serde_json::Value, json: bool) -> Result<ExitCode> {
+pub(crate) fn show_manifest(v: serde_json::Value, json: bool) -> Result<ExitCode> {
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -201,7 +205,11 @@ fn print_manifest(m: &Manifest) -> Result<()> {
                 .unwrap_or_default()
         );
     }
-    println!("manifest  {}", m.out.join("manifest.json").display());
+    if m.in_place {
+        println!("in place  the images are the replicas, rewound to the point");
+    } else {
+        println!("manifest  {}", m.out.join("manifest.json").display());
+    }
     Ok(())
 }
 

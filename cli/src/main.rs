@@ -3,6 +3,7 @@
 
 mod agent;
 mod credentials;
+mod failback;
 mod failover;
 mod filter;
 mod group;
@@ -53,6 +54,13 @@ enum Command {
     Failover(Box<failover::FailoverArgs>),
     /// Finalize a failover at its point; the other points are dropped.
     Commit(failover::CommitArgs),
+    /// Accept a failed-over host's stream into seeded replicas: its
+    /// original images (`--image DISK=PATH`, written in place) or the
+    /// replica kept here; only differing blocks travel.
+    Reprotect(failback::ReprotectArgs),
+    /// Fail a reprotected host back into its replicas in place, at a point
+    /// (`ferry commit` finalizes it).
+    Failback(failback::FailbackArgs),
     /// Replication groups and group-consistent points: create, add, list,
     /// show, take, points (through the server), point (local filters).
     #[command(subcommand)]
@@ -136,6 +144,8 @@ fn main() -> ExitCode {
         Command::Points(args) => replicate::run_points(&args),
         Command::Failover(args) => failover::run_failover(&args),
         Command::Commit(args) => failover::run_commit(&args),
+        Command::Reprotect(args) => failback::run_reprotect(&args),
+        Command::Failback(args) => failback::run_failback(&args),
         Command::Group(cmd) => group::run(&cmd),
         Command::TestFailover(args) => failover::run_test_failover(&args),
         Command::Server(cmd) => {

@@ -579,6 +579,13 @@ fn sidecar_status(args: &SidecarStatusArgs) -> Result<ExitCode> {
             u("change_sets"),
             u("resync_sets")
         );
+        if u("resync_raw_bytes") + u("exchange_skipped_bytes") > 0 {
+            println!(
+                "  resync       {} sent, {} equal at the target (checksum exchange: not sent)",
+                human_bytes(u("resync_raw_bytes")),
+                human_bytes(u("exchange_skipped_bytes"))
+            );
+        }
         if let Some(e) = d["last_point_error"].as_str() {
             println!("  points       last scheduled point not made: {e}");
         } else if let Some(t) = d["last_crash_point_ns"].as_u64() {

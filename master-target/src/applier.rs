@@ -214,6 +214,30 @@ impl Replica {
         Ok(Replica { image })
     }
 
+    /// Open an existing image that is to be written in place (an adopted
+    /// image: the original disk of a failed-over machine). Its format must
+    /// be one of [`crate::site::AdoptedImage::FORMATS`] and match the
+    /// content, and its size the disk's; it is never created.
+    pub fn open_adopted(path: &Path, format: Format, size: u64) -> Result<Replica> {
+        let replica_err = |detail: String| ApplyError::Replica {
+            path: path.to_path_buf(),
+            detail,
+        };
+        if !crate::site::AdoptedImage::FORMATS.contains(&format) {
+            return Err(replica_err(format!(
+                "format {format} cannot be written in place"
+            )));
+        }
+        let image = ferry_vhd::open_as(path, format, OpenOptions::read_write())?;
+        if image.size() != size {
+            return Err(replica_err(format!(
+                "size {} bytes, the disk is {size}",
+                image.size()
+            )));
+        }
+        Ok(Replica { image })
+    }
+
     /// The image file.
     pub fn path(&self) -> &Path {
         self.image.path()

@@ -74,6 +74,21 @@ pub enum Request {
         /// Host.
         host: String,
     },
+    /// `ferry reprotect`: accept the host's stream into seeded replicas.
+    Reprotect {
+        /// Host.
+        host: String,
+        /// Images adopted as replicas.
+        #[serde(default)]
+        images: Vec<crate::failback::Adopt>,
+    },
+    /// `ferry failback`: fail over into the replicas in place.
+    Failback {
+        /// Host.
+        host: String,
+        /// Point.
+        point: String,
+    },
 }
 
 fn yes() -> bool {
@@ -114,7 +129,9 @@ pub fn execute(
         Request::Failover { host, .. }
         | Request::Commit { host }
         | Request::TestFailover { host, .. }
-        | Request::TestFailoverCleanup { host } => host,
+        | Request::TestFailoverCleanup { host }
+        | Request::Reprotect { host, .. }
+        | Request::Failback { host, .. } => host,
     };
     let _one_at_a_time = site.host_operation(host)?;
     match req {
@@ -157,6 +174,15 @@ pub fn execute(
             progress,
         )?),
         Request::TestFailoverCleanup { host } => to_json(&failover::cleanup_test(site, host)?),
+        Request::Reprotect { host, images } => {
+            to_json(&crate::failback::reprotect(site, host, images)?)
+        }
+        Request::Failback { host, point: p } => to_json(&crate::failback::failback(
+            site,
+            host,
+            &point(p)?,
+            progress,
+        )?),
     }
 }
 

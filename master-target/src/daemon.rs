@@ -168,6 +168,11 @@ pub fn run(cfg: TargetConfig, stop: Arc<AtomicBool>, ready: impl FnOnce(&str)) -
             credentials::data_key(&site_creds, host, disk).map_err(|e| e.to_string())
         }),
     )?);
+    // Appliers catch up on what the journals hold before anything else.
+    let opened = site.open_all();
+    if opened > 0 {
+        tracing::info!(disks = opened, "disks opened: their journals are applied");
+    }
     // Without the control socket (a path too long for a unix socket) the
     // target still replicates; the verbs then say how to run them.
     let control = match crate::control::serve(Arc::clone(&site), Arc::clone(&stop)) {

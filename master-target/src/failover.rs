@@ -296,6 +296,10 @@ pub struct Manifest {
     /// Files a failover in progress will write (removed by a retry).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub planned: Vec<PathBuf>,
+    /// A failback: the images are the replicas, rewound in place
+    /// ([`crate::failback`]), not copies in `out`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub in_place: bool,
     /// When this was written (UNIX ns).
     pub updated_ns: u64,
 }
@@ -334,7 +338,7 @@ fn read_state<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
     }
 }
 
-fn write_state(path: &Path, value: &impl Serialize) -> Result<()> {
+pub(crate) fn write_state(path: &Path, value: &impl Serialize) -> Result<()> {
     write_json_atomically(path, value, true).map_err(|e| Error::io("write state", path, e))?;
     materialize::sync_parent(path)
 }
@@ -349,7 +353,7 @@ pub fn is_failed_over(data: &Path, host: &str) -> bool {
     data.join(HOSTS_DIR).join(host).join(FAILOVER_FILE).exists()
 }
 
-fn views(disks: &[Arc<DiskHandle>]) -> Result<Vec<DiskView>> {
+pub(crate) fn views_of(disks: &[Arc<DiskHandle>]) -> Result<Vec<DiskView>> {
     disks.iter().map(|d| d.view()).collect()
 }
 
@@ -524,6 +528,13 @@ pub fn failover(site: &Site, req: &FailoverRequest, progress: Progress<'_>) -> R
     let state_path = host_dir(site, &req.host).join(FAILOVER_FILE);
     let previous: Option<Manifest> = read_state(&state_path)?;
     let refuse = |why: String| Error::new(ErrorKind::InvalidInput, "failover", why);
+    if previous.as_ref().is_some_and(|m| m.in_place) {
+        return Err(refuse(format!(
+            "host {} was failed back into its replicas in place: `ferry failback` finishes \
+             an interrupted one, `ferry commit` finalizes it",
+            req.host
+        )));
+    }
     match (&previous, req.change_point) {
         (Some(m), false) if m.state != FailoverState::FailingOver => {
             return Err(refuse(format!(
@@ -557,7 +568,7 @@ pub fn failover(site: &Site, req: &FailoverRequest, progress: Progress<'_>) -> R
     // must not stop a production host. (`latest` is chosen after the
     // backlog is applied; it always has an answer if any point exists.)
     if req.point != PointSpec::Latest {
-        resolve(&views(&disks)?, &req.point)?;
+        resolve(&views_of(&disks)?, &req.point)?;
     }
     let planned: Vec<PathBuf> = disks
         .iter()
@@ -587,6 +598,7 @@ pub fn failover(site: &Site, req: &FailoverRequest, progress: Progress<'_>) -> R
         ),
         out: req.out.clone(),
         disks: previous.as_ref().map_or_else(Vec::new, |m| m.disks.clone()),
+        in_place: false,
         planned: previous
             .as_ref()
             .map_or_else(Vec::new, |m| m.planned.clone())
@@ -649,6 +661,7 @@ pub fn failover(site: &Site, req: &FailoverRequest, progress: Progress<'_>) -> R
         out: req.out.clone(),
         disks: images,
         planned: Vec::new(),
+        in_place: false,
         updated_ns: now_ns(),
     };
     write_state(&req.out.join(MANIFEST_FILE), &manifest)?;
@@ -658,7 +671,7 @@ pub fn failover(site: &Site, req: &FailoverRequest, progress: Progress<'_>) -> R
 
 /// With replication stopped: for `latest`, wait until everything received
 /// is applied; then choose the point.
-fn choose_after_stop(
+pub(crate) fn choose_after_stop(
     disks: &[Arc<DiskHandle>],
     point: &PointSpec,
     progress: Progress<'_>,
@@ -688,7 +701,7 @@ fn choose_after_stop(
             }
         }
     }
-    resolve(&views(disks)?, point)
+    resolve(&views_of(disks)?, point)
 }
 
 fn state_name(s: FailoverState) -> &'static str {
@@ -734,7 +747,9 @@ pub fn commit(site: &Site, host: &str) -> Result<Manifest> {
     }
     m.state = FailoverState::Committed;
     m.updated_ns = now_ns();
-    write_state(&m.out.join(MANIFEST_FILE), &m)?;
+    if !m.in_place {
+        write_state(&m.out.join(MANIFEST_FILE), &m)?;
+    }
     write_state(&state_path, &m)?;
     Ok(m)
 }
@@ -783,7 +798,7 @@ pub fn test_failover(
     let disks = site.host_disks(host)?;
     // Retention must not drop the point between choosing it and copying.
     let _pins: Vec<_> = disks.iter().map(|d| d.pin_history()).collect();
-    let chosen = resolve(&views(&disks)?, point)?;
+    let chosen = resolve(&views_of(&disks)?, point)?;
     if let Some(note) = &chosen.note {
         progress(note);
     }

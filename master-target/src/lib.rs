@@ -13,12 +13,15 @@
 //! indexes the recovery points of applied change sets.
 //! [`undo`] is the per-disk undo log: the old contents of every range an
 //! applied change set overwrote, to rewind the replica to older points.
+//! [`failback`] is the reverse direction: reprotect into seeded replicas
+//! (adopted VMDK/VHD images), and failback into them in place.
 
 pub mod applier;
 pub mod clock;
 pub mod control;
 pub mod daemon;
 pub mod error;
+pub mod failback;
 pub mod failover;
 pub mod history;
 pub mod hostpolicy;

@@ -261,6 +261,7 @@ pub fn serve_connection<S: Read + Write>(
             next_seq,
             epoch,
             consistent_from,
+            seeded: handle.seeded(),
         });
         disks.insert(d.name.clone(), handle);
     }

@@ -10,6 +10,10 @@
 //!   hosts/HOST/DISK/
 //!     journal/ applied          the durable journal (see crate::journal)
 //!     replica.vhd|.img          the replica image (VHD dynamic by default)
+//!     image.json                or: an image elsewhere that is the replica
+//!                               (`ferry reprotect --image`: the original
+//!                               disk of a failed-over machine, written in
+//!                               place), see AdoptedImage
 //!     status.json               what `ferry target status` shows, replaced
 //!                               atomically by the daemon (see DiskStatus)
 //!     points.jsonl              recovery points (crate::points)
@@ -45,6 +49,8 @@ use crate::points::Point;
 
 /// Directory of a disk's undo log.
 pub const UNDO_DIR: &str = "undo";
+/// File naming an adopted image ([`AdoptedImage`]).
+pub const IMAGE_FILE: &str = "image.json";
 /// File name of the per-disk status.
 pub const STATUS_FILE: &str = "status.json";
 /// Directory holding the hosts.
@@ -272,6 +278,10 @@ pub struct DiskHandle {
     history_segment_size: u64,
     /// Test failovers choosing or materializing a point: no pruning.
     pins: std::sync::atomic::AtomicUsize,
+    /// The replica holds data (an adopted image, a copy kept by a
+    /// reprotect, or anything applied): the sender compares checksums
+    /// before sending resync data.
+    seeded: AtomicBool,
 }
 
 impl DiskHandle {
@@ -296,6 +306,12 @@ impl DiskHandle {
 
     fn journal(&self) -> MutexGuard<'_, Journal> {
         self.journal.lock().expect("journal lock")
+    }
+
+    /// Whether the replica holds data the sender may find equal (the
+    /// Welcome's `seeded`).
+    pub fn seeded(&self) -> bool {
+        self.seeded.load(Ordering::Relaxed)
     }
 
     /// Where the stream resumes: (next seq, epoch, consistent_from of the
@@ -618,6 +634,7 @@ impl DiskHandle {
                     tracing::warn!(host = %self.host, disk = %self.disk, error = %e, "journal pruning failed");
                 }
                 drop(j);
+                self.seeded.store(true, Ordering::Relaxed);
                 let mut st = self.status();
                 st.points.add(&points);
                 st.applied_seq = Some(cs.header.last_seq);
@@ -766,7 +783,11 @@ pub fn write_json_atomically(
     fs::rename(&tmp, path)
 }
 
-/// Every disk the site holds, opened lazily when a sidecar announces it.
+/// (host, disk).
+type DiskKey = (String, String);
+
+/// Every disk the site holds, opened at start ([`Site::open_all`]) or when
+/// a sidecar announces it.
 pub struct Site {
     dir: PathBuf,
     options: SiteOptions,
@@ -774,7 +795,8 @@ pub struct Site {
     /// Hosts an operator verb (failover, commit, drill) is running on.
     operations: Mutex<std::collections::HashSet<String>>,
     disks: Mutex<HashMap<(String, String), Arc<DiskHandle>>>,
-    appliers: Mutex<Vec<JoinHandle<()>>>,
+    /// Applier threads by (host, disk).
+    appliers: Mutex<Vec<(DiskKey, JoinHandle<()>)>>,
 }
 
 impl Site {
@@ -857,12 +879,31 @@ impl Site {
                 "undo log: an unfinished set was cut (its change set is applied again)"
             );
         }
-        let format = existing_replica_format(&disk_dir).unwrap_or(self.options.replica_format);
-        let replica_path = disk_dir.join(replica_file(format));
-        let replica = Replica::open_or_create(&replica_path, format, size).map_err(|e| {
-            Error::new(ErrorKind::InvalidInput, "open replica", e.to_string())
-                .at_path(&replica_path)
-        })?;
+        let (replica_path, format, replica) = match AdoptedImage::read(&disk_dir)? {
+            Some(adopted) => {
+                let format = adopted.format()?;
+                let replica = Replica::open_adopted(&adopted.path, format, size).map_err(|e| {
+                    Error::new(ErrorKind::InvalidInput, "open adopted image", e.to_string())
+                        .at_path(&adopted.path)
+                })?;
+                (adopted.path, format, replica)
+            }
+            None => {
+                let format =
+                    existing_replica_format(&disk_dir).unwrap_or(self.options.replica_format);
+                let path = disk_dir.join(replica_file(format));
+                let replica = Replica::open_or_create(&path, format, size).map_err(|e| {
+                    Error::new(ErrorKind::InvalidInput, "open replica", e.to_string())
+                        .at_path(&path)
+                })?;
+                (path, format, replica)
+            }
+        };
+        let mut replica = replica;
+        let seeded = replica
+            .allocated_bytes()
+            .map_err(|e| Error::new(ErrorKind::InvalidInput, "map replica", e.to_string()))?
+            > 0;
         let consistency = match journal.applied().and_then(|a| journal.iter_from(a).next()) {
             Some(Ok(cs)) => Consistency::after(&cs.header),
             _ => Consistency::Inconsistent {
@@ -918,6 +959,7 @@ impl Site {
             undo: Mutex::new(undo),
             history_segment_size: self.options.history_segment_size,
             pins: std::sync::atomic::AtomicUsize::new(0),
+            seeded: AtomicBool::new(seeded),
         });
         let h = Arc::clone(&handle);
         let (data, host_name, default) =
@@ -928,7 +970,10 @@ impl Site {
             .name(format!("apply-{host}-{disk}"))
             .spawn(move || h.run_applier(replica, retention))
             .map_err(|e| Error::io("spawn applier", Path::new(disk), e))?;
-        self.appliers.lock().expect("appliers").push(thread);
+        self.appliers
+            .lock()
+            .expect("appliers")
+            .push(((host.to_owned(), disk.to_owned()), thread));
         disks.insert((host.to_owned(), disk.to_owned()), Arc::clone(&handle));
         Ok(handle)
     }
@@ -965,10 +1010,9 @@ impl Site {
                 continue;
             }
             let dir = host_dir.join(&disk);
-            let Some(format) = existing_replica_format(&dir) else {
+            let Some((path, format)) = replica_location(&dir)? else {
                 continue; // never received anything
             };
-            let path = dir.join(replica_file(format));
             let size = ferry_vhd::open_as(&path, format, ferry_vhd::OpenOptions::read_only())
                 .map_err(|e| Error::image("open replica", e))?
                 .size();
@@ -989,6 +1033,29 @@ impl Site {
             ));
         }
         Ok(out)
+    }
+
+    /// Open every disk the data directory holds, so that each applier
+    /// applies what its journal holds beyond the watermark: a restarted
+    /// target brings its replicas up to everything it acknowledged without
+    /// waiting for the hosts' sidecars. A host whose disks cannot be opened
+    /// yet (no data key: the control plane hands it over later) is logged
+    /// and left to its sidecar's connection. Returns the disks opened.
+    pub fn open_all(&self) -> usize {
+        let Ok(hosts) = fs::read_dir(self.dir.join(HOSTS_DIR)) else {
+            return 0;
+        };
+        let mut opened = 0;
+        for host in hosts.flatten().filter(|e| e.path().is_dir()) {
+            let host = host.file_name().to_string_lossy().into_owned();
+            match self.host_disks(&host) {
+                Ok(disks) => opened += disks.len(),
+                Err(e) => {
+                    tracing::warn!(host, error = %e, "disks not opened at start: they open when the host's sidecar connects")
+                }
+            }
+        }
+        opened
     }
 
     /// Claim `host` for one operator verb: a second one (an operator who
@@ -1023,10 +1090,104 @@ impl Site {
             d.wake.notify_all();
         }
         let threads: Vec<_> = self.appliers.lock().expect("appliers").drain(..).collect();
-        for t in threads {
+        for (_, t) in threads {
             let _ = t.join();
         }
     }
+
+    /// Close every open disk of `host`: its applier stops after its current
+    /// change set and releases the replica, and the next use opens the disk
+    /// anew. (A reprotect resets the disks; a failback rewinds the
+    /// replicas itself.) Handles still held elsewhere refuse appends.
+    pub fn close_host(&self, host: &str) {
+        let closed: Vec<Arc<DiskHandle>> = {
+            let mut disks = self.disks.lock().expect("site lock");
+            let keys: Vec<_> = disks.keys().filter(|(h, _)| h == host).cloned().collect();
+            keys.iter().filter_map(|k| disks.remove(k)).collect()
+        };
+        for d in &closed {
+            d.stopped.store(true, Ordering::SeqCst);
+            d.stop.store(true, Ordering::Relaxed);
+            d.wake.notify_all();
+        }
+        let threads: Vec<_> = {
+            let mut appliers = self.appliers.lock().expect("appliers");
+            let (mine, others) = appliers.drain(..).partition(|((h, _), _)| h == host);
+            *appliers = others;
+            mine
+        };
+        for (_, t) in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// An image outside the data directory that is a disk's replica: the
+/// original disk of a machine that was failed over, into which the reverse
+/// stream is written in place (`DATA/hosts/HOST/DISK/image.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdoptedImage {
+    /// The image file (a VMDK descriptor for `vmdk-flat`).
+    pub path: PathBuf,
+    /// Its format (`ferry_vhd::Format::name`).
+    pub format: String,
+}
+
+impl AdoptedImage {
+    /// The formats an image may have to be written in place.
+    pub const FORMATS: [Format; 5] = [
+        Format::VmdkSparse,
+        Format::VmdkFlat,
+        Format::VhdDynamic,
+        Format::VhdFixed,
+        Format::Raw,
+    ];
+
+    /// The adopted image of the disk whose directory is `disk_dir`, if any.
+    pub fn read(disk_dir: &Path) -> Result<Option<AdoptedImage>> {
+        let path = disk_dir.join(IMAGE_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                Error::new(ErrorKind::Corrupt, "read adopted image", e.to_string()).at_path(&path)
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("read adopted image", &path, e)),
+        }
+    }
+
+    /// Record it for the disk whose directory is `disk_dir` (atomically).
+    pub fn write(&self, disk_dir: &Path) -> Result<()> {
+        let path = disk_dir.join(IMAGE_FILE);
+        write_json_atomically(&path, self, true)
+            .map_err(|e| Error::io("record adopted image", &path, e))
+    }
+
+    /// The format, if it is one an image may be written in place in.
+    pub fn format(&self) -> Result<Format> {
+        Format::from_name(&self.format)
+            .filter(|f| Self::FORMATS.contains(f))
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::InvalidInput,
+                    "adopted image",
+                    format!(
+                        "format {} cannot be written in place (vmdk-sparse, vmdk-flat, vhd-dynamic, vhd-fixed, raw)",
+                        self.format
+                    ),
+                )
+                .at_path(&self.path)
+            })
+    }
+}
+
+/// A disk's replica: its adopted image, else the replica file in its
+/// directory; None if it has none yet.
+pub fn replica_location(disk_dir: &Path) -> Result<Option<(PathBuf, Format)>> {
+    if let Some(adopted) = AdoptedImage::read(disk_dir)? {
+        let format = adopted.format()?;
+        return Ok(Some((adopted.path, format)));
+    }
+    Ok(existing_replica_format(disk_dir).map(|f| (disk_dir.join(replica_file(f)), f)))
 }
 
 fn existing_replica_format(disk_dir: &Path) -> Option<Format> {

@@ -101,8 +101,8 @@ pub mod reject {
 
 /// Protocol version carried in [`Hello::protocol`]. Peers of another
 /// version are refused (`reject::BAD_VERSION`); 2 added
-/// [`Hello::retention_secs`].
-pub const PROTOCOL_VERSION: u16 = 2;
+/// [`Hello::retention_secs`], 3 [`DiskResume::seeded`].
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Longest string, in bytes.
 pub const MAX_STR: usize = 255;
 /// Most disks in a Hello or Welcome.
@@ -156,6 +156,12 @@ pub struct DiskResume {
     /// The consistency the target last recorded (the last durable set's
     /// [`ChangeSetHeader::consistent_from`]); 0: inconsistent or unknown.
     pub consistent_from: u64,
+    /// The replica already holds data (an image adopted for a failback, a
+    /// copy kept by a reprotect, or earlier sets): resync data is worth a
+    /// checksum exchange first, and a sender that never shipped to this
+    /// replica resyncs the whole disk (holes included) rather than its
+    /// allocated regions. Encoded as one byte, 0 or 1 (protocol 3).
+    pub seeded: bool,
 }
 
 /// Target → sidecar: answer to Hello.
@@ -569,12 +575,13 @@ impl Welcome {
             e.u64(r.next_seq);
             e.u64(r.epoch);
             e.u64(r.consistent_from);
+            e.u8(u8::from(r.seeded));
         }
         Ok(())
     }
     fn decode_from(d: &mut Dec<'_>) -> Result<Self> {
         let target = d.str("welcome.target")?;
-        let n = d.count("welcome.resume", MAX_DISKS, 1 + 8 + 8 + 8)?;
+        let n = d.count("welcome.resume", MAX_DISKS, 1 + 8 + 8 + 8 + 1)?;
         let mut resume = Vec::with_capacity(n);
         for _ in 0..n {
             resume.push(DiskResume {
@@ -582,6 +589,11 @@ impl Welcome {
                 next_seq: d.u64("welcome.resume.next_seq")?,
                 epoch: d.u64("welcome.resume.epoch")?,
                 consistent_from: d.u64("welcome.resume.consistent_from")?,
+                seeded: match d.u8("welcome.resume.seeded")? {
+                    0 => false,
+                    1 => true,
+                    v => return Err(Error::malformed(format!("welcome.resume.seeded {v}"))),
+                },
             });
         }
         Ok(Welcome { target, resume })

@@ -249,12 +249,15 @@ pub struct EpochPlan {
 pub fn plan_epoch(local: &LocalDisk, resume: &DiskResume, generation: u64, gap: bool) -> EpochPlan {
     let epoch = local.epoch.max(resume.epoch).max(1);
     if resume.next_seq == 0 {
-        // The target holds nothing: a fresh chain. If this sidecar shipped
-        // the disk before, the target lost it: copy everything again.
+        // The target holds no change set: a fresh chain. If this sidecar
+        // shipped the disk before, the target lost it (or a reprotect reset
+        // it): copy everything again. A seeded replica (an adopted image, a
+        // kept copy) may hold anything anywhere, so the whole disk is
+        // compared, holes included, not just the allocated regions.
         return EpochPlan {
             epoch,
             new_epoch: false,
-            resync_all: local.shipped,
+            resync_all: local.shipped || resume.seeded,
         };
     }
     let recreated = local.ring_generation != Some(generation);
@@ -795,9 +798,10 @@ impl DiskSession {
             None => (resume.next_seq.saturating_sub(1), resume.epoch),
         };
         // Resyncs compare checksums first once the replica held a full copy
-        // (during an initial copy every block differs: hashing would be
-        // wasted); settling turns it on below.
-        transport.set_exchange(resume.consistent_from != 0);
+        // or holds data from elsewhere (a failback's adopted image); during
+        // an initial copy into an empty replica every block differs and
+        // hashing would be wasted. Settling turns it on below.
+        transport.set_exchange(resume.consistent_from != 0 || resume.seeded);
         transport.set_window(shared.cfg.window);
         let regressed = resume.next_seq != 0 && target_last < self.local.acked_seq;
         if regressed {
@@ -1190,6 +1194,7 @@ mod tests {
             next_seq,
             epoch,
             consistent_from: 0,
+            seeded: false,
         }
     }
 
@@ -1227,5 +1232,25 @@ mod tests {
         };
         let p = plan_epoch(&ahead, &resume(100, 3), 5, false);
         assert_eq!((p.epoch, p.new_epoch, p.resync_all), (5, true, false));
+        // A seeded replica (a failback's adopted image): a first protection
+        // compares the whole disk, holes included.
+        let seeded = DiskResume {
+            seeded: true,
+            ..resume(0, 0)
+        };
+        let p = plan_epoch(&fresh, &seeded, 5, false);
+        assert_eq!((p.epoch, p.new_epoch, p.resync_all), (1, false, true));
+        // Once sets arrived, the seed no longer decides.
+        let p = plan_epoch(
+            &known,
+            &DiskResume {
+                next_seq: 100,
+                epoch: 3,
+                ..seeded
+            },
+            5,
+            false,
+        );
+        assert!(!p.resync_all);
     }
 }

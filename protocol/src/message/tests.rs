@@ -166,8 +166,8 @@ fn golden_small_messages() {
 
 #[rustfmt::skip]
 const GOLDEN_HELLO: &[u8] = &[
-    // protocol 2 (u16 LE)
-    0x02, 0x00,
+    // protocol 3 (u16 LE)
+    0x03, 0x00,
     // host: len 2, "h1"
     0x02, b'h', b'1',
     // disks: count 1 (u32 LE)
@@ -180,9 +180,46 @@ const GOLDEN_HELLO: &[u8] = &[
     0x80, 0x51, 0x01, 0x00, 0, 0, 0, 0,
 ];
 
+#[rustfmt::skip]
+const GOLDEN_WELCOME: &[u8] = &[
+    // target: len 2, "t1"
+    0x02, b't', b'1',
+    // resume: count 1 (u32 LE)
+    0x01, 0, 0, 0,
+    //   resume[0]: name len 1 "d", next_seq 9, epoch 2, consistent_from 7
+    0x01, b'd',
+    0x09, 0, 0, 0, 0, 0, 0, 0,
+    0x02, 0, 0, 0, 0, 0, 0, 0,
+    0x07, 0, 0, 0, 0, 0, 0, 0,
+    //   seeded: 1 (protocol 3)
+    0x01,
+];
+
+#[test]
+fn golden_welcome_and_its_seeded_byte() {
+    let m = Message::Welcome(Welcome {
+        target: "t1".into(),
+        resume: vec![DiskResume {
+            name: "d".into(),
+            next_seq: 9,
+            epoch: 2,
+            consistent_from: 7,
+            seeded: true,
+        }],
+    });
+    assert_eq!(m.encode().unwrap(), GOLDEN_WELCOME);
+    assert_eq!(Message::decode(kind::WELCOME, GOLDEN_WELCOME).unwrap(), m);
+    // Only 0 and 1 are booleans.
+    let mut bad = GOLDEN_WELCOME.to_vec();
+    *bad.last_mut().unwrap() = 2;
+    assert!(Message::decode(kind::WELCOME, &bad).is_err());
+    // A version-2 Welcome (no seeded byte) is truncated for this build.
+    assert!(Message::decode(kind::WELCOME, &GOLDEN_WELCOME[..GOLDEN_WELCOME.len() - 1]).is_err());
+}
+
 #[test]
 fn golden_hello() {
-    assert_eq!(PROTOCOL_VERSION, 2, "the golden Hello is of version 2");
+    assert_eq!(PROTOCOL_VERSION, 3, "the golden Hello is of version 3");
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
         host: "h1".into(),
@@ -252,6 +289,7 @@ fn samples() -> Vec<Message> {
                 next_seq: 42,
                 epoch: 1,
                 consistent_from: 40,
+                seeded: true,
             }],
         }),
         Message::ChangeSet(small_change_set()),
@@ -662,6 +700,7 @@ fn message() -> impl Strategy<Value = Message> {
                         next_seq,
                         epoch,
                         consistent_from: next_seq / 2,
+                        seeded: epoch % 2 == 1,
                     })
                     .collect(),
             })

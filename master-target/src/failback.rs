@@ -1,0 +1,430 @@
+//! The reverse direction: reprotect a failed-over machine, and fail it back
+//! into its original disk images in place.
+//!
+//! ```text
+//!  site A (primary, now down)            site B (recovery, runs the machine)
+//!  ferry reprotect web01 --image           filter + sidecar on the failed-over
+//!    data=/vm/web01.vmdk  <-------------   disk, shipping to A's target
+//!  (A's target writes the stream straight into web01.vmdk)
+//!  ferry failback web01 --point P: web01.vmdk brought to P in place
+//!  ferry commit web01
+//!                                         ferry reprotect web01 (B keeps its
+//!  the machine boots from web01.vmdk;      replica): forward protection again
+//!  its filter + sidecar ship to B  ----->  from a checksum delta
+//! ```
+//!
+//! **Reprotect** (`reprotect`) makes a target accept a host's stream again
+//! (or for the first time) into replicas that already hold data: images
+//! adopted from outside the data directory (`--image DISK=PATH`: VMDK
+//! monolithicSparse or monolithicFlat, VHD dynamic or fixed, raw), or the
+//! replica the target kept from the forward direction. Each disk's journal,
+//! undo log and points are reset, so the sender finds a target that holds
+//! no change set and a `seeded` replica: it resyncs the whole disk with the
+//! checksum exchange first, and only differing blocks travel. A host that
+//! is failed over must be committed first; a host replicating here is
+//! refused. Order: the new records are written, then the old ones removed,
+//! then `failover.json` (which keeps the sidecar out meanwhile) last; a
+//! crash anywhere leaves a state a rerun finishes.
+//!
+//! **Failback** (`failback`) is a failover whose output is the replica
+//! itself: replication stops (`failover.json`, `in_place`), everything
+//! received is applied, the point is chosen and recorded, the host's
+//! appliers are closed, and each replica is rewound in place with its undo
+//! log. Rewinding to one point is idempotent (every restored byte is the
+//! point's), so a crash mid-rewind is finished by running failback again,
+//! which reuses the recorded point. `ferry commit` then drops the history.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use ferry_vhd::{Format, OpenOptions, SyncPolicy};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::failover::{
+    self, Chosen, DiskImage, FailoverState, Manifest, PointSpec, Progress, FAILOVER_FILE,
+    TEST_FAILOVER_FILE,
+};
+use crate::site::{now_ns, replica_location, AdoptedImage, Site, HOSTS_DIR};
+
+/// One image to adopt: a disk of the host and the image that is its replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Adopt {
+    /// Disk name (as the host's filter names it).
+    pub disk: String,
+    /// The image file (a VMDK descriptor for `vmdk-flat`).
+    pub path: PathBuf,
+}
+
+/// What a reprotect left for one disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReprotectedDisk {
+    /// Disk name.
+    pub disk: String,
+    /// The replica the stream is written into.
+    pub replica: PathBuf,
+    /// Its format.
+    pub format: String,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Adopted from outside the data directory.
+    pub adopted: bool,
+    /// Bytes of the disk the replica stores: what the checksum exchange
+    /// may find equal.
+    pub allocated_bytes: u64,
+}
+
+/// The outcome of a reprotect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reprotected {
+    /// Host name.
+    pub host: String,
+    /// Its disks at this target.
+    pub disks: Vec<ReprotectedDisk>,
+}
+
+fn invalid(op: &'static str, why: String) -> Error {
+    Error::new(ErrorKind::InvalidInput, op, why)
+}
+
+fn host_dir(site: &Site, host: &str) -> PathBuf {
+    site.dir().join(HOSTS_DIR).join(host)
+}
+
+/// Accept `host`'s stream into seeded replicas: `images` adopted, the
+/// host's other disks keeping the replica this target holds. See the
+/// module docs.
+pub fn reprotect(site: &Site, host: &str, images: &[Adopt]) -> Result<Reprotected> {
+    crate::journal::validate_disk_name(host)?;
+    let dir = host_dir(site, host);
+    match failover::failover_state(site.dir(), host)? {
+        Some(m) if m.state != FailoverState::Committed => {
+            return Err(invalid(
+                "reprotect",
+                format!(
+                    "host {host} is failed over but not committed: run `ferry commit {host}` first"
+                ),
+            ))
+        }
+        Some(_) => {}
+        None if has_change_sets(&dir) => {
+            return Err(invalid(
+                "reprotect",
+                format!("host {host} replicates to this target: reprotect is for a host that was failed over (and committed) or is new here"),
+            ))
+        }
+        None => {}
+    }
+    if dir.join(TEST_FAILOVER_FILE).exists() {
+        return Err(invalid(
+            "reprotect",
+            format!(
+                "host {host} has a test failover: run `ferry test-failover cleanup {host}` first"
+            ),
+        ));
+    }
+    let mut adopted = Vec::new();
+    for a in images {
+        crate::journal::validate_disk_name(&a.disk)?;
+        let image = ferry_vhd::open(&a.path, OpenOptions::read_only())
+            .map_err(|e| Error::image("open image to adopt", e))?;
+        let format = image.format();
+        if !AdoptedImage::FORMATS.contains(&format) {
+            return Err(invalid(
+                "reprotect",
+                format!(
+                    "{} is {format}: only vmdk-sparse, vmdk-flat, vhd-dynamic, vhd-fixed and raw images are written in place",
+                    a.path.display()
+                ),
+            ));
+        }
+        let path = a
+            .path
+            .canonicalize()
+            .map_err(|e| Error::io("resolve image", &a.path, e))?;
+        adopted.push((
+            a.disk.clone(),
+            AdoptedImage {
+                path,
+                format: format.name().to_owned(),
+            },
+        ));
+    }
+    // The appliers of a failed-over host hold its replicas open.
+    site.close_host(host);
+    fs::create_dir_all(&dir).map_err(|e| Error::io("create host directory", &dir, e))?;
+    for (disk, image) in &adopted {
+        let disk_dir = dir.join(disk);
+        fs::create_dir_all(&disk_dir)
+            .map_err(|e| Error::io("create disk directory", &disk_dir, e))?;
+        image.write(&disk_dir)?;
+    }
+    let mut disks = Vec::new();
+    for disk_dir in disk_dirs(&dir)? {
+        let Some((replica, format)) = replica_location(&disk_dir)? else {
+            continue; // never received anything: nothing to keep
+        };
+        let is_adopted = AdoptedImage::read(&disk_dir)?.is_some();
+        reset_disk(&disk_dir, is_adopted)?;
+        let mut image = ferry_vhd::open_as(&replica, format, OpenOptions::read_only())
+            .map_err(|e| Error::image("open replica", e))?;
+        disks.push(ReprotectedDisk {
+            disk: file_name(&disk_dir),
+            replica,
+            format: format.name().to_owned(),
+            size: image.size(),
+            adopted: is_adopted,
+            allocated_bytes: image
+                .allocated_bytes()
+                .map_err(|e| Error::image("map replica", e))?,
+        });
+    }
+    if disks.is_empty() {
+        return Err(invalid(
+            "reprotect",
+            format!("host {host} has no replica at this target: adopt its images with --image DISK=PATH"),
+        ));
+    }
+    remove_if_present(&dir.join(FAILOVER_FILE))?;
+    crate::materialize::sync_parent(&dir.join(FAILOVER_FILE))?;
+    Ok(Reprotected {
+        host: host.to_owned(),
+        disks,
+    })
+}
+
+/// Whether some disk of the host directory `dir` holds a journal with
+/// change sets (a host replicating here).
+fn has_change_sets(dir: &Path) -> bool {
+    disk_dirs(dir).unwrap_or_default().iter().any(|d| {
+        crate::journal::Journal::open(dir, &file_name(d))
+            .map(|(j, _)| j.last_seq().is_some())
+            .unwrap_or(true)
+    })
+}
+
+fn disk_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("list disks", dir, e)),
+    };
+    let mut out: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Remove everything of a disk but its replica: journal, watermark, undo
+/// log, points, status. With an adopted image the replica file of the
+/// data directory goes too (the adopted image is the replica now).
+fn reset_disk(disk_dir: &Path, adopted: bool) -> Result<()> {
+    let entries =
+        fs::read_dir(disk_dir).map_err(|e| Error::io("list disk directory", disk_dir, e))?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let keep = name == crate::site::IMAGE_FILE
+            || (!adopted && (name == "replica.vhd" || name == "replica.img"));
+        if keep {
+            continue;
+        }
+        let path = e.path();
+        let removed = if path.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        removed.map_err(|e| Error::io("reset disk", &path, e))?;
+    }
+    crate::materialize::sync_parent(&disk_dir.join(crate::site::IMAGE_FILE))
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", path, e)),
+    }
+}
+
+/// Fail `host` back at `point` into its replicas in place (see the module
+/// docs). Returns the manifest (state failed-over; `ferry commit` next).
+pub fn failback(
+    site: &Site,
+    host: &str,
+    point: &PointSpec,
+    progress: Progress<'_>,
+) -> Result<Manifest> {
+    let dir = host_dir(site, host);
+    let state_path = dir.join(FAILOVER_FILE);
+    let previous = failover::failover_state(site.dir(), host)?;
+    let resumed = match &previous {
+        None => None,
+        Some(m) if m.state == FailoverState::FailingOver && m.in_place && m.point.seq != 0 => {
+            Some(m.point.clone())
+        }
+        Some(m) if m.state == FailoverState::FailingOver && m.in_place => None,
+        Some(m) => {
+            return Err(invalid(
+                "failback",
+                format!(
+                    "host {host} is already {}{}",
+                    match m.state {
+                        FailoverState::FailedOver => "failed back",
+                        FailoverState::Committing | FailoverState::Committed => "committed",
+                        FailoverState::FailingOver => "being failed over into a copy",
+                    },
+                    if m.state == FailoverState::FailedOver {
+                        " (the images are rewound in place: `ferry commit` finalizes it)"
+                    } else {
+                        ""
+                    }
+                ),
+            ))
+        }
+    };
+    let disks = site.host_disks(host)?;
+    if resumed.is_none() && *point != PointSpec::Latest {
+        // A mistyped point must not stop anything.
+        failover::resolve(&failover::views_of(&disks)?, point)?;
+    }
+    let mut manifest = Manifest {
+        host: host.to_owned(),
+        state: FailoverState::FailingOver,
+        point: resumed.clone().unwrap_or(Chosen {
+            seq: 0,
+            kind: "pending".into(),
+            name: None,
+            time_ns: None,
+            note: None,
+        }),
+        out: dir.clone(),
+        disks: Vec::new(),
+        planned: Vec::new(),
+        in_place: true,
+        updated_ns: now_ns(),
+    };
+    failover::write_state(&state_path, &manifest)?;
+    for d in &disks {
+        d.stop_replication();
+    }
+    progress(&format!("replication of {host} stopped"));
+    let chosen = match resumed {
+        Some(c) => {
+            progress(&format!(
+                "an interrupted failback is finished at its point {}",
+                c.describe()
+            ));
+            c
+        }
+        None => {
+            // Every received set applied first, whatever the point: the
+            // undo log must cover everything the replica holds before the
+            // replica is rewound under it.
+            match failover::choose_after_stop(&disks, &PointSpec::Latest, progress)
+                .and_then(|_| failover::resolve(&failover::views_of(&disks)?, point))
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    remove_if_present(&state_path)?;
+                    for d in &disks {
+                        d.resume_replication();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    };
+    if let Some(note) = &chosen.note {
+        progress(note);
+    }
+    progress(&format!("point: {}", chosen.describe()));
+    manifest.point = chosen.clone();
+    manifest.updated_ns = now_ns();
+    failover::write_state(&state_path, &manifest)?;
+    // Undo copies and watermarks before the appliers close; then nothing
+    // but this verb touches the replicas.
+    let mut work = Vec::new();
+    for d in &disks {
+        let st = d.snapshot();
+        work.push((
+            d.disk().to_owned(),
+            st.size,
+            st.applied_seq,
+            d.undo_reader()?,
+        ));
+    }
+    drop(disks);
+    site.close_host(host);
+    let mut images = Vec::new();
+    for (disk, size, applied, undo) in work {
+        let (path, format) = replica_location(&dir.join(&disk))?
+            .ok_or_else(|| invalid("failback", format!("disk {disk} of {host} has no replica")))?;
+        let mut image = ferry_vhd::open_as(
+            &path,
+            format,
+            OpenOptions {
+                writable: true,
+                sync: SyncPolicy::Ordered,
+            },
+        )
+        .map_err(|e| Error::image("open replica", e))?;
+        let rewound = crate::materialize::rewind(image.as_mut(), &undo, Some(chosen.seq), applied)?;
+        drop(image);
+        progress(&format!(
+            "{disk}: {} rewound in place ({} sets, {} bytes restored, {} zeroed)",
+            path.display(),
+            rewound.sets,
+            rewound.bytes_restored,
+            rewound.bytes_zeroed
+        ));
+        images.push(in_place_image(&disk, size, format, &path, rewound)?);
+    }
+    manifest.state = FailoverState::FailedOver;
+    manifest.disks = images;
+    manifest.updated_ns = now_ns();
+    failover::write_state(&state_path, &manifest)?;
+    Ok(manifest)
+}
+
+fn in_place_image(
+    disk: &str,
+    size: u64,
+    format: Format,
+    path: &Path,
+    rewound: crate::materialize::Rewound,
+) -> Result<DiskImage> {
+    let extra_files = if format == Format::VmdkFlat {
+        ferry_vhd::open_as(path, format, OpenOptions::read_only())
+            .map_err(|e| Error::image("open replica", e))?
+            .extra_files()
+    } else {
+        Vec::new()
+    };
+    let mut file_bytes = 0;
+    for f in std::iter::once(path).chain(extra_files.iter().map(PathBuf::as_path)) {
+        file_bytes += fs::metadata(f)
+            .map_err(|e| Error::io("stat image", f, e))?
+            .len();
+    }
+    Ok(DiskImage {
+        disk: disk.to_owned(),
+        size,
+        format: format.name().to_owned(),
+        file: path.to_path_buf(),
+        extra_files,
+        file_bytes,
+        sha256: None,
+        rewound_bytes: rewound.bytes_restored + rewound.bytes_zeroed,
+        copy: None,
+    })
+}
