@@ -3,8 +3,15 @@
 #   backing file -> ferry filter -> nbdfuse (export as a file) -> losetup -> mkfs -> mount
 #
 # Usage:
-#   scripts/rig/volume.sh up   DIR [--size 512M] [--fs ext4|xfs|none] [--ring-size 16M] [-- FILTER FLAGS...]
+#   scripts/rig/volume.sh up   DIR [--size 512M] [--fs ext4|xfs|none|existing] [--ring-size 16M]
+#                              [--disk FILE | --vmdk IMAGE] [-- FILTER FLAGS...]
 #   scripts/rig/volume.sh down DIR      # always safe to run, also after a failed `up`
+#
+# --fs existing mounts the file system the disk holds (no mkfs).
+# --disk FILE: the backing file is FILE instead of DIR/disk.img.
+# --vmdk IMAGE: the disk is a VMDK (a virtual machine's disk): qemu-nbd
+#   serves it, nbdfuse makes it a file (DIR/vmdk/disk), and that file is
+#   the filter's backing; `down` stops qemu-nbd, which closes the image.
 #
 # Layout under DIR: disk.img (backing file), state/ (filter state), nbd.sock,
 # filter.log, filter.pid, fuse/disk (nbdfuse file), loop (device name), mnt/.
@@ -24,20 +31,35 @@ wait_for() { # wait_for SECONDS TEST...
 
 up() {
     local dir=$1; shift
-    local size=512M fs=ext4 ring=16M extra=()
+    local size=512M fs=ext4 ring=16M extra=() disk="" vmdk=""
     while [ $# -gt 0 ]; do
         case "$1" in
             --size) size=$2; shift 2 ;;
             --fs) fs=$2; shift 2 ;;
             --ring-size) ring=$2; shift 2 ;;
+            --disk) disk=$2; shift 2 ;;
+            --vmdk) vmdk=$2; shift 2 ;;
             --) shift; extra=("$@"); break ;;
             *) echo "unknown option $1" >&2; exit 2 ;;
         esac
     done
     mkdir -p "$dir/mnt" "$dir/fuse"
     dir=$(cd "$dir" && pwd)
-    [ -f "$dir/disk.img" ] || truncate -s "$size" "$dir/disk.img"
-    FERRY_LOG=${FERRY_LOG:-info} "$ferry" filter --disk "data=$dir/disk.img" --listen "unix:$dir/nbd.sock" \
+    if [ -n "$vmdk" ]; then
+        mkdir -p "$dir/vmdk"
+        qemu-nbd --fork --persistent --pid-file="$dir/qemu-nbd.pid" --socket="$dir/qemu.sock" \
+            -f vmdk "$vmdk" </dev/null >>"$dir/qemu-nbd.log" 2>&1
+        nbdfuse -P "$dir/vmdk-nbdfuse.pid" "$dir/vmdk/disk" "nbd+unix:///?socket=$dir/qemu.sock" \
+            </dev/null >>"$dir/nbdfuse.log" 2>&1 &
+        wait_for 20 test -s "$dir/vmdk-nbdfuse.pid" || { echo "nbdfuse (vmdk) did not start" >&2; exit 1; }
+        wait_for 20 test -f "$dir/vmdk/disk" || { echo "nbdfuse (vmdk) file missing" >&2; exit 1; }
+        disk=$dir/vmdk/disk
+    fi
+    if [ -z "$disk" ]; then
+        disk=$dir/disk.img
+        [ -f "$disk" ] || truncate -s "$size" "$disk"
+    fi
+    FERRY_LOG=${FERRY_LOG:-info} "$ferry" filter --disk "data=$disk" --listen "unix:$dir/nbd.sock" \
         --state "$dir/state" --ring-size "$ring" "${extra[@]}" </dev/null >>"$dir/filter.log" 2>&1 &
     echo $! >"$dir/filter.pid"
     wait_for 20 test -S "$dir/nbd.sock" || { echo "filter did not start:" >&2; tail "$dir/filter.log" >&2; exit 1; }
@@ -51,6 +73,7 @@ up() {
         ext4) mkfs.ext4 -q -F "$loop" ;;
         xfs) mkfs.xfs -q -f "$loop" ;;
         none) return 0 ;;
+        existing) ;;
         *) echo "unknown file system $fs" >&2; exit 2 ;;
     esac
     mount "$loop" "$dir/mnt"
@@ -78,6 +101,20 @@ down() {
         kill -TERM "$pid" 2>/dev/null || true
         wait_for 30 bash -c "! kill -0 $pid 2>/dev/null" || kill -KILL "$pid" 2>/dev/null || true
         rm -f "$dir/filter.pid"
+    fi
+    # The VMDK's layers last: the filter flushed into them on its way out.
+    if mountpoint -q "$dir/vmdk" 2>/dev/null; then
+        umount "$dir/vmdk" 2>/dev/null || umount -l "$dir/vmdk" 2>/dev/null || true
+    fi
+    if [ -s "$dir/vmdk-nbdfuse.pid" ]; then
+        kill "$(cat "$dir/vmdk-nbdfuse.pid")" 2>/dev/null || true
+        rm -f "$dir/vmdk-nbdfuse.pid"
+    fi
+    if [ -s "$dir/qemu-nbd.pid" ]; then
+        local qpid; qpid=$(cat "$dir/qemu-nbd.pid")
+        kill -TERM "$qpid" 2>/dev/null || true
+        wait_for 30 bash -c "! kill -0 $qpid 2>/dev/null" || kill -KILL "$qpid" 2>/dev/null || true
+        rm -f "$dir/qemu-nbd.pid"
     fi
 }
 

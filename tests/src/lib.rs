@@ -365,18 +365,18 @@ fn volume_script() -> PathBuf {
 impl Volume {
     /// Bring a volume up under `dir` with file system `fs` (ext4, xfs, none).
     pub fn up(dir: &Path, fs: &str, size: &str, filter_args: &[&str]) -> Volume {
+        Volume::up_with(dir, &["--fs", fs, "--size", size], filter_args)
+    }
+
+    /// Bring a volume up under `dir` with `volume.sh up` options
+    /// (`--fs existing`, `--disk FILE`, `--vmdk IMAGE`...).
+    pub fn up_with(dir: &Path, options: &[&str], filter_args: &[&str]) -> Volume {
         let volume = Volume {
             dir: dir.to_path_buf(),
         };
         let mut cmd = Command::new(volume_script());
-        cmd.args([
-            "up",
-            dir.to_str().expect("utf-8"),
-            "--fs",
-            fs,
-            "--size",
-            size,
-        ]);
+        cmd.args(["up", dir.to_str().expect("utf-8")]);
+        cmd.args(options);
         if !filter_args.is_empty() {
             cmd.arg("--").args(filter_args);
         }
@@ -415,22 +415,7 @@ impl Volume {
     /// workload process that just exited may hold the mount busy for a
     /// moment while its files are released: retried for up to 20 s.
     pub fn unmount(&self) {
-        let mut last = None;
-        let done = wait_until(std::time::Duration::from_secs(20), || {
-            let out = Command::new("umount")
-                .arg(self.mnt())
-                .output()
-                .expect("umount");
-            let ok = out.status.success();
-            last = Some(out);
-            ok
-        });
-        assert!(
-            done,
-            "umount: {}",
-            last.map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
-                .unwrap_or_default()
-        );
+        umount_retrying(&self.mnt());
     }
 }
 
@@ -546,7 +531,6 @@ impl Site {
     /// [`Site::start`] with more `ferry target` arguments.
     pub fn start_with(dir: &Path, target_args: &[&str]) -> Site {
         let creds = dir.join("creds");
-        let data = dir.join("site-b");
         let out = ferry([
             "credentials",
             "init",
@@ -555,6 +539,15 @@ impl Site {
             "web01",
         ]);
         expect_code(&out, 0, "ferry credentials init");
+        Site::start_on(dir, &creds, target_args)
+    }
+
+    /// A second site with the credentials of another (the same hosts and
+    /// target certificate): `ferry target` with its data under `dir`.
+    pub fn start_on(dir: &Path, creds: &Path, target_args: &[&str]) -> Site {
+        std::fs::create_dir_all(dir).expect("site dir");
+        let creds = creds.to_path_buf();
+        let data = dir.join("site-b");
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let mut args = vec![
@@ -908,4 +901,52 @@ pub fn points_at(data: &Path, host: &str) -> Vec<serde_json::Value> {
         .ok()
         .and_then(|v| v.as_array().cloned())
         .unwrap_or_default()
+}
+
+/// Files of assorted sizes under `root/name`; returns (path, crc32c).
+pub fn write_tree(root: &Path, name: &str, seed: u64) -> Vec<(PathBuf, u32)> {
+    let dir = root.join(name);
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    let mut out = Vec::new();
+    for i in 0..16u64 {
+        let path = if i % 4 == 0 {
+            dir.join(format!("sub/f{i}"))
+        } else {
+            dir.join(format!("f{i}"))
+        };
+        let data = pattern(
+            seed * 1000 + i,
+            usize::try_from((i % 6 + 1) * 190_000 + i).unwrap(),
+        );
+        std::fs::write(&path, &data).unwrap();
+        out.push((path, crc32c::crc32c(&data)));
+    }
+    out
+}
+
+/// Check every file of `tree` (paths relative to `root`, or absolute)
+/// against its crc32c.
+pub fn check_tree(root: &Path, tree: &[(PathBuf, u32)]) {
+    for (rel, crc) in tree {
+        let path = root.join(rel);
+        let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(crc32c::crc32c(&data), *crc, "{} changed", path.display());
+    }
+}
+
+/// Unmount `mnt`, retrying for up to 20 s while it is busy (a process
+/// that just wrote there may hold it a moment while its files are released).
+pub fn umount_retrying(mnt: &Path) {
+    let mut last = None;
+    let done = wait_until(std::time::Duration::from_secs(20), || {
+        let out = run("umount", [mnt.to_str().expect("utf-8")]);
+        let ok = out.status.success();
+        last = Some(out);
+        ok
+    });
+    if !done {
+        if let Some(out) = last {
+            expect_code(&out, 0, "umount");
+        }
+    }
 }

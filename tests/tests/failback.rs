@@ -183,6 +183,17 @@ impl Reverse {
         assert!(ok, "replica consistent:\n{}", self.sidecar.log_text());
     }
 
+    /// Kill the target with -9, if possible while it has received change
+    /// sets it has not applied yet (its applier writing the image).
+    fn kill_target_while_applying(&mut self) {
+        wait_until(Duration::from_secs(3), || {
+            self.site
+                .disk_status(DISK)
+                .is_some_and(|st| st["apply_backlog_sets"].as_u64().unwrap_or(0) > 0)
+        });
+        self.site.target.kill9();
+    }
+
     /// Write a round, tag it, keep a copy of the source at the tag; the
     /// tag's sequence.
     fn round(&self, name: &str, round: u64) -> (u64, PathBuf) {
@@ -219,10 +230,7 @@ fn reprotect_into_a_stale_sparse_vmdk_moves_only_the_delta_and_survives_target_c
     eprintln!(
         "delta start: {sent} bytes sent, {equal} found equal, {differing} bytes in 64 KiB blocks that differ, disk {SIZE}"
     );
-    assert!(
-        sent < SIZE / 5 && equal > SIZE / 4,
-        "the seeded resync sent {sent} bytes and found {equal} equal (disk {SIZE}, {differing} differ): {sd}"
-    );
+    assert_delta(sent, equal, differing, SIZE, "delta start");
     assert_same(&rig.source, &rig.image, "vmdk", "after the delta start");
     assert_checks(&rig.image, "vmdk", "after the delta start");
 
@@ -231,15 +239,14 @@ fn reprotect_into_a_stale_sparse_vmdk_moves_only_the_delta_and_survives_target_c
     for (i, name) in ["r1", "r2", "r3"].iter().enumerate() {
         rounds.push((name.to_string(), rig.round(name, i as u64 + 1)));
         if i >= 1 {
-            rig.site.target.kill9();
+            rig.kill_target_while_applying();
             rig.site.target.restart();
             rig.site.wait_listening();
         }
     }
     // One more crash, and the sidecar goes away: the restarted target must
     // apply every change set it acknowledged on its own.
-    std::thread::sleep(Duration::from_millis(200));
-    rig.site.target.kill9();
+    rig.kill_target_while_applying();
     rig.sidecar.stop();
     let acked = sidecar_disk(&rig.filter.state)["acked_seq"]
         .as_u64()
@@ -313,4 +320,292 @@ fn reprotect_into_a_stale_sparse_vmdk_moves_only_the_delta_and_survives_target_c
     );
     assert_eq!(c["state"], "committed", "{c}");
     assert_same(at_r1, &rig.image, "vmdk", "committed at r1");
+}
+
+/// Bytes the sidecar of the filter at `state` sent as resync data, and
+/// found equal at the target (checksum exchange).
+fn resync_figures(state: &Path) -> (u64, u64) {
+    let sd = sidecar_disk(state);
+    (
+        sd["resync_raw_bytes"].as_u64().unwrap_or(u64::MAX),
+        sd["exchange_skipped_bytes"].as_u64().unwrap_or(0),
+    )
+}
+
+/// Wait until the sidecar of the filter at `state` reports the replica
+/// consistent (after a resync: points taken from now on are points).
+fn wait_sidecar_consistent(state: &Path, sidecar: &ferry_tests::Daemon) {
+    let ok = wait_until(Duration::from_secs(120), || {
+        !sidecar_disk(state)["consistent_since"].is_null()
+    });
+    assert!(
+        ok,
+        "the sidecar never reported the replica consistent:\n{}",
+        sidecar.log_text()
+    );
+}
+
+/// Freeze the file system at `mnt`, wait until the replica at `site` is
+/// consistent and holds everything, run `check`, thaw (also when `check`
+/// panics).
+fn frozen<T>(
+    mnt: &Path,
+    site: &Site,
+    state: &Path,
+    sidecar: &ferry_tests::Daemon,
+    check: impl FnOnce() -> T,
+) -> T {
+    struct Thaw<'a>(&'a Path);
+    impl Drop for Thaw<'_> {
+        fn drop(&mut self) {
+            let _ = run("fsfreeze", ["-u", s(self.0)]);
+        }
+    }
+    expect_code(&run("sync", Vec::<&str>::new()), 0, "sync");
+    expect_code(&run("fsfreeze", ["-f", s(mnt)]), 0, "fsfreeze -f");
+    let _thaw = Thaw(mnt);
+    // Consistent first: before its resync ends the sidecar may have nothing
+    // in flight that the other conditions would see.
+    wait_sidecar_consistent(state, sidecar);
+    site.wait_replicated(state, DISK, Duration::from_secs(180), sidecar);
+    check()
+}
+
+/// `image` (qemu format `format`) converted to raw at `raw`.
+fn as_raw(image: &Path, format: &str, raw: &Path) -> PathBuf {
+    let out = qemu_img(["convert", "-U", "-f", format, "-O", "raw", s(image), s(raw)]);
+    expect_code(&out, 0, "qemu-img convert to raw");
+    raw.to_path_buf()
+}
+
+/// A delta start sent at most what differed (with slack for the blocks the
+/// machine wrote meanwhile, sent in write order and again as resync data),
+/// a small part of the disk, and found the rest equal.
+fn assert_delta(sent: u64, equal: u64, differed: u64, disk: u64, what: &str) {
+    assert!(
+        sent <= differed * 5 / 2 + (4 << 20) && sent < disk / 4 && equal > disk / 10,
+        "{what}: sent {sent} bytes of resync data ({equal} equal) where {differed} differed, disk {disk}"
+    );
+}
+
+/// The tree's paths relative to `root`.
+fn relative(tree: Vec<(PathBuf, u32)>, root: &Path) -> Vec<(PathBuf, u32)> {
+    tree.into_iter()
+        .map(|(p, c)| (p.strip_prefix(root).expect("under root").to_path_buf(), c))
+        .collect()
+}
+
+/// Protect a machine whose disk is a sparse VMDK, fail it over, run it at
+/// the recovery site through a second filter, reprotect it back into its
+/// VMDK, fail back, commit, and protect it forward again; every copy moves
+/// only what differs.
+#[test]
+fn full_round_trip_through_a_vmdk_moves_deltas_only() {
+    const VOL: u64 = 128 << 20;
+    let scratch = Scratch::new("fb-round");
+    let vmdk = scratch.path("web01-data.vmdk");
+    let made = qemu_img([
+        "create",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=monolithicSparse",
+        s(&vmdk),
+        "128M",
+    ]);
+    expect_code(&made, 0, "qemu-img create vmdk");
+
+    // 1. Protect: the machine runs from its VMDK (qemu-nbd), its writes
+    //    pass the filter, the sidecar ships them to site B.
+    let site_b = Site::start(&scratch.path("b"));
+    let vol_a = ferry_tests::Volume::up_with(
+        &scratch.path("a"),
+        &["--vmdk", s(&vmdk), "--fs", "ext4"],
+        &[],
+    );
+    let sidecar_a = site_b.sidecar(&vol_a.state(), &scratch.path("sidecar-a.log"), &[]);
+    let mut tree = relative(ferry_tests::write_tree(&vol_a.mnt(), "w1", 1), &vol_a.mnt());
+    frozen(&vol_a.mnt(), &site_b, &vol_a.state(), &sidecar_a, || ());
+    wait_sidecar_consistent(&vol_a.state(), &sidecar_a);
+    expect_code(
+        &ferry(["filter", "tag", "w1", "--state", s(&vol_a.state())]),
+        0,
+        "tag w1",
+    );
+    let ok = wait_until(Duration::from_secs(60), || {
+        ferry_tests::points_at(&site_b.data, "web01")
+            .iter()
+            .any(|p| p["name"] == "w1")
+    });
+    assert!(ok, "point w1 at site B");
+
+    // 2. Disaster: site A goes away (the machine's VMDK stays as it was).
+    drop(sidecar_a);
+    drop(vol_a);
+
+    // 3. Failover at B to w1, committed; the machine runs there through a
+    //    second filter and changes a little.
+    let out_b = scratch.path("b-failover");
+    let m = json_of(
+        &ferry([
+            "failover",
+            "web01",
+            "--data",
+            s(&site_b.data),
+            "--point",
+            "w1",
+            "--format",
+            "raw",
+            "--out",
+            s(&out_b),
+            "--json",
+        ]),
+        "ferry failover",
+    );
+    let failed_over = PathBuf::from(m["disks"][0]["file"].as_str().expect("image"));
+    json_of(
+        &ferry(["commit", "web01", "--data", s(&site_b.data), "--json"]),
+        "ferry commit at B",
+    );
+    let vol_b = ferry_tests::Volume::up_with(
+        &scratch.path("b-run"),
+        &["--disk", s(&failed_over), "--fs", "existing"],
+        &[],
+    );
+    ferry_tests::check_tree(&vol_b.mnt(), &tree);
+    tree.extend(relative(
+        ferry_tests::write_tree(&vol_b.mnt(), "w2", 2),
+        &vol_b.mnt(),
+    ));
+
+    // 4. Reprotect: site A's target adopts the VMDK; the running machine's
+    //    changes flow back into it, only the delta.
+    expect_code(&run("sync", Vec::<&str>::new()), 0, "sync");
+    let delta = differing_bytes(
+        &as_raw(&vmdk, "vmdk", &scratch.path("vmdk-before.raw")),
+        &failed_over,
+    );
+    let site_a = Site::start_on(&scratch.path("a-site"), &site_b.creds, &[]);
+    let r = json_of(
+        &ferry([
+            "reprotect",
+            "web01",
+            "--data",
+            s(&site_a.data),
+            "--image",
+            &format!("{DISK}={}", s(&vmdk)),
+            "--json",
+        ]),
+        "ferry reprotect at A",
+    );
+    assert_eq!(r["disks"][0]["format"], "vmdk-sparse", "{r}");
+    let sidecar_b = site_a.sidecar(&vol_b.state(), &scratch.path("sidecar-b.log"), &[]);
+    frozen(&vol_b.mnt(), &site_a, &vol_b.state(), &sidecar_b, || {
+        let same = qemu_img([
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "vmdk",
+            s(&failed_over),
+            s(&vmdk),
+        ]);
+        assert!(
+            same.status.success(),
+            "the VMDK holds the running disk: {}",
+            String::from_utf8_lossy(&same.stdout)
+        );
+    });
+    assert_checks(&vmdk, "vmdk", "after the reprotect");
+    let (sent, equal) = resync_figures(&vol_b.state());
+    eprintln!("reprotect: {sent} bytes of resync sent, {equal} equal, {delta} in 64 KiB blocks that differed, volume {VOL}");
+    assert_delta(sent, equal, delta, VOL, "reprotect");
+
+    // 5. More work at B, then failback to the latest point and commit.
+    tree.extend(relative(
+        ferry_tests::write_tree(&vol_b.mnt(), "w3", 3),
+        &vol_b.mnt(),
+    ));
+    vol_b.unmount();
+    site_a.wait_replicated(&vol_b.state(), DISK, Duration::from_secs(180), &sidecar_b);
+    drop(sidecar_b);
+    drop(vol_b);
+    let m = json_of(
+        &ferry([
+            "failback",
+            "web01",
+            "--data",
+            s(&site_a.data),
+            "--point",
+            "latest",
+            "--json",
+        ]),
+        "ferry failback",
+    );
+    assert_eq!(m["in_place"], true, "{m}");
+    json_of(
+        &ferry(["commit", "web01", "--data", s(&site_a.data), "--json"]),
+        "ferry commit at A",
+    );
+    assert_checks(&vmdk, "vmdk", "after the failback");
+    let same = qemu_img([
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "vmdk",
+        s(&failed_over),
+        s(&vmdk),
+    ]);
+    assert!(
+        same.status.success(),
+        "the failed-back VMDK is the machine's last disk: {}",
+        String::from_utf8_lossy(&same.stdout)
+    );
+    drop(site_a);
+
+    // 6. The machine runs from its VMDK again; site B keeps its replica,
+    //    and forward protection starts from a delta.
+    let delta = differing_bytes(
+        &as_raw(&vmdk, "vmdk", &scratch.path("vmdk-after.raw")),
+        &as_raw(&site_b.replica(DISK), "vpc", &scratch.path("replica-b.raw")),
+    );
+    let r = json_of(
+        &ferry(["reprotect", "web01", "--data", s(&site_b.data), "--json"]),
+        "ferry reprotect at B",
+    );
+    assert_eq!(r["disks"][0]["adopted"], false, "{r}");
+    let vol_a = ferry_tests::Volume::up_with(
+        &scratch.path("a"),
+        &["--vmdk", s(&vmdk), "--fs", "existing"],
+        &[],
+    );
+    ferry_tests::check_tree(&vol_a.mnt(), &tree);
+    let sidecar_a = site_b.sidecar(&vol_a.state(), &scratch.path("sidecar-a2.log"), &[]);
+    frozen(&vol_a.mnt(), &site_b, &vol_a.state(), &sidecar_a, || ());
+    let (sent, equal) = resync_figures(&vol_a.state());
+    eprintln!("forward again: {sent} bytes of resync sent, {equal} equal, {delta} in 64 KiB blocks that differed, volume {VOL}");
+    assert_delta(sent, equal, delta, VOL, "forward protection");
+    tree.extend(relative(
+        ferry_tests::write_tree(&vol_a.mnt(), "w4", 4),
+        &vol_a.mnt(),
+    ));
+    frozen(&vol_a.mnt(), &site_b, &vol_a.state(), &sidecar_a, || {
+        let same = qemu_img([
+            "compare",
+            "-U",
+            "-f",
+            "vmdk",
+            "-F",
+            "vpc",
+            s(&vmdk),
+            s(&site_b.replica(DISK)),
+        ]);
+        assert!(
+            same.status.success(),
+            "site B's replica is the machine's disk again: {}",
+            String::from_utf8_lossy(&same.stdout)
+        );
+    });
+    ferry_tests::check_tree(&vol_a.mnt(), &tree);
 }

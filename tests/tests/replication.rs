@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use ferry_tests::{expect_code, pattern, run, wait_until, Daemon, Scratch, Site, Volume};
+use ferry_tests::{
+    check_tree, expect_code, run, wait_until, write_tree, Daemon, Scratch, Site, Volume,
+};
 
 const DISK: &str = "data";
 const SIZE: &str = "512M";
@@ -34,40 +36,11 @@ fn preexisting_ext4(dir: &Path) -> Vec<(PathBuf, u32)> {
         "mount -o loop",
     );
     let tree = write_tree(&mnt, "before", 0);
-    expect_code(&run("umount", [s(&mnt)]), 0, "umount");
+    ferry_tests::umount_retrying(&mnt);
     // Paths relative to the file system root, for checks after remounting.
     tree.into_iter()
         .map(|(p, c)| (p.strip_prefix(&mnt).unwrap().to_path_buf(), c))
         .collect()
-}
-
-/// Files of assorted sizes under `root/name`; returns (path, crc32c).
-fn write_tree(root: &Path, name: &str, seed: u64) -> Vec<(PathBuf, u32)> {
-    let dir = root.join(name);
-    std::fs::create_dir_all(dir.join("sub")).unwrap();
-    let mut out = Vec::new();
-    for i in 0..16u64 {
-        let path = if i % 4 == 0 {
-            dir.join(format!("sub/f{i}"))
-        } else {
-            dir.join(format!("f{i}"))
-        };
-        let data = pattern(
-            seed * 1000 + i,
-            usize::try_from((i % 6 + 1) * 190_000 + i).unwrap(),
-        );
-        std::fs::write(&path, &data).unwrap();
-        out.push((path, crc32c::crc32c(&data)));
-    }
-    out
-}
-
-fn check_tree(root: &Path, tree: &[(PathBuf, u32)]) {
-    for (rel, crc) in tree {
-        let path = root.join(rel);
-        let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert_eq!(crc32c::crc32c(&data), *crc, "{} changed", path.display());
-    }
 }
 
 /// A running fio, killed if the test fails first.
