@@ -222,6 +222,12 @@ pub struct Policy {
     pub compression_level: i32,
     /// Bytes per second on the wire (0: unlimited).
     pub bandwidth: u64,
+    /// The policy replication back from the recovery site runs under after
+    /// a failover (`ferry reprotect`): made with this one as
+    /// `NAME-failback`, editable like any policy. None for a failback
+    /// policy itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failback: Option<String>,
 }
 
 impl Policy {
@@ -237,6 +243,24 @@ impl Policy {
             app_interval_secs: Some(3600),
             compression_level: 1,
             bandwidth: 0,
+            failback: None,
+        }
+    }
+
+    /// The name of the failback policy made with the policy `name`.
+    pub fn failback_name(name: &str) -> String {
+        format!("{name}-failback")
+    }
+
+    /// The failback policy made with `forward`: the seed's defaults for
+    /// replication back (RPO alert 15 min, retention 24 h, crash points
+    /// every 5 min, app-consistent points every 60 min) with the forward
+    /// policy's compression and bandwidth (the same link).
+    pub fn failback_of(forward: &Policy) -> Policy {
+        Policy {
+            compression_level: forward.compression_level,
+            bandwidth: forward.bandwidth,
+            ..Policy::with_defaults(&Policy::failback_name(&forward.name))
         }
     }
 
@@ -583,6 +607,36 @@ pub struct FailoverJobRequest {
     /// SHA-256 of every image in the manifest.
     #[serde(default = "yes")]
     pub checksums: bool,
+}
+
+/// One image a reprotect adopts as a disk's replica at the target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReprotectImage {
+    /// The disk.
+    pub disk: String,
+    /// The image's path on the target's machine (inside its data
+    /// directory or an `--export-root`).
+    pub path: String,
+}
+
+/// `POST /v1/hosts/HOST/reprotect` (admin): a reprotect job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReprotectRequest {
+    /// The target that receives the stream (replicating back: the primary
+    /// site's; default: the other direction's, if a round trip left one).
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Images adopted as replicas (replicating back into the original
+    /// disks); none keeps the replicas the target holds.
+    #[serde(default)]
+    pub images: Vec<ReprotectImage>,
+}
+
+/// `POST /v1/hosts/HOST/failback` (admin): a failback job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailbackRequest {
+    /// The point: `latest`, `latest-app`, a name or a time.
+    pub point: String,
 }
 
 /// `POST /v1/hosts/HOST/test-failover` (admin): a test failover job.

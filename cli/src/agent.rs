@@ -713,6 +713,11 @@ fn job_request(
     if let Some(out) = params["out"].as_str() {
         check_export_path(data, roots, Path::new(out))?;
     }
+    // A reprotect writes into the images it adopts: the same rule.
+    for image in params["images"].as_array().into_iter().flatten() {
+        let path = image["path"].as_str().unwrap_or_default();
+        check_export_path(data, roots, Path::new(path))?;
+    }
     if params["out"].is_null() {
         let host = &job.subject;
         let default = match job.kind.as_str() {

@@ -11,7 +11,8 @@ use clap::Args;
 use ferry_master_target::control::Request;
 use ferry_master_target::failback::{Adopt, Reprotected};
 
-/// `ferry reprotect HOST --data DIR [--image DISK=PATH]...`.
+/// `ferry reprotect HOST --data DIR [--image DISK=PATH]...`, or through
+/// the server: `ferry reprotect HOST [--target T] [--image DISK=PATH]...`.
 #[derive(Debug, Args)]
 #[command(
     after_help = "Run on the target that is to receive the host's stream. On the \
@@ -19,16 +20,27 @@ primary site's target, adopt the machine's original disk images (VMDK monolithic
 monolithicFlat, VHD dynamic or fixed, raw): the stream of the failed-over machine is written \
 into them in place. On the recovery site's target after a failback, without --image: the \
 replica kept there is compared and brought up to date. Either way the sender resyncs the \
-whole disk through the checksum exchange, so only blocks that differ travel.\n\nExamples:\n  \
+whole disk through the checksum exchange, so only blocks that differ travel.\n\nWithout \
+--data, through the server: a committed host replicates back to --target under its policy's \
+failback policy; a failed-back host is protected forward again (its former target and \
+policy).\n\nExamples:\n  \
     ferry reprotect web01 --data ./site-a --image data=/vm/web01/web01-data.vmdk\n  \
-    ferry reprotect web01 --data ./site-b"
+    ferry reprotect web01 --data ./site-b\n  \
+    ferry reprotect web01 --target site-a --image data=/vmfs/web01/web01-data.vmdk\n  \
+    ferry reprotect web01"
 )]
 pub struct ReprotectArgs {
     /// The host whose stream this target is to receive.
     host: String,
-    /// Data directory of the target.
+    /// Data directory of the target (without it: through the server).
     #[arg(long)]
-    data: PathBuf,
+    data: Option<PathBuf>,
+    /// Through the server: the target that receives the stream back (the
+    /// primary site's).
+    #[arg(long, conflicts_with = "data")]
+    target: Option<String>,
+    #[command(flatten)]
+    conn: crate::server::Conn,
     /// DISK=PATH: adopt the image at PATH as the replica of DISK (repeat
     /// per disk).
     #[arg(long = "image", value_name = "DISK=PATH")]
@@ -58,11 +70,28 @@ pub fn run_reprotect(args: &ReprotectArgs) -> Result<ExitCode> {
         .iter()
         .map(|i| parse_image(i))
         .collect::<Result<Vec<_>>>()?;
-    let req = Request::Reprotect {
-        host: args.host.clone(),
-        images,
+    let v = match &args.data {
+        Some(data) => {
+            let req = Request::Reprotect {
+                host: args.host.clone(),
+                images,
+            };
+            crate::failover::run(data, args.credentials.as_deref(), &req)?
+        }
+        None => {
+            let body = ferry_api::types::ReprotectRequest {
+                target: args.target.clone(),
+                images: images
+                    .into_iter()
+                    .map(|a| ferry_api::types::ReprotectImage {
+                        disk: a.disk,
+                        path: a.path.to_string_lossy().into_owned(),
+                    })
+                    .collect(),
+            };
+            crate::server::host_job(&args.conn, &args.host, "reprotect", &body, !args.json)?
+        }
     };
-    let v = crate::failover::run(&args.data, args.credentials.as_deref(), &req)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
@@ -99,9 +128,12 @@ it again (at the point it chose).\n\nExamples:\n  \
 pub struct FailbackArgs {
     /// The host to fail back.
     host: String,
-    /// Data directory of the target that received the reverse stream.
+    /// Data directory of the target that received the reverse stream
+    /// (without it: through the server, on the host's current target).
     #[arg(long)]
-    data: PathBuf,
+    data: Option<PathBuf>,
+    #[command(flatten)]
+    conn: crate::server::Conn,
     /// Recovery point: latest, latest-app, a point name or a time.
     #[arg(long, default_value = "latest")]
     point: String,
@@ -114,11 +146,24 @@ pub struct FailbackArgs {
 }
 
 pub fn run_failback(args: &FailbackArgs) -> Result<ExitCode> {
-    let req = Request::Failback {
-        host: args.host.clone(),
-        point: args.point.clone(),
+    let v = match &args.data {
+        Some(data) => {
+            let req = Request::Failback {
+                host: args.host.clone(),
+                point: args.point.clone(),
+            };
+            crate::failover::run(data, args.credentials.as_deref(), &req)?
+        }
+        None => crate::server::host_job(
+            &args.conn,
+            &args.host,
+            "failback",
+            &ferry_api::types::FailbackRequest {
+                point: args.point.clone(),
+            },
+            !args.json,
+        )?,
     };
-    let v = crate::failover::run(&args.data, args.credentials.as_deref(), &req)?;
     crate::failover::show_manifest(v, args.json)
 }
 

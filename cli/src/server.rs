@@ -590,6 +590,52 @@ pub enum PolicyCommand {
     List(ListArgs),
     /// One policy.
     Show(ShowArgs),
+    /// Change a policy (a failback policy too: `NAME-failback`, made with
+    /// NAME); the sidecars under it take the change with their next plan.
+    #[command(
+        after_help = "Example:\n  ferry policy set gold-failback --rpo 30m --app-interval off"
+    )]
+    Set(PolicySetArgs),
+}
+
+/// `ferry policy set`: only the given settings change.
+#[derive(Debug, Args)]
+pub struct PolicySetArgs {
+    /// The policy's name.
+    name: String,
+    /// Alert when a disk's lag exceeds this.
+    #[arg(long, value_parser = parse_secs)]
+    rpo: Option<u64>,
+    /// How long recovery points are kept.
+    #[arg(long, value_parser = parse_secs)]
+    retention: Option<u64>,
+    /// Interval of crash-consistent points.
+    #[arg(long, value_parser = parse_secs)]
+    crash_interval: Option<u64>,
+    /// Interval of app-consistent points, or "off".
+    #[arg(long)]
+    app_interval: Option<String>,
+    /// zstd level (negative: fast modes).
+    #[arg(long, allow_negative_numbers = true)]
+    compression_level: Option<i32>,
+    /// Bytes per second on the wire (e.g. 50M; 0: unlimited).
+    #[arg(long, value_parser = crate::replicate::size)]
+    bandwidth: Option<u64>,
+    /// Print the policy as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// `--app-interval`: a duration or "off".
+fn app_interval(text: &str) -> Result<Option<u64>> {
+    match text {
+        "off" => Ok(None),
+        s => Ok(Some(
+            parse_secs(s).map_err(|e| anyhow!("--app-interval: {e}"))?,
+        )),
+    }
 }
 
 /// `ferry policy create`.
@@ -626,10 +672,7 @@ pub struct PolicyCreateArgs {
 pub fn run_policy(cmd: &PolicyCommand) -> Result<ExitCode> {
     match cmd {
         PolicyCommand::Create(a) => {
-            let app_interval_secs = match a.app_interval.as_str() {
-                "off" => None,
-                s => Some(parse_secs(s).map_err(|e| anyhow!("--app-interval: {e}"))?),
-            };
+            let app_interval_secs = app_interval(&a.app_interval)?;
             let p = Policy {
                 name: a.name.clone(),
                 rpo_alert_secs: a.rpo,
@@ -638,6 +681,7 @@ pub fn run_policy(cmd: &PolicyCommand) -> Result<ExitCode> {
                 app_interval_secs,
                 compression_level: a.compression_level,
                 bandwidth: a.bandwidth,
+                failback: None,
             };
             let created: Policy = a.conn.client()?.post("/v1/policies", &p)?;
             if a.json {
@@ -665,6 +709,36 @@ pub fn run_policy(cmd: &PolicyCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        PolicyCommand::Set(a) => {
+            let client = a.conn.client()?;
+            let path = format!("/v1/policies/{}", a.name);
+            let mut p: Policy = client.get(&path)?;
+            if let Some(v) = a.rpo {
+                p.rpo_alert_secs = v;
+            }
+            if let Some(v) = a.retention {
+                p.retention_secs = v;
+            }
+            if let Some(v) = a.crash_interval {
+                p.crash_interval_secs = v;
+            }
+            if let Some(v) = &a.app_interval {
+                p.app_interval_secs = app_interval(v)?;
+            }
+            if let Some(v) = a.compression_level {
+                p.compression_level = v;
+            }
+            if let Some(v) = a.bandwidth {
+                p.bandwidth = v;
+            }
+            let changed: Policy = client.put(&path, &p)?;
+            if a.json {
+                print_json(&changed)?;
+            } else {
+                print_policies(&[changed]);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -677,6 +751,7 @@ fn print_policies(list: &[Policy]) {
         "APP",
         "ZSTD",
         "BANDWIDTH",
+        "FAILBACK",
     ]);
     for p in list {
         t.row(vec![
@@ -691,6 +766,7 @@ fn print_policies(list: &[Policy]) {
             } else {
                 format!("{}/s", crate::replicate::human_bytes(p.bandwidth))
             },
+            p.failback.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
     t.print();

@@ -11,10 +11,11 @@
 //! | `PUT /v1/hosts/H/disks` | admin, host H | the host's disks |
 //! | `POST /v1/hosts/H/protect` | admin | protect disks ([`ProtectRequest`]) |
 //! | `GET /v1/hosts/H/config` | admin, host H | what the host's daemons should do |
-//! | `POST /v1/hosts/H/failover`, `.../commit`, `.../test-failover`, `.../test-failover-cleanup`, `.../points` | admin | a job on the host's target |
+//! | `POST /v1/hosts/H/failover`, `.../commit`, `.../test-failover`, `.../test-failover-cleanup`, `.../points`, `.../failback` | admin | a job on the host's target |
+//! | `POST /v1/hosts/H/reprotect` | admin | swap the host's direction, a job on the new target ([`ReprotectRequest`]) |
 //! | `POST /v1/heartbeat` | host, target | a daemon's heartbeat ([`HeartbeatRequest`]) |
 //! | `GET /v1/targets`, `GET /v1/targets/T` | admin; admin, target T | targets |
-//! | `GET/POST /v1/policies`, `GET /v1/policies/P` | admin | policies |
+//! | `GET/POST /v1/policies`, `GET/PUT /v1/policies/P` | admin | policies (a new one comes with `P-failback`) |
 //! | `GET /v1/protections` | admin | every protected disk |
 //! | `GET /v1/alerts` | admin | alerts holding now ([`crate::health`]) |
 //! | `GET /v1/jobs`, `GET /v1/jobs/N` | admin; admin, the job's owner | jobs |
@@ -30,10 +31,11 @@ use std::path::PathBuf;
 
 use ferry_api::http::{Method, Request, Response};
 use ferry_api::types::{
-    ApiError, Component, DiskInfo, FailoverJobRequest, Group, GroupFailoverRequest, GroupHosts,
-    GroupPointRequest, HeartbeatRequest, Job, JobFinish, JobProgress, JobState, Plan, PlanMode,
-    PlanRunRequest, Policy, ProtectRequest, RegisterRequest, Registered, Role, StepAction,
-    TargetConfig, TargetHost, TestFailoverJobRequest, TokenIssued, TokenRequest,
+    ApiError, Component, DiskInfo, FailbackRequest, FailoverJobRequest, Group,
+    GroupFailoverRequest, GroupHosts, GroupPointRequest, HeartbeatRequest, Job, JobFinish,
+    JobProgress, JobState, Plan, PlanMode, PlanRunRequest, Policy, ProtectRequest, RegisterRequest,
+    Registered, ReprotectRequest, Role, StepAction, TargetConfig, TargetHost,
+    TestFailoverJobRequest, TokenIssued, TokenRequest,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -301,6 +303,10 @@ impl Api {
                 need(Scope::Host(host))?;
                 Ok(ok(&self.store.host_config(host)?))
             }
+            (Method::Post, ["v1", "hosts", host, "reprotect"]) => {
+                need(Scope::Admin)?;
+                self.reprotect(host, body(req)?)
+            }
             (Method::Post, ["v1", "hosts", host, action]) if host_action(action).is_some() => {
                 need(Scope::Admin)?;
                 self.host_job(host, action, req)
@@ -419,6 +425,12 @@ impl Api {
             (Method::Get, ["v1", "policies", name]) => {
                 need(Scope::Admin)?;
                 Ok(ok(&self.store.policy(name)?))
+            }
+            (Method::Put, ["v1", "policies", name]) => {
+                need(Scope::Admin)?;
+                let mut p: Policy = body(req)?;
+                p.name = (*name).to_owned();
+                Ok(ok(&self.store.update_policy(&p)?))
             }
             (Method::Get, ["v1", "alerts"]) => {
                 need(Scope::Admin)?;
@@ -607,10 +619,37 @@ impl Api {
                 let r: TestFailoverJobRequest = body(req)?;
                 json!({"op": "test-failover", "host": host, "point": r.point, "out": r.out})
             }
+            "failback" => {
+                let r: FailbackRequest = body(req)?;
+                json!({"op": "failback", "host": host, "point": r.point})
+            }
             other => json!({"op": other, "host": host}),
         };
         let job = self.store.create_host_job(host, kind, &params, gate)?;
         tracing::info!(job = job.id, kind, host, owner = %job.owner, "job queued");
+        Ok(Response::json(
+            202,
+            &serde_json::to_value(&job).unwrap_or_default(),
+        ))
+    }
+
+    /// Swaps `host`'s direction and queues the reprotect job on the target
+    /// that now receives its stream (see `Store::reprotect_host`).
+    fn reprotect(&self, host: &str, r: ReprotectRequest) -> Result<Response> {
+        for i in &r.images {
+            check_name("disk", &i.disk)?;
+            if !std::path::Path::new(&i.path).is_absolute() {
+                return Err(invalid(format!(
+                    "image {}: an absolute path on the target",
+                    i.path
+                )));
+            }
+        }
+        let params = json!({"op": "reprotect", "host": host, "images": r.images});
+        let job = self
+            .store
+            .reprotect_host(host, r.target.as_deref(), &params)?;
+        tracing::info!(job = job.id, host, owner = %job.owner, "reprotect queued");
         Ok(Response::json(
             202,
             &serde_json::to_value(&job).unwrap_or_default(),
@@ -721,6 +760,7 @@ fn host_action(action: &str) -> Option<(&'static str, JobGate)> {
         "test-failover" => ("test-failover", JobGate::Free),
         "test-failover-cleanup" => ("test-failover-cleanup", JobGate::Free),
         "points" => ("points", JobGate::Free),
+        "failback" => ("failback", JobGate::Start(Event::FailbackStarted)),
         _ => return None,
     })
 }
@@ -732,6 +772,9 @@ fn follow_job(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<()> {
         ("failover", true) => Event::FailoverSucceeded,
         ("failover", false) => Event::FailoverFailed,
         ("commit", true) => Event::Committed,
+        ("failback", true) => Event::FailbackSucceeded,
+        ("failback", false) => Event::FailbackFailed,
+        ("reprotect", false) => return crate::db::undo_reprotect_in(tx, &job.subject),
         _ => return Ok(()),
     };
     // Lenient: a disk protected after the job started has nothing to follow.

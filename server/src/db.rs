@@ -143,6 +143,14 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE groups ADD COLUMN app_interval_secs INTEGER;
     ALTER TABLE group_points ADD COLUMN app INTEGER NOT NULL DEFAULT 0;
     ",
+    // 5: failback. A policy's failback policy; a protection's other
+    //    direction (the target and policy it had before a reprotect swapped
+    //    them: forward while replicating back, back while forward again).
+    "
+    ALTER TABLE policies ADD COLUMN failback TEXT;
+    ALTER TABLE protections ADD COLUMN other_target TEXT;
+    ALTER TABLE protections ADD COLUMN other_policy TEXT;
+    ",
 ];
 
 /// How long a running job's owner may stay silent before the job fails.
@@ -649,34 +657,58 @@ impl Store {
 
     // ---- policies -----------------------------------------------------
 
-    /// Creates a policy (a taken name is a conflict).
+    /// Creates a policy and, with it, its failback policy `NAME-failback`
+    /// ([`Policy::failback_of`]); a taken name (either) is a conflict.
     pub fn create_policy(&self, p: &Policy) -> Result<()> {
         const OP: &str = "create policy";
+        if let Some(why) = p.problem() {
+            return Err(Error::new(ErrorKind::Invalid, OP, why));
+        }
+        let back = Policy::failback_of(p);
+        self.write(OP, |tx| {
+            for (policy, failback) in [(&back, None), (p, Some(back.name.as_str()))] {
+                let n = insert_policy(tx, policy, failback)?;
+                if n == 0 {
+                    return Err(conflict(OP, format!("a policy {:?} exists", policy.name)));
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Changes a policy's settings (not its name or failback link); the
+    /// sidecars replicating under it pick them up with their next plan.
+    pub fn update_policy(&self, p: &Policy) -> Result<Policy> {
+        const OP: &str = "change policy";
         if let Some(why) = p.problem() {
             return Err(Error::new(ErrorKind::Invalid, OP, why));
         }
         self.write(OP, |tx| {
             let n = tx
                 .execute(
-                    "INSERT INTO policies (name, rpo_alert_secs, retention_secs, crash_interval_secs,
-                         app_interval_secs, compression_level, bandwidth)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(name) DO NOTHING",
+                    "UPDATE policies SET rpo_alert_secs = ?2, retention_secs = ?3,
+                         crash_interval_secs = ?4, app_interval_secs = ?5,
+                         compression_level = ?6, bandwidth = ?7
+                     WHERE name = ?1",
                     params![
                         p.name,
                         sql_i64(p.rpo_alert_secs, "rpo")?,
                         sql_i64(p.retention_secs, "retention")?,
                         sql_i64(p.crash_interval_secs, "crash interval")?,
-                        p.app_interval_secs.map(|v| sql_i64(v, "app interval")).transpose()?,
+                        p.app_interval_secs
+                            .map(|v| sql_i64(v, "app interval"))
+                            .transpose()?,
                         p.compression_level,
                         sql_i64(p.bandwidth, "bandwidth")?
                     ],
                 )
                 .map_err(Error::db(OP))?;
             if n == 0 {
-                return Err(conflict(OP, format!("a policy {:?} exists", p.name)));
+                return Err(not_found(OP, format!("no policy {:?}", p.name)));
             }
             Ok(())
-        })
+        })?;
+        self.policy(&p.name)
     }
 
     /// Every policy, by name.
@@ -686,7 +718,7 @@ impl Store {
         let mut stmt = conn
             .prepare(
                 "SELECT name, rpo_alert_secs, retention_secs, crash_interval_secs, app_interval_secs,
-                        compression_level, bandwidth FROM policies ORDER BY name",
+                        compression_level, bandwidth, failback FROM policies ORDER BY name",
             )
             .map_err(Error::db(OP))?;
         let rows = stmt
@@ -699,6 +731,7 @@ impl Store {
                     app_interval_secs: r.get::<_, Option<i64>>(4)?.map(from_i64),
                     compression_level: r.get(5)?,
                     bandwidth: from_i64(r.get(6)?),
+                    failback: r.get(7)?,
                 })
             })
             .map_err(Error::db(OP))?;
@@ -903,6 +936,91 @@ impl Store {
                 [now() + JOB_LEASE_SECS, now() + JOB_CLAIM_SECS],
             )
             .map_err(Error::db("renew leases"))
+        })
+    }
+
+    /// Queues the reprotect of `host` (every disk committed after a
+    /// failover, or failed back) in one transaction with its lifecycle step
+    /// and the swap of directions: the protection's target and policy
+    /// become the other direction's (kept in `other_target`,
+    /// `other_policy`), and the ones it had become the other direction.
+    ///
+    /// From committed (replicating back): the target is `target` (or the
+    /// other direction's, when a previous round trip left one), the policy
+    /// the failback policy of the current one. From failed back (forward
+    /// again): the other direction's target (or `target`) and policy. The
+    /// job (`reprotect`, with `params`) goes to the new target.
+    pub fn reprotect_host(
+        &self,
+        host: &str,
+        target: Option<&str>,
+        params: &serde_json::Value,
+    ) -> Result<Job> {
+        const OP: &str = "reprotect";
+        self.write(OP, |tx| {
+            let rows = directions_of(tx, host)?;
+            let Some(first) = rows.first() else {
+                return Err(not_found(OP, format!("host {host:?} has no protected disk")));
+            };
+            let back = first.state == ProtectionState::Committed;
+            let (new_target, new_policy) = if back {
+                let t = target
+                    .map(str::to_owned)
+                    .or_else(|| first.other_target.clone())
+                    .ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::Invalid,
+                            OP,
+                            format!("say which target receives {host}'s stream back (--target: the primary site's)"),
+                        )
+                    })?;
+                let failback: Option<String> = tx
+                    .query_row(
+                        "SELECT failback FROM policies WHERE name = ?1",
+                        [&first.policy],
+                        |r| r.get(0),
+                    )
+                    .map_err(Error::db(OP))?;
+                (t, failback.unwrap_or_else(|| first.policy.clone()))
+            } else {
+                let t = target
+                    .map(str::to_owned)
+                    .or_else(|| first.other_target.clone());
+                match (t, first.other_policy.clone()) {
+                    (Some(t), Some(p)) => (t, p),
+                    _ => {
+                        return Err(conflict(
+                            OP,
+                            format!("{host} has no forward direction recorded: protect it with `ferry protect`"),
+                        ))
+                    }
+                }
+            };
+            let target_known = tx
+                .query_row("SELECT 1 FROM targets WHERE name = ?1", [&new_target], |_| Ok(()))
+                .optional()
+                .map_err(Error::db(OP))?
+                .is_some();
+            if !target_known {
+                return Err(not_found(OP, format!("no target {new_target:?}")));
+            }
+            transition_host_in(tx, host, Event::Reprotect, false)?;
+            tx.execute(
+                "UPDATE protections SET other_target = target, other_policy = policy,
+                     target = ?2, policy = ?3
+                 WHERE host = ?1",
+                params![host, new_target, new_policy],
+            )
+            .map_err(Error::db(OP))?;
+            queue_host_job(
+                tx,
+                &HostJob {
+                    host,
+                    kind: "reprotect",
+                    params: params.clone(),
+                    gate: JobGate::Free,
+                },
+            )
         })
     }
 
@@ -1489,6 +1607,108 @@ pub struct HostJob<'a> {
     pub params: serde_json::Value,
     /// Its lifecycle gate.
     pub gate: JobGate,
+}
+
+/// A protection's state, policy and other direction (for a reprotect).
+struct Direction {
+    state: ProtectionState,
+    policy: String,
+    other_target: Option<String>,
+    other_policy: Option<String>,
+}
+
+/// Every disk of `host` with its directions; all in one state (a
+/// reprotect moves the host as a whole).
+fn directions_of(tx: &Transaction<'_>, host: &str) -> Result<Vec<Direction>> {
+    const OP: &str = "reprotect";
+    let mut stmt = tx
+        .prepare(
+            "SELECT disk, state, policy, other_target, other_policy FROM protections
+             WHERE host = ?1 ORDER BY disk",
+        )
+        .map_err(Error::db(OP))?;
+    let rows = stmt
+        .query_map([host], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                Direction {
+                    state: ProtectionState::Enabling,
+                    policy: r.get(2)?,
+                    other_target: r.get(3)?,
+                    other_policy: r.get(4)?,
+                },
+            ))
+        })
+        .map_err(Error::db(OP))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(Error::db(OP))?;
+    let mut out = Vec::new();
+    for (disk, state, mut d) in rows {
+        d.state = ProtectionState::parse(&state).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Db,
+                OP,
+                format!("{host}/{disk}: unknown state {state:?}"),
+            )
+        })?;
+        if d.state != ProtectionState::Committed && d.state != ProtectionState::FailedBack {
+            return Err(conflict(
+                OP,
+                format!(
+                    "{host}/{disk} is {}: a reprotect follows a committed failover or a failback",
+                    d.state.as_str()
+                ),
+            ));
+        }
+        out.push(d);
+    }
+    if out.windows(2).any(|w| w[0].state != w[1].state) {
+        return Err(conflict(
+            OP,
+            format!("{host}'s disks are in different states"),
+        ));
+    }
+    Ok(out)
+}
+
+/// Swaps the directions back after a failed reprotect job and moves the
+/// lifecycle back (inside the job's transaction).
+pub(crate) fn undo_reprotect_in(tx: &Connection, host: &str) -> Result<()> {
+    const OP: &str = "undo reprotect";
+    transition_host_in(tx, host, Event::ReprotectFailed, true)?;
+    tx.execute(
+        "UPDATE protections SET target = other_target, policy = other_policy,
+             other_target = target, other_policy = policy
+         WHERE host = ?1 AND other_target IS NOT NULL AND other_policy IS NOT NULL",
+        [host],
+    )
+    .map_err(Error::db(OP))?;
+    Ok(())
+}
+
+/// Inserts `p` (linked to its failback policy `failback`); 0 if the name
+/// is taken.
+fn insert_policy(tx: &Transaction<'_>, p: &Policy, failback: Option<&str>) -> Result<usize> {
+    const OP: &str = "create policy";
+    tx.execute(
+        "INSERT INTO policies (name, rpo_alert_secs, retention_secs, crash_interval_secs,
+             app_interval_secs, compression_level, bandwidth, failback)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(name) DO NOTHING",
+        params![
+            p.name,
+            sql_i64(p.rpo_alert_secs, "rpo")?,
+            sql_i64(p.retention_secs, "retention")?,
+            sql_i64(p.crash_interval_secs, "crash interval")?,
+            p.app_interval_secs
+                .map(|v| sql_i64(v, "app interval"))
+                .transpose()?,
+            p.compression_level,
+            sql_i64(p.bandwidth, "bandwidth")?,
+            failback
+        ],
+    )
+    .map_err(Error::db(OP))
 }
 
 fn queue_host_job(tx: &Transaction<'_>, j: &HostJob<'_>) -> Result<Job> {
@@ -2224,6 +2444,157 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Conflict);
         s.create_host_job("web01", "points", &json, JobGate::Free)
             .unwrap();
+    }
+
+    #[test]
+    fn a_policy_comes_with_its_failback_policy_and_both_can_be_changed() {
+        let (_tmp, s) = store();
+        let mut gold = Policy::with_defaults("gold");
+        gold.compression_level = 3;
+        gold.bandwidth = 10 << 20;
+        s.create_policy(&gold).unwrap();
+        let p = s.policy("gold").unwrap();
+        assert_eq!(p.failback.as_deref(), Some("gold-failback"));
+        let back = s.policy("gold-failback").unwrap();
+        // The seed's failback defaults, over the forward policy's link.
+        assert_eq!(
+            (
+                back.rpo_alert_secs,
+                back.retention_secs,
+                back.app_interval_secs
+            ),
+            (15 * 60, 24 * 3600, Some(3600))
+        );
+        assert_eq!((back.compression_level, back.bandwidth), (3, 10 << 20));
+        assert_eq!(back.failback, None);
+        // A taken companion name refuses the pair, and nothing is created.
+        s.create_policy(&Policy::with_defaults("silver-failback"))
+            .unwrap();
+        let e = s
+            .create_policy(&Policy::with_defaults("silver"))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Conflict);
+        assert!(s.policy("silver").is_err());
+        // Editable; the link stays.
+        let mut changed = back.clone();
+        changed.rpo_alert_secs = 1800;
+        changed.app_interval_secs = None;
+        let after = s.update_policy(&changed).unwrap();
+        assert_eq!(
+            (after.rpo_alert_secs, after.app_interval_secs),
+            (1800, None)
+        );
+        assert_eq!(
+            s.policy("gold").unwrap().failback.as_deref(),
+            Some("gold-failback")
+        );
+        let mut bad = after;
+        bad.retention_secs = 0;
+        assert_eq!(
+            s.update_policy(&bad).unwrap_err().kind(),
+            ErrorKind::Invalid
+        );
+        bad.name = "nope".into();
+        bad.retention_secs = 1;
+        assert_eq!(
+            s.update_policy(&bad).unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+    }
+
+    #[test]
+    fn reprotect_swaps_directions_and_a_failed_one_swaps_them_back() {
+        let (_tmp, s) = store();
+        register(&s, Role::Host, "web01", b"t1", b"h").unwrap();
+        register(&s, Role::Target, "site-b", b"t2", b"t").unwrap();
+        register(&s, Role::Target, "site-a", b"t3", b"api3").unwrap();
+        s.create_policy(&Policy::with_defaults("gold")).unwrap();
+        s.heartbeat(
+            "web01",
+            Component::Filter,
+            &[disk("data")],
+            &[],
+            &serde_json::json!({}),
+        )
+        .unwrap();
+        s.protect("web01", &[], "gold", "site-b").unwrap();
+        s.heartbeat(
+            "web01",
+            Component::Sidecar,
+            &[],
+            &[rep("data", true)],
+            &serde_json::json!({}),
+        )
+        .unwrap();
+        let p = |s: &Store| s.protections(Some("web01")).unwrap()[0].clone();
+        let params = serde_json::json!({"op": "reprotect", "host": "web01"});
+        // Only after a committed failover (or a failback).
+        let e = s
+            .reprotect_host("web01", Some("site-a"), &params)
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+        s.transition_host("web01", Event::FailoverStarted).unwrap();
+        s.transition_host("web01", Event::FailoverSucceeded)
+            .unwrap();
+        s.transition_host("web01", Event::Committed).unwrap();
+        // Back to the primary site needs its target named.
+        assert_eq!(
+            s.reprotect_host("web01", None, &params).unwrap_err().kind(),
+            ErrorKind::Invalid
+        );
+        assert_eq!(
+            s.reprotect_host("web01", Some("nowhere"), &params)
+                .unwrap_err()
+                .kind(),
+            ErrorKind::NotFound
+        );
+        let job = s.reprotect_host("web01", Some("site-a"), &params).unwrap();
+        assert_eq!(job.owner, "target:site-a");
+        let now = p(&s);
+        assert_eq!(
+            (now.state, now.target.as_str(), now.policy.as_str()),
+            (ProtectionState::Reprotecting, "site-a", "gold-failback")
+        );
+        // The job fails at the target: back where it was.
+        s.claim_job("target:site-a").unwrap().unwrap();
+        s.finish_job(
+            job.id,
+            "target:site-a",
+            None,
+            Some("no such image"),
+            |tx, j| undo_reprotect_in(tx, &j.subject),
+        )
+        .unwrap();
+        let now = p(&s);
+        assert_eq!(
+            (now.state, now.target.as_str(), now.policy.as_str()),
+            (ProtectionState::Committed, "site-b", "gold")
+        );
+        // Again, then failback and forward again: the recorded direction.
+        let job = s.reprotect_host("web01", None, &params).unwrap();
+        assert_eq!(
+            job.owner, "target:site-a",
+            "the other direction is remembered"
+        );
+        s.claim_job("target:site-a").unwrap().unwrap();
+        s.finish_job(
+            job.id,
+            "target:site-a",
+            Some(&serde_json::json!({})),
+            None,
+            |_, _| Ok(()),
+        )
+        .unwrap();
+        s.transition_host("web01", Event::FailbackStarted).unwrap();
+        s.transition_host("web01", Event::FailbackSucceeded)
+            .unwrap();
+        let job = s.reprotect_host("web01", None, &params).unwrap();
+        assert_eq!(job.owner, "target:site-b");
+        let now = p(&s);
+        assert_eq!(
+            (now.state, now.target.as_str(), now.policy.as_str()),
+            (ProtectionState::Enabling, "site-b", "gold")
+        );
     }
 
     #[test]

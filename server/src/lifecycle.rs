@@ -15,9 +15,14 @@
 //!                                              | succeeded             to where it was
 //!                                              v
 //!                                         failed-over --commit--> committed
-//!                                                                   | reprotect
-//!                                                                   v
+//!                                                                 ^ | reprotect
+//!                                                  reprotect failed | v
 //!                     failed-back <--- failback-in-progress <--- reprotecting
+//!                      |  ^  | commit: stays        failback failed: ^
+//!                      |  +--+                      back to reprotecting
+//!                      | reprotect: forward again (a failed one: back)
+//!                      v
+//!                   enabling (and on, as a new protection)
 //! ```
 //!
 //! Reports of a sidecar move a disk only while replication runs (enabling,
@@ -47,8 +52,11 @@ pub enum Event {
     FailoverFailed,
     /// The failover was committed.
     Committed,
-    /// Replication back from the recovery site started (failback, later).
+    /// A reprotect was queued: replication back from the recovery site
+    /// (from committed), or forward again (from failed-back).
     Reprotect,
+    /// The reprotect job failed at its target: nothing changed there.
+    ReprotectFailed,
     /// The failback to the original site started.
     FailbackStarted,
     /// It finished.
@@ -153,9 +161,21 @@ pub fn apply(record: Record, event: Event) -> Result<(Record, Transition), Strin
             "failover failed: replication restored",
         ),
         (S::FailedOver, Event::Committed) => go(S::Committed, None, "failover committed"),
-        (S::Committed | S::FailedBack, Event::Reprotect) => {
-            go(S::Reprotecting, None, "reprotect started")
+        (S::Committed, Event::Reprotect) => {
+            go(S::Reprotecting, None, "reprotect started: replicating back")
         }
+        (S::FailedBack, Event::Reprotect) => go(
+            S::Enabling,
+            None,
+            "forward protection again, from a checksum delta",
+        ),
+        (S::Reprotecting, Event::ReprotectFailed) => {
+            go(S::Committed, None, "reprotect failed: still failed over")
+        }
+        (S::Enabling, Event::ReprotectFailed) => {
+            go(S::FailedBack, None, "reprotect failed: still failed back")
+        }
+        (S::FailedBack, Event::Committed) => keep("failback committed"),
         (S::Reprotecting, Event::FailbackStarted) => {
             go(S::FailbackInProgress, None, "failback started")
         }
@@ -180,6 +200,7 @@ pub fn event_name(event: Event) -> &'static str {
         Event::FailoverFailed => "failing a failover",
         Event::Committed => "a commit",
         Event::Reprotect => "a reprotect",
+        Event::ReprotectFailed => "failing a reprotect",
         Event::FailbackStarted => "a failback",
         Event::FailbackSucceeded => "finishing a failback",
         Event::FailbackFailed => "failing a failback",
@@ -233,6 +254,27 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(r.state, S::FailedBack);
+        // Committed there, then forward again: a new protection's way.
+        let (r, _) = apply(r, Event::Committed).unwrap();
+        assert_eq!(r.state, S::FailedBack);
+        let (r, t) = apply(r, Event::Reprotect).unwrap();
+        assert_eq!(r.state, S::Enabling, "{}", t.reason);
+        let (r, _) = apply(r, SHIP_CONSISTENT).unwrap();
+        assert_eq!(r.state, S::Protected);
+    }
+
+    #[test]
+    fn a_failed_reprotect_leaves_the_disk_where_it_was() {
+        for from in [S::Committed, S::FailedBack] {
+            let r = Record {
+                state: from,
+                before_failover: None,
+            };
+            let (r, _) = apply(r, Event::Reprotect).unwrap();
+            let (r, _) = apply(r, Event::ReprotectFailed).unwrap();
+            assert_eq!(r.state, from);
+        }
+        assert!(apply(start(), Event::Reprotect).is_err());
     }
 
     #[test]
@@ -286,6 +328,7 @@ mod tests {
             Just(Event::FailoverFailed),
             Just(Event::Committed),
             Just(Event::Reprotect),
+            Just(Event::ReprotectFailed),
             Just(Event::FailbackStarted),
             Just(Event::FailbackSucceeded),
             Just(Event::FailbackFailed),
