@@ -343,6 +343,12 @@ impl ProtectionState {
         )
     }
 
+    /// Whether the host's sidecar ships the disk: a replicating state, or
+    /// reprotecting (replicating back from the recovery site).
+    pub fn ships(self) -> bool {
+        self.is_replicating() || self == ProtectionState::Reprotecting
+    }
+
     /// Every state, in life order.
     pub const ALL: [ProtectionState; 10] = [
         ProtectionState::Enabling,
@@ -555,9 +561,10 @@ pub struct HostConfig {
 }
 
 impl HostConfig {
-    /// Whether replication should run: protected disks, none failed over.
+    /// Whether replication should run: protected (or reprotecting) disks,
+    /// none failed over.
     pub fn replicating(&self) -> bool {
-        self.target.is_some() && self.protections.iter().any(|p| p.state.is_replicating())
+        self.target.is_some() && self.protections.iter().any(|p| p.state.ships())
     }
 }
 

@@ -237,13 +237,21 @@ pub fn sidecar_report(state: &Path, cfg: Option<&HostConfig>) -> HeartbeatReques
     let metrics = std::fs::read_to_string(crate::replicate::metrics_path(state))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    // Figures of a run to another target (before a reprotect swapped the
+    // host's direction) say nothing of the replica the plan names now: a
+    // stale "consistent" would mark a disk protected while its resync to
+    // the new target still runs.
+    let planned = cfg
+        .and_then(|c| c.target.as_ref())
+        .map(|t| t.address.as_str());
+    let current = |m: &serde_json::Value| planned.is_none_or(|a| m["target"] == a);
+    let disk_metrics = metrics.as_ref().filter(|m| current(m));
     let filter = ferry_sidecar::filterctl::FilterControl::new(state)
         .status()
         .ok();
     let mut replication = Vec::new();
     for p in cfg.map(|c| c.protections.as_slice()).unwrap_or_default() {
-        let m = metrics
-            .as_ref()
+        let m = disk_metrics
             .and_then(|m| m["disks"].as_array())
             .and_then(|a| a.iter().find(|d| d["disk"] == p.disk.as_str()).cloned());
         let Some(m) = m else { continue };

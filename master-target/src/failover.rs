@@ -365,7 +365,8 @@ fn image_name(disk: &str, format: Format) -> String {
 /// replica rewound to the point, converted if `format` is not the
 /// replica's. With `direct` (the host's replication is stopped), another
 /// format is converted straight from a view of the replica at the point
-/// instead (one pass; the applier waits meanwhile).
+/// instead (one pass; the applier waits meanwhile), and so is a flat VMDK
+/// replica always.
 #[allow(clippy::too_many_arguments)]
 fn materialize_disk(
     d: &DiskHandle,
@@ -380,11 +381,12 @@ fn materialize_disk(
     let image = out.join(name);
     let tmp = out.join(format!(".{name}.materializing"));
     remove_if_present(&tmp)?;
-    if direct {
-        let replica_format = Format::from_name(&d.snapshot().replica_format);
-        if replica_format.is_some_and(|f| f != format) {
-            return materialize_through_view(d, seq, format, &image, &tmp, checksums, progress);
-        }
+    let replica_format = Format::from_name(&d.snapshot().replica_format);
+    // A flat VMDK (an adopted image) is two files: a file copy of the
+    // descriptor would share the extent. Read it through a view instead.
+    let multi_file = replica_format == Some(Format::VmdkFlat);
+    if multi_file || (direct && replica_format.is_some_and(|f| f != format)) {
+        return materialize_through_view(d, seq, format, &image, &tmp, checksums, progress);
     }
     let mut size = 0;
     let outcome = (|| {

@@ -58,11 +58,7 @@ pub fn alerts(s: &Snapshot, now: i64) -> Vec<Alert> {
         s.targets.iter().map(|t| (t.name.as_str(), t)).collect();
     let mut out = Vec::new();
     for h in &s.hosts {
-        let active: Vec<_> = h
-            .protections
-            .iter()
-            .filter(|p| p.state.is_replicating())
-            .collect();
+        let active: Vec<_> = h.protections.iter().filter(|p| p.state.ships()).collect();
         if !active.is_empty() {
             heartbeat_alerts(h, now, lost, &mut out);
             spool_alert(h, &mut out);
@@ -106,7 +102,7 @@ pub fn alerts(s: &Snapshot, now: i64) -> Vec<Alert> {
             .hosts
             .iter()
             .flat_map(|h| &h.protections)
-            .any(|p| p.target == t.name && p.state.is_replicating());
+            .any(|p| p.target == t.name && p.state.ships());
         if !serves {
             continue;
         }

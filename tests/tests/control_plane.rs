@@ -996,3 +996,149 @@ fn an_app_group_point_runs_every_members_scripts_around_its_hold() {
     assert_eq!(points, ["g-app", "g-app"]);
     drop(hosts);
 }
+
+/// Through the server: failover and commit at site B, reprotect into a
+/// stale VMDK at site A (the failback policy, the other target), failback
+/// and commit there, then forward protection to site B again; every
+/// protection state on the way, the data at each point.
+#[test]
+fn reprotect_failback_and_forward_again_through_the_server() {
+    let rig = Rig::up("cp-failback", 16);
+    let seen = wait_until(Duration::from_secs(30), || {
+        rig.json(&["host", "show", "web01"])["disks"][0]["name"] == DISK
+    });
+    assert!(seen, "the filter reported its disk\n{}", rig.logs());
+    rig.json(&[
+        "policy",
+        "create",
+        "gold",
+        "--crash-interval",
+        "1h",
+        "--app-interval",
+        "off",
+    ]);
+    let gold = rig.json(&["policy", "show", "gold-failback"]);
+    assert_eq!(gold["rpo_alert_secs"], 900, "{gold}");
+    rig.json(&[
+        "policy",
+        "set",
+        "gold-failback",
+        "--crash-interval",
+        "1h",
+        "--app-interval",
+        "off",
+    ]);
+    rig.json(&["protect", "web01", "--policy", "gold", "--target", "site-b"]);
+    rig.wait_state("protected", Duration::from_secs(120));
+    let p1 = rig.point("p1", &[(0, 512, 1), (4096, 1024, 2)]);
+    rig.json(&["failover", "web01", "--point", "p1", "--format", "raw"]);
+    rig.json(&["commit", "web01"]);
+    assert_eq!(rig.states(), ["committed"]);
+
+    // Site A: a second target; the machine's original disk, stale (as it
+    // was at p1), made a sparse VMDK under the target's data directory.
+    let site_a = rig.scratch.path("site-a");
+    let addr_a = format!("127.0.0.1:{}", free_port());
+    rig.server
+        .register("target", "site-a", &site_a, Some(&addr_a));
+    let _target_a = Daemon::start(
+        &["target", "--data", s(&site_a), "--listen", &addr_a],
+        &rig.scratch.path("target-a.log"),
+    );
+    let vmdk = site_a.join("images/web01-data.vmdk");
+    std::fs::create_dir_all(vmdk.parent().unwrap()).unwrap();
+    let made = ferry_tests::qemu_img(["convert", "-f", "raw", "-O", "vmdk", s(&p1), s(&vmdk)]);
+    expect_code(&made, 0, "qemu-img convert");
+    // An image outside the data directory and export roots is refused by
+    // the target; the host stays committed.
+    let outside = rig.scratch.path("elsewhere.vmdk");
+    std::fs::copy(&vmdk, &outside).unwrap();
+    let image_flag = |p: &Path| format!("{DISK}={}", s(p));
+    let refused = rig.server.cli(&[
+        "reprotect",
+        "web01",
+        "--target",
+        "site-a",
+        "--image",
+        &image_flag(&outside),
+    ]);
+    assert!(
+        !refused.status.success(),
+        "an image outside the roots was adopted"
+    );
+    assert_eq!(
+        rig.states(),
+        ["committed"],
+        "a failed reprotect changes nothing"
+    );
+
+    // Reprotect: web01 (running where it failed over) ships back into the VMDK.
+    let r = rig.json(&[
+        "reprotect",
+        "web01",
+        "--target",
+        "site-a",
+        "--image",
+        &image_flag(&vmdk),
+    ]);
+    assert_eq!(r["disks"][0]["adopted"], true, "{r}");
+    assert_eq!(rig.states(), ["reprotecting"]);
+    let p = rig.json(&["status", "web01"]);
+    assert_eq!(p[0]["protections"][0]["target"], "site-a", "{p}");
+    assert_eq!(p[0]["protections"][0]["policy"], "gold-failback", "{p}");
+    ferry_tests::qemu_io_writes(&rig.filter().uri(DISK), "K", &[(1024, 256, 7)]);
+    let synced = wait_until(Duration::from_secs(120), || {
+        ferry_tests::points_at(&site_a, "web01").iter().any(|p| {
+            p["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("ferry-consistent"))
+        })
+    });
+    assert!(
+        synced,
+        "the replica at site A became consistent\n{}",
+        rig.logs()
+    );
+    let tag = ferry_tests::ferry(["filter", "tag", "p2", "--state", s(&rig.filter().state)]);
+    expect_code(&tag, 0, "tag p2");
+    let p2 = rig.scratch.path("at-p2.raw");
+    expect_code(
+        &run("cp", ["--sparse=always", s(&rig.disk), s(&p2)]),
+        0,
+        "copy",
+    );
+    let listed = wait_until(Duration::from_secs(60), || {
+        ferry_tests::points_at(&site_a, "web01")
+            .iter()
+            .any(|p| p["name"] == "p2")
+    });
+    assert!(listed, "p2 reached site A\n{}", rig.logs());
+
+    // Failback at p2 into the VMDK, commit there.
+    let m = rig.json(&["failback", "web01", "--point", "p2"]);
+    assert_eq!(m["in_place"], true, "{m}");
+    assert_eq!(rig.states(), ["failed-back"]);
+    let same = ferry_tests::qemu_img(["compare", "-f", "raw", "-F", "vmdk", s(&p2), s(&vmdk)]);
+    assert!(
+        same.status.success(),
+        "the VMDK is the disk at p2: {}",
+        String::from_utf8_lossy(&same.stdout)
+    );
+    expect_code(
+        &ferry_tests::qemu_img(["check", "-f", "vmdk", s(&vmdk)]),
+        0,
+        "qemu-img check",
+    );
+    rig.json(&["commit", "web01"]);
+    assert_eq!(rig.states(), ["failed-back"]);
+
+    // Forward again: site B compares its replica and takes the delta.
+    rig.json(&["reprotect", "web01"]);
+    let p = rig.json(&["status", "web01"]);
+    assert_eq!(p[0]["protections"][0]["target"], "site-b", "{p}");
+    assert_eq!(p[0]["protections"][0]["policy"], "gold", "{p}");
+    rig.wait_state("protected", Duration::from_secs(120));
+    let p3 = rig.point("p3", &[(2048, 128, 9)]);
+    let drill = rig.json(&["test-failover", "web01", "--point", "p3"]);
+    assert_same(&p3, &image_of(&drill, "bases"), "vhd-dynamic");
+}

@@ -395,7 +395,7 @@ fn cli_verbs_print_tables_or_json_and_exit_with_documented_codes() {
         p,
         json!({"name": "gold", "rpo_alert_secs": 300, "retention_secs": 259200,
         "crash_interval_secs": 60, "app_interval_secs": null, "compression_level": -3,
-        "bandwidth": 52428800})
+        "bandwidth": 52428800, "failback": "gold-failback"})
     );
     expect_code(
         &server.cli(&["policy", "create", "gold"]),
@@ -407,9 +407,21 @@ fn cli_verbs_print_tables_or_json_and_exit_with_documented_codes() {
         6,
         "an invalid policy",
     );
-    assert_eq!(
-        server.json(&["policy", "list"]).as_array().unwrap().len(),
-        1
+    // gold and the failback policy made with it.
+    let names: Vec<_> = server
+        .json(&["policy", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("gold"), json!("gold-failback")]);
+    let changed = server.json(&["policy", "set", "gold-failback", "--rpo", "30m"]);
+    assert_eq!(changed["rpo_alert_secs"], 1800, "{changed}");
+    expect_code(
+        &server.cli(&["policy", "set", "silver", "--rpo", "30m"]),
+        5,
+        "an unknown policy to change",
     );
     expect_code(
         &server.cli(&["policy", "show", "silver"]),
