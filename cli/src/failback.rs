@@ -42,7 +42,7 @@ pub struct ReprotectArgs {
     #[command(flatten)]
     conn: crate::server::Conn,
     /// DISK=PATH: adopt the image at PATH as the replica of DISK (repeat
-    /// per disk).
+    /// per disk; through the server, an absolute path on the target).
     #[arg(long = "image", value_name = "DISK=PATH")]
     images: Vec<String>,
     /// Credentials directory (only when no target runs).
@@ -60,7 +60,7 @@ fn parse_image(text: &str) -> Result<Adopt> {
         .with_context(|| format!("--image {text:?}: expected DISK=PATH"))?;
     Ok(Adopt {
         disk: disk.to_owned(),
-        path: std::path::absolute(path).with_context(|| format!("resolve {path}"))?,
+        path: PathBuf::from(path),
     })
 }
 
@@ -72,6 +72,15 @@ pub fn run_reprotect(args: &ReprotectArgs) -> Result<ExitCode> {
         .collect::<Result<Vec<_>>>()?;
     let v = match &args.data {
         Some(data) => {
+            // Paths on this machine: resolved here, where the target runs.
+            let images = images
+                .into_iter()
+                .map(|a| {
+                    let path = std::path::absolute(&a.path)
+                        .with_context(|| format!("resolve {}", a.path.display()))?;
+                    Ok(Adopt { path, ..a })
+                })
+                .collect::<Result<Vec<_>>>()?;
             let req = Request::Reprotect {
                 host: args.host.clone(),
                 images,

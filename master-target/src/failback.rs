@@ -185,7 +185,7 @@ pub fn reprotect(site: &Site, host: &str, images: &[Adopt]) -> Result<Reprotecte
             format!("host {host} has no replica at this target: adopt its images with --image DISK=PATH"),
         ));
     }
-    remove_if_present(&dir.join(FAILOVER_FILE))?;
+    failover::remove_if_present(&dir.join(FAILOVER_FILE))?;
     crate::materialize::sync_parent(&dir.join(FAILOVER_FILE))?;
     Ok(Reprotected {
         host: host.to_owned(),
@@ -193,13 +193,18 @@ pub fn reprotect(site: &Site, host: &str, images: &[Adopt]) -> Result<Reprotecte
     })
 }
 
-/// Whether some disk of the host directory `dir` holds a journal with
-/// change sets (a host replicating here).
+/// Whether some disk of the host directory `dir` holds journal segments
+/// (a host replicating here). Read from the directory listing only: the
+/// journal may be open in this target, appending.
 fn has_change_sets(dir: &Path) -> bool {
     disk_dirs(dir).unwrap_or_default().iter().any(|d| {
-        crate::journal::Journal::open(dir, &file_name(d))
-            .map(|(j, _)| j.last_seq().is_some())
-            .unwrap_or(true)
+        fs::read_dir(d.join(crate::journal::JOURNAL_DIR))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.metadata().is_ok_and(|m| m.is_file() && m.len() > 0))
+            })
+            .unwrap_or(false)
     })
 }
 
@@ -246,14 +251,6 @@ fn reset_disk(disk_dir: &Path, adopted: bool) -> Result<()> {
         removed.map_err(|e| Error::io("reset disk", &path, e))?;
     }
     crate::materialize::sync_parent(&disk_dir.join(crate::site::IMAGE_FILE))
-}
-
-fn remove_if_present(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("remove", path, e)),
-    }
 }
 
 /// Fail `host` back at `point` into its replicas in place (see the module
@@ -335,10 +332,7 @@ pub fn failback(
             {
                 Ok(c) => c,
                 Err(e) => {
-                    remove_if_present(&state_path)?;
-                    for d in &disks {
-                        d.resume_replication();
-                    }
+                    failover::resume_replication(&state_path, &disks)?;
                     return Err(e);
                 }
             }
@@ -427,4 +421,120 @@ fn in_place_image(
         rewound_bytes: rewound.bytes_restored + rewound.bytes_zeroed,
         copy: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::site::SiteOptions;
+    use crate::testutil::TempDir;
+    use ferry_protocol::payload::Key;
+
+    fn site(dir: &Path) -> Site {
+        Site::new(
+            dir,
+            SiteOptions::default(),
+            Box::new(|_, _| Ok(Key::from_bytes([3u8; 32]))),
+        )
+        .unwrap()
+    }
+
+    fn image(path: &Path, format: Format) {
+        let mut img = ferry_vhd::create(path, format, 4 << 20, &Default::default()).unwrap();
+        img.write_at(&[9u8; 4096], 1 << 20).unwrap();
+        img.finish().unwrap();
+    }
+
+    fn adopt(disk: &str, path: &Path) -> Vec<Adopt> {
+        vec![Adopt {
+            disk: disk.into(),
+            path: path.to_path_buf(),
+        }]
+    }
+
+    fn state(site: &Site, host: &str, state: FailoverState) {
+        let dir = host_dir(site, host);
+        fs::create_dir_all(&dir).unwrap();
+        let m = Manifest {
+            host: host.into(),
+            state,
+            point: Chosen {
+                seq: 1,
+                kind: "crash".into(),
+                name: None,
+                time_ns: None,
+                note: None,
+            },
+            out: dir.clone(),
+            disks: Vec::new(),
+            planned: Vec::new(),
+            in_place: false,
+            updated_ns: 0,
+        };
+        failover::write_state(&dir.join(FAILOVER_FILE), &m).unwrap();
+    }
+
+    #[test]
+    fn adopting_records_the_image_and_refusals_say_why() {
+        let tmp = TempDir::new("reprotect");
+        let site = site(&tmp.path().join("data"));
+        let img = tmp.path().join("web01.vhd");
+        image(&img, Format::VhdDynamic);
+
+        // Nothing to adopt and nothing kept: refused.
+        let e = reprotect(&site, "web01", &[]).unwrap_err();
+        assert!(e.to_string().contains("no replica"), "{e}");
+
+        let r = reprotect(&site, "web01", &adopt("data", &img)).unwrap();
+        assert_eq!(r.disks.len(), 1);
+        let d = &r.disks[0];
+        assert!(d.adopted);
+        assert_eq!((d.format.as_str(), d.size), ("vhd-dynamic", 4 << 20));
+        assert!(d.allocated_bytes > 0, "{d:?}");
+        let recorded = AdoptedImage::read(&host_dir(&site, "web01").join("data")).unwrap();
+        assert_eq!(recorded.map(|a| a.path), Some(img.canonicalize().unwrap()));
+
+        // A host with journal segments replicates here: refused.
+        let jdir = host_dir(&site, "db01")
+            .join("data")
+            .join(crate::journal::JOURNAL_DIR);
+        fs::create_dir_all(&jdir).unwrap();
+        fs::write(jdir.join("0000000001.seg"), b"x").unwrap();
+        let e = reprotect(&site, "db01", &adopt("data", &img)).unwrap_err();
+        assert!(e.to_string().contains("replicates to this target"), "{e}");
+
+        // Failed over but not committed, or with a test failover: refused.
+        state(&site, "app01", FailoverState::FailedOver);
+        let e = reprotect(&site, "app01", &adopt("data", &img)).unwrap_err();
+        assert!(e.to_string().contains("commit"), "{e}");
+        state(&site, "app01", FailoverState::Committed);
+        fs::write(host_dir(&site, "app01").join(TEST_FAILOVER_FILE), b"{}").unwrap();
+        let e = reprotect(&site, "app01", &adopt("data", &img)).unwrap_err();
+        assert!(e.to_string().contains("test failover"), "{e}");
+        fs::remove_file(host_dir(&site, "app01").join(TEST_FAILOVER_FILE)).unwrap();
+
+        // A format that cannot be written in place: refused.
+        let parent = tmp.path().join("base.vhd");
+        image(&parent, Format::VhdDynamic);
+        let child = tmp.path().join("child.vhd");
+        ferry_vhd::create(
+            &child,
+            Format::VhdDiff,
+            4 << 20,
+            &ferry_vhd::CreateOptions {
+                parent: Some(parent.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .finish()
+        .unwrap();
+        let e = reprotect(&site, "app01", &adopt("data", &child)).unwrap_err();
+        assert!(e.to_string().contains("written in place"), "{e}");
+
+        // Committed: adopted, and the failover state is gone (the sidecar
+        // is accepted again).
+        reprotect(&site, "app01", &adopt("data", &img)).unwrap();
+        assert!(!failover::is_failed_over(site.dir(), "app01"));
+    }
 }

@@ -504,7 +504,17 @@ fn disk_image(
     })
 }
 
-fn remove_if_present(path: &Path) -> Result<()> {
+/// Undo a stop that replaced nothing: the state file goes, the disks
+/// accept their sidecar again.
+pub(crate) fn resume_replication(state_path: &Path, disks: &[Arc<DiskHandle>]) -> Result<()> {
+    remove_if_present(state_path)?;
+    for d in disks {
+        d.resume_replication();
+    }
+    Ok(())
+}
+
+pub(crate) fn remove_if_present(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -622,12 +632,7 @@ pub fn failover(site: &Site, req: &FailoverRequest, progress: Progress<'_>) -> R
             // Nothing was replaced yet: back to where the host was.
             match &previous {
                 Some(m) => write_state(&state_path, m)?,
-                None => {
-                    remove_if_present(&state_path)?;
-                    for d in &disks {
-                        d.resume_replication();
-                    }
-                }
+                None => resume_replication(&state_path, &disks)?,
             }
             return Err(e);
         }

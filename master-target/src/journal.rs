@@ -166,7 +166,8 @@ pub const APPLIED_OFF_CRC: usize = 28;
 /// Default segment size limit: 256 MiB.
 pub const DEFAULT_SEGMENT_SIZE: u64 = 256 << 20;
 
-const JOURNAL_DIR: &str = "journal";
+/// A disk's journal directory (under the disk directory).
+pub const JOURNAL_DIR: &str = "journal";
 const APPLIED_FILE: &str = "applied";
 const APPLIED_TMP: &str = "applied.tmp";
 const SEG_EXT: &str = ".seg";

@@ -950,3 +950,14 @@ pub fn umount_retrying(mnt: &Path) {
         }
     }
 }
+
+/// The JSON a command printed; it must have exited 0.
+pub fn json_of(out: &std::process::Output, what: &str) -> serde_json::Value {
+    expect_code(out, 0, what);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{what}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}

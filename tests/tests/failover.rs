@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_tests::{
-    dangling_entries, expect_code, run, start_cross_disk, wait_until, FilterProcess, Scratch, Site,
+    dangling_entries, expect_code, json_of, run, start_cross_disk, wait_until, FilterProcess,
+    Scratch, Site,
 };
 
 const DISK: &str = "data";
@@ -49,16 +50,6 @@ fn wait_point(data: &Path, name: &str) {
         points(data).iter().any(|p| p["name"] == name)
     });
     assert!(ok, "point {name} listed: {:?}", points(data));
-}
-
-fn json_of(out: &std::process::Output, what: &str) -> serde_json::Value {
-    expect_code(out, 0, what);
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{what}: not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
 }
 
 /// `ferry failover` of `host` at `point` as raw images into `out` (a
