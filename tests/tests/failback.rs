@@ -20,12 +20,18 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// `qemu-img check` of an image, which must pass.
+/// `qemu-img check` of an image, which must pass (qemu cannot check VHD:
+/// `ferry image check` does it, which reads the footer, its copy and
+/// every BAT entry).
 fn assert_checks(image: &Path, qemu_format: &str, what: &str) {
-    let out = qemu_img(["check", "-f", qemu_format, s(image)]);
+    let out = if qemu_format == "vpc" {
+        ferry(["image", "check", s(image)])
+    } else {
+        qemu_img(["check", "-f", qemu_format, s(image)])
+    };
     assert!(
         out.status.success(),
-        "{what}: qemu-img check {}: {}{}",
+        "{what}: check of {}: {}{}",
         image.display(),
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
@@ -406,6 +412,21 @@ fn assert_delta(sent: u64, equal: u64, differed: u64, disk: u64, what: &str) {
     );
 }
 
+/// A small change: four files of 64-256 KiB under `root/name`, written
+/// and synced; returns (path, crc32c).
+fn small_tree(root: &Path, name: &str, seed: u64) -> Vec<(PathBuf, u32)> {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    (0..4u64)
+        .map(|i| {
+            let path = dir.join(format!("f{i}"));
+            let data = ferry_tests::pattern(seed * 100 + i, (64 << 10) * (1 + i as usize));
+            std::fs::write(&path, &data).unwrap();
+            (path, crc32c::crc32c(&data))
+        })
+        .collect()
+}
+
 /// The tree's paths relative to `root`.
 fn relative(tree: Vec<(PathBuf, u32)>, root: &Path) -> Vec<(PathBuf, u32)> {
     tree.into_iter()
@@ -491,10 +512,7 @@ fn full_round_trip_through_a_vmdk_moves_deltas_only() {
         &[],
     );
     ferry_tests::check_tree(&vol_b.mnt(), &tree);
-    tree.extend(relative(
-        ferry_tests::write_tree(&vol_b.mnt(), "w2", 2),
-        &vol_b.mnt(),
-    ));
+    tree.extend(relative(small_tree(&vol_b.mnt(), "w2", 2), &vol_b.mnt()));
 
     // 4. Reprotect: site A's target adopts the VMDK; the running machine's
     //    changes flow back into it, only the delta.
@@ -532,10 +550,7 @@ fn full_round_trip_through_a_vmdk_moves_deltas_only() {
     assert_delta(sent, equal, delta, VOL, "reprotect");
 
     // 5. More work at B, then failback to the latest point and commit.
-    tree.extend(relative(
-        ferry_tests::write_tree(&vol_b.mnt(), "w3", 3),
-        &vol_b.mnt(),
-    ));
+    tree.extend(relative(small_tree(&vol_b.mnt(), "w3", 3), &vol_b.mnt()));
     vol_b.unmount();
     site_a.wait_replicated(&vol_b.state(), DISK, Duration::from_secs(180), &sidecar_b);
     drop(sidecar_b);
@@ -588,10 +603,7 @@ fn full_round_trip_through_a_vmdk_moves_deltas_only() {
     let (sent, equal) = resync_figures(&vol_a.state());
     eprintln!("forward again: {sent} bytes of resync sent, {equal} equal, {delta} in 64 KiB blocks that differed, volume {VOL}");
     assert_delta(sent, equal, delta, VOL, "forward protection");
-    tree.extend(relative(
-        ferry_tests::write_tree(&vol_a.mnt(), "w4", 4),
-        &vol_a.mnt(),
-    ));
+    tree.extend(relative(small_tree(&vol_a.mnt(), "w4", 4), &vol_a.mnt()));
     frozen(&vol_a.mnt(), &site_b, &vol_a.state(), &sidecar_a, || {
         let same = qemu_img([
             "compare",
@@ -610,4 +622,69 @@ fn full_round_trip_through_a_vmdk_moves_deltas_only() {
         );
     });
     ferry_tests::check_tree(&vol_a.mnt(), &tree);
+}
+
+/// The stale primary image in `format` (qemu-img's name and options).
+fn stale_image(format: &'static str, options: &'static str) -> impl FnOnce(&Path, &Path) {
+    move |stale_raw: &Path, image: &Path| {
+        let out = qemu_img([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            format,
+            "-o",
+            options,
+            s(stale_raw),
+            s(image),
+        ]);
+        expect_code(&out, 0, "qemu-img convert");
+    }
+}
+
+#[test]
+fn the_stream_is_written_in_place_into_flat_vmdk_and_fixed_and_dynamic_vhd() {
+    for (format, options, qemu) in [
+        ("vmdk", "subformat=monolithicFlat", "vmdk"),
+        ("vpc", "subformat=fixed,force_size=on", "vpc"),
+        ("vpc", "subformat=dynamic,force_size=on", "vpc"),
+    ] {
+        let rig = Reverse::up(
+            &format!("fb-{}", options.len()),
+            stale_image(format, options),
+        );
+        let what = format!("{format} {options}");
+        let (sent, equal) = resync_figures(&rig.filter.state);
+        let differing = differing_bytes(&rig.stale, &rig.source);
+        assert_delta(sent, equal, differing, SIZE, &what);
+        let (_, at_r1) = rig.round("r1", 1);
+        rig.round("r2", 2);
+        rig.wait_consistent();
+        assert_same(&rig.source, &rig.image, qemu, &what);
+        assert_checks(&rig.image, qemu, &what);
+        let m = json_of(
+            &ferry([
+                "failback",
+                "web01",
+                "--data",
+                s(&rig.site.data),
+                "--point",
+                "r1",
+                "--json",
+            ]),
+            "ferry failback",
+        );
+        assert_eq!(
+            m["disks"][0]["file"].as_str(),
+            rig.image.canonicalize().unwrap().to_str(),
+            "{what}: {m}"
+        );
+        assert_same(
+            &at_r1,
+            &rig.image,
+            qemu,
+            &format!("{what}: failed back at r1"),
+        );
+        assert_checks(&rig.image, qemu, &format!("{what}: failed back"));
+    }
 }
