@@ -417,10 +417,10 @@ fn assert_delta(sent: u64, equal: u64, differed: u64, disk: u64, what: &str) {
 fn small_tree(root: &Path, name: &str, seed: u64) -> Vec<(PathBuf, u32)> {
     let dir = root.join(name);
     std::fs::create_dir_all(&dir).unwrap();
-    (0..4u64)
+    (0..4usize)
         .map(|i| {
             let path = dir.join(format!("f{i}"));
-            let data = ferry_tests::pattern(seed * 100 + i, (64 << 10) * (1 + i as usize));
+            let data = ferry_tests::pattern(seed * 100 + i as u64, (64 << 10) * (1 + i));
             std::fs::write(&path, &data).unwrap();
             (path, crc32c::crc32c(&data))
         })
