@@ -879,6 +879,10 @@ impl Site {
                 "undo log: an unfinished set was cut (its change set is applied again)"
             );
         }
+        // Whether the replica may hold data the sender finds equal: an
+        // adopted image, or a replica that existed before this open (a
+        // fixed-size image made just now is "allocated" but holds nothing).
+        let mut preexisting = true;
         let (replica_path, format, replica) = match AdoptedImage::read(&disk_dir)? {
             Some(adopted) => {
                 let format = adopted.format()?;
@@ -892,6 +896,7 @@ impl Site {
                 let format =
                     existing_replica_format(&disk_dir).unwrap_or(self.options.replica_format);
                 let path = disk_dir.join(replica_file(format));
+                preexisting = path.exists();
                 let replica = Replica::open_or_create(&path, format, size).map_err(|e| {
                     Error::new(ErrorKind::InvalidInput, "open replica", e.to_string())
                         .at_path(&path)
@@ -900,10 +905,11 @@ impl Site {
             }
         };
         let mut replica = replica;
-        let seeded = replica
-            .allocated_bytes()
-            .map_err(|e| Error::new(ErrorKind::InvalidInput, "map replica", e.to_string()))?
-            > 0;
+        let seeded = preexisting
+            && replica
+                .allocated_bytes()
+                .map_err(|e| Error::new(ErrorKind::InvalidInput, "map replica", e.to_string()))?
+                > 0;
         let consistency = match journal.applied().and_then(|a| journal.iter_from(a).next()) {
             Some(Ok(cs)) => Consistency::after(&cs.header),
             _ => Consistency::Inconsistent {
