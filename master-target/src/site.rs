@@ -523,10 +523,13 @@ impl DiskHandle {
         let mut buf = vec![0u8; usize::try_from(bs).unwrap_or(0)];
         let mut out = Vec::with_capacity(b.hashes.len());
         let mut hashes = b.hashes.iter();
+        // Runs the replica does not store read as zeros: a block there is
+        // equal exactly when the sender's block is all zeros (a zero block
+        // inside a partly written region travels as data). No reading; one
+        // hash of zeros per block length.
+        let zeros = vec![0u8; buf.len()];
+        let mut zero_hashes: HashMap<u64, [u8; ferry_protocol::message::HASH_LEN]> = HashMap::new();
         for &(offset, length) in &b.ranges {
-            // Runs the replica does not store read as zeros, and the sidecar
-            // never sends zero blocks as data: those blocks differ, no
-            // reading or hashing needed (an initial copy costs nothing here).
             let held = img.map(offset, length).map_err(|e| {
                 Error::new(ErrorKind::Io, "hash blocks", e.to_string()).at_path(&path)
             })?;
@@ -538,8 +541,10 @@ impl DiskHandle {
             while done < length {
                 let len = bs.min(length - done);
                 if !stored(offset + done, len) {
-                    hashes.next();
-                    out.push(true);
+                    let zero = *zero_hashes
+                        .entry(len)
+                        .or_insert_with(|| block_hash(&zeros[..usize::try_from(len).unwrap_or(0)]));
+                    out.push(hashes.next().copied().unwrap_or_default() != zero);
                     done += len;
                     continue;
                 }

@@ -61,11 +61,16 @@ pub fn hashes_of(p: &Pending, block_size: u32) -> BlockHashes {
     }
 }
 
-/// Blocks (in [`blocks`] order) that some other extent of the set also
-/// touches: they are always sent.
+/// Blocks (in [`blocks`] order) that must be sent whatever the target
+/// holds: another extent of the set touches them with other content (a
+/// Zero or Trim extent, or a write whose bytes there differ). The set
+/// applies its extents in order, and dropping one copy could let another
+/// win. Copies with the same bytes (a region claimed twice, read at the
+/// same state) give the same result in any order: they are left to the
+/// exchange, so a block the target holds is not sent just for being
+/// claimed twice.
 fn overlapped(p: &Pending, block_size: u32) -> Vec<bool> {
-    // Every extent as (start, end, index); a block overlaps if any extent
-    // other than its own intersects it.
+    // Every extent as (start, end, index), and where a write's data starts.
     let mut spans: Vec<(u64, u64, usize)> = p
         .header
         .extents
@@ -74,6 +79,20 @@ fn overlapped(p: &Pending, block_size: u32) -> Vec<bool> {
         .map(|(i, x)| (x.offset, x.offset.saturating_add(x.length), i))
         .collect();
     spans.sort_unstable();
+    let mut data_at = Vec::with_capacity(p.header.extents.len());
+    let mut at = 0usize;
+    for x in &p.header.extents {
+        data_at.push(at);
+        if x.op == ExtentOp::Write {
+            at += usize_of(x.length);
+        }
+    }
+    // The bytes extent `i` writes over [lo, hi), if within the data.
+    let bytes = |i: usize, lo: u64, hi: u64| {
+        let x = &p.header.extents[i];
+        let from = data_at[i] + usize_of(lo - x.offset);
+        p.data.get(from..from + usize_of(hi - lo))
+    };
     let mut out = Vec::new();
     for (i, x) in p.header.extents.iter().enumerate() {
         if x.op != ExtentOp::Write {
@@ -84,9 +103,18 @@ fn overlapped(p: &Pending, block_size: u32) -> Vec<bool> {
         while done < x.length {
             let len = bs.min(x.length - done);
             let (start, end) = (x.offset + done, x.offset + done + len);
-            // Spans starting before `end`; any of another extent ending after `start`.
+            // Spans starting before `end`; those of another extent ending
+            // after `start` touch the block.
             let upto = spans.partition_point(|s| s.0 < end);
-            let hit = spans[..upto].iter().any(|s| s.2 != i && s.1 > start);
+            let hit = spans[..upto]
+                .iter()
+                .filter(|s| s.2 != i && s.1 > start)
+                .any(|&(_, s_end, j)| {
+                    let (lo, hi) = (start.max(p.header.extents[j].offset), end.min(s_end));
+                    p.header.extents[j].op != ExtentOp::Write
+                        || bytes(i, lo, hi).is_none()
+                        || bytes(i, lo, hi) != bytes(j, lo, hi)
+                });
             out.push(hit);
             done += len;
         }
@@ -148,6 +176,7 @@ pub fn keep_differing(p: &mut Pending, block_size: u32, differs: &[bool]) -> u64
 mod tests {
     use super::*;
     use ferry_protocol::message::{ChangeKind, ChangeSetHeader};
+    use proptest::prelude::Strategy;
 
     fn pending(extents: Vec<Extent>, data: Vec<u8>) -> Pending {
         Pending {
@@ -206,9 +235,10 @@ mod tests {
     }
 
     #[test]
-    fn blocks_touched_twice_in_the_set_are_always_sent() {
-        // Two writes of the same 16 bytes, and a zero extent over another.
-        let data = vec![1u8; 48];
+    fn blocks_touched_twice_with_other_content_are_always_sent() {
+        // Two writes of other bytes at 0, and a zero extent over the block
+        // at 96.
+        let data = [vec![1u8; 16], vec![2u8; 16], vec![3u8; 16]].concat();
         let zero = Extent {
             seq: 3,
             offset: 100,
@@ -216,11 +246,81 @@ mod tests {
             op: ExtentOp::Zero,
         };
         let mut p = pending(vec![w(1, 0, 16), w(2, 0, 16), zero, w(4, 96, 16)], data);
-        // The target holds all three blocks, yet all overlap another extent.
+        // The target holds all three blocks, yet each meets other content.
         let dropped = keep_differing(&mut p, 16, &[false, false, false]);
         assert_eq!(dropped, 0);
         assert_eq!(p.header.extents.len(), 4);
         assert_eq!(p.data.len(), 48);
+    }
+
+    #[test]
+    fn a_region_claimed_twice_with_the_same_bytes_is_left_to_the_exchange() {
+        // The same 24 bytes read twice (a region claimed by the initial copy
+        // and again by a resync of the whole disk), overlapping by half.
+        let disk: Vec<u8> = (0..64u8).collect();
+        let data = [&disk[0..24], &disk[12..36]].concat();
+        let mut p = pending(vec![w(1, 0, 24), w(2, 12, 24)], data);
+        // Blocks: [0,16) [16,24) of the first, [12,28) [28,36) of the second.
+        let dropped = keep_differing(&mut p, 16, &[false, false, false, true]);
+        assert_eq!(dropped, 16 + 8 + 16);
+        assert_eq!(p.header.extents, vec![w(2, 28, 8)]);
+        assert_eq!(p.data, &disk[28..36]);
+    }
+
+    /// A set of overlapping writes and zeros over a small disk, and a
+    /// replica: applying what the exchange keeps gives what applying the
+    /// whole set gives.
+    fn set_and_replica() -> impl Strategy<Value = (Vec<(u8, u64, u64, u8)>, Vec<u8>)> {
+        (
+            proptest::collection::vec((0u8..4, 0u64..120, 1u64..40, 0u8..3), 1..8),
+            proptest::collection::vec(0u8..3, 160),
+        )
+    }
+
+    fn apply(disk: &mut [u8], p: &Pending) {
+        let mut at = 0usize;
+        for x in &p.header.extents {
+            let (o, n) = (usize_of(x.offset), usize_of(x.length));
+            match x.op {
+                ExtentOp::Write => {
+                    disk[o..o + n].copy_from_slice(&p.data[at..at + n]);
+                    at += n;
+                }
+                _ => disk[o..o + n].fill(0),
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn dropping_what_the_target_holds_never_changes_the_result((ops, replica) in set_and_replica()) {
+            // Writes fill with a pattern byte (so copies often agree); op 3 is
+            // a zero extent.
+            let mut extents = Vec::new();
+            let mut data = Vec::new();
+            for (i, &(op, offset, length, fill)) in ops.iter().enumerate() {
+                let seq = u64::try_from(i).unwrap() + 1;
+                if op == 3 {
+                    extents.push(Extent { seq, offset, length, op: ExtentOp::Zero });
+                } else {
+                    extents.push(w(seq, offset, length));
+                    data.extend(std::iter::repeat_n(fill, usize_of(length)));
+                }
+            }
+            let full = pending(extents, data);
+            let mut want = replica.clone();
+            apply(&mut want, &full);
+            // The target's answer: does the replica hold the block?
+            let differs: Vec<bool> = blocks(&full, 16)
+                .iter()
+                .map(|&(o, n, at)| replica[usize_of(o)..usize_of(o + n)] != full.data[at..at + usize_of(n)])
+                .collect();
+            let mut kept = pending(full.header.extents.clone(), full.data.clone());
+            keep_differing(&mut kept, 16, &differs);
+            let mut got = replica.clone();
+            apply(&mut got, &kept);
+            proptest::prop_assert_eq!(got, want);
+        }
     }
 
     #[test]

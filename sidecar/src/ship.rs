@@ -268,6 +268,16 @@ fn prepare(mut p: Pending, out: &mut Outbound<'_>) -> Result<(ChangeSet, Sent)> 
         }
     }
     out.stamp.stamp(&mut p.header, p.state_changes)?;
+    tracing::debug!(
+        disk = %p.header.disk,
+        kind = ?p.header.kind,
+        first_seq,
+        last_seq,
+        extents = p.header.extents.len(),
+        data = p.data.len(),
+        skipped,
+        "change set sealed"
+    );
     let Pending {
         header,
         data,

@@ -402,12 +402,12 @@ fn as_raw(image: &Path, format: &str, raw: &Path) -> PathBuf {
     raw.to_path_buf()
 }
 
-/// A delta start sent at most what differed (with slack for the blocks the
-/// machine wrote meanwhile, sent in write order and again as resync data),
-/// a small part of the disk, and found the rest equal.
+/// A delta start sent at most what differed (and 2 MiB for the blocks
+/// re-read while the machine's own writes to them were still on their
+/// way), a small part of the disk, and found the rest equal.
 fn assert_delta(sent: u64, equal: u64, differed: u64, disk: u64, what: &str) {
     assert!(
-        sent <= differed * 5 / 2 + (4 << 20) && sent < disk / 4 && equal > disk / 10,
+        sent <= differed + (2 << 20) && sent < disk / 10 && equal > disk / 10,
         "{what}: sent {sent} bytes of resync data ({equal} equal) where {differed} differed, disk {disk}"
     );
 }
