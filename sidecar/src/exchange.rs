@@ -270,7 +270,10 @@ mod tests {
     /// A set of overlapping writes and zeros over a small disk, and a
     /// replica: applying what the exchange keeps gives what applying the
     /// whole set gives.
-    fn set_and_replica() -> impl Strategy<Value = (Vec<(u8, u64, u64, u8)>, Vec<u8>)> {
+    /// An extent to build: (op: 0-2 write, 3 zero; offset; length; fill).
+    type Op = (u8, u64, u64, u8);
+
+    fn set_and_replica() -> impl Strategy<Value = (Vec<Op>, Vec<u8>)> {
         (
             proptest::collection::vec((0u8..4, 0u64..120, 1u64..40, 0u8..3), 1..8),
             proptest::collection::vec(0u8..3, 160),
