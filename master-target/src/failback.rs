@@ -270,15 +270,24 @@ pub fn failback(
             Some(m.point.clone())
         }
         Some(m) if m.state == FailoverState::FailingOver && m.in_place => None,
+        Some(m) if !m.in_place => {
+            return Err(invalid(
+                "failback",
+                format!(
+                    "host {host} was failed over at this target (into a copy): a failback runs \
+                     on the target that receives its stream back, after `ferry reprotect`"
+                ),
+            ))
+        }
         Some(m) => {
             return Err(invalid(
                 "failback",
                 format!(
                     "host {host} is already {}{}",
                     match m.state {
-                        FailoverState::FailedOver => "failed back",
-                        FailoverState::Committing | FailoverState::Committed => "committed",
-                        FailoverState::FailingOver => "being failed over into a copy",
+                        FailoverState::Committing | FailoverState::Committed =>
+                            "failed back and committed",
+                        _ => "failed back",
                     },
                     if m.state == FailoverState::FailedOver {
                         " (the images are rewound in place: `ferry commit` finalizes it)"
