@@ -961,3 +961,17 @@ pub fn json_of(out: &std::process::Output, what: &str) -> serde_json::Value {
         )
     })
 }
+
+/// `qemu-img compare` of the raw file `raw` with `image` (of the ferry
+/// format `format`), which must be equal; `what` names the step.
+pub fn assert_same_as_raw(raw: &Path, image: &Path, format: &str, what: &str) {
+    let out = qemu_compare_raw(raw, image, format);
+    assert!(
+        out.status.success(),
+        "{what}: {} differs from {}: {}{}",
+        image.display(),
+        raw.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

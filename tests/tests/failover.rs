@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_tests::{
-    dangling_entries, expect_code, json_of, run, start_cross_disk, wait_until, FilterProcess,
-    Scratch, Site,
+    assert_same_as_raw, dangling_entries, expect_code, json_of, run, start_cross_disk, wait_until,
+    FilterProcess, Scratch, Site,
 };
 
 const DISK: &str = "data";
@@ -88,19 +88,6 @@ fn image_of(m: &serde_json::Value, disk: &str) -> PathBuf {
         .and_then(|a| a.iter().find(|d| d["disk"] == disk))
         .unwrap_or_else(|| panic!("no disk {disk} in {m}"));
     PathBuf::from(d["file"].as_str().unwrap())
-}
-
-/// `qemu-img compare` of a raw copy with an image of `format`.
-fn assert_same(raw: &Path, image: &Path, format: &str, what: &str) {
-    let out = ferry_tests::qemu_compare_raw(raw, image, format);
-    assert!(
-        out.status.success(),
-        "{what}: {} differs from {}: {}{}",
-        image.display(),
-        raw.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Filter + sidecar + target around one 64 MiB disk, with `rounds` user
@@ -223,7 +210,7 @@ fn every_point_fails_over_to_exactly_the_disk_as_it_was_then() {
         assert_eq!(d["disk"], DISK, "{m}");
         assert_eq!(d["size"], 64 << 20, "{m}");
         let image = PathBuf::from(d["file"].as_str().unwrap());
-        assert_same(copy, &image, format, &format!("failover at {name}"));
+        assert_same_as_raw(copy, &image, format, &format!("failover at {name}"));
         // The manifest next to the images says the same, with a checksum
         // of the image file.
         let manifest: serde_json::Value =
@@ -258,7 +245,7 @@ fn every_point_fails_over_to_exactly_the_disk_as_it_was_then() {
         ]),
         "change point to p3",
     );
-    assert_same(
+    assert_same_as_raw(
         &rig.copies[2].1,
         Path::new(m["disks"][0]["file"].as_str().unwrap()),
         "vhd-fixed",
@@ -350,7 +337,7 @@ fn a_test_failover_is_writable_while_replication_goes_on_and_cleanup_leaves_no_t
             "the test image holds what was written"
         );
     }
-    assert_same(
+    assert_same_as_raw(
         &rig.copies[0].1,
         &base,
         "vhd-dynamic",
@@ -870,7 +857,7 @@ fn retention_drops_history_older_than_the_window_and_keeps_every_point_inside() 
     for (n, name) in kept.iter().enumerate() {
         let copy = &copies.iter().find(|(c, _)| c == name).unwrap().1;
         let m = fail_over_raw(&data, "web01", &out, name, n > 0);
-        assert_same(copy, &image_of(&m, DISK), "raw", name);
+        assert_same_as_raw(copy, &image_of(&m, DISK), "raw", name);
     }
     let gone = ferry_tests::ferry([
         "failover",
@@ -920,7 +907,7 @@ fn a_target_killed_while_applying_keeps_every_point_exact() {
     let out = rig.scratch.path("dr");
     for (n, (name, copy)) in rig.copies.iter().enumerate() {
         let m = fail_over_raw(&data, "web01", &out, name, n > 0);
-        assert_same(copy, &image_of(&m, DISK), "raw", name);
+        assert_same_as_raw(copy, &image_of(&m, DISK), "raw", name);
     }
 }
 
@@ -1256,7 +1243,7 @@ fn a_failover_interrupted_by_a_target_crash_completes_when_run_again() {
     };
     let m = json_of(&ferry_tests::ferry(&again), "failover after the crash");
     assert_eq!(m["state"], "failed-over", "{m}");
-    assert_same(
+    assert_same_as_raw(
         &rig.copies[0].1,
         &image_of(&m, DISK),
         "vmdk-sparse",
