@@ -1004,10 +1004,7 @@ fn an_app_group_point_runs_every_members_scripts_around_its_hold() {
 #[test]
 fn reprotect_failback_and_forward_again_through_the_server() {
     let rig = Rig::up("cp-failback", 16);
-    let seen = wait_until(Duration::from_secs(30), || {
-        rig.json(&["host", "show", "web01"])["disks"][0]["name"] == DISK
-    });
-    assert!(seen, "the filter reported its disk\n{}", rig.logs());
+    wait_disks_reported(&rig, "web01");
     rig.json(&[
         "policy",
         "create",
