@@ -142,6 +142,7 @@ pub fn reprotect(site: &Site, host: &str, images: &[Adopt]) -> Result<Reprotecte
             .path
             .canonicalize()
             .map_err(|e| Error::io("resolve image", &a.path, e))?;
+        crate::qemulock::refuse_if_in_use(&path, "reprotect")?;
         adopted.push((
             a.disk.clone(),
             AdoptedImage {
@@ -299,6 +300,11 @@ pub fn failback(
         }
     };
     let disks = site.host_disks(host)?;
+    // Before anything stops: a machine that runs from its image already
+    // (started from the reverse replica) is not to be rewound under it.
+    for d in &disks {
+        crate::qemulock::refuse_if_in_use(&d.snapshot().replica_path, "failback")?;
+    }
     if resumed.is_none() && *point != PointSpec::Latest {
         // A mistyped point must not stop anything.
         failover::resolve(&failover::views_of(&disks)?, point)?;
@@ -372,6 +378,8 @@ pub fn failback(
     for (disk, size, applied, undo) in work {
         let (path, format) = replica_location(&dir.join(&disk))?
             .ok_or_else(|| invalid("failback", format!("disk {disk} of {host} has no replica")))?;
+        // The machine must not run from its image while it is rewound.
+        crate::qemulock::refuse_if_in_use(&path, "failback")?;
         let mut image = ferry_vhd::open_as(
             &path,
             format,

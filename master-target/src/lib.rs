@@ -14,7 +14,8 @@
 //! [`undo`] is the per-disk undo log: the old contents of every range an
 //! applied change set overwrote, to rewind the replica to older points.
 //! [`failback`] is the reverse direction: reprotect into seeded replicas
-//! (adopted VMDK/VHD images), and failback into them in place.
+//! (adopted VMDK/VHD images), and failback into them in place;
+//! [`qemulock`] tells whether a qemu process writes an image.
 
 pub mod applier;
 pub mod clock;
@@ -28,6 +29,7 @@ pub mod hostpolicy;
 pub mod journal;
 pub mod materialize;
 pub mod points;
+pub mod qemulock;
 /// Low-level helpers shared by the segment files of [`journal`] and [`undo`].
 mod segfile;
 pub mod server;

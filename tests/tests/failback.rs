@@ -551,6 +551,7 @@ fn full_round_trip_through_a_vmdk_moves_deltas_only() {
         "vmdk",
         "the failed-back VMDK is the machine's last disk",
     );
+    let a_data = site_a.data.clone();
     drop(site_a);
 
     // 6. The machine runs from its VMDK again; site B keeps its replica,
@@ -570,6 +571,19 @@ fn full_round_trip_through_a_vmdk_moves_deltas_only() {
         &[],
     );
     ferry_tests::check_tree(&vol_a.mnt(), &tree);
+    // The machine runs from its VMDK now (qemu-nbd holds qemu's write
+    // lock): site A must not adopt it again.
+    let refused = ferry([
+        "reprotect",
+        "web01",
+        "--data",
+        s(&a_data),
+        "--image",
+        &format!("{DISK}={}", s(&vmdk)),
+    ]);
+    assert!(!refused.status.success(), "an image in use was adopted");
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("qemu's write lock"), "{why}");
     let sidecar_a = site_b.sidecar(&vol_a.state(), &scratch.path("sidecar-a2.log"), &[]);
     frozen(&vol_a.mnt(), &site_b, &vol_a.state(), &sidecar_a, || ());
     let (sent, equal) = resync_figures(&vol_a.state());
