@@ -37,13 +37,12 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use ferry_vhd::{Format, OpenOptions, SyncPolicy};
+use ferry_vhd::{OpenOptions, SyncPolicy};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::failover::{
-    self, Chosen, DiskImage, FailoverState, Manifest, PointSpec, Progress, FAILOVER_FILE,
-    TEST_FAILOVER_FILE,
+    self, Chosen, FailoverState, Manifest, PointSpec, Progress, FAILOVER_FILE, TEST_FAILOVER_FILE,
 };
 use crate::site::{now_ns, replica_location, AdoptedImage, Site, HOSTS_DIR};
 
@@ -312,13 +311,7 @@ pub fn failback(
     let mut manifest = Manifest {
         host: host.to_owned(),
         state: FailoverState::FailingOver,
-        point: resumed.clone().unwrap_or(Chosen {
-            seq: 0,
-            kind: "pending".into(),
-            name: None,
-            time_ns: None,
-            note: None,
-        }),
+        point: resumed.clone().unwrap_or_else(Chosen::pending),
         out: dir.clone(),
         disks: Vec::new(),
         planned: Vec::new(),
@@ -390,6 +383,7 @@ pub fn failback(
         )
         .map_err(|e| Error::image("open replica", e))?;
         let rewound = crate::materialize::rewind(image.as_mut(), &undo, Some(chosen.seq), applied)?;
+        let extra = image.extra_files();
         drop(image);
         progress(&format!(
             "{disk}: {} rewound in place ({} sets, {} bytes restored, {} zeroed)",
@@ -398,7 +392,16 @@ pub fn failback(
             rewound.bytes_restored,
             rewound.bytes_zeroed
         ));
-        images.push(in_place_image(&disk, size, format, &path, rewound)?);
+        let files = crate::materialize::Exported { path, extra };
+        let rewound_bytes = rewound.bytes_restored + rewound.bytes_zeroed;
+        images.push(failover::disk_image(
+            &disk,
+            size,
+            format,
+            &files,
+            false,
+            rewound_bytes,
+        )?);
     }
     manifest.state = FailoverState::FailedOver;
     manifest.disks = images;
@@ -407,45 +410,13 @@ pub fn failback(
     Ok(manifest)
 }
 
-fn in_place_image(
-    disk: &str,
-    size: u64,
-    format: Format,
-    path: &Path,
-    rewound: crate::materialize::Rewound,
-) -> Result<DiskImage> {
-    let extra_files = if format == Format::VmdkFlat {
-        ferry_vhd::open_as(path, format, OpenOptions::read_only())
-            .map_err(|e| Error::image("open replica", e))?
-            .extra_files()
-    } else {
-        Vec::new()
-    };
-    let mut file_bytes = 0;
-    for f in std::iter::once(path).chain(extra_files.iter().map(PathBuf::as_path)) {
-        file_bytes += fs::metadata(f)
-            .map_err(|e| Error::io("stat image", f, e))?
-            .len();
-    }
-    Ok(DiskImage {
-        disk: disk.to_owned(),
-        size,
-        format: format.name().to_owned(),
-        file: path.to_path_buf(),
-        extra_files,
-        file_bytes,
-        sha256: None,
-        rewound_bytes: rewound.bytes_restored + rewound.bytes_zeroed,
-        copy: None,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::site::SiteOptions;
     use crate::testutil::TempDir;
     use ferry_protocol::payload::Key;
+    use ferry_vhd::Format;
 
     fn site(dir: &Path) -> Site {
         Site::new(

@@ -107,6 +107,17 @@ pub struct Chosen {
 }
 
 impl Chosen {
+    /// The point of a failover that has not chosen one yet.
+    pub(crate) fn pending() -> Chosen {
+        Chosen {
+            seq: 0,
+            kind: "pending".into(),
+            name: None,
+            time_ns: None,
+            note: None,
+        }
+    }
+
     fn of_point(p: &Point) -> Chosen {
         Chosen {
             seq: p.seq,
@@ -473,7 +484,7 @@ fn materialize_through_view(
     Ok(img)
 }
 
-fn disk_image(
+pub(crate) fn disk_image(
     disk: &str,
     size: u64,
     format: Format,
@@ -598,16 +609,9 @@ pub fn failover(site: &Site, req: &FailoverRequest, progress: Progress<'_>) -> R
     let stopping = Manifest {
         host: req.host.clone(),
         state: FailoverState::FailingOver,
-        point: previous.as_ref().map_or_else(
-            || Chosen {
-                seq: 0,
-                kind: "pending".into(),
-                name: None,
-                time_ns: None,
-                note: None,
-            },
-            |m| m.point.clone(),
-        ),
+        point: previous
+            .as_ref()
+            .map_or_else(Chosen::pending, |m| m.point.clone()),
         out: req.out.clone(),
         disks: previous.as_ref().map_or_else(Vec::new, |m| m.disks.clone()),
         in_place: false,

@@ -799,7 +799,7 @@ pub struct Site {
     keys: KeySource,
     /// Hosts an operator verb (failover, commit, drill) is running on.
     operations: Mutex<std::collections::HashSet<String>>,
-    disks: Mutex<HashMap<(String, String), Arc<DiskHandle>>>,
+    disks: Mutex<HashMap<DiskKey, Arc<DiskHandle>>>,
     /// Applier threads by (host, disk).
     appliers: Mutex<Vec<(DiskKey, JoinHandle<()>)>>,
 }

@@ -89,33 +89,29 @@ down() {
         losetup -d "$(cat "$dir/loop")" 2>/dev/null || true
         rm -f "$dir/loop"
     fi
-    if mountpoint -q "$dir/fuse" 2>/dev/null; then
-        umount "$dir/fuse" 2>/dev/null || umount -l "$dir/fuse" 2>/dev/null || true
-    fi
-    if [ -s "$dir/nbdfuse.pid" ]; then
-        kill "$(cat "$dir/nbdfuse.pid")" 2>/dev/null || true
-        rm -f "$dir/nbdfuse.pid"
-    fi
-    if [ -s "$dir/filter.pid" ]; then
-        local pid; pid=$(cat "$dir/filter.pid")
-        kill -TERM "$pid" 2>/dev/null || true
-        wait_for 30 bash -c "! kill -0 $pid 2>/dev/null" || kill -KILL "$pid" 2>/dev/null || true
-        rm -f "$dir/filter.pid"
-    fi
+    drop_fuse "$dir/fuse" "$dir/nbdfuse.pid"
+    stop_pid "$dir/filter.pid"
     # The VMDK's layers last: the filter flushed into them on its way out.
-    if mountpoint -q "$dir/vmdk" 2>/dev/null; then
-        umount "$dir/vmdk" 2>/dev/null || umount -l "$dir/vmdk" 2>/dev/null || true
+    drop_fuse "$dir/vmdk" "$dir/vmdk-nbdfuse.pid"
+    stop_pid "$dir/qemu-nbd.pid"
+}
+
+drop_fuse() { # drop_fuse MOUNTPOINT PIDFILE: unmount an nbdfuse mount, end its process
+    if mountpoint -q "$1" 2>/dev/null; then
+        umount "$1" 2>/dev/null || umount -l "$1" 2>/dev/null || true
     fi
-    if [ -s "$dir/vmdk-nbdfuse.pid" ]; then
-        kill "$(cat "$dir/vmdk-nbdfuse.pid")" 2>/dev/null || true
-        rm -f "$dir/vmdk-nbdfuse.pid"
+    if [ -s "$2" ]; then
+        kill "$(cat "$2")" 2>/dev/null || true
+        rm -f "$2"
     fi
-    if [ -s "$dir/qemu-nbd.pid" ]; then
-        local qpid; qpid=$(cat "$dir/qemu-nbd.pid")
-        kill -TERM "$qpid" 2>/dev/null || true
-        wait_for 30 bash -c "! kill -0 $qpid 2>/dev/null" || kill -KILL "$qpid" 2>/dev/null || true
-        rm -f "$dir/qemu-nbd.pid"
-    fi
+}
+
+stop_pid() { # stop_pid PIDFILE: SIGTERM, wait up to 30 s, then SIGKILL
+    [ -s "$1" ] || return 0
+    local pid; pid=$(cat "$1")
+    kill -TERM "$pid" 2>/dev/null || true
+    wait_for 30 bash -c "! kill -0 $pid 2>/dev/null" || kill -KILL "$pid" 2>/dev/null || true
+    rm -f "$1"
 }
 
 case "${1:-}" in
